@@ -1,0 +1,29 @@
+"""stable_openai: use several OpenAI API keys at once, safely.
+
+Three lines: ``KeyManager(api_keys)`` at start-up, ``@stable`` on the function that calls
+OpenAI, and an ``api_key`` parameter on that function.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._decorator import stable
+from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, StableOpenAIError
+from ._manager import KeyManager, KeyStats
+
+try:
+    __version__ = version("stable-openai")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AllKeysCoolingError",
+    "AllKeysDisabledError",
+    "KeyManager",
+    "KeyStats",
+    "NoKeysError",
+    "StableOpenAIError",
+    "__version__",
+    "stable",
+]

@@ -1,0 +1,364 @@
+"""``@stable``: one retry flow, with thin drivers for sync, async and streaming functions.
+
+:class:`_Call` holds everything one decorated call knows — attempts made, time waited, the
+last failure, keys to avoid — and decides after each failure whether to retry, after how
+long, or to raise.  The four drivers below differ only in how they wait (``time.sleep`` or
+``asyncio.sleep``, a condition or a future) and how they call (return, await, iterate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, cast, overload
+
+from ._manager import KeyManager
+from ._policy import Action, Policy, classify
+from ._ring import KeyState
+
+__all__ = ["stable"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class _Options:
+    attempts: int = 10
+    max_wait: float = 120.0
+    backoff: float = 0.5
+    max_backoff: float = 8.0
+    policy: Policy = field(default_factory=Policy)
+    manager: KeyManager | None = None
+
+
+def _manager(options: _Options) -> KeyManager:
+    return options.manager or KeyManager._instance or KeyManager()
+
+
+class _Call:
+    """The state of one decorated call across its attempts."""
+
+    __slots__ = ("attempts", "avoid", "backoffs", "last", "manager", "options", "waited")
+
+    def __init__(self, options: _Options) -> None:
+        self.options = options
+        self.manager = _manager(options)
+        self.attempts = 0
+        self.waited = 0.0
+        self.last: BaseException | None = None
+        self.avoid: set[KeyState] | None = None
+        self.backoffs = 0
+
+    def acquire(self) -> KeyState:
+        state, waited = self.manager._acquire(
+            self.avoid, self.options.max_wait - self.waited, self.last
+        )
+        self.waited += waited
+        return state
+
+    async def acquire_async(self) -> KeyState:
+        state, waited = await self.manager._acquire_async(
+            self.avoid, self.options.max_wait - self.waited, self.last
+        )
+        self.waited += waited
+        return state
+
+    def failed(self, state: KeyState, exc: Exception, *, retry: bool = True) -> float | None:
+        """Record ``exc`` against ``state``.  Returns the seconds to wait before the next
+        attempt, or ``None`` when the call must raise ``exc``."""
+        options = self.options
+        verdict = classify(exc, options.policy)
+        self.manager._fail(state, verdict)
+        self.last = exc
+        self.attempts += 1
+        if not retry or verdict.action is Action.RAISE or self.attempts >= options.attempts:
+            return None
+        if verdict.action is Action.RETRY_ELSEWHERE:
+            return 0.0
+        # Transient (5xx, timeouts, connection errors): back off, then prefer another key.
+        if self.avoid is None:
+            self.avoid = set()
+        self.avoid.add(state)
+        ceiling = min(options.max_backoff, options.backoff * 2.0**self.backoffs)
+        self.backoffs += 1
+        delay = ceiling * (0.5 + random.random() / 2)  # "equal jitter"
+        if delay > options.max_wait - self.waited:
+            return None
+        self.waited += delay
+        return delay
+
+
+def _check_signature(func: Callable[..., Any]) -> None:
+    try:
+        parameters = inspect.signature(func).parameters
+    except (TypeError, ValueError):  # builtins without a signature: trust the caller
+        return
+    param = parameters.get("api_key")
+    name = getattr(func, "__qualname__", repr(func))
+    if param is None:
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            raise TypeError(
+                f"@stable needs {name}() to accept an 'api_key' parameter: add it to the "
+                "signature and pass it on, e.g. openai.OpenAI(api_key=api_key)"
+            )
+    elif param.kind is inspect.Parameter.POSITIONAL_ONLY:
+        raise TypeError(
+            f"@stable passes api_key by keyword: make it a normal parameter of {name}()"
+        )
+
+
+def _reject_own_key(kwargs: dict[str, Any], func: Callable[..., Any]) -> None:
+    if "api_key" in kwargs:
+        raise TypeError(
+            f"{getattr(func, '__qualname__', 'the function')}() got api_key from the caller; "
+            "@stable chooses the key itself, so do not pass it"
+        )
+
+
+def _wrap(func: Callable[..., Any], options: _Options) -> Callable[..., Any]:
+    _check_signature(func)
+    if inspect.isasyncgenfunction(func):
+        return _wrap_async_gen(func, options)
+    if inspect.isgeneratorfunction(func):
+        return _wrap_gen(func, options)
+    if inspect.iscoroutinefunction(func):
+        return _wrap_async(func, options)
+    return _wrap_sync(func, options)
+
+
+def _wrap_sync(func: Callable[..., Any], options: _Options) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def call_with_key(*args: Any, **kwargs: Any) -> Any:
+        if "api_key" in kwargs:
+            _reject_own_key(kwargs, func)
+        call = _Call(options)
+        manager = call.manager
+        while True:
+            state = call.acquire()
+            try:
+                result = func(*args, **kwargs, api_key=state.key)
+            except Exception as exc:
+                delay = call.failed(state, exc)
+                if delay is None:
+                    raise
+                if delay:
+                    time.sleep(delay)
+                continue
+            except BaseException:
+                manager._abandon(state)
+                raise
+            manager._succeed(state)
+            return result
+
+    return call_with_key
+
+
+def _wrap_async(func: Callable[..., Awaitable[Any]], options: _Options) -> Callable[..., Any]:
+    @functools.wraps(func)
+    async def call_with_key(*args: Any, **kwargs: Any) -> Any:
+        if "api_key" in kwargs:
+            _reject_own_key(kwargs, func)
+        call = _Call(options)
+        manager = call.manager
+        while True:
+            state = await call.acquire_async()
+            try:
+                result = await func(*args, **kwargs, api_key=state.key)
+            except Exception as exc:
+                delay = call.failed(state, exc)
+                if delay is None:
+                    raise
+                if delay:
+                    await asyncio.sleep(delay)
+                continue
+            except BaseException:  # cancelled, KeyboardInterrupt, ...
+                manager._abandon(state)
+                raise
+            manager._succeed(state)
+            return result
+
+    return call_with_key
+
+
+def _wrap_gen(
+    func: Callable[..., Generator[Any, Any, Any]], options: _Options
+) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def stream_with_key(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        if "api_key" in kwargs:
+            _reject_own_key(kwargs, func)
+        call = _Call(options)
+        manager = call.manager
+        while True:  # until the first item arrives, a failure is retried on another key
+            state = call.acquire()
+            stream = func(*args, **kwargs, api_key=state.key)
+            try:
+                first = next(stream)
+            except StopIteration as stop:
+                manager._succeed(state)
+                return stop.value
+            except Exception as exc:
+                delay = call.failed(state, exc)
+                if delay is None:
+                    raise
+                if delay:
+                    time.sleep(delay)
+                continue
+            except BaseException:
+                manager._abandon(state)
+                raise
+            break
+        # The stream has started: failures from now on propagate unchanged.
+        try:
+            yield first
+            result = yield from stream
+        except Exception as exc:
+            call.failed(state, exc, retry=False)
+            raise
+        except BaseException:  # GeneratorExit when the consumer stops early, and the like
+            manager._abandon(state)
+            raise
+        manager._succeed(state)
+        return result
+
+    return stream_with_key
+
+
+def _wrap_async_gen(
+    func: Callable[..., AsyncIterator[Any]], options: _Options
+) -> Callable[..., Any]:
+    @functools.wraps(func)
+    async def stream_with_key(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        if "api_key" in kwargs:
+            _reject_own_key(kwargs, func)
+        call = _Call(options)
+        manager = call.manager
+        while True:
+            state = await call.acquire_async()
+            stream = func(*args, **kwargs, api_key=state.key)
+            try:
+                first = await stream.__anext__()
+            except StopAsyncIteration:
+                manager._succeed(state)
+                return
+            except Exception as exc:
+                delay = call.failed(state, exc)
+                if delay is None:
+                    raise
+                if delay:
+                    await asyncio.sleep(delay)
+                continue
+            except BaseException:
+                manager._abandon(state)
+                await _aclose(stream)
+                raise
+            break
+        try:
+            yield first
+            async for item in stream:
+                yield item
+        except Exception as exc:
+            call.failed(state, exc, retry=False)
+            raise
+        except BaseException:
+            manager._abandon(state)
+            raise
+        else:
+            manager._succeed(state)
+        finally:
+            await _aclose(stream)
+
+    return stream_with_key
+
+
+async def _aclose(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+def _number(name: str, value: object, *, minimum: float, integer: bool = False) -> None:
+    kinds: tuple[type, ...] = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise TypeError(f"stable({name}=...) must be {kind}, not {type(value).__name__}")
+    number = float(cast(float, value))
+    if math.isnan(number) or number < minimum:
+        raise ValueError(f"stable({name}=...) must be >= {minimum}")
+
+
+@overload
+def stable(func: F, /) -> F: ...
+
+
+@overload
+def stable(
+    *,
+    attempts: int = ...,
+    max_wait: float = ...,
+    cooldown: float = ...,
+    quota_cooldown: float = ...,
+    forbidden_cooldown: float = ...,
+    backoff: float = ...,
+    max_backoff: float = ...,
+    manager: KeyManager | None = ...,
+) -> Callable[[F], F]: ...
+
+
+def stable(
+    func: Callable[..., Any] | None = None,
+    /,
+    *,
+    attempts: int = 10,
+    max_wait: float = 120.0,
+    cooldown: float = 20.0,
+    quota_cooldown: float = 3600.0,
+    forbidden_cooldown: float = 600.0,
+    backoff: float = 0.5,
+    max_backoff: float = 8.0,
+    manager: KeyManager | None = None,
+) -> Any:
+    """Give the decorated function a healthy ``api_key`` on every call, and retry on failures.
+
+    Use as ``@stable`` or ``@stable(attempts=..., ...)``.  The function must accept an
+    ``api_key`` parameter; it may be a plain function, an ``async def``, or a (async)
+    generator for streaming.
+
+    :param attempts: calls of the function at most, across all keys.
+    :param max_wait: seconds a call may spend waiting for a key or backing off, in total.
+    :param cooldown: seconds to cool a rate-limited key when the server gives no delay.
+    :param quota_cooldown: seconds to bench a key whose quota is empty.
+    :param forbidden_cooldown: seconds to bench a key that got 403.
+    :param backoff: first backoff, in seconds, after a server or connection error.
+    :param max_backoff: the longest backoff.
+    :param manager: a specific KeyManager (default: the singleton).
+    """
+    _number("attempts", attempts, minimum=1, integer=True)
+    for name, value in (
+        ("max_wait", max_wait), ("cooldown", cooldown), ("quota_cooldown", quota_cooldown),
+        ("forbidden_cooldown", forbidden_cooldown), ("backoff", backoff),
+        ("max_backoff", max_backoff),
+    ):
+        _number(name, value, minimum=0)
+    if manager is not None and not isinstance(manager, KeyManager):
+        raise TypeError(f"stable(manager=...) must be a KeyManager, not {type(manager).__name__}")
+    options = _Options(
+        attempts=attempts, max_wait=float(max_wait), backoff=float(backoff),
+        max_backoff=float(max_backoff),
+        policy=Policy(float(cooldown), float(quota_cooldown), float(forbidden_cooldown)),
+        manager=manager,
+    )
+    if func is None:
+        return lambda f: _wrap(f, options)
+    if not callable(func):
+        raise TypeError(
+            f"@stable decorates a function, not {type(func).__name__}; "
+            "options go by keyword: @stable(attempts=5)"
+        )
+    return _wrap(func, options)

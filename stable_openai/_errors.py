@@ -1,0 +1,62 @@
+"""The library's own exceptions.
+
+::
+
+    openai.OpenAIError
+     └── StableOpenAIError            anything stable_openai itself decides to raise
+          ├── NoKeysError              no key configured (also a ValueError)
+          ├── AllKeysDisabledError     every key is disabled (revoked, deleted by the server)
+          └── AllKeysCoolingError      every key is cooling past the call's wait budget
+
+They subclass ``openai.OpenAIError`` so that code written as ``except openai.OpenAIError``
+keeps catching everything a decorated call can raise. Failures of the wrapped call itself
+(``openai.BadRequestError``, a 403 on every key, ...) are re-raised unchanged, never wrapped.
+No message here ever contains a key: only masked forms and counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import openai
+
+
+class StableOpenAIError(openai.OpenAIError):
+    """Base class of the errors raised by stable_openai itself."""
+
+
+class NoKeysError(StableOpenAIError, ValueError):
+    """No API key is configured, or every key was deleted."""
+
+
+class AllKeysDisabledError(StableOpenAIError):
+    """Every key is disabled; waiting will not help.
+
+    ``reasons`` maps each reason (e.g. ``"revoked (401 invalid_api_key)"``) to how many keys
+    were disabled for it.
+    """
+
+    def __init__(self, reasons: Mapping[str, int]) -> None:
+        self.reasons = dict(reasons)
+        total = sum(self.reasons.values())
+        why = ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items()))
+        super().__init__(
+            f"all {total} API key(s) are disabled ({why}); "
+            "pass working keys to KeyManager(...) or KeyManager().add_keys(...)"
+        )
+
+
+class AllKeysCoolingError(StableOpenAIError):
+    """Every usable key is cooling for longer than the call may wait.
+
+    ``retry_after`` is the number of seconds until the first key is ready again.
+    """
+
+    def __init__(self, retry_after: float, cooling: int, reasons: Mapping[str, int]) -> None:
+        self.retry_after = max(0.0, retry_after)
+        self.reasons = dict(reasons)
+        why = ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items()))
+        super().__init__(
+            f"all {cooling} usable API key(s) are cooling ({why}); the first is ready in "
+            f"{self.retry_after:.3g}s, beyond this call's wait budget"
+        )

@@ -1,0 +1,334 @@
+"""KeyManager: the process-wide key ring behind one lock and condition.
+
+Choosing a key and marking it in flight happen in one step under the lock; the caller makes
+its HTTP call outside it.  A caller that finds every key cooling waits on the condition (or,
+in asyncio, on a future the condition's notifier resolves) until the first deadline or until
+the keys change.  No background thread: cooldowns are deadlines on a monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import ClassVar, TypedDict
+
+from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError
+from ._policy import Fate, Verdict
+from ._ring import KeyRing, KeyState, Where, normalize_keys
+
+__all__ = ["KeyManager", "KeyStats"]
+
+logger = logging.getLogger("stable_openai")
+
+_ENV_HELP = (
+    "no API keys configured: call KeyManager([key1, key2, ...]) at start-up, or set "
+    "OPENAI_API_KEYS (comma- or space-separated) or OPENAI_API_KEY"
+)
+
+
+class KeyStats(TypedDict):
+    """One key's row in :meth:`KeyManager.stats`; ``key`` is masked, never whole."""
+
+    key: str
+    fingerprint: str
+    state: str
+    seconds_left: float
+    reason: str
+    calls: int
+    successes: int
+    rate_limits: int
+    failures: int
+    in_flight: int
+
+
+def _keys_from_env() -> list[str]:
+    for name in ("OPENAI_API_KEYS", "OPENAI_API_KEY"):
+        raw = os.environ.get(name, "")
+        keys = [part for part in re.split(r"[\s,]+", raw) if part]
+        if keys:
+            return normalize_keys(keys, name)
+    raise NoKeysError(_ENV_HELP)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class KeyManager:
+    """The singleton that holds every API key and its state.
+
+    ``KeyManager(api_keys)`` builds it (or reconfigures it: keys still present keep their
+    state, new keys join, the rest leave, disabled keys given again are enabled);
+    ``KeyManager()`` returns it, reading ``OPENAI_API_KEYS`` / ``OPENAI_API_KEY`` the first
+    time if no keys were given.  ``KeyManager.reset()`` forgets it (for tests).
+    """
+
+    _instance: ClassVar[KeyManager | None] = None
+    _class_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    _ring: KeyRing
+    _lock: threading.Lock
+    _cond: threading.Condition
+    _async_waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop]
+
+    def __new__(
+        cls, api_keys: Iterable[str] | None = None, *, clock: Callable[[], float] | None = None
+    ) -> KeyManager:
+        keys = None if api_keys is None else normalize_keys(api_keys)
+        if clock is not None and not callable(clock):
+            raise TypeError("clock must be a callable returning seconds, like time.monotonic")
+        with cls._class_lock:
+            instance = KeyManager._instance
+            if instance is None:
+                instance = super().__new__(cls)
+                instance._setup(keys if keys is not None else _keys_from_env(), clock)
+                KeyManager._instance = instance
+            else:
+                if clock is not None:
+                    with instance._lock:
+                        instance._ring.clock = clock
+                if keys is not None:
+                    instance._reconfigure(keys)
+        return instance
+
+    def __init__(
+        self, api_keys: Iterable[str] | None = None, *, clock: Callable[[], float] | None = None
+    ) -> None:
+        """All the work happens in ``__new__``: the instance is shared."""
+
+    def _setup(self, keys: list[str], clock: Callable[[], float] | None) -> None:
+        self._ring = KeyRing(keys, clock=clock or time.monotonic)
+        self._new_locks()
+
+    def _new_locks(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._async_waiters = {}
+
+    @classmethod
+    def reset(cls) -> None:
+        """Forget the singleton, so the next ``KeyManager(...)`` starts afresh (for tests)."""
+        with cls._class_lock:
+            KeyManager._instance = None
+
+    @classmethod
+    def current(cls) -> KeyManager | None:
+        """The singleton if one was built, else ``None`` (does not read the environment)."""
+        return KeyManager._instance
+
+    # -- the original package's API -----------------------------------------------------------
+    def get_key(self) -> str:
+        """A ready key, least recently used first; waits while every key is cooling."""
+        state, _ = self._acquire(None, float("inf"))
+        with self._lock:
+            self._ring.give_back(state)
+        return state.key
+
+    def set_ttl(self, key: str, ttl: float) -> bool:
+        """Cool ``key`` for exactly ``ttl`` seconds (0 makes it ready).  ``False`` if unknown."""
+        _check_key_arg(key)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl != ttl:
+            raise TypeError("ttl must be a number of seconds")
+        with self._cond:
+            state = self._ring.find(key.strip())
+            if state is None:
+                return False
+            self._ring.set_cooldown(state, float(ttl))
+            self._notify()
+            return True
+
+    def delete_key(self, key: str) -> bool:
+        """Remove ``key`` from the ring.  ``False`` if it was not there."""
+        _check_key_arg(key)
+        with self._cond:
+            removed = self._ring.remove(key.strip())
+            self._notify()
+            return removed
+
+    def get_min_ttl(self) -> float:
+        """Seconds until the first key is ready: 0 if one is ready now."""
+        with self._lock:
+            seconds = [self._ring.seconds_left(s) for s in self._ring]
+        return min(seconds) if seconds else 0.0
+
+    @property
+    def data(self) -> dict[str, float]:
+        """Each key and the seconds of cooldown it has left (``inf`` when disabled)."""
+        with self._lock:
+            return {s.key: self._ring.seconds_left(s) for s in self._ring}
+
+    # -- additions ---------------------------------------------------------------------------
+    def add_keys(self, api_keys: Iterable[str]) -> int:
+        """Add keys (a disabled key given again is enabled).  Returns how many were new."""
+        keys = normalize_keys(api_keys)
+        with self._cond:
+            added = self._ring.add(keys)
+            self._notify()
+        return len(added)
+
+    def stats(self) -> list[KeyStats]:
+        """One row per key: masked key, state, seconds left, reason and counters."""
+        with self._lock:
+            return [
+                KeyStats(
+                    key=s.masked, fingerprint=s.fingerprint, state=s.where.value,
+                    seconds_left=self._ring.seconds_left(s), reason=s.reason, calls=s.calls,
+                    successes=s.successes, rate_limits=s.rate_limits, failures=s.failures,
+                    in_flight=s.in_flight,
+                )
+                for s in self._ring
+            ]
+
+    def __len__(self) -> int:
+        return len(self._ring)
+
+    def __repr__(self) -> str:
+        with self._lock:
+            counts = {where: 0 for where in (Where.READY, Where.COOLING, Where.DISABLED)}
+            for state in self._ring:
+                counts[state.where] += 1
+        parts = ", ".join(f"{n} {where.value}" for where, n in counts.items())
+        return f"<KeyManager {len(self._ring)} keys: {parts}>"
+
+    # -- used by @stable ---------------------------------------------------------------------
+    def _reconfigure(self, keys: list[str]) -> None:
+        with self._cond:
+            self._ring.reconfigure(keys)
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake every waiter, threads and coroutines alike.  Call with the lock held."""
+        self._cond.notify_all()
+        for future, loop in list(self._async_waiters.items()):
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # that loop is closed; its waiter is gone
+                del self._async_waiters[future]
+
+    def _wait_time(self, budget: float, last: BaseException | None) -> float:
+        """Seconds to wait for a key, or raise if waiting cannot help.  Lock held."""
+        ring = self._ring
+        if not len(ring):
+            raise NoKeysError("KeyManager has no keys left: every key was deleted") from last
+        wait = ring.next_ready_in()
+        if wait is None:
+            raise AllKeysDisabledError(ring.reasons(Where.DISABLED)) from last
+        if wait > budget:
+            if last is not None and ring.all_usable_forbidden():
+                raise last
+            reasons = ring.reasons(Where.COOLING)
+            raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
+        return wait
+
+    def _acquire(
+        self,
+        avoid: set[KeyState] | None,
+        budget: float,
+        last: BaseException | None = None,
+    ) -> tuple[KeyState, float]:
+        """Choose a key and mark it in flight, waiting up to ``budget`` seconds.
+
+        Returns the key's state and the seconds spent waiting.
+        """
+        with self._cond:
+            state = self._ring.choose(avoid)
+            if state is not None:
+                return state, 0.0
+            start = time.monotonic()
+            while True:
+                waited = time.monotonic() - start
+                self._cond.wait(self._wait_time(budget - waited, last))
+                state = self._ring.choose(avoid)
+                if state is not None:
+                    return state, time.monotonic() - start
+
+    async def _acquire_async(
+        self,
+        avoid: set[KeyState] | None,
+        budget: float,
+        last: BaseException | None = None,
+    ) -> tuple[KeyState, float]:
+        """:meth:`_acquire` for coroutines: waits on a future, never blocks the loop."""
+        start = time.monotonic()
+        loop: asyncio.AbstractEventLoop | None = None
+        while True:
+            with self._lock:
+                state = self._ring.choose(avoid)
+                if state is not None:
+                    return state, time.monotonic() - start
+                wait = self._wait_time(budget - (time.monotonic() - start), last)
+                loop = loop or asyncio.get_running_loop()
+                future: asyncio.Future[None] = loop.create_future()
+                self._async_waiters[future] = loop
+            try:
+                await asyncio.wait((future,), timeout=wait)
+            finally:
+                with self._lock:
+                    self._async_waiters.pop(future, None)
+                future.cancel()
+
+    def _succeed(self, state: KeyState) -> None:
+        with self._lock:
+            self._ring.succeed(state)
+
+    def _abandon(self, state: KeyState) -> None:
+        with self._lock:
+            self._ring.release(state)
+
+    def _fail(self, state: KeyState, verdict: Verdict) -> None:
+        """Record a failed call and apply the verdict to its key."""
+        first_disable = False
+        with self._lock:
+            ring = self._ring
+            ring.fail(state, rate_limited=verdict.rate_limited)
+            if verdict.fate is Fate.COOL:
+                ring.cool(state, verdict.seconds, verdict.reason, forbidden=verdict.forbidden)
+            elif verdict.fate is Fate.DISABLE:
+                first_disable = ring.disable(state, verdict.reason)
+        if first_disable:
+            logger.warning("API key %s disabled: %s", state.masked, verdict.reason)
+        elif verdict.fate is Fate.COOL:
+            logger.debug(
+                "API key %s cooling %.3gs: %s", state.masked, verdict.seconds, verdict.reason
+            )
+
+
+def _check_key_arg(key: object) -> None:
+    if not isinstance(key, str):
+        raise TypeError(f"key must be str, not {type(key).__name__}")
+
+
+def _before_fork() -> None:
+    KeyManager._class_lock.acquire()
+    instance = KeyManager._instance
+    if instance is not None:
+        instance._lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    instance = KeyManager._instance
+    if instance is not None:
+        instance._lock.release()
+    KeyManager._class_lock.release()
+
+
+def _after_fork_in_child() -> None:
+    """Fresh locks, and no calls in flight: the parent's calls are not the child's."""
+    KeyManager._class_lock = threading.Lock()
+    instance = KeyManager._instance
+    if instance is not None:
+        instance._new_locks()
+        instance._ring.forget_in_flight()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_before_fork, after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )

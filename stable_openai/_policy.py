@@ -1,0 +1,231 @@
+"""What to do with a key and a call after a failure: a pure function of the exception.
+
+``classify(exc, policy)`` reads the status code, the body's ``code``/``type``, the message and
+the response headers of an ``openai`` exception and returns a :class:`Verdict`: what happens to
+the key (keep, cool for N seconds, disable) and to the call (retry on another key at once, retry
+after a backoff, raise).  No I/O, no clock except the wall clock needed for HTTP-date headers,
+which is injectable.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import math
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import openai
+
+__all__ = [
+    "Action",
+    "Fate",
+    "Policy",
+    "Verdict",
+    "classify",
+    "parse_duration",
+    "retry_delay",
+]
+
+#: Longest delay we accept from a server hint; anything longer is treated as this.
+MAX_HINT_SECONDS = 24 * 3600.0
+
+
+class Fate(enum.Enum):
+    """What happens to the key that failed."""
+
+    KEEP = "keep"
+    COOL = "cool"
+    DISABLE = "disable"
+
+
+class Action(enum.Enum):
+    """What happens to the call that failed."""
+
+    RETRY_ELSEWHERE = "retry elsewhere"
+    BACKOFF = "backoff"
+    RAISE = "raise"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The durations a verdict may use; ``@stable(...)`` options fill it in."""
+
+    cooldown: float = 20.0
+    """Seconds to cool a rate-limited key when the server gives no delay."""
+    quota_cooldown: float = 3600.0
+    """Seconds to bench a key whose quota is empty (429 ``insufficient_quota``)."""
+    forbidden_cooldown: float = 600.0
+    """Seconds to bench a key that got 403."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The decision for one failure."""
+
+    fate: Fate
+    action: Action
+    seconds: float = 0.0
+    reason: str = ""
+    rate_limited: bool = False
+    forbidden: bool = False
+
+
+RAISE_UNCHANGED = Verdict(Fate.KEEP, Action.RAISE, reason="not a key problem")
+
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_GO_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+_TRY_AGAIN = re.compile(r"try again in\s+((?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+)")
+
+
+def parse_duration(text: str) -> float | None:
+    """Parse a Go-style duration (``1s``, ``6m0s``, ``12ms``, ``1m30.5s``) into seconds.
+
+    A bare number is taken as seconds.  Returns ``None`` for anything else, never raises.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        return value if math.isfinite(value) and value >= 0 else None
+    total = 0.0
+    position = 0
+    for match in _GO_PART.finditer(text):
+        if match.start() != position:
+            return None
+        total += float(match.group(1)) * _GO_UNITS[match.group(2)]
+        position = match.end()
+    if position != len(text) or position == 0:
+        return None
+    return total
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    if headers is None:
+        return None
+    try:
+        value = headers.get(name)
+    except Exception:  # a malformed header container must not break classification
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _seconds_from_retry_after(value: str, now_wall: Callable[[], float]) -> float | None:
+    seconds = parse_duration(value)
+    if seconds is not None:
+        return seconds
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if moment is None:
+        return None
+    return max(0.0, moment.timestamp() - now_wall())
+
+
+def retry_delay(
+    headers: Mapping[str, str] | None,
+    message: str,
+    now_wall: Callable[[], float] = time.time,
+) -> float | None:
+    """The server's own idea of when a rate-limited key may be used again, in seconds.
+
+    In order: ``retry-after-ms``, ``retry-after`` (seconds or HTTP date), the
+    ``x-ratelimit-reset-*`` header of a budget whose remainder is 0, "try again in …" in the
+    message.  ``None`` when the server said nothing usable.
+    """
+    ms = _header(headers, "retry-after-ms")
+    if ms is not None:
+        value = parse_duration(ms)
+        if value is not None:
+            return min(value / 1000.0, MAX_HINT_SECONDS)
+    after = _header(headers, "retry-after")
+    if after is not None:
+        value = _seconds_from_retry_after(after, now_wall)
+        if value is not None:
+            return min(value, MAX_HINT_SECONDS)
+    resets = []
+    for budget in ("requests", "tokens"):
+        if (_header(headers, f"x-ratelimit-remaining-{budget}") or "").strip() == "0":
+            reset = parse_duration(_header(headers, f"x-ratelimit-reset-{budget}") or "")
+            if reset is not None:
+                resets.append(reset)
+    if resets:
+        return min(max(resets), MAX_HINT_SECONDS)
+    match = _TRY_AGAIN.search(message)
+    if match:
+        value = parse_duration(match.group(1))
+        if value is not None:
+            return min(value, MAX_HINT_SECONDS)
+    return None
+
+
+def _error_fields(exc: openai.APIStatusError) -> tuple[str, str, str]:
+    """(code, type, message) from the exception's parsed body, tolerant of odd bodies."""
+    body: Any = exc.body
+    if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
+        body = body["error"]
+    code = exc.code if isinstance(exc.code, str) else ""
+    kind = exc.type if isinstance(exc.type, str) else ""
+    message = ""
+    if isinstance(body, Mapping):
+        code = code or str(body.get("code") or "")
+        kind = kind or str(body.get("type") or "")
+        raw = body.get("message")
+        message = raw if isinstance(raw, str) else ""
+    return code, kind, message or str(exc.message or "")
+
+
+def _headers_of(exc: openai.APIStatusError) -> Mapping[str, str] | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    return headers if headers is not None else None
+
+
+def classify(
+    exc: BaseException,
+    policy: Policy = Policy(),
+    now_wall: Callable[[], float] = time.time,
+) -> Verdict:
+    """Decide what a failure means for the key that was used and for the call."""
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return Verdict(Fate.KEEP, Action.BACKOFF, reason="connection error")
+    if not isinstance(exc, openai.APIStatusError):
+        return RAISE_UNCHANGED
+    status = exc.status_code
+    code, kind, message = _error_fields(exc)
+    if status == 429:
+        if code == "insufficient_quota" or kind == "insufficient_quota":
+            return Verdict(
+                Fate.COOL, Action.RETRY_ELSEWHERE, policy.quota_cooldown,
+                "no quota (429 insufficient_quota)",
+            )
+        if "request too large" in message.lower():
+            return Verdict(Fate.KEEP, Action.RAISE, reason="request too large (429)")
+        delay = retry_delay(_headers_of(exc), message, now_wall)
+        return Verdict(
+            Fate.COOL, Action.RETRY_ELSEWHERE,
+            policy.cooldown if delay is None else delay,
+            "rate limited (429)", rate_limited=True,
+        )
+    if status == 401:
+        return Verdict(
+            Fate.DISABLE, Action.RETRY_ELSEWHERE, reason=f"revoked (401 {code or 'unauthorized'})"
+        )
+    if status == 403:
+        return Verdict(
+            Fate.COOL, Action.RETRY_ELSEWHERE, policy.forbidden_cooldown,
+            f"forbidden (403 {code or kind or 'forbidden'})", forbidden=True,
+        )
+    if status in (408, 409) or status >= 500:
+        return Verdict(Fate.KEEP, Action.BACKOFF, reason=f"server error ({status})")
+    return RAISE_UNCHANGED
