@@ -1,0 +1,591 @@
+"""@stable around plain, async and streaming functions that raise real ``openai`` errors."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+import wire
+from wire import made_up_keys
+
+from stable_openai import (
+    AllKeysCoolingError,
+    AllKeysDisabledError,
+    KeyManager,
+    StableOpenAIError,
+    stable,
+)
+
+KEYS = made_up_keys(3)
+A, B, C = KEYS
+
+
+def row(key: str) -> dict[str, Any]:
+    masked = f"{key[:3]}…{key[-4:]}"
+    return next(r for r in KeyManager().stats() if r["key"] == masked)
+
+
+def failing_on(
+    failures: dict[str, Callable[[], BaseException]],
+) -> tuple[Callable[..., str], list[str]]:
+    """A function that raises the scripted error for some keys and echoes otherwise."""
+    used: list[str] = []
+
+    def ask(prompt: str, api_key: str) -> str:
+        used.append(api_key)
+        if api_key in failures:
+            raise failures[api_key]()
+        return f"echo: {prompt}"
+
+    return ask, used
+
+
+# -- decoration ---------------------------------------------------------------------------------
+def test_bare_and_called_forms_keep_name_doc_and_signature() -> None:
+    def ask(prompt: str, api_key: str) -> str:
+        """Ask."""
+        return prompt
+
+    for decorated in (stable(ask), stable()(ask), stable(attempts=3)(ask)):
+        assert decorated.__name__ == "ask"
+        assert decorated.__doc__ == "Ask."
+        assert inspect.signature(decorated) == inspect.signature(ask)
+
+
+def test_function_without_api_key_is_a_type_error_that_says_what_to_add() -> None:
+    def ask(prompt: str) -> str:
+        return prompt
+
+    with pytest.raises(TypeError, match="api_key"):
+        stable(ask)
+
+
+def test_kwargs_instead_of_api_key_is_accepted() -> None:
+    KeyManager(KEYS)
+
+    @stable
+    def ask(prompt: str, **kwargs: Any) -> str:
+        return str(kwargs["api_key"] in KEYS)
+
+    assert ask("x") == "True"
+
+
+def test_positional_only_api_key_is_rejected() -> None:
+    def ask(api_key: str, /) -> str:
+        return api_key
+
+    with pytest.raises(TypeError, match="keyword"):
+        stable(ask)
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"attempts": 0}, ValueError),
+        ({"attempts": 1.5}, TypeError),
+        ({"attempts": True}, TypeError),
+        ({"max_wait": -1}, ValueError),
+        ({"cooldown": "20"}, TypeError),
+        ({"quota_cooldown": float("nan")}, ValueError),
+        ({"manager": "not a manager"}, TypeError),
+    ],
+)
+def test_bad_options_are_clear_errors(options: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error, match="stable"):
+        stable(**options)
+
+
+def test_options_go_by_keyword() -> None:
+    with pytest.raises(TypeError, match="keyword"):
+        stable(5)  # type: ignore[call-overload]
+
+
+def test_caller_may_not_pass_api_key() -> None:
+    KeyManager(KEYS)
+    ask = stable(failing_on({})[0])
+    with pytest.raises(TypeError, match="chooses the key itself"):
+        ask("x", api_key=A)
+
+
+def test_without_keys_the_error_says_how_to_configure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEYS", raising=False)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    ask = stable(failing_on({})[0])
+    with pytest.raises(StableOpenAIError, match="OPENAI_API_KEYS"):
+        ask("x")
+
+
+# -- the failure table --------------------------------------------------------------------------
+def test_rate_limited_key_is_cooled_for_the_server_delay_and_the_call_moves_on() -> None:
+    KeyManager([A, B])
+    ask, used = failing_on({A: lambda: wire.rate_limited("20s", {"retry-after-ms": "7000"})})
+    assert stable(ask)("hi") == "echo: hi"
+    assert used == [A, B]
+    assert row(A)["state"] == "cooling"
+    assert 6 < row(A)["seconds_left"] <= 7
+    assert row(A)["rate_limits"] == 1
+    assert row(B)["successes"] == 1
+
+
+def test_rate_limit_without_hints_uses_the_message_then_the_default() -> None:
+    KeyManager([A, B, C])
+    ask, _ = failing_on({A: lambda: wire.rate_limited("1m2.5s")})
+    stable(ask)("hi")
+    assert 62 < row(A)["seconds_left"] <= 62.5
+    bare = wire.status_error(429, {"message": "slow down", "code": "rate_limit_exceeded"})
+    ask, used = failing_on({C: lambda: bare})
+    stable(cooldown=33)(ask)("hi")
+    assert used == [C, B]  # least recently used first
+    assert 32 < row(C)["seconds_left"] <= 33
+
+
+def test_cooling_again_keeps_the_later_deadline() -> None:
+    KeyManager([A])
+    barrier = threading.Barrier(2)
+    delays = iter(["50s", "1s"])
+    lock = threading.Lock()
+
+    @stable(max_wait=0.5)
+    def ask(api_key: str) -> str:
+        barrier.wait(timeout=10)  # two calls in flight on the one key
+        with lock:
+            delay = next(delays)
+        raise wire.rate_limited(delay)
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ask()
+        except AllKeysCoolingError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert len(errors) == 2
+    assert row(A)["seconds_left"] > 40
+    assert row(A)["rate_limits"] == 2
+
+
+def test_request_too_large_is_raised_at_once_and_the_key_untouched() -> None:
+    KeyManager([A, B])
+    error = wire.too_large()
+    ask, used = failing_on({A: lambda: error, B: lambda: error})
+    with pytest.raises(openai.RateLimitError) as caught:
+        stable(ask)("hi")
+    assert caught.value is error
+    assert len(used) == 1
+    assert all(r["state"] == "ready" for r in KeyManager().stats())
+
+
+def test_no_quota_benches_the_key_long_and_the_call_moves_on() -> None:
+    KeyManager([A, B])
+    ask, used = failing_on({A: wire.no_quota})
+    assert stable(quota_cooldown=7200)(ask)("hi") == "echo: hi"
+    assert used == [A, B]
+    assert 7100 < row(A)["seconds_left"] <= 7200
+    assert row(A)["reason"] == "no quota (429 insufficient_quota)"
+
+
+def test_revoked_key_is_disabled_once_with_one_masked_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    KeyManager([A, B])
+    ask, used = failing_on({A: wire.revoked})
+    decorated = stable(ask)
+    with caplog.at_level(logging.DEBUG, logger="stable_openai"):
+        for _ in range(6):
+            assert decorated("hi") == "echo: hi"
+    assert used.count(A) == 1
+    assert row(A)["state"] == "disabled"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].name == "stable_openai"
+    assert "sk-…" in warnings[0].getMessage()
+    assert A not in caplog.text
+
+
+def test_revoked_key_comes_back_when_keys_are_reconfigured() -> None:
+    KeyManager([A, B])
+    ask, _ = failing_on({A: wire.revoked})
+    stable(ask)("hi")
+    assert row(A)["state"] == "disabled"
+    KeyManager([A, B])
+    assert row(A)["state"] == "ready"
+
+
+def test_forbidden_key_is_benched_and_every_key_forbidden_raises_the_403() -> None:
+    KeyManager([A, B])
+    ask, used = failing_on({A: wire.forbidden})
+    assert stable(ask)("hi") == "echo: hi"
+    assert 590 < row(A)["seconds_left"] <= 600
+    KeyManager.reset()
+    KeyManager([A, B])
+    ask, used = failing_on({A: wire.forbidden, B: wire.forbidden})
+    with pytest.raises(openai.PermissionDeniedError):
+        stable(ask)("hi")
+    assert sorted(used) == [A, B]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: wire.server_error(500),
+        lambda: wire.server_error(503),
+        lambda: wire.status_error(408, {"message": "timeout"}),
+        lambda: wire.status_error(409, {"message": "conflict"}),
+        wire.connection_error,
+        wire.timeout_error,
+    ],
+)
+def test_transient_errors_back_off_and_retry_on_another_key(make: Callable[[], Exception]) -> None:
+    KeyManager([A, B])
+    ask, used = failing_on({A: make})
+    assert stable(backoff=0.001)(ask)("hi") == "echo: hi"
+    assert used == [A, B]
+    assert row(A)["state"] == "ready"
+    assert row(A)["failures"] == 1
+
+
+def test_transient_errors_on_the_only_key_are_retried_on_it() -> None:
+    KeyManager([A])
+    calls = Counter[str]()
+
+    @stable(backoff=0.001)
+    def ask(api_key: str) -> str:
+        calls[api_key] += 1
+        if calls[api_key] < 3:
+            raise wire.server_error(502)
+        return "ok"
+
+    assert ask() == "ok"
+    assert calls[A] == 3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        wire.bad_request,
+        lambda: wire.bad_request(404),
+        lambda: wire.bad_request(422),
+        lambda: ValueError("user bug"),
+        lambda: KeyError("x"),
+    ],
+)
+def test_caller_errors_are_raised_at_once_unchanged(make: Callable[[], Exception]) -> None:
+    KeyManager([A, B])
+    error = make()
+    ask, used = failing_on({A: lambda: error, B: lambda: error})
+    with pytest.raises(type(error)) as caught:
+        stable(ask)("hi")
+    assert caught.value is error
+    assert len(used) == 1
+    assert all(r["state"] == "ready" for r in KeyManager().stats())
+
+
+def test_when_attempts_run_out_the_last_real_exception_is_raised() -> None:
+    KeyManager([A])
+    errors = [wire.server_error(500), wire.server_error(503)]
+    count = 0
+
+    @stable(attempts=2, backoff=0.001)
+    def ask(api_key: str) -> str:
+        nonlocal count
+        count += 1
+        raise errors[count - 1]
+
+    with pytest.raises(openai.InternalServerError) as caught:
+        ask()
+    assert caught.value is errors[1]
+
+
+def test_every_key_disabled_is_a_library_error_with_count_and_reason() -> None:
+    KeyManager([A, B])
+    ask, _ = failing_on({A: wire.revoked, B: wire.revoked})
+    with pytest.raises(AllKeysDisabledError) as caught:
+        stable(ask)("hi")
+    assert isinstance(caught.value, openai.OpenAIError)
+    assert "all 2" in str(caught.value)
+    assert "401" in str(caught.value)
+    assert isinstance(caught.value.__cause__, openai.AuthenticationError)
+    with pytest.raises(AllKeysDisabledError):  # later calls fail at once, nothing is tried
+        stable(failing_on({})[0])("hi")
+
+
+def test_every_key_cooling_past_the_budget_carries_retry_after() -> None:
+    KeyManager([A, B])
+    ask, used = failing_on(
+        {A: lambda: wire.rate_limited("30s"), B: lambda: wire.rate_limited("40s")}
+    )
+    with pytest.raises(AllKeysCoolingError) as caught:
+        stable(max_wait=5)(ask)("hi")
+    assert 29 < caught.value.retry_after <= 30
+    assert isinstance(caught.value, openai.OpenAIError)
+    assert len(used) == 2
+
+
+def test_a_short_cooldown_is_waited_out_within_the_budget() -> None:
+    KeyManager([A])
+    calls = 0
+
+    @stable(max_wait=10)
+    def ask(api_key: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise wire.rate_limited("50ms")
+        return "ok"
+
+    assert ask() == "ok"
+    assert calls == 2
+
+
+@pytest.mark.parametrize("empty", [None, "", 0, []])
+def test_an_empty_answer_is_an_answer_not_a_retry(empty: object) -> None:
+    KeyManager(KEYS)
+    calls = 0
+
+    @stable
+    def ask(api_key: str) -> object:
+        nonlocal calls
+        calls += 1
+        return empty
+
+    assert ask() == empty
+    assert calls == 1
+
+
+def test_the_key_that_failed_is_the_key_benched_under_threads() -> None:
+    KeyManager(KEYS)
+    barrier = threading.Barrier(3)
+    first_round = iter(range(3))
+    lock = threading.Lock()
+
+    @stable
+    def ask(api_key: str) -> str:
+        with lock:
+            first = next(first_round, None) is not None
+        if first:
+            barrier.wait(timeout=10)  # three calls in flight at once, one per key
+        if api_key == B:
+            raise wire.revoked()
+        return api_key
+
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(ask())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert [r["state"] for r in KeyManager().stats()] == ["ready", "disabled", "ready"]
+
+
+# -- async ------------------------------------------------------------------------------------------
+def test_async_function_rotates_and_waits_without_blocking_the_loop() -> None:
+    KeyManager([A, B])
+
+    @stable(max_wait=10)
+    async def ask(prompt: str, api_key: str) -> str:
+        await asyncio.sleep(0)
+        if api_key == A:
+            raise wire.rate_limited("80ms")
+        return f"echo: {prompt}"
+
+    async def main() -> list[str]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.005)
+
+        tick = asyncio.ensure_future(ticker())
+        KeyManager().set_ttl(B, 0.2)
+        answers = await asyncio.gather(*(ask(str(i)) for i in range(5)))
+        tick.cancel()
+        assert ticks > 5  # the loop kept running while calls waited for a key
+        return answers
+
+    assert asyncio.run(main()) == [f"echo: {i}" for i in range(5)]
+
+
+def test_five_hundred_coroutines_through_one_async_function() -> None:
+    keys = made_up_keys(8)
+    KeyManager(keys)
+    peak = 0
+    running = 0
+
+    @stable
+    async def ask(index: int, api_key: str) -> int:
+        nonlocal peak, running
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        if index % 50 == 0 and api_key == keys[0]:
+            raise wire.rate_limited("10ms")
+        return index
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(ask(i) for i in range(500)))
+
+    assert asyncio.run(main()) == list(range(500))
+    assert peak > 100
+    assert sum(r["in_flight"] for r in KeyManager().stats()) == 0
+    assert sum(r["successes"] for r in KeyManager().stats()) == 500
+
+
+def test_async_calls_from_several_loops_in_several_threads() -> None:
+    KeyManager(KEYS)
+
+    @stable
+    async def ask(index: int, api_key: str) -> int:
+        await asyncio.sleep(0.001)
+        return index
+
+    results: list[list[int]] = []
+
+    def run_loop() -> None:
+        results.append(asyncio.run(_gather(ask, 50)))
+
+    threads = [threading.Thread(target=run_loop) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == [list(range(50))] * 4
+
+
+async def _gather(ask: Callable[[int], Any], count: int) -> list[int]:
+    return list(await asyncio.gather(*(ask(i) for i in range(count))))
+
+
+def test_cancelled_async_call_releases_its_key() -> None:
+    KeyManager([A])
+
+    @stable
+    async def ask(api_key: str) -> str:
+        await asyncio.sleep(10)
+        return "never"
+
+    async def main() -> None:
+        task = asyncio.ensure_future(ask())
+        await asyncio.sleep(0.01)
+        assert row(A)["in_flight"] == 1
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert row(A)["in_flight"] == 0
+
+
+# -- streaming --------------------------------------------------------------------------------------
+def test_stream_failing_before_its_first_item_is_retried_on_another_key() -> None:
+    KeyManager([A, B])
+
+    @stable
+    def chunks(prompt: str, api_key: str) -> Iterator[str]:
+        if api_key == A:
+            raise wire.rate_limited("5s")
+        yield from prompt.split()
+
+    assert list(chunks("a b c")) == ["a", "b", "c"]
+    assert row(A)["state"] == "cooling"
+    assert row(B)["successes"] == 1
+    assert row(B)["in_flight"] == 0
+
+
+def test_stream_failing_after_its_first_item_propagates_unchanged() -> None:
+    KeyManager([A, B])
+    error = wire.server_error(500)
+    tried: list[str] = []
+
+    @stable
+    def chunks(api_key: str) -> Iterator[str]:
+        tried.append(api_key)
+        yield "first"
+        raise error
+
+    stream = chunks()
+    assert next(stream) == "first"
+    with pytest.raises(openai.InternalServerError) as caught:
+        next(stream)
+    assert caught.value is error
+    assert len(tried) == 1
+    assert sum(r["in_flight"] for r in KeyManager().stats()) == 0
+
+
+def test_stream_closed_early_or_broken_by_the_consumer_releases_its_key() -> None:
+    KeyManager([A])
+
+    @stable
+    def chunks(api_key: str) -> Iterator[int]:
+        yield from range(100)
+
+    for number in chunks():
+        if number == 3:
+            break
+    assert row(A)["in_flight"] == 0
+
+    def consume() -> None:
+        for number in chunks():
+            if number == 2:
+                raise RuntimeError("consumer bug")
+
+    with pytest.raises(RuntimeError):
+        consume()
+    assert row(A)["in_flight"] == 0
+
+
+def test_stream_return_value_passes_through() -> None:
+    KeyManager([A])
+
+    @stable
+    def chunks(api_key: str) -> Iterator[int]:
+        yield 1
+        return 7
+
+    def outer() -> Iterator[int]:
+        result = yield from chunks()
+        yield result
+
+    assert list(outer()) == [1, 7]
+
+
+def test_async_stream_is_retried_before_its_first_item_only() -> None:
+    KeyManager([A, B])
+
+    @stable
+    async def chunks(api_key: str) -> AsyncIterator[str]:
+        if api_key == A:
+            raise wire.rate_limited("5s")
+        for part in ("x", "y"):
+            await asyncio.sleep(0)
+            yield part
+
+    @stable
+    async def broken(api_key: str) -> AsyncIterator[str]:
+        yield "first"
+        raise wire.server_error(500)
+
+    async def main() -> None:
+        assert [part async for part in chunks()] == ["x", "y"]
+        with pytest.raises(openai.InternalServerError):
+            async for _ in broken():
+                pass
+
+    asyncio.run(main())
+    assert row(A)["state"] == "cooling"
+    assert sum(r["in_flight"] for r in KeyManager().stats()) == 0

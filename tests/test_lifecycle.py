@@ -1,0 +1,76 @@
+"""The process around the library: exit, fork, import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+EXITS = textwrap.dedent(
+    """
+    import threading
+    from stable_openai import KeyManager, stable
+
+    KeyManager(["sk-exit-0000-MADEUP000000000001", "sk-exit-0001-MADEUP000000000002"])
+    KeyManager().set_ttl("sk-exit-0000-MADEUP000000000001", 3600)
+
+    @stable
+    def ask(api_key):
+        return api_key[-1]
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    print("done", ask(), threading.active_count())
+    """
+)
+
+FORKS = textwrap.dedent(
+    """
+    import os, threading, time
+    from stable_openai import KeyManager, stable
+
+    keys = [f"sk-fork-{i:04d}-MADEUP00000000000{i}" for i in range(4)]
+    KeyManager(keys)
+    started = threading.Event()
+
+    @stable
+    def ask(api_key, hold=0.0):
+        started.set()
+        time.sleep(hold)
+        return api_key
+
+    # a call is in flight in another thread (holding a key) when we fork
+    busy = threading.Thread(target=ask, kwargs={"hold": 0.5})
+    busy.start()
+    started.wait()
+    pid = os.fork()
+    if pid == 0:
+        ok = all(ask() in keys for _ in range(20))
+        flights = sum(row["in_flight"] for row in KeyManager().stats())
+        os._exit(0 if ok and flights == 0 else 3)
+    _, status = os.waitpid(pid, 0)
+    busy.join()
+    print("child", os.waitstatus_to_exitcode(status), "parent", ask() in keys)
+    """
+)
+
+
+def run(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_a_program_that_builds_a_key_manager_exits_when_its_work_is_done() -> None:
+    done = run(EXITS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["done", "2", "1"]  # only the main thread is left
+
+
+def test_a_forked_child_gets_a_working_lock_and_a_consistent_ring() -> None:
+    done = run(FORKS)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["child", "0", "parent", "True"]

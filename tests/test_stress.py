@@ -1,0 +1,96 @@
+"""Many threads through @stable with injected failures: right answers, sound key states."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from typing import Any
+
+import openai
+import pytest
+import wire
+from wire import made_up_keys
+
+from stable_openai import KeyManager, StableOpenAIError, stable
+from stable_openai._ring import KeyRing, KeyState, Where
+
+THREADS = 64
+CALLS = 200
+
+
+@pytest.fixture
+def checked_choose(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Wrap KeyRing.choose so that any cooling or disabled key handed out is recorded."""
+    violations: list[str] = []
+    original = KeyRing.choose
+
+    def choose(self: KeyRing, avoid: Any = None) -> KeyState | None:
+        state = original(self, avoid)
+        if state is not None and (
+            state.where is not Where.READY or state.cool_until > self.clock()
+        ):
+            violations.append(f"{state!r} handed out while {state.where.value}")
+        return state
+
+    monkeypatch.setattr(KeyRing, "choose", choose)
+    return violations
+
+
+def test_64_threads_by_200_calls_over_8_keys_with_injected_failures(
+    checked_choose: list[str],
+) -> None:
+    keys = made_up_keys(8, "stress")
+    revoked = keys[7]
+    KeyManager(keys)
+    rng = random.Random(1234)
+    rng_lock = threading.Lock()
+    kinds = Counter[str]()
+
+    @stable(backoff=0.001, max_backoff=0.01, max_wait=60)
+    def ask(thread: int, index: int, api_key: str) -> str:
+        if api_key == revoked:
+            raise wire.revoked()
+        with rng_lock:
+            roll = rng.random()
+        if roll < 0.05:
+            raise wire.rate_limited("20ms", {"retry-after-ms": "20"})
+        if roll < 0.08:
+            raise wire.server_error(500)
+        if roll < 0.10:
+            raise wire.connection_error()
+        return f"{thread}:{index}"
+
+    outcomes: dict[int, list[str]] = {}
+
+    def worker(thread: int) -> None:
+        results = []
+        for index in range(CALLS):
+            try:
+                answer = ask(thread, index)
+            except (openai.OpenAIError, StableOpenAIError) as exc:
+                kinds[type(exc).__name__] += 1
+                results.append(f"error:{type(exc).__name__}")
+                continue
+            assert answer == f"{thread}:{index}", answer
+            results.append(answer)
+        outcomes[thread] = results
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not any(thread.is_alive() for thread in threads), "the run did not end: deadlock?"
+    assert len(outcomes) == THREADS
+    answers = [a for results in outcomes.values() for a in results]
+    assert len(answers) == THREADS * CALLS
+    assert None not in answers
+    assert kinds.total() < len(answers) * 0.01, kinds  # retries absorb almost every failure
+    assert checked_choose == []
+    stats = {row["key"]: row for row in KeyManager().stats()}
+    assert sum(row["in_flight"] for row in stats.values()) == 0
+    assert [row["state"] for row in stats.values()].count("disabled") == 1
+    disabled = next(row for row in stats.values() if row["state"] == "disabled")
+    assert disabled["calls"] <= THREADS  # the revoked key is dropped after its first failures
+    assert sum(row["successes"] for row in stats.values()) == len(answers) - kinds.total()
