@@ -390,7 +390,7 @@ def test_the_key_that_failed_is_the_key_benched_under_threads() -> None:
     assert [r["state"] for r in KeyManager().stats()] == ["ready", "disabled", "ready"]
 
 
-# -- async ------------------------------------------------------------------------------------------
+# -- async ----------------------------------------------------------------------------------
 def test_async_function_rotates_and_waits_without_blocking_the_loop() -> None:
     KeyManager([A, B])
 
@@ -491,7 +491,7 @@ def test_cancelled_async_call_releases_its_key() -> None:
     assert row(A)["in_flight"] == 0
 
 
-# -- streaming --------------------------------------------------------------------------------------
+# -- streaming ------------------------------------------------------------------------------
 def test_stream_failing_before_its_first_item_is_retried_on_another_key() -> None:
     KeyManager([A, B])
 

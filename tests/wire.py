@@ -56,8 +56,8 @@ def too_large() -> openai.APIStatusError:
     return status_error(
         429,
         {
-            "message": "Request too large for gpt-4o in organization org-sim on tokens per min (TPM): "
-            "Limit 30000, Requested 50000. The input or output tokens must be reduced.",
+            "message": "Request too large for gpt-4o in organization org-sim on tokens per min "
+            "(TPM): Limit 30000, Requested 50000. The input or output tokens must be reduced.",
             "type": "tokens",
             "param": None,
             "code": "rate_limit_exceeded",
@@ -69,7 +69,8 @@ def no_quota() -> openai.APIStatusError:
     return status_error(
         429,
         {
-            "message": "You exceeded your current quota, please check your plan and billing details.",
+            "message": "You exceeded your current quota, please check your plan and billing "
+            "details.",
             "type": "insufficient_quota",
             "param": None,
             "code": "insufficient_quota",
@@ -81,8 +82,8 @@ def revoked() -> openai.APIStatusError:
     return status_error(
         401,
         {
-            "message": "Incorrect API key provided: sk-abc**********wxyz. You can find your API key "
-            "at https://platform.openai.com/account/api-keys.",
+            "message": "Incorrect API key provided: sk-abc**********wxyz. You can find your API "
+            "key at https://platform.openai.com/account/api-keys.",
             "type": "invalid_request_error",
             "param": None,
             "code": "invalid_api_key",
