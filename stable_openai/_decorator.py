@@ -37,23 +37,19 @@ class _Options:
     manager: KeyManager | None = None
 
 
-def _manager(options: _Options) -> KeyManager:
-    return options.manager or KeyManager._instance or KeyManager()
-
-
 class _Call:
     """The state of one decorated call across its attempts."""
 
-    __slots__ = ("attempts", "avoid", "backoffs", "last", "manager", "options", "waited")
+    # Class-level defaults: a call that succeeds at once only ever sets two attributes.
+    attempts = 0
+    waited = 0.0
+    last: BaseException | None = None
+    avoid: set[KeyState] | None = None
+    backoffs = 0
 
     def __init__(self, options: _Options) -> None:
         self.options = options
-        self.manager = _manager(options)
-        self.attempts = 0
-        self.waited = 0.0
-        self.last: BaseException | None = None
-        self.avoid: set[KeyState] | None = None
-        self.backoffs = 0
+        self.manager = options.manager or KeyManager._instance or KeyManager()
 
     def acquire(self) -> KeyState:
         state, waited = self.manager._acquire(

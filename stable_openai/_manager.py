@@ -236,7 +236,7 @@ class KeyManager:
 
         Returns the key's state and the seconds spent waiting.
         """
-        with self._cond:
+        with self._lock:  # the condition's own lock; entered directly, it is cheaper
             state = self._ring.choose(avoid)
             if state is not None:
                 return state, 0.0
