@@ -72,7 +72,10 @@ class _Call:
         verdict = classify(exc, options.policy)
         self.manager._fail(state, verdict)
         self.last = exc
-        self.attempts += 1
+        if not verdict.rate_limited:
+            # A rate limit is rotation at work, not a failed attempt: it cools its key (so it
+            # cannot spin) and is bounded by the wait budget instead.
+            self.attempts += 1
         if not retry or verdict.action is Action.RAISE or self.attempts >= options.attempts:
             return None
         if verdict.action is Action.RETRY_ELSEWHERE:
@@ -326,7 +329,8 @@ def stable(
     ``api_key`` parameter; it may be a plain function, an ``async def``, or a (async)
     generator for streaming.
 
-    :param attempts: calls of the function at most, across all keys.
+    :param attempts: failed calls at most, across all keys, before the last error is raised;
+        rate-limited calls do not count (they cool their key and are bounded by ``max_wait``).
     :param max_wait: seconds a call may spend waiting for a key or backing off, in total.
     :param cooldown: seconds to cool a rate-limited key when the server gives no delay.
     :param quota_cooldown: seconds to bench a key whose quota is empty.

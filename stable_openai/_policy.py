@@ -32,6 +32,9 @@ __all__ = [
 
 #: Longest delay we accept from a server hint; anything longer is treated as this.
 MAX_HINT_SECONDS = 24 * 3600.0
+#: Shortest cooldown after a rate limit, so that a server saying "retry in 0s" cannot make a
+#: call spin through its keys without ever waiting.
+MIN_RATE_LIMIT_COOLDOWN = 0.01
 
 
 class Fate(enum.Enum):
@@ -214,7 +217,7 @@ def classify(
         delay = retry_delay(_headers_of(exc), message, now_wall)
         return Verdict(
             Fate.COOL, Action.RETRY_ELSEWHERE,
-            policy.cooldown if delay is None else delay,
+            policy.cooldown if delay is None else max(delay, MIN_RATE_LIMIT_COOLDOWN),
             "rate limited (429)", rate_limited=True,
         )
     if status == 401:

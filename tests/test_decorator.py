@@ -309,6 +309,38 @@ def test_when_attempts_run_out_the_last_real_exception_is_raised() -> None:
     assert caught.value is errors[1]
 
 
+def test_rate_limits_do_not_use_up_attempts() -> None:
+    KeyManager([A])
+    calls = 0
+
+    @stable(attempts=1, max_wait=10)
+    def ask(api_key: str) -> str:
+        nonlocal calls
+        calls += 1
+        if calls <= 3:
+            raise wire.rate_limited("10ms")
+        return "ok"
+
+    assert ask() == "ok"
+    assert calls == 4
+
+
+def test_a_server_saying_retry_in_zero_cannot_make_a_call_spin() -> None:
+    KeyManager([A, B])
+    calls = 0
+
+    @stable(max_wait=0.2)
+    def ask(api_key: str) -> str:
+        nonlocal calls
+        calls += 1
+        raise wire.rate_limited("0s", {"retry-after-ms": "0"})
+
+    with pytest.raises(AllKeysCoolingError) as caught:
+        ask()
+    assert isinstance(caught.value.__cause__, openai.RateLimitError)
+    assert calls < 200  # each key cooled at least 10 ms per rate limit, over a 0.2 s budget
+
+
 def test_every_key_disabled_is_a_library_error_with_count_and_reason() -> None:
     KeyManager([A, B])
     ask, _ = failing_on({A: wire.revoked, B: wire.revoked})
