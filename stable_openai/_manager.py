@@ -131,13 +131,15 @@ class KeyManager:
         return state.key
 
     def set_ttl(self, key: str, ttl: float) -> bool:
-        """Cool ``key`` for exactly ``ttl`` seconds (0 makes it ready).  ``False`` if unknown."""
+        """Cool ``key`` for exactly ``ttl`` seconds (0 makes it ready).
+
+        ``False`` if the key is unknown or disabled (give it to ``add_keys`` to enable it)."""
         _check_key_arg(key)
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl != ttl:
             raise TypeError("ttl must be a number of seconds")
         with self._cond:
             state = self._ring.find(key.strip())
-            if state is None:
+            if state is None or state.where is Where.DISABLED:
                 return False
             self._ring.set_cooldown(state, float(ttl))
             self._notify()
@@ -224,7 +226,7 @@ class KeyManager:
                 raise last
             reasons = ring.reasons(Where.COOLING)
             raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
-        return wait
+        return min(wait, threading.TIMEOUT_MAX)  # an "infinite" cooldown still waits, in steps
 
     def _acquire(
         self,

@@ -9,6 +9,7 @@ which is injectable.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import enum
 import math
@@ -132,6 +133,8 @@ def _seconds_from_retry_after(value: str, now_wall: Callable[[], float]) -> floa
         return None
     if moment is None:
         return None
+    if moment.tzinfo is None:  # every HTTP-date is UTC (RFC 9110 §5.6.7), whatever it spells
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, moment.timestamp() - now_wall())
 
 
