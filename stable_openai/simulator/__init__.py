@@ -1,0 +1,34 @@
+"""A local OpenAI-compatible HTTP server for tests, demos and benchmarks (standard library only).
+
+It speaks enough of the OpenAI wire for the real ``openai`` client to work unchanged: chat
+completions (plain and streamed), embeddings and models, with per-project RPM/TPM limits in fixed
+windows, revoked keys, empty quotas, forbidden regions and injected faults::
+
+    from stable_openai.simulator import ProjectLimits, SimKey, Simulator, SimulatorConfig
+
+    config = SimulatorConfig(
+        keys=(SimKey("sk-test-a-0001", project="a"), SimKey("sk-test-b-0001", project="b")),
+        projects={"a": ProjectLimits(rpm=3), "b": ProjectLimits(rpm=3)},
+        window=1.0,
+    )
+    with Simulator(config) as sim:
+        client = openai.OpenAI(api_key="sk-test-a-0001", base_url=sim.base_url, max_retries=0)
+
+Token accounting: a chat request costs ceil(chars of all message contents / 4) plus
+``max_completion_tokens`` or ``max_tokens`` or 16; an embeddings request costs ceil(chars / 4).
+"""
+
+from __future__ import annotations
+
+from ._config import Faults, ProjectLimits, SimKey, SimulatorConfig
+from ._server import Simulator
+from ._wire import echo_answer
+
+__all__ = [
+    "Faults",
+    "ProjectLimits",
+    "SimKey",
+    "Simulator",
+    "SimulatorConfig",
+    "echo_answer",
+]
