@@ -24,7 +24,7 @@ from ._ring import KeyState
 
 __all__ = ["stable"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -292,8 +292,10 @@ def _number(name: str, value: object, *, minimum: float, integer: bool = False) 
         raise ValueError(f"stable({name}=...) must be >= {minimum}")
 
 
+# The wrapper takes every argument but api_key, which typing cannot subtract from a signature:
+# the decorated function is typed as taking any arguments and returning what it returned.
 @overload
-def stable(func: F, /) -> F: ...
+def stable(func: Callable[..., R], /) -> Callable[..., R]: ...
 
 
 @overload
@@ -307,7 +309,7 @@ def stable(
     backoff: float = ...,
     max_backoff: float = ...,
     manager: KeyManager | None = ...,
-) -> Callable[[F], F]: ...
+) -> Callable[[Callable[..., R]], Callable[..., R]]: ...
 
 
 def stable(
