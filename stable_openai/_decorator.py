@@ -37,6 +37,10 @@ class _Options:
     manager: KeyManager | None = None
 
 
+def _manager(options: _Options) -> KeyManager:
+    return options.manager or KeyManager._instance or KeyManager()
+
+
 class _Call:
     """The state of one decorated call across its attempts."""
 
@@ -47,15 +51,19 @@ class _Call:
     avoid: set[KeyState] | None = None
     backoffs = 0
 
-    def __init__(self, options: _Options) -> None:
+    def __init__(self, options: _Options, manager: KeyManager | None = None) -> None:
         self.options = options
-        self.manager = options.manager or KeyManager._instance or KeyManager()
+        self.manager = manager or _manager(options)
 
     def acquire(self) -> KeyState:
-        state, waited = self.manager._acquire(
-            self.avoid, self.options.max_wait - self.waited, self.last
-        )
-        self.waited += waited
+        manager = self.manager
+        with manager._lock:  # the common case: a key is ready, no waiting
+            state = manager._ring.choose(self.avoid)
+        if state is None:
+            state, waited = manager._acquire(
+                self.avoid, self.options.max_wait - self.waited, self.last
+            )
+            self.waited += waited
         return state
 
     async def acquire_async(self) -> KeyState:
@@ -136,23 +144,32 @@ def _wrap_sync(func: Callable[..., Any], options: _Options) -> Callable[..., Any
     def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs:
             _reject_own_key(kwargs, func)
-        call = _Call(options)
-        manager = call.manager
+        # The same flow as the other drivers, with the per-call state made only once a call
+        # has to wait or retry: this driver is the hot path of most programs.
+        manager = _manager(options)
+        with manager._lock:
+            state = manager._ring.choose(None)
+        call = None
         while True:
-            state = call.acquire()
+            if state is None:
+                call = call or _Call(options, manager)
+                state = call.acquire()
             try:
                 result = func(*args, **kwargs, api_key=state.key)
             except Exception as exc:
+                call = call or _Call(options, manager)
                 delay = call.failed(state, exc)
                 if delay is None:
                     raise
                 if delay:
                     time.sleep(delay)
+                state = None
                 continue
             except BaseException:
                 manager._abandon(state)
                 raise
-            manager._succeed(state)
+            with manager._lock:
+                manager._ring.succeed(state)
             return result
 
     return call_with_key
