@@ -64,7 +64,7 @@ def _read_keys(args: argparse.Namespace) -> list[str]:
     if not raw:
         env = os.environ.get("OPENAI_API_KEYS") or os.environ.get("OPENAI_API_KEY") or ""
         raw = [part for part in re.split(r"[\s,]+", env) if part]
-    return normalize_keys(raw, "keys")
+    return [key.key for key in normalize_keys(raw, "keys")]
 
 
 def check_key(key: str, base_url: str | None, model: str, models_only: bool,

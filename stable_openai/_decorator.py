@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast, overload
 
+from ._clients import async_client, sync_client
 from ._manager import KeyManager
 from ._policy import Action, Policy, classify
 from ._ring import KeyState
@@ -58,7 +59,7 @@ class _Call:
     def acquire(self) -> KeyState:
         manager = self.manager
         with manager._lock:  # the common case: a key is ready, no waiting
-            state = manager._ring.choose(self.avoid)
+            state = manager._take(self.avoid)
         if state is None:
             state, waited = manager._acquire(
                 self.avoid, self.options.max_wait - self.waited, self.last
@@ -78,7 +79,7 @@ class _Call:
         attempt, or ``None`` when the call must raise ``exc``."""
         options = self.options
         verdict = classify(exc, options.policy)
-        self.manager._fail(state, verdict)
+        self.manager._fail(state, verdict, exc)
         self.last = exc
         if not verdict.rate_limited:
             # A rate limit is rotation at work, not a failed attempt: it cools its key (so it
@@ -101,61 +102,94 @@ class _Call:
         return delay
 
 
-def _check_signature(func: Callable[..., Any]) -> None:
+def _injected(func: Callable[..., Any]) -> tuple[bool, bool]:
+    """Which of ``api_key`` and ``client`` the function takes: ``(api_key, client)``."""
     try:
         parameters = inspect.signature(func).parameters
     except (TypeError, ValueError):  # builtins without a signature: trust the caller
-        return
-    param = parameters.get("api_key")
+        return True, False
     name = getattr(func, "__qualname__", repr(func))
-    if param is None:
+    for param_name in ("api_key", "client"):
+        param = parameters.get(param_name)
+        if param is not None and param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise TypeError(
+                f"@stable passes {param_name} by keyword: make it a normal parameter of {name}()"
+            )
+    wants_key = "api_key" in parameters
+    wants_client = "client" in parameters
+    if not (wants_key or wants_client):
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
             raise TypeError(
-                f"@stable needs {name}() to accept an 'api_key' parameter: add it to the "
-                "signature and pass it on, e.g. openai.OpenAI(api_key=api_key)"
+                f"@stable needs {name}() to accept an 'api_key' parameter (or a 'client' "
+                "parameter, for a pooled openai client): add it to the signature and pass it "
+                "on, e.g. openai.OpenAI(api_key=api_key)"
             )
-    elif param.kind is inspect.Parameter.POSITIONAL_ONLY:
-        raise TypeError(
-            f"@stable passes api_key by keyword: make it a normal parameter of {name}()"
-        )
+        wants_key = True
+    return wants_key, wants_client
 
 
 def _reject_own_key(kwargs: dict[str, Any], func: Callable[..., Any]) -> None:
-    if "api_key" in kwargs:
-        raise TypeError(
-            f"{getattr(func, '__qualname__', 'the function')}() got api_key from the caller; "
-            "@stable chooses the key itself, so do not pass it"
-        )
+    for name in ("api_key", "client"):
+        if name in kwargs:
+            raise TypeError(
+                f"{getattr(func, '__qualname__', 'the function')}() got {name} from the "
+                "caller; @stable chooses the key itself, so do not pass it"
+            )
+
+
+Invoke = Callable[[KeyState, KeyManager, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _client_invoker(func: Callable[..., Any], wants_key: bool, is_async: bool) -> Invoke:
+    """How the drivers call a function that takes a pooled ``client``."""
+    make = async_client if is_async else sync_client
+
+    def invoke(
+        state: KeyState, manager: KeyManager, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        extra: dict[str, Any] = {"client": make(manager, state)}
+        if wants_key:
+            extra["api_key"] = state.key
+        return func(*args, **kwargs, **extra)
+
+    return invoke
 
 
 def _wrap(func: Callable[..., Any], options: _Options) -> Callable[..., Any]:
-    _check_signature(func)
+    wants_key, wants_client = _injected(func)
+    is_async = inspect.isasyncgenfunction(func) or inspect.iscoroutinefunction(func)
+    invoke = _client_invoker(func, wants_key, is_async) if wants_client else None
     if inspect.isasyncgenfunction(func):
-        return _wrap_async_gen(func, options)
+        return _wrap_async_gen(func, options, invoke)
     if inspect.isgeneratorfunction(func):
-        return _wrap_gen(func, options)
+        return _wrap_gen(func, options, invoke)
     if inspect.iscoroutinefunction(func):
-        return _wrap_async(func, options)
-    return _wrap_sync(func, options)
+        return _wrap_async(func, options, invoke)
+    return _wrap_sync(func, options, invoke)
 
 
-def _wrap_sync(func: Callable[..., Any], options: _Options) -> Callable[..., Any]:
+def _wrap_sync(
+    func: Callable[..., Any], options: _Options, invoke: Invoke | None
+) -> Callable[..., Any]:
     @functools.wraps(func)
     def call_with_key(*args: Any, **kwargs: Any) -> Any:
-        if "api_key" in kwargs:
+        if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
         # The same flow as the other drivers, with the per-call state made only once a call
         # has to wait or retry: this driver is the hot path of most programs.
         manager = _manager(options)
         with manager._lock:
-            state = manager._ring.choose(None)
+            state = manager._take()
         call = None
         while True:
             if state is None:
                 call = call or _Call(options, manager)
                 state = call.acquire()
             try:
-                result = func(*args, **kwargs, api_key=state.key)
+                if invoke is None:
+                    result = func(*args, **kwargs, api_key=state.key)
+                else:
+                    result = invoke(state, manager, args, kwargs)
             except Exception as exc:
                 call = call or _Call(options, manager)
                 delay = call.failed(state, exc)
@@ -175,17 +209,22 @@ def _wrap_sync(func: Callable[..., Any], options: _Options) -> Callable[..., Any
     return call_with_key
 
 
-def _wrap_async(func: Callable[..., Awaitable[Any]], options: _Options) -> Callable[..., Any]:
+def _wrap_async(
+    func: Callable[..., Awaitable[Any]], options: _Options, invoke: Invoke | None
+) -> Callable[..., Any]:
     @functools.wraps(func)
     async def call_with_key(*args: Any, **kwargs: Any) -> Any:
-        if "api_key" in kwargs:
+        if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
         call = _Call(options)
         manager = call.manager
         while True:
             state = await call.acquire_async()
             try:
-                result = await func(*args, **kwargs, api_key=state.key)
+                if invoke is None:
+                    result = await func(*args, **kwargs, api_key=state.key)
+                else:
+                    result = await invoke(state, manager, args, kwargs)
             except Exception as exc:
                 delay = call.failed(state, exc)
                 if delay is None:
@@ -203,17 +242,20 @@ def _wrap_async(func: Callable[..., Awaitable[Any]], options: _Options) -> Calla
 
 
 def _wrap_gen(
-    func: Callable[..., Generator[Any, Any, Any]], options: _Options
+    func: Callable[..., Generator[Any, Any, Any]], options: _Options, invoke: Invoke | None
 ) -> Callable[..., Any]:
     @functools.wraps(func)
     def stream_with_key(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
-        if "api_key" in kwargs:
+        if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
         call = _Call(options)
         manager = call.manager
         while True:  # until the first item arrives, a failure is retried on another key
             state = call.acquire()
-            stream = func(*args, **kwargs, api_key=state.key)
+            stream = (
+                func(*args, **kwargs, api_key=state.key) if invoke is None
+                else invoke(state, manager, args, kwargs)
+            )
             try:
                 first = next(stream)
             except StopIteration as stop:
@@ -247,17 +289,20 @@ def _wrap_gen(
 
 
 def _wrap_async_gen(
-    func: Callable[..., AsyncIterator[Any]], options: _Options
+    func: Callable[..., AsyncIterator[Any]], options: _Options, invoke: Invoke | None
 ) -> Callable[..., Any]:
     @functools.wraps(func)
     async def stream_with_key(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        if "api_key" in kwargs:
+        if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
         call = _Call(options)
         manager = call.manager
         while True:
             state = await call.acquire_async()
-            stream = func(*args, **kwargs, api_key=state.key)
+            stream = (
+                func(*args, **kwargs, api_key=state.key) if invoke is None
+                else invoke(state, manager, args, kwargs)
+            )
             try:
                 first = await stream.__anext__()
             except StopAsyncIteration:

@@ -9,6 +9,8 @@ the keys change.  No background thread: cooldowns are deadlines on a monotonic c
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import os
 import re
@@ -17,9 +19,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import ClassVar, TypedDict
 
+from ._budget import ServerBudget, organization_in
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError
+from ._keys import Key, KeyLike, normalize_keys
 from ._policy import Fate, Verdict
-from ._ring import KeyRing, KeyState, Where, normalize_keys
+from ._ring import KeyRing, KeyState, Where
 
 __all__ = ["KeyManager", "KeyStats"]
 
@@ -36,6 +40,7 @@ class KeyStats(TypedDict):
 
     key: str
     fingerprint: str
+    pool: str
     state: str
     seconds_left: float
     reason: str
@@ -46,7 +51,7 @@ class KeyStats(TypedDict):
     in_flight: int
 
 
-def _keys_from_env() -> list[str]:
+def _keys_from_env() -> list[Key]:
     for name in ("OPENAI_API_KEYS", "OPENAI_API_KEY"):
         raw = os.environ.get(name, "")
         keys = [part for part in re.split(r"[\s,]+", raw) if part]
@@ -58,6 +63,32 @@ def _keys_from_env() -> list[str]:
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _Waiter:
+    """A caller queued for a key: a thread (on a condition sharing the manager's lock) or a
+    coroutine (on a future of its loop).  Queued callers are served in arrival order."""
+
+    __slots__ = ("condition", "future", "loop")
+
+    def __init__(
+        self,
+        condition: threading.Condition | None = None,
+        future: asyncio.Future[None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.condition = condition
+        self.future = future
+        self.loop = loop
+
+    def wake(self) -> None:
+        """Wake this caller.  Call with the manager's lock held."""
+        if self.condition is not None:
+            self.condition.notify()
+        elif self.future is not None and self.loop is not None:
+            # A closed loop raises RuntimeError: nobody is waiting there any more.
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(_wake, self.future)
 
 
 class KeyManager:
@@ -74,11 +105,13 @@ class KeyManager:
 
     _ring: KeyRing
     _lock: threading.Lock
-    _cond: threading.Condition
-    _async_waiters: dict[asyncio.Future[None], asyncio.AbstractEventLoop]
+    _queue: collections.deque[_Waiter]
 
     def __new__(
-        cls, api_keys: Iterable[str] | None = None, *, clock: Callable[[], float] | None = None
+        cls,
+        api_keys: Iterable[KeyLike] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> KeyManager:
         keys = None if api_keys is None else normalize_keys(api_keys)
         if clock is not None and not callable(clock):
@@ -98,18 +131,20 @@ class KeyManager:
         return instance
 
     def __init__(
-        self, api_keys: Iterable[str] | None = None, *, clock: Callable[[], float] | None = None
+        self,
+        api_keys: Iterable[KeyLike] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """All the work happens in ``__new__``: the instance is shared."""
 
-    def _setup(self, keys: list[str], clock: Callable[[], float] | None) -> None:
+    def _setup(self, keys: list[Key], clock: Callable[[], float] | None) -> None:
         self._ring = KeyRing(keys, clock=clock or time.monotonic)
         self._new_locks()
 
     def _new_locks(self) -> None:
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        self._async_waiters = {}
+        self._queue = collections.deque()
 
     @classmethod
     def reset(cls) -> None:
@@ -137,7 +172,7 @@ class KeyManager:
         _check_key_arg(key)
         if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl != ttl:
             raise TypeError("ttl must be a number of seconds")
-        with self._cond:
+        with self._lock:
             state = self._ring.find(key.strip())
             if state is None or state.where is Where.DISABLED:
                 return False
@@ -148,7 +183,7 @@ class KeyManager:
     def delete_key(self, key: str) -> bool:
         """Remove ``key`` from the ring.  ``False`` if it was not there."""
         _check_key_arg(key)
-        with self._cond:
+        with self._lock:
             removed = self._ring.remove(key.strip())
             self._notify()
             return removed
@@ -166,10 +201,10 @@ class KeyManager:
             return {s.key: self._ring.seconds_left(s) for s in self._ring}
 
     # -- additions ---------------------------------------------------------------------------
-    def add_keys(self, api_keys: Iterable[str]) -> int:
+    def add_keys(self, api_keys: Iterable[KeyLike]) -> int:
         """Add keys (a disabled key given again is enabled).  Returns how many were new."""
         keys = normalize_keys(api_keys)
-        with self._cond:
+        with self._lock:
             added = self._ring.add(keys)
             self._notify()
         return len(added)
@@ -179,7 +214,8 @@ class KeyManager:
         with self._lock:
             return [
                 KeyStats(
-                    key=s.masked, fingerprint=s.fingerprint, state=s.where.value,
+                    key=s.masked, fingerprint=s.fingerprint, pool=_pool_label(s),
+                    state=s.where.value,
                     seconds_left=self._ring.seconds_left(s), reason=s.reason, calls=s.calls,
                     successes=s.successes, rate_limits=s.rate_limits, failures=s.failures,
                     in_flight=s.in_flight,
@@ -199,19 +235,21 @@ class KeyManager:
         return f"<KeyManager {len(self._ring)} keys: {parts}>"
 
     # -- used by @stable ---------------------------------------------------------------------
-    def _reconfigure(self, keys: list[str]) -> None:
-        with self._cond:
+    def _reconfigure(self, keys: list[Key]) -> None:
+        with self._lock:
             self._ring.reconfigure(keys)
             self._notify()
 
     def _notify(self) -> None:
-        """Wake every waiter, threads and coroutines alike.  Call with the lock held."""
-        self._cond.notify_all()
-        for future, loop in list(self._async_waiters.items()):
-            try:
-                loop.call_soon_threadsafe(_wake, future)
-            except RuntimeError:  # that loop is closed; its waiter is gone
-                del self._async_waiters[future]
+        """The keys changed: wake the first queued caller.  Call with the lock held."""
+        if self._queue:
+            self._queue[0].wake()
+
+    def _take(self, avoid: set[KeyState] | None = None) -> KeyState | None:
+        """Choose a key at once, unless callers are queued (they come first).  Lock held."""
+        if self._queue:
+            return None
+        return self._ring.choose(avoid)
 
     def _wait_time(self, budget: float, last: BaseException | None) -> float:
         """Seconds to wait for a key, or raise if waiting cannot help.  Lock held."""
@@ -228,27 +266,63 @@ class KeyManager:
             raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
         return min(wait, threading.TIMEOUT_MAX)  # an "infinite" cooldown still waits, in steps
 
+    def _serve_head(
+        self, waiter: _Waiter, avoid: set[KeyState] | None, budget: float,
+        last: BaseException | None,
+    ) -> tuple[KeyState | None, float]:
+        """One turn of a queued caller: ``(key, 0)`` when it got one, else ``(None, seconds
+        to wait)``.  Only the head of the queue chooses; it then hands the turn on."""
+        if self._queue[0] is not waiter:
+            if budget <= 0:  # waited its whole budget behind other callers
+                reasons = self._ring.reasons(Where.COOLING)
+                wait = self._ring.next_ready_in() or 0.0
+                raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
+            return None, min(budget, threading.TIMEOUT_MAX)
+        state = self._ring.choose(avoid)
+        if state is not None:
+            self._queue.popleft()
+            if self._queue:  # the next caller is now first: it chooses, or waits its deadline
+                self._queue[0].wake()
+            return state, 0.0
+        return None, self._wait_time(budget, last)
+
+    def _leave_queue(self, waiter: _Waiter) -> None:
+        """Take ``waiter`` out of the queue (it gave up); wake the next if it was first."""
+        queue = self._queue
+        if queue and queue[0] is waiter:
+            queue.popleft()
+            if queue:
+                queue[0].wake()
+        else:
+            with contextlib.suppress(ValueError):  # already served
+                queue.remove(waiter)
+
     def _acquire(
         self,
         avoid: set[KeyState] | None,
         budget: float,
         last: BaseException | None = None,
     ) -> tuple[KeyState, float]:
-        """Choose a key and mark it in flight, waiting up to ``budget`` seconds.
-
-        Returns the key's state and the seconds spent waiting.
-        """
-        with self._lock:  # the condition's own lock; entered directly, it is cheaper
-            state = self._ring.choose(avoid)
+        """Choose a key and mark it in flight, waiting up to ``budget`` seconds, in turn with
+        the other waiting callers.  Returns the key's state and the seconds spent waiting."""
+        with self._lock:
+            state = self._take(avoid)
             if state is not None:
                 return state, 0.0
+            waiter = _Waiter(condition=threading.Condition(self._lock))
+            self._queue.append(waiter)
             start = time.monotonic()
-            while True:
-                waited = time.monotonic() - start
-                self._cond.wait(self._wait_time(budget - waited, last))
-                state = self._ring.choose(avoid)
-                if state is not None:
-                    return state, time.monotonic() - start
+            try:
+                while True:
+                    waited = time.monotonic() - start
+                    state, wait = self._serve_head(waiter, avoid, budget - waited, last)
+                    if state is not None:
+                        return state, waited
+                    assert waiter.condition is not None
+                    waiter.condition.wait(wait)
+            except BaseException:
+                self._leave_queue(waiter)
+                raise
 
     async def _acquire_async(
         self,
@@ -257,23 +331,31 @@ class KeyManager:
         last: BaseException | None = None,
     ) -> tuple[KeyState, float]:
         """:meth:`_acquire` for coroutines: waits on a future, never blocks the loop."""
+        with self._lock:
+            state = self._take(avoid)
+            if state is not None:
+                return state, 0.0
+            loop = asyncio.get_running_loop()
+            waiter = _Waiter(loop=loop)
+            self._queue.append(waiter)
         start = time.monotonic()
-        loop: asyncio.AbstractEventLoop | None = None
-        while True:
-            with self._lock:
-                state = self._ring.choose(avoid)
-                if state is not None:
-                    return state, time.monotonic() - start
-                wait = self._wait_time(budget - (time.monotonic() - start), last)
-                loop = loop or asyncio.get_running_loop()
-                future: asyncio.Future[None] = loop.create_future()
-                self._async_waiters[future] = loop
-            try:
-                await asyncio.wait((future,), timeout=wait)
-            finally:
+        try:
+            while True:
                 with self._lock:
-                    self._async_waiters.pop(future, None)
-                future.cancel()
+                    waited = time.monotonic() - start
+                    state, wait = self._serve_head(waiter, avoid, budget - waited, last)
+                    if state is not None:
+                        return state, waited
+                    future: asyncio.Future[None] = loop.create_future()
+                    waiter.future = future
+                try:
+                    await asyncio.wait((future,), timeout=wait)
+                finally:
+                    future.cancel()
+        except BaseException:
+            with self._lock:
+                self._leave_queue(waiter)
+            raise
 
     def _succeed(self, state: KeyState) -> None:
         with self._lock:
@@ -283,14 +365,22 @@ class KeyManager:
         with self._lock:
             self._ring.release(state)
 
-    def _fail(self, state: KeyState, verdict: Verdict) -> None:
-        """Record a failed call and apply the verdict to its key."""
+    def _fail(self, state: KeyState, verdict: Verdict, exc: BaseException | None = None) -> None:
+        """Record a failed call and apply the verdict to its key (and its pool)."""
         first_disable = False
+        organization = None
+        if verdict.pooled and exc is not None:
+            organization = organization_in(str(getattr(exc, "message", "")))
         with self._lock:
             ring = self._ring
             ring.fail(state, rate_limited=verdict.rate_limited)
+            if organization and not state.pool.learned:
+                ring.join_pool(state, organization)
             if verdict.fate is Fate.COOL:
-                ring.cool(state, verdict.seconds, verdict.reason, forbidden=verdict.forbidden)
+                if verdict.pooled:
+                    ring.cool_pool(state.pool, verdict.seconds, verdict.reason)
+                else:
+                    ring.cool(state, verdict.seconds, verdict.reason, forbidden=verdict.forbidden)
             elif verdict.fate is Fate.DISABLE:
                 first_disable = ring.disable(state, verdict.reason)
         if first_disable:
@@ -299,6 +389,28 @@ class KeyManager:
             logger.debug(
                 "API key %s cooling %.3gs: %s", state.masked, verdict.seconds, verdict.reason
             )
+
+    def _learn(self, state: KeyState, budget: ServerBudget | None, tokens: float = 0.0) -> None:
+        """A response arrived on ``state`` for a request of ``tokens`` tokens; a successful
+        one carries the pool's budget in its headers."""
+        with self._lock:
+            self._ring.answered(state, tokens)
+            if budget is not None:
+                self._ring.learn(state, budget)
+
+    def _spend_tokens(self, state: KeyState, tokens: float) -> None:
+        with self._lock:
+            self._ring.spend_tokens(state, tokens)
+
+    def _correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
+        with self._lock:
+            self._ring.correct_tokens(state, estimated, actual)
+
+
+def _pool_label(state: KeyState) -> str:
+    """The pool's name if it is shared or learned; else the key's own, masked."""
+    pool = state.pool
+    return pool.name if pool.learned else f"own ({state.masked})"
 
 
 def _check_key_arg(key: object) -> None:
@@ -327,6 +439,8 @@ def _after_fork_in_child() -> None:
     if instance is not None:
         instance._new_locks()
         instance._ring.forget_in_flight()
+        for state in instance._ring:
+            state.clients.clear()  # their connections belong to the parent
 
 
 if hasattr(os, "register_at_fork"):

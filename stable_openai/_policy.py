@@ -76,6 +76,8 @@ class Verdict:
     reason: str = ""
     rate_limited: bool = False
     forbidden: bool = False
+    pooled: bool = False
+    """The failure belongs to the budget the key shares with its pool: cool the pool."""
 
 
 RAISE_UNCHANGED = Verdict(Fate.KEEP, Action.RAISE, reason="not a key problem")
@@ -213,7 +215,7 @@ def classify(
         if code == "insufficient_quota" or kind == "insufficient_quota":
             return Verdict(
                 Fate.COOL, Action.RETRY_ELSEWHERE, policy.quota_cooldown,
-                "no quota (429 insufficient_quota)",
+                "no quota (429 insufficient_quota)", pooled=True,
             )
         if "request too large" in message.lower():
             return Verdict(Fate.KEEP, Action.RAISE, reason="request too large (429)")
@@ -221,7 +223,7 @@ def classify(
         return Verdict(
             Fate.COOL, Action.RETRY_ELSEWHERE,
             policy.cooldown if delay is None else max(delay, MIN_RATE_LIMIT_COOLDOWN),
-            "rate limited (429)", rate_limited=True,
+            "rate limited (429)", rate_limited=True, pooled=True,
         )
     if status == 401:
         return Verdict(

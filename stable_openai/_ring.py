@@ -1,67 +1,35 @@
-"""The key ring: the state of every key, and choosing one.  Pure: no locks, no I/O.
+"""The key ring: the state of every key and pool, and choosing a key.  Pure: no locks, no I/O.
 
 Every key is in exactly one place: a *ready* bucket, the *cooling* heap, or nowhere
-(disabled or removed).  Ready keys sit in buckets indexed by their number of calls in
-flight; each bucket is an ``OrderedDict`` kept in least-recently-used order.  ``choose()``
-takes the first key of the lowest non-empty bucket — fewest calls in flight, then least
-recently used — in O(1), whatever the number of keys.  Cooling keys wait in a min-heap of
-deadlines on an injected monotonic clock and return to the buckets when it passes them.
+(disabled or removed).  Ready keys sit in buckets indexed by their load level — calls in
+flight divided by the key's weight — and each bucket is an ``OrderedDict`` kept in
+least-recently-used order.  ``choose()`` takes the first key of the lowest non-empty bucket:
+fewest calls in flight (for its weight), then least recently used, in O(1) whatever the
+number of keys.  Cooling keys wait in a min-heap of deadlines on an injected monotonic clock.
 
-The caller (``KeyManager``) holds one lock around every method.
+Keys that share one budget on the server (the same organization and project) form a
+:class:`Pool`: a rate limit on one key cools them all, and the pool's budget — paced
+client-side when the user gave ``rpm``/``tpm``, and learned from the server's
+``x-ratelimit-*`` headers — is spent by all of them.  The caller (``KeyManager``) holds one
+lock around every method.
 """
 
 from __future__ import annotations
 
 import enum
-import hashlib
 import heapq
 import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["KeyRing", "KeyState", "Where", "fingerprint", "mask", "normalize_keys"]
+from ._budget import Bucket, ServerBudget
+from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
 
+__all__ = ["KeyRing", "KeyState", "Pool", "Where", "fingerprint", "mask", "normalize_keys"]
 
-def mask(key: str) -> str:
-    """A form of ``key`` safe to print: ``sk-…WXYZ`` for real-length keys, less for short ones."""
-    if len(key) >= 16:
-        return f"{key[:3]}…{key[-4:]}"
-    if len(key) >= 8:
-        return f"…{key[-2:]}"
-    return "…"
-
-
-def fingerprint(key: str) -> str:
-    """A short one-way identifier of ``key``, stable across processes."""
-    return hashlib.blake2b(key.encode(), digest_size=6, person=b"stable_openai").hexdigest()
-
-
-def normalize_keys(api_keys: object, name: str = "api_keys") -> list[str]:
-    """Validate a list of keys: strings only, stripped, without duplicates, not empty.
-
-    Errors name the position of the bad entry, never its value.
-    """
-    if isinstance(api_keys, (str, bytes)):
-        raise TypeError(f"{name} must be a list of keys, not a single string: use [key]")
-    if isinstance(api_keys, dict) or not isinstance(api_keys, Iterable):
-        raise TypeError(f"{name} must be a list of strings, not {type(api_keys).__name__}")
-    keys: list[str] = []
-    seen: set[str] = set()
-    for position, raw in enumerate(api_keys):
-        if not isinstance(raw, str):
-            raise TypeError(f"{name}[{position}] is {type(raw).__name__}; keys must be str")
-        key = raw.strip()
-        if not key:
-            raise ValueError(f"{name}[{position}] is empty")
-        if any(char.isspace() for char in key):
-            raise ValueError(f"{name}[{position}] contains whitespace inside the key")
-        if key not in seen:
-            seen.add(key)
-            keys.append(key)
-    if not keys:
-        raise ValueError(f"{name} is empty: give at least one API key")
-    return keys
+#: A learned budget is trusted for at most this long without a fresh response.
+_MAX_RESET = 3600.0
 
 
 class Where(enum.Enum):
@@ -73,32 +41,75 @@ class Where(enum.Enum):
     REMOVED = "removed"
 
 
+class Pool:
+    """Keys sharing one budget, and what is known of that budget."""
+
+    __slots__ = (
+        "avg_tokens",
+        "in_flight",
+        "learned",
+        "members",
+        "name",
+        "request_bucket",
+        "requests_left",
+        "requests_limit",
+        "token_bucket",
+        "tokens_in_flight",
+        "tokens_left",
+    )
+
+    def __init__(self, name: str, learned: bool = False) -> None:
+        self.name = name
+        self.learned = learned  # named after what the server said, not after one key
+        self.members: list[KeyState] = []
+        self.in_flight = 0
+        self.tokens_in_flight = 0.0
+        self.avg_tokens = 0.0  # a moving average of the tokens a request costs
+        self.request_bucket: Bucket | None = None  # client-side pacing (Key.rpm)
+        self.token_bucket: Bucket | None = None  # client-side pacing (Key.tpm)
+        self.requests_left: float | None = None  # server's remainder, less what we sent since
+        self.requests_limit: int | None = None
+        self.tokens_left: float | None = None
+
+    def __repr__(self) -> str:
+        return f"<Pool {self.name} keys={len(self.members)} in_flight={self.in_flight}>"
+
+
 class KeyState:
     """One key's state and counters.  Identity-hashed; only the ring mutates it."""
 
     __slots__ = (
         "calls",
+        "clients",
         "cool_until",
         "failures",
         "fingerprint",
         "forbidden",
         "in_flight",
         "key",
+        "level",
         "masked",
+        "pool",
         "rate_limits",
         "reason",
         "serial",
+        "spec",
         "successes",
+        "weight",
         "where",
     )
 
-    def __init__(self, key: str, serial: int) -> None:
-        self.key = key
-        self.masked = mask(key)
-        self.fingerprint = fingerprint(key)
+    def __init__(self, spec: Key, serial: int, pool: Pool) -> None:
+        self.spec = spec
+        self.key = spec.key
+        self.masked = mask(spec.key)
+        self.fingerprint = fingerprint(spec.key)
         self.serial = serial
+        self.weight = float(spec.weight)
+        self.pool = pool
         self.where = Where.READY
         self.in_flight = 0
+        self.level = 0
         self.cool_until = 0.0
         self.reason = ""
         self.forbidden = False
@@ -106,19 +117,21 @@ class KeyState:
         self.successes = 0
         self.rate_limits = 0
         self.failures = 0
+        self.clients: dict[object, object] = {}  # pooled openai clients, owned by _clients
 
     def __repr__(self) -> str:
         return f"<KeyState {self.masked} {self.where.value} in_flight={self.in_flight}>"
 
 
 class KeyRing:
-    """The keys and their states; see the module docstring for the structure."""
+    """The keys, their pools and states; see the module docstring for the structure."""
 
     def __init__(
-        self, keys: Iterable[str] = (), *, clock: Callable[[], float] = time.monotonic
+        self, keys: Iterable[KeyLike] = (), *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.clock = clock
         self._states: dict[str, KeyState] = {}
+        self._pools: dict[str, Pool] = {}
         self._buckets: list[OrderedDict[KeyState, None]] = [OrderedDict()]
         self._low = 0  # no ready key sits in a bucket below this index
         self._cooling: list[tuple[float, int, KeyState]] = []  # (deadline, push no., state)
@@ -136,16 +149,22 @@ class KeyRing:
     def find(self, key: str) -> KeyState | None:
         return self._states.get(key)
 
-    def add(self, keys: Iterable[str]) -> list[KeyState]:
+    def pools(self) -> list[Pool]:
+        return list(self._pools.values())
+
+    def add(self, keys: Iterable[KeyLike]) -> list[KeyState]:
         """Add keys; a disabled key given again is enabled again.  Returns the new states."""
         added = []
-        for key in keys:
-            state = self._states.get(key)
+        for spec in (key if isinstance(key, Key) else Key(key) for key in keys):
+            state = self._states.get(spec.key)
             if state is None:
                 self._serial += 1
-                state = KeyState(key, self._serial)
-                self._states[key] = state
-                self._bucket(0)[state] = None
+                pool = self._pool(spec.pool or f"key:{self._serial}", learned=bool(spec.pool))
+                state = KeyState(spec, self._serial, pool)
+                pool.members.append(state)
+                self._pace(pool, spec)
+                self._states[spec.key] = state
+                self._buckets[0][state] = None
                 self._low = 0
                 added.append(state)
             elif state.where is Where.DISABLED:
@@ -153,14 +172,14 @@ class KeyRing:
                 self._make_ready(state)
         return added
 
-    def reconfigure(self, keys: Iterable[str]) -> None:
+    def reconfigure(self, keys: Iterable[KeyLike]) -> None:
         """Make the ring hold exactly ``keys``: present keys keep their state, others leave."""
-        wanted = list(dict.fromkeys(keys))
-        keep = set(wanted)
+        specs = normalize_keys(keys)
+        keep = {spec.key for spec in specs}
         for key in [key for key in self._states if key not in keep]:
             self.remove(key)
-        self.add(wanted)
-        self._states = {key: self._states[key] for key in wanted}
+        self.add(specs)
+        self._states = {spec.key: self._states[spec.key] for spec in specs}
 
     def remove(self, key: str) -> bool:
         state = self._states.pop(key, None)
@@ -168,13 +187,46 @@ class KeyRing:
             return False
         self._leave(state)
         state.where = Where.REMOVED
+        pool = state.pool
+        pool.members.remove(state)
+        pool.in_flight -= state.in_flight
+        if not pool.members:
+            del self._pools[pool.name]
         return True
+
+    def _pool(self, name: str, learned: bool) -> Pool:
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = Pool(name, learned)
+        return pool
+
+    def _pace(self, pool: Pool, spec: Key) -> None:
+        now = self.clock()
+        if spec.rpm is not None and pool.request_bucket is None:
+            pool.request_bucket = Bucket(spec.rpm, now)
+        if spec.tpm is not None and pool.token_bucket is None:
+            pool.token_bucket = Bucket(spec.tpm, now)
+
+    def join_pool(self, state: KeyState, name: str) -> None:
+        """Move ``state`` into the pool the server says it belongs to."""
+        old = state.pool
+        if old.name == name or state.spec.pool is not None or state.where is Where.REMOVED:
+            return
+        new = self._pool(name, learned=True)
+        old.members.remove(state)
+        old.in_flight -= state.in_flight
+        new.members.append(state)
+        new.in_flight += state.in_flight
+        state.pool = new
+        self._pace(new, state.spec)
+        if not old.members:
+            del self._pools[old.name]
 
     # -- choosing and releasing --------------------------------------------------------------
     def choose(self, avoid: frozenset[KeyState] | set[KeyState] | None = None) -> KeyState | None:
-        """Take the ready key with the fewest calls in flight, least recently used first,
-        and mark it in flight.  Keys in ``avoid`` are taken only when no other is ready.
-        ``None`` when no key is ready."""
+        """Take the ready key with the lowest load, least recently used first, and mark it
+        in flight.  Keys in ``avoid`` are taken only when no other is ready.  ``None`` when
+        no key is ready."""
         cooling = self._cooling
         if cooling and cooling[0][0] <= self.clock():
             self._promote()
@@ -188,14 +240,19 @@ class KeyRing:
             return None
         if avoid:
             state = self._first_not_in(avoid, low) or next(iter(buckets[low]))
-            del buckets[state.in_flight][state]
+            del buckets[state.level][state]
         else:
             state = buckets[low].popitem(last=False)[0]
         state.calls += 1
         in_flight = state.in_flight = state.in_flight + 1
-        if in_flight == top:
+        level = state.level = in_flight if state.weight == 1.0 else int(in_flight / state.weight)
+        while level >= len(buckets):
             buckets.append(OrderedDict())
-        buckets[in_flight][state] = None
+        buckets[level][state] = None
+        pool = state.pool
+        pool.in_flight += 1
+        if pool.requests_left is not None or pool.request_bucket is not None:
+            self._spend_request(pool)
         return state
 
     def _first_not_in(
@@ -208,17 +265,22 @@ class KeyRing:
         return None
 
     def release(self, state: KeyState) -> None:
-        """The call on ``state`` is over (whatever its outcome)."""
+        """The call on ``state`` is over, whatever its outcome."""
         if state.in_flight <= 0:  # e.g. a call that began before os.fork() ends in the child
             return
+        in_flight = state.in_flight = state.in_flight - 1
+        level = in_flight if state.weight == 1.0 else int(in_flight / state.weight)
         if state.where is Where.READY:
-            del self._buckets[state.in_flight][state]
-            state.in_flight -= 1
-            self._buckets[state.in_flight][state] = None
-            if state.in_flight < self._low:
-                self._low = state.in_flight
-        else:
-            state.in_flight -= 1
+            buckets = self._buckets
+            del buckets[state.level][state]
+            buckets[level][state] = None
+            if level < self._low:
+                self._low = level
+        state.level = level
+        pool = state.pool
+        pool.in_flight -= 1
+        if not pool.in_flight:  # no call in flight, so no tokens either (heals lost answers)
+            pool.tokens_in_flight = 0.0
 
     def give_back(self, state: KeyState) -> None:
         """Undo :meth:`choose` for a key that was only handed out (``get_key()``), not called."""
@@ -227,17 +289,21 @@ class KeyRing:
 
     def succeed(self, state: KeyState) -> None:
         state.successes += 1
-        # release(), inlined: this is the path of nearly every call.
+        # release(), inlined for the ready key of weight 1: the path of nearly every call.
         in_flight = state.in_flight
-        if in_flight > 0 and state.where is Where.READY:
-            buckets = self._buckets
-            del buckets[in_flight][state]
-            state.in_flight = in_flight = in_flight - 1
-            buckets[in_flight][state] = None
-            if in_flight < self._low:
-                self._low = in_flight
-        elif in_flight > 0:
-            state.in_flight = in_flight - 1
+        if in_flight <= 0 or state.where is not Where.READY or state.weight != 1.0:
+            self.release(state)
+            return
+        buckets = self._buckets
+        del buckets[in_flight][state]
+        state.in_flight = state.level = in_flight = in_flight - 1
+        buckets[in_flight][state] = None
+        if in_flight < self._low:
+            self._low = in_flight
+        pool = state.pool
+        pool.in_flight -= 1
+        if not pool.in_flight:
+            pool.tokens_in_flight = 0.0
 
     def fail(self, state: KeyState, *, rate_limited: bool = False) -> None:
         if rate_limited:
@@ -245,6 +311,79 @@ class KeyRing:
         else:
             state.failures += 1
         self.release(state)
+
+    # -- budgets -----------------------------------------------------------------------------
+    def _spend_request(self, pool: Pool) -> None:
+        """One request leaves ``pool``: cool the pool if that spends its budget."""
+        if pool.requests_left is not None:
+            pool.requests_left -= 1
+        bucket = pool.request_bucket
+        if bucket is not None:
+            now = self.clock()
+            bucket.take(1.0, now)
+            wait = bucket.ready_in(now)
+            if wait > 0:
+                self.cool_pool(pool, wait, "paced (rpm)")
+
+    def spend_tokens(self, state: KeyState, tokens: float) -> None:
+        """A request of about ``tokens`` tokens is being sent on ``state``."""
+        pool = state.pool
+        pool.tokens_in_flight += tokens
+        pool.avg_tokens = tokens if not pool.avg_tokens else 0.8 * pool.avg_tokens + 0.2 * tokens
+        if pool.tokens_left is not None:
+            pool.tokens_left -= tokens
+        bucket = pool.token_bucket
+        if bucket is not None:
+            now = self.clock()
+            bucket.take(tokens, now)
+            wait = bucket.ready_in(now, pool.avg_tokens)
+            if wait > 0:
+                self.cool_pool(pool, wait, "paced (tpm)")
+
+    def correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
+        """The server counted ``actual`` tokens for a request estimated at ``estimated``."""
+        bucket = state.pool.token_bucket
+        if bucket is not None and actual != estimated:
+            bucket.take(actual - estimated, self.clock())
+
+    def answered(self, state: KeyState, tokens: float) -> None:
+        """The server answered a request of ``tokens`` tokens: they are no longer in flight."""
+        pool = state.pool
+        pool.tokens_in_flight = max(0.0, pool.tokens_in_flight - tokens)
+
+    def learn(self, state: KeyState, budget: ServerBudget) -> None:
+        """Take in what a successful response's headers say about ``state``'s pool.
+
+        The remainders count every request the server admitted; calls of the pool still in
+        flight (other than this one) may not have reached it yet, so they are taken off too.
+        A pool whose budget is spent cools until the server's reset.
+        """
+        if state.where is Where.REMOVED:
+            return
+        if budget.organization:
+            name = budget.organization
+            if budget.project:
+                name = f"{name}/{budget.project}"
+            self.join_pool(state, name)
+        pool = state.pool
+        others = max(0, pool.in_flight - 1)
+        if budget.requests_limit is not None:
+            pool.requests_limit = budget.requests_limit
+        if budget.requests_left is not None and budget.requests_reset is not None:
+            left = budget.requests_left - others
+            pool.requests_left = left
+            if left <= 0:
+                self.cool_pool(pool, min(budget.requests_reset, _MAX_RESET), "budget spent (RPM)")
+        if budget.tokens_left is not None and budget.tokens_reset is not None:
+            left_tokens = budget.tokens_left - pool.tokens_in_flight
+            pool.tokens_left = left_tokens
+            if left_tokens < max(1.0, pool.avg_tokens):
+                self.cool_pool(pool, min(budget.tokens_reset, _MAX_RESET), "budget spent (TPM)")
+
+    def cool_pool(self, pool: Pool, seconds: float, reason: str) -> None:
+        """Cool every key of ``pool``: they share the budget that is spent."""
+        for member in pool.members:
+            self.cool(member, seconds, reason)
 
     # -- cooling and disabling ---------------------------------------------------------------
     def cool(
@@ -307,30 +446,30 @@ class KeyRing:
         for state in self._states.values():
             if state.where is Where.READY:
                 self._leave(state)
-                state.in_flight = 0
+                state.in_flight = state.level = 0
                 self._make_ready(state)
             else:
-                state.in_flight = 0
+                state.in_flight = state.level = 0
+        for pool in self._pools.values():
+            pool.in_flight = 0
+            pool.tokens_in_flight = 0.0
 
     # -- internals -----------------------------------------------------------------------------
-    def _bucket(self, index: int) -> OrderedDict[KeyState, None]:
-        buckets = self._buckets
-        while len(buckets) <= index:
-            buckets.append(OrderedDict())
-        return buckets[index]
-
     def _leave(self, state: KeyState) -> None:
         """Take ``state`` out of the ready buckets (cooling heap entries go stale by themselves)."""
         if state.where is Where.READY:
-            del self._buckets[state.in_flight][state]
+            del self._buckets[state.level][state]
 
     def _make_ready(self, state: KeyState) -> None:
         state.where = Where.READY
         state.cool_until = 0.0
         state.forbidden = False
-        self._bucket(state.in_flight)[state] = None
-        if state.in_flight < self._low:
-            self._low = state.in_flight
+        buckets = self._buckets
+        while state.level >= len(buckets):
+            buckets.append(OrderedDict())
+        buckets[state.level][state] = None
+        if state.level < self._low:
+            self._low = state.level
 
     def _set_deadline(self, state: KeyState, deadline: float, reason: str, forbidden: bool) -> None:
         self._leave(state)
@@ -360,5 +499,14 @@ class KeyRing:
         while cooling and cooling[0][0] <= now:
             entry = heapq.heappop(cooling)
             if self._is_current(entry):
-                entry[2].reason = ""
-                self._make_ready(entry[2])
+                state = entry[2]
+                if state.reason.startswith("budget spent"):
+                    # The server's window has reset: its full budget is back.
+                    pool = state.pool
+                    pool.requests_left = (
+                        None if pool.requests_limit is None
+                        else pool.requests_limit - pool.in_flight
+                    )
+                    pool.tokens_left = None
+                state.reason = ""
+                self._make_ready(state)

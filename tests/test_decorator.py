@@ -177,6 +177,31 @@ def test_cooling_again_keeps_the_later_deadline() -> None:
     assert row(A)["rate_limits"] == 2
 
 
+def test_keys_whose_429s_name_one_organization_are_cooled_together() -> None:
+    KeyManager(KEYS)
+    ask, used = failing_on({
+        A: lambda: wire.rate_limited("30s", organization="org-shared"),
+        B: lambda: wire.rate_limited("5s", organization="org-shared"),
+    })
+    assert stable(ask)("hi") == "echo: hi"
+    assert used == [A, B, C]
+    rows = {r["key"]: r for r in KeyManager().stats()}
+    pooled = [r for r in rows.values() if r["pool"] == "org-shared"]
+    assert len(pooled) == 2
+    assert 25 < row(A)["seconds_left"] <= 30
+    assert 4 < row(B)["seconds_left"] <= 5
+    manager = KeyManager()
+    manager.set_ttl(A, 0)
+    manager.set_ttl(B, 0)
+    ask, used = failing_on({
+        A: lambda: wire.rate_limited("50s", organization="org-shared"), C: wire.revoked,
+    })
+    with pytest.raises(AllKeysCoolingError):
+        stable(max_wait=1)(ask)("again")
+    assert used == [C, A]  # B was never tried: a rate limit on A cools B, its pool-mate
+    assert 45 < row(B)["seconds_left"] <= 50
+
+
 def test_request_too_large_is_raised_at_once_and_the_key_untouched() -> None:
     KeyManager([A, B])
     error = wire.too_large()

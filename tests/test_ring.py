@@ -10,6 +10,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -68,13 +69,14 @@ def pick(ring: KeyRing, avoid: set[KeyState] | None = None) -> str | None:
 
 def test_normalize_strips_and_drops_duplicates_keeping_order() -> None:
     a, b, c = keys(3)
-    assert normalize_keys([f"  {b}\n", a, b, f"\t{c}", a]) == [b, a, c]
+    normalized = normalize_keys([f"  {b}\n", a, b, f"\t{c}", a])
+    assert [key.key for key in normalized] == [b, a, c]
 
 
 def test_normalize_accepts_any_iterable_of_str() -> None:
     a, b = keys(2)
-    assert normalize_keys(iter((a, b))) == [a, b]
-    assert normalize_keys((a,)) == [a]
+    assert [key.key for key in normalize_keys(iter((a, b)))] == [a, b]
+    assert [key.key for key in normalize_keys((a,))] == [a]
 
 
 @pytest.mark.parametrize(
@@ -784,7 +786,8 @@ def test_stats_rows(clock: FakeClock) -> None:
     assert [row["fingerprint"] for row in rows] == [fingerprint(k) for k in (a, b, c)]
     ra, rb, rc = rows
     assert ra == {
-        "key": mask(a), "fingerprint": fingerprint(a), "state": "ready", "seconds_left": 0.0,
+        "key": mask(a), "fingerprint": fingerprint(a), "pool": f"own ({mask(a)})",
+        "state": "ready", "seconds_left": 0.0,
         "reason": "", "calls": 2, "successes": 1, "rate_limits": 0, "failures": 0,
         "in_flight": 1,
     }
@@ -851,14 +854,13 @@ def wait_then_wake(
 ) -> tuple[list[Any], list[BaseException]]:
     """Run ``take()`` in a thread until it waits on the manager's condition, then make ``key``
     ready with ``set_ttl(key, 0)``; return what ``take()`` returned and what it raised."""
-    waiting = threading.Event()
-    real_wait = manager._cond.wait
+    del monkeypatch  # the queue shows when the caller waits; nothing needs patching
 
-    def wait(timeout: float | None = None) -> bool:
-        waiting.set()  # called with the lock held: set_ttl below cannot overtake it
-        return real_wait(timeout)
+    def queued() -> bool:
+        # A caller joins the queue and starts waiting in one hold of the lock, so once it is
+        # queued, set_ttl (which takes the lock) cannot overtake its wait.
+        return bool(manager._queue)
 
-    monkeypatch.setattr(manager._cond, "wait", wait)
     got: list[Any] = []
     errors: list[BaseException] = []
 
@@ -870,7 +872,10 @@ def wait_then_wake(
 
     thread = threading.Thread(target=worker, daemon=True)
     thread.start()
-    assert waiting.wait(timeout=5)
+    deadline = time.monotonic() + 5
+    while not queued() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert queued()
     assert manager.set_ttl(key, 0) is True
     thread.join(timeout=5)
     assert not thread.is_alive()

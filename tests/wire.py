@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -35,15 +36,21 @@ def status_error(
     return _CLIENT._make_status_error_from_response(response)
 
 
+_ORGS = itertools.count(1)
+
+
 def rate_limited(
-    delay: str = "20s", headers: dict[str, str] | None = None
+    delay: str = "20s", headers: dict[str, str] | None = None, organization: str | None = None
 ) -> openai.APIStatusError:
+    """A 429 rate limit; its message names ``organization`` (by default a new one each time,
+    so that keys are not taken for one pool unless a test says so)."""
+    organization = organization or f"org-wire{next(_ORGS):06d}"
     return status_error(
         429,
         {
-            "message": "Rate limit reached for gpt-4o-mini in organization org-sim on requests per "
-            f"min (RPM): Limit 3, Used 3, Requested 1. Please try again in {delay}. Visit "
-            "https://platform.openai.com/account/rate-limits to learn more.",
+            "message": f"Rate limit reached for gpt-4o-mini in organization {organization} on "
+            f"requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in {delay}. "
+            "Visit https://platform.openai.com/account/rate-limits to learn more.",
             "type": "requests",
             "param": None,
             "code": "rate_limit_exceeded",

@@ -1,0 +1,126 @@
+"""Pooled ``openai`` clients, one per key (and per event loop for ``AsyncOpenAI``).
+
+A decorated function that declares a ``client`` parameter gets a client bound to the chosen
+key: built once, reused by every call and thread (one connection pool per key), with
+``max_retries=0`` so that rotation — not same-key retries — handles failures.  Its HTTP
+hooks let the ring see what it cannot see through a user's own client: each request's size
+in tokens, and each response's ``x-ratelimit-*`` and ``openai-organization`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import openai
+
+from ._budget import estimate_tokens, read_headers, usage_tokens
+from ._ring import KeyState
+
+if TYPE_CHECKING:
+    from ._manager import KeyManager
+
+__all__ = ["async_client", "close_clients", "sync_client"]
+
+
+class _Hooks:
+    """What the pooled client tells the manager about each request and response."""
+
+    def __init__(self, manager: KeyManager, state: KeyState) -> None:
+        self.manager = manager
+        self.state = state
+
+    def request(self, request: Any) -> None:
+        try:
+            body = request.content
+        except Exception:  # a streamed upload: its size is unknown
+            return
+        tokens = estimate_tokens(body)
+        if not tokens:
+            return
+        request.extensions["stable_openai_tokens"] = tokens
+        self.manager._spend_tokens(self.state, tokens)
+
+    def response(self, response: Any, read: bool) -> None:
+        estimated = response.request.extensions.get("stable_openai_tokens", 0.0)
+        budget = read_headers(response.headers) if response.status_code < 400 else None
+        # The server has counted this request: its tokens are no longer in flight.
+        self.manager._learn(self.state, budget, estimated)
+        if read and estimated and self.state.pool.token_bucket is not None:
+            actual = usage_tokens(response.content)
+            if actual is not None:
+                self.manager._correct_tokens(self.state, estimated, actual)
+
+    def needs_body(self, response: Any) -> bool:
+        return bool(
+            self.state.pool.token_bucket is not None
+            and response.status_code < 400
+            and response.headers.get("content-type", "").startswith("application/json")
+        )
+
+
+def _options(state: KeyState) -> dict[str, Any]:
+    spec = state.spec
+    options: dict[str, Any] = {"api_key": spec.key, "max_retries": 0, **spec.client_options}
+    for name in ("base_url", "organization", "project"):
+        value = getattr(spec, name)
+        if value is not None:
+            options[name] = value
+    return options
+
+
+def sync_client(manager: KeyManager, state: KeyState) -> openai.OpenAI:
+    """The pooled ``openai.OpenAI`` of ``state``'s key, built on first use."""
+    client = state.clients.get("sync")
+    if client is None:
+        hooks = _Hooks(manager, state)
+
+        def on_response(response: Any) -> None:
+            read = hooks.needs_body(response)
+            if read:
+                response.read()
+            hooks.response(response, read)
+
+        options = _options(state)
+        if "http_client" not in options:
+            options["http_client"] = openai.DefaultHttpxClient(
+                event_hooks={"request": [hooks.request], "response": [on_response]}
+            )
+        client = state.clients.setdefault("sync", openai.OpenAI(**options))
+    return client  # type: ignore[return-value]
+
+
+def async_client(manager: KeyManager, state: KeyState) -> openai.AsyncOpenAI:
+    """The pooled ``openai.AsyncOpenAI`` of ``state``'s key for the running event loop."""
+    loop = asyncio.get_running_loop()
+    per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]
+    per_loop = state.clients.setdefault("async", weakref.WeakKeyDictionary())  # type: ignore[assignment]
+    client = per_loop.get(loop)
+    if client is None:
+        hooks = _Hooks(manager, state)
+
+        async def on_request(request: Any) -> None:
+            hooks.request(request)
+
+        async def on_response(response: Any) -> None:
+            read = hooks.needs_body(response)
+            if read:
+                await response.aread()
+            hooks.response(response, read)
+
+        options = _options(state)
+        if "http_client" not in options:
+            options["http_client"] = openai.DefaultAsyncHttpxClient(
+                event_hooks={"request": [on_request], "response": [on_response]}
+            )
+        client = per_loop.setdefault(loop, openai.AsyncOpenAI(**options))
+    return client
+
+
+def close_clients(state: KeyState) -> None:
+    """Close the key's pooled sync client (async ones close with their loop's garbage)."""
+    client = state.clients.pop("sync", None)
+    if isinstance(client, openai.OpenAI):
+        client.close()
+    state.clients.pop("async", None)
