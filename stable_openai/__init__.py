@@ -10,6 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from ._decorator import stable
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, StableOpenAIError
+from ._keys import Key
 from ._manager import KeyManager, KeyStats
 
 try:
@@ -20,6 +21,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 __all__ = [
     "AllKeysCoolingError",
     "AllKeysDisabledError",
+    "Key",
     "KeyManager",
     "KeyStats",
     "NoKeysError",

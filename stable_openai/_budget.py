@@ -111,13 +111,21 @@ def organization_in(message: str) -> str | None:
 
 
 def _text_length(value: Any) -> int:
+    """Characters of text in a message ``content`` or an embeddings ``input``: strings, and
+    the ``text`` of content parts (images and the like are not counted)."""
     if isinstance(value, str):
         return len(value)
     if isinstance(value, list):
         return sum(_text_length(item) for item in value)
     if isinstance(value, dict):
-        return sum(_text_length(item) for key, item in value.items() if key != "type")
+        return _text_length(value.get("text"))
     return 0
+
+
+def _messages_length(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    return sum(_text_length(m.get("content")) for m in messages if isinstance(m, dict))
 
 
 def estimate_tokens(body: bytes) -> float:
@@ -130,7 +138,7 @@ def estimate_tokens(body: bytes) -> float:
     if not isinstance(data, dict):
         return 0.0
     if "messages" in data:
-        prompt = _text_length(data.get("messages"))
+        prompt = _messages_length(data.get("messages"))
         completion = data.get("max_completion_tokens") or data.get("max_tokens")
         if not isinstance(completion, int) or isinstance(completion, bool) or completion < 0:
             completion = DEFAULT_COMPLETION_TOKENS

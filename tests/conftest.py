@@ -1,10 +1,11 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from stable_openai import KeyManager
+from stable_openai.simulator import Simulator, SimulatorConfig
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +15,17 @@ def fresh_manager() -> Iterator[None]:
     yield
     KeyManager.reset()
 
+
+@pytest.fixture
+def start_simulator() -> Iterator[Callable[[SimulatorConfig], Simulator]]:
+    """Start simulators on loopback for one test; every one is stopped at teardown."""
+    started: list[Simulator] = []
+
+    def start(config: SimulatorConfig) -> Simulator:
+        sim = Simulator(config).start()
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in reversed(started):
+        sim.stop()

@@ -1,0 +1,341 @@
+"""Pooled clients, keys with settings, pools learned from the server, pacing, fair waits."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from wire import made_up_keys
+
+from stable_openai import Key, KeyManager, stable
+from stable_openai._budget import Bucket, estimate_tokens, read_headers
+from stable_openai._ring import KeyRing
+from stable_openai.simulator import (
+    Faults,
+    ProjectLimits,
+    SimKey,
+    Simulator,
+    SimulatorConfig,
+    echo_answer,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def simulator(keys: list[SimKey], window: float = 1.0, **limits: Any) -> Simulator:
+    projects = {key.project: ProjectLimits(**limits) for key in keys}
+    return Simulator(SimulatorConfig(keys=tuple(keys), projects=projects, window=window))
+
+
+# -- keys with settings ---------------------------------------------------------------------
+def test_key_settings_are_validated_without_echoing_the_key() -> None:
+    secret = made_up_keys(1, "settings")[0]
+    for bad, error in [
+        ({"weight": 0}, ValueError), ({"weight": "2"}, TypeError), ({"rpm": 0}, ValueError),
+        ({"tpm": 1.5}, TypeError), ({"base_url": ""}, TypeError),
+        ({"client_options": {"max_retries": 3}}, ValueError),
+        ({"client_options": ["timeout"]}, TypeError),
+    ]:
+        with pytest.raises(error) as caught:
+            Key(secret, **bad)
+        assert secret not in str(caught.value)
+    assert secret not in repr(Key(secret, rpm=60))
+
+
+def test_plain_strings_and_keys_mix() -> None:
+    a, b = made_up_keys(2)
+    manager = KeyManager([a, Key(b, pool="team", rpm=600)])
+    assert [row["pool"] for row in manager.stats()][1] == "team"
+    assert len(manager) == 2
+
+
+def test_weight_shares_concurrent_load() -> None:
+    a, b = made_up_keys(2)
+    ring = KeyRing([Key(a, weight=2), Key(b)])
+    chosen = [ring.choose() for _ in range(6)]
+    assert [state.key for state in chosen if state].count(a) == 4
+
+
+# -- pooled clients ---------------------------------------------------------------------------
+def test_one_pooled_client_per_key_reused_across_calls_and_threads() -> None:
+    keys = made_up_keys(2)
+    with simulator([SimKey(k, project=f"p{i}") for i, k in enumerate(keys)]) as sim:
+        KeyManager([Key(k, base_url=sim.base_url) for k in keys])
+        seen: list[openai.OpenAI] = []
+        lock = threading.Lock()
+
+        @stable
+        def ask(prompt: str, client: openai.OpenAI) -> str:
+            with lock:
+                seen.append(client)
+            answer = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+            )
+            return answer.choices[0].message.content or ""
+
+        threads = [threading.Thread(target=lambda: [ask(str(i)) for i in range(5)])
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert ask("x") == echo_answer("x")
+        assert len({id(client) for client in seen}) == 2
+        assert all(isinstance(client, openai.OpenAI) for client in seen)
+        assert all(client.max_retries == 0 for client in seen)
+        assert {client.api_key for client in seen} == set(keys)
+        for state in KeyManager()._ring:
+            state.clients["sync"].close()  # type: ignore[attr-defined]
+
+
+def test_api_key_and_client_together() -> None:
+    (key,) = made_up_keys(1)
+    with simulator([SimKey(key)]) as sim:
+        KeyManager([Key(key, base_url=sim.base_url)])
+
+        @stable
+        def ask(api_key: str, client: openai.OpenAI) -> bool:
+            return client.api_key == api_key
+
+        assert ask()
+        next(iter(KeyManager()._ring)).clients["sync"].close()  # type: ignore[attr-defined]
+
+
+def test_async_functions_get_async_clients_one_per_loop() -> None:
+    (key,) = made_up_keys(1)
+    with simulator([SimKey(key)]) as sim:
+        KeyManager([Key(key, base_url=sim.base_url)])
+        seen: list[Any] = []
+
+        @stable
+        async def ask(prompt: str, client: openai.AsyncOpenAI) -> str:
+            seen.append(client)
+            answer = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+            )
+            return answer.choices[0].message.content or ""
+
+        async def main() -> list[str]:
+            answers = await asyncio.gather(*(ask(str(i)) for i in range(10)))
+            await seen[-1].close()
+            return list(answers)
+
+        assert asyncio.run(main()) == [echo_answer(str(i)) for i in range(10)]
+        assert asyncio.run(main()) == [echo_answer(str(i)) for i in range(10)]
+        assert all(isinstance(client, openai.AsyncOpenAI) for client in seen)
+        assert all(client.max_retries == 0 for client in seen)
+        assert len({id(client) for client in seen}) == 2  # one per event loop
+
+
+# -- learning from the server ----------------------------------------------------------------
+def test_reset_headers_of_every_duration_form_are_read() -> None:
+    for text, seconds in [("1s", 1.0), ("6m0s", 360.0), ("12ms", 0.012), ("9.816s", 9.816),
+                          ("1m30.5s", 90.5)]:
+        budget = read_headers({"x-ratelimit-remaining-requests": "0",
+                               "x-ratelimit-reset-requests": text,
+                               "x-ratelimit-limit-requests": "60"})
+        assert budget.requests_reset == pytest.approx(seconds)
+        assert budget.requests_left == 0
+        assert budget.requests_limit == 60
+    assert read_headers({"x-ratelimit-remaining-requests": "lots"}).requests_left is None
+    assert read_headers({}).organization is None
+
+
+def test_keys_of_one_project_form_a_pool_that_stops_before_its_budget_is_spent() -> None:
+    keys = made_up_keys(3)
+    sim_keys = [SimKey(keys[0], project="shared"), SimKey(keys[1], project="shared"),
+                SimKey(keys[2], project="alone")]
+    with simulator(sim_keys, window=1.0, rpm=4) as sim:
+        KeyManager([Key(k, base_url=sim.base_url) for k in keys])
+
+        @stable
+        def ask(prompt: str, client: openai.OpenAI) -> str:
+            answer = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+            )
+            return answer.choices[0].message.content or ""
+
+        answers = [ask(str(i)) for i in range(14)]
+        assert answers == [echo_answer(str(i)) for i in range(14)]
+        pools = {row["pool"] for row in KeyManager().stats()}
+        assert "org-sim/shared" in pools and "org-sim/alone" in pools
+        # the budget is read from the server's headers: the pool stops at its remainder
+        assert sim.stats()["totals"]["rate_limited"] <= 2
+        for state in KeyManager()._ring:
+            state.clients["sync"].close()  # type: ignore[attr-defined]
+
+
+def test_budget_bookkeeping_returns_to_zero_after_faults_and_cancelled_calls() -> None:
+    keys = made_up_keys(2)
+    config = SimulatorConfig(
+        keys=tuple(SimKey(k, project=f"p{i}") for i, k in enumerate(keys)),
+        projects={"p0": ProjectLimits(tpm=100_000), "p1": ProjectLimits(tpm=100_000)},
+        window=1.0, latency=0.05, faults=Faults(error_500=0.2, drop=0.1), seed=7,
+    )
+    with Simulator(config) as sim:
+        KeyManager([Key(k, base_url=sim.base_url, tpm=600_000) for k in keys])
+
+        @stable(backoff=0.001, attempts=20)
+        async def ask(prompt: str, client: openai.AsyncOpenAI) -> str:
+            answer = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}],
+                max_tokens=20,
+            )
+            return answer.choices[0].message.content or ""
+
+        async def main() -> None:
+            tasks = [asyncio.ensure_future(ask(str(i))) for i in range(40)]
+            await asyncio.sleep(0.02)
+            for task in tasks[::4]:
+                task.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for index, result in enumerate(results):
+                if index % 4:
+                    assert result == echo_answer(str(index))
+                else:
+                    assert isinstance(result, asyncio.CancelledError)
+            for state in KeyManager()._ring:
+                for client in list(state.clients.get("async", {}).values()):  # type: ignore[attr-defined]
+                    await client.close()
+
+        asyncio.run(main())
+        ring = KeyManager()._ring
+        assert all(state.in_flight == 0 for state in ring)
+        assert all(pool.in_flight == 0 and pool.tokens_in_flight == 0 for pool in ring.pools())
+
+
+# -- pacing ------------------------------------------------------------------------------------
+def test_request_pacing_spaces_a_pool_to_its_rpm() -> None:
+    clock = FakeClock()
+    (key,) = made_up_keys(1)
+    ring = KeyRing([Key(key, rpm=60)], clock=clock)
+    first = ring.choose()
+    assert first is not None
+    ring.succeed(first)
+    assert ring.choose() is None  # one request a second
+    assert ring.next_ready_in() == pytest.approx(1.0)
+    clock.advance(1.0)
+    assert ring.choose() is not None
+
+
+def test_token_pacing_charges_estimates_and_corrects_from_usage() -> None:
+    clock = FakeClock()
+    (key,) = made_up_keys(1)
+    ring = KeyRing([Key(key, tpm=6000)], clock=clock)  # 100 tokens a second
+    state = ring.choose()
+    assert state is not None
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * 400 + b'"}], "max_tokens": 50}'
+    assert estimate_tokens(body) == 150
+    ring.spend_tokens(state, 150)
+    ring.succeed(state)
+    assert ring.choose() is None  # 50 tokens of debt to repay, then the average to gather
+    ring.correct_tokens(state, 150, 30)  # it cost far less than estimated
+    clock.advance(0.01)
+    assert ring.next_ready_in() is not None
+    bucket = state.pool.token_bucket
+    assert isinstance(bucket, Bucket)
+    assert bucket.level > 0
+
+
+# -- fair waiting --------------------------------------------------------------------------------
+def _served_order(manager: KeyManager, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    order: list[Any] = []
+    real = manager._serve_head
+
+    def serve(waiter: Any, *args: Any) -> Any:
+        state, wait = real(waiter, *args)
+        if state is not None:
+            order.append(waiter)
+        return state, wait
+
+    monkeypatch.setattr(manager, "_serve_head", serve)
+    return order
+
+
+def _wait_until(predicate: Any) -> None:
+    deadline = time.monotonic() + 10
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_waiting_threads_are_served_in_arrival_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    (key,) = made_up_keys(1)
+    manager = KeyManager([key])
+    manager.set_ttl(key, 3600)
+    served = _served_order(manager, monkeypatch)
+    arrivals: list[Any] = []
+    threads = []
+    for index in range(6):
+        thread = threading.Thread(target=manager._acquire, args=(None, 7200.0), daemon=True)
+        thread.start()
+        _wait_until(lambda n=index: len(manager._queue) == n + 1)
+        arrivals.append(manager._queue[-1])
+        threads.append(thread)
+    manager.set_ttl(key, 0)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert served == arrivals
+
+
+def test_waiting_coroutines_are_served_in_arrival_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (key,) = made_up_keys(1)
+    manager = KeyManager([key])
+    manager.set_ttl(key, 3600)
+    served = _served_order(manager, monkeypatch)
+
+    async def main() -> list[Any]:
+        arrivals = []
+        tasks = []
+        for index in range(6):
+            tasks.append(asyncio.ensure_future(manager._acquire_async(None, 7200.0)))
+            while len(manager._queue) < index + 1:
+                await asyncio.sleep(0.001)
+            arrivals.append(manager._queue[-1])
+        manager.set_ttl(key, 0)
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
+        return arrivals
+
+    assert served == asyncio.run(main())
+
+
+def test_a_new_caller_does_not_jump_the_queue() -> None:
+    (key,) = made_up_keys(1)
+    manager = KeyManager([key])
+    manager.set_ttl(key, 3600)
+    thread = threading.Thread(target=manager._acquire, args=(None, 7200.0), daemon=True)
+    thread.start()
+    _wait_until(lambda: len(manager._queue) == 1)
+    with manager._lock:
+        manager._ring.set_cooldown(manager._ring.find(key), 0)  # type: ignore[arg-type]
+        assert manager._take() is None  # someone is waiting: they go first
+        manager._notify()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_clients() -> Iterator[None]:
+    yield
+    manager = KeyManager.current()
+    if manager is not None:
+        for state in manager._ring:
+            client = state.clients.pop("sync", None)
+            if isinstance(client, openai.OpenAI):
+                client.close()
