@@ -28,6 +28,7 @@ from ._ring import KeyRing, KeyState, Where
 __all__ = ["KeyManager", "KeyStats"]
 
 logger = logging.getLogger("stable_openai")
+logger.addHandler(logging.NullHandler())  # the library's records reach only handlers you set
 
 _ENV_HELP = (
     "no API keys configured: call KeyManager([key1, key2, ...]) at start-up, or set "
