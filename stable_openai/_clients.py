@@ -21,7 +21,7 @@ from ._ring import KeyState
 if TYPE_CHECKING:
     from ._manager import KeyManager
 
-__all__ = ["async_client", "close_clients", "sync_client"]
+__all__ = ["aclose_clients", "async_client", "close_clients", "sync_client"]
 
 
 class _Hooks:
@@ -37,16 +37,17 @@ class _Hooks:
         except Exception:  # a streamed upload: its size is unknown
             return
         tokens = estimate_tokens(body)
-        if not tokens:
-            return
         request.extensions["stable_openai_tokens"] = tokens
-        self.manager._spend_tokens(self.state, tokens)
+        request.extensions["stable_openai_marks"] = self.manager._spend_tokens(self.state, tokens)
 
     def response(self, response: Any, read: bool) -> None:
-        estimated = response.request.extensions.get("stable_openai_tokens", 0.0)
+        extensions = response.request.extensions
+        estimated = extensions.get("stable_openai_tokens", 0.0)
         budget = read_headers(response.headers) if response.status_code < 400 else None
         # The server has counted this request: its tokens are no longer in flight.
-        self.manager._learn(self.state, budget, estimated)
+        self.manager._learn(
+            self.state, budget, estimated, extensions.get("stable_openai_marks")
+        )
         if read and estimated and self.state.pool.token_bucket is not None:
             actual = usage_tokens(response.content)
             if actual is not None:
@@ -118,9 +119,23 @@ def async_client(manager: KeyManager, state: KeyState) -> openai.AsyncOpenAI:
     return client
 
 
-def close_clients(state: KeyState) -> None:
-    """Close the key's pooled sync client (async ones close with their loop's garbage)."""
-    client = state.clients.pop("sync", None)
-    if isinstance(client, openai.OpenAI):
-        client.close()
-    state.clients.pop("async", None)
+def close_clients(states: list[KeyState]) -> None:
+    """Close the pooled sync clients of ``states``; drop their async ones (see aclose)."""
+    for state in states:
+        client = state.clients.pop("sync", None)
+        if isinstance(client, openai.OpenAI):
+            client.close()
+        state.clients.pop("async", None)
+
+
+async def aclose_clients(states: list[KeyState]) -> None:
+    """Close the pooled clients of ``states``: the sync ones, and the async ones of the
+    running loop (their connections belong to it)."""
+    loop = asyncio.get_running_loop()
+    for state in states:
+        per_loop = state.clients.get("async")
+        if isinstance(per_loop, weakref.WeakKeyDictionary):
+            client = per_loop.pop(loop, None)
+            if isinstance(client, openai.AsyncOpenAI):
+                await client.close()
+    close_clients([s for s in states if "sync" in s.clients])

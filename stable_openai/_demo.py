@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import openai
 
 from ._decorator import stable
+from ._keys import Key
 from ._manager import KeyManager
 from .simulator import ProjectLimits, SimKey, Simulator, SimulatorConfig, echo_answer
 
@@ -106,16 +107,9 @@ def _run_threads(
         return list(pool.map(one, prompts))
 
 
-def _run_async(base_url: str, prompts: list[str], concurrency: int, progress: _Progress) -> None:
-    clients: dict[str, openai.AsyncOpenAI] = {}
-
+def _run_async(prompts: list[str], concurrency: int, progress: _Progress) -> None:
     @stable
-    async def ask(prompt: str, api_key: str) -> str:
-        client = clients.get(api_key)
-        if client is None:
-            client = clients[api_key] = openai.AsyncOpenAI(
-                api_key=api_key, base_url=base_url, max_retries=0
-            )
+    async def ask(prompt: str, client: openai.AsyncOpenAI) -> str:
         response = await client.chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": prompt}]
         )
@@ -136,8 +130,7 @@ def _run_async(base_url: str, prompts: list[str], concurrency: int, progress: _P
         try:
             await asyncio.gather(*(one(prompt) for prompt in prompts))
         finally:
-            for client in clients.values():
-                await client.close()
+            await KeyManager().aclose()
 
     asyncio.run(main())
 
@@ -184,7 +177,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     projects = {key.project for key in good}
     limit_per_s = len(projects) * args.rpm / args.window
     with Simulator(config) as sim:
-        KeyManager([key.key for key in config.keys])
+        KeyManager([Key(key.key, base_url=sim.base_url) for key in config.keys])
         mode = f"asyncio, {args.concurrency} coroutines" if args.use_async else (
             f"{args.threads} threads"
         )
@@ -199,27 +192,18 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         ticker = threading.Thread(target=progress.run, daemon=True)
         ticker.start()
         if args.use_async:
-            _run_async(sim.base_url, prompts, args.concurrency, progress)
+            _run_async(prompts, args.concurrency, progress)
         else:
-            clients: dict[str, openai.OpenAI] = {}
-            lock = threading.Lock()
 
             @stable
-            def ask(prompt: str, api_key: str) -> str:
-                with lock:
-                    client = clients.get(api_key)
-                    if client is None:
-                        client = clients[api_key] = openai.OpenAI(
-                            api_key=api_key, base_url=sim.base_url, max_retries=0
-                        )
+            def ask(prompt: str, client: openai.OpenAI) -> str:
                 response = client.chat.completions.create(
                     model=MODEL, messages=[{"role": "user", "content": prompt}]
                 )
                 return response.choices[0].message.content or ""
 
             _run_threads(ask, prompts, args.threads, progress)
-            for client in clients.values():
-                client.close()
+            KeyManager().close()
         elapsed = time.monotonic() - progress.start
         progress.stop.set()
         ticker.join()

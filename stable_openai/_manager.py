@@ -224,6 +224,23 @@ class KeyManager:
                 for s in self._ring
             ]
 
+    def close(self) -> None:
+        """Close the pooled clients (``client`` parameters); new ones are built on next use."""
+        from ._clients import close_clients
+
+        with self._lock:
+            states = list(self._ring)
+        close_clients(states)
+
+    async def aclose(self) -> None:
+        """Close the pooled clients, with the async ones of the running event loop: await it
+        before your loop ends (``asyncio.run`` closes the loop, not the connections)."""
+        from ._clients import aclose_clients
+
+        with self._lock:
+            states = list(self._ring)
+        await aclose_clients(states)
+
     def __len__(self) -> int:
         return len(self._ring)
 
@@ -391,17 +408,20 @@ class KeyManager:
                 "API key %s cooling %.3gs: %s", state.masked, verdict.seconds, verdict.reason
             )
 
-    def _learn(self, state: KeyState, budget: ServerBudget | None, tokens: float = 0.0) -> None:
-        """A response arrived on ``state`` for a request of ``tokens`` tokens; a successful
-        one carries the pool's budget in its headers."""
+    def _learn(
+        self, state: KeyState, budget: ServerBudget | None, tokens: float = 0.0,
+        marks: tuple[int, float] | None = None,
+    ) -> None:
+        """A response arrived on ``state`` for a request of ``tokens`` tokens, sent when the
+        pool stood at ``marks``; a successful one carries the pool's budget in its headers."""
         with self._lock:
             self._ring.answered(state, tokens)
             if budget is not None:
-                self._ring.learn(state, budget)
+                self._ring.learn(state, budget, marks)
 
-    def _spend_tokens(self, state: KeyState, tokens: float) -> None:
+    def _spend_tokens(self, state: KeyState, tokens: float) -> tuple[int, float]:
         with self._lock:
-            self._ring.spend_tokens(state, tokens)
+            return self._ring.spend_tokens(state, tokens)
 
     def _correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
         with self._lock:

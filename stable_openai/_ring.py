@@ -30,6 +30,11 @@ __all__ = ["KeyRing", "KeyState", "Pool", "Where", "fingerprint", "mask", "norma
 
 #: A learned budget is trusted for at most this long without a fresh response.
 _MAX_RESET = 3600.0
+#: An answer whose reset is this much later than the one known is from a new window.
+_NEW_WINDOW = 0.1
+#: How long a pool whose budget is spent waits when it does not know the reset yet: about
+#: the time an answer needs to come back and tell.
+_PROBE = 0.05
 
 
 class Where(enum.Enum):
@@ -53,9 +58,15 @@ class Pool:
         "request_bucket",
         "requests_left",
         "requests_limit",
+        "requests_reset_at",
+        "sent",
+        "snapshot",
         "token_bucket",
         "tokens_in_flight",
         "tokens_left",
+        "tokens_limit",
+        "tokens_reset_at",
+        "tokens_sent",
     )
 
     def __init__(self, name: str, learned: bool = False) -> None:
@@ -67,9 +78,16 @@ class Pool:
         self.avg_tokens = 0.0  # a moving average of the tokens a request costs
         self.request_bucket: Bucket | None = None  # client-side pacing (Key.rpm)
         self.token_bucket: Bucket | None = None  # client-side pacing (Key.tpm)
-        self.requests_left: float | None = None  # server's remainder, less what we sent since
+        # What the server's headers said, brought up to date with what was sent since:
+        self.sent = 0  # calls started on the pool, ever
+        self.tokens_sent = 0.0  # tokens of the requests sent, ever
+        self.snapshot = -1  # ``sent`` when the request behind the freshest headers was sent
+        self.requests_left: float | None = None
         self.requests_limit: int | None = None
+        self.requests_reset_at = 0.0
         self.tokens_left: float | None = None
+        self.tokens_limit: int | None = None
+        self.tokens_reset_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} keys={len(self.members)} in_flight={self.in_flight}>"
@@ -251,6 +269,7 @@ class KeyRing:
         buckets[level][state] = None
         pool = state.pool
         pool.in_flight += 1
+        pool.sent += 1
         if pool.requests_left is not None or pool.request_bucket is not None:
             self._spend_request(pool)
         return state
@@ -314,31 +333,59 @@ class KeyRing:
 
     # -- budgets -----------------------------------------------------------------------------
     def _spend_request(self, pool: Pool) -> None:
-        """One request leaves ``pool``: cool the pool if that spends its budget."""
+        """A call leaves ``pool``: cool the pool if that spends its budget."""
+        now = self.clock()
         if pool.requests_left is not None:
-            pool.requests_left -= 1
+            self._refresh(pool, now)
+            if pool.requests_left is not None:
+                pool.requests_left -= 1
+                if pool.requests_left <= 0:
+                    # Until the server's reset, or until an answer says when that is.
+                    wait = pool.requests_reset_at - now if pool.requests_reset_at else _PROBE
+                    self.cool_pool(pool, wait, "budget spent (RPM)")
         bucket = pool.request_bucket
         if bucket is not None:
-            now = self.clock()
             bucket.take(1.0, now)
             wait = bucket.ready_in(now)
             if wait > 0:
                 self.cool_pool(pool, wait, "paced (rpm)")
 
-    def spend_tokens(self, state: KeyState, tokens: float) -> None:
-        """A request of about ``tokens`` tokens is being sent on ``state``."""
+    def _refresh(self, pool: Pool, now: float) -> None:
+        """Past the server's reset, the pool's full budget is back (less what is in flight)."""
+        if pool.requests_reset_at and now >= pool.requests_reset_at:
+            pool.requests_reset_at = 0.0
+            pool.requests_left = (
+                None if pool.requests_limit is None else pool.requests_limit - pool.in_flight
+            )
+            pool.snapshot = pool.sent
+        if pool.tokens_reset_at and now >= pool.tokens_reset_at:
+            pool.tokens_reset_at = 0.0
+            pool.tokens_left = (
+                None if pool.tokens_limit is None else pool.tokens_limit - pool.tokens_in_flight
+            )
+
+    def spend_tokens(self, state: KeyState, tokens: float) -> tuple[int, float]:
+        """A request of about ``tokens`` tokens is being sent on ``state``.  Returns its marks
+        (calls started, tokens sent) for :meth:`learn` to place its answer."""
         pool = state.pool
+        now = self.clock()
         pool.tokens_in_flight += tokens
+        pool.tokens_sent += tokens
         pool.avg_tokens = tokens if not pool.avg_tokens else 0.8 * pool.avg_tokens + 0.2 * tokens
         if pool.tokens_left is not None:
-            pool.tokens_left -= tokens
+            self._refresh(pool, now)
+            if pool.tokens_left is not None:
+                pool.tokens_left -= tokens
+                if pool.tokens_left < pool.avg_tokens:
+                    wait = pool.tokens_reset_at - now if pool.tokens_reset_at else _PROBE
+                    self.cool_pool(pool, wait, "budget spent (TPM)")
         bucket = pool.token_bucket
         if bucket is not None:
-            now = self.clock()
             bucket.take(tokens, now)
             wait = bucket.ready_in(now, pool.avg_tokens)
             if wait > 0:
                 self.cool_pool(pool, wait, "paced (tpm)")
+        return pool.sent, pool.tokens_sent
 
     def correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
         """The server counted ``actual`` tokens for a request estimated at ``estimated``."""
@@ -351,12 +398,15 @@ class KeyRing:
         pool = state.pool
         pool.tokens_in_flight = max(0.0, pool.tokens_in_flight - tokens)
 
-    def learn(self, state: KeyState, budget: ServerBudget) -> None:
+    def learn(
+        self, state: KeyState, budget: ServerBudget, marks: tuple[int, float] | None = None
+    ) -> None:
         """Take in what a successful response's headers say about ``state``'s pool.
 
-        The remainders count every request the server admitted; calls of the pool still in
-        flight (other than this one) may not have reached it yet, so they are taken off too.
-        A pool whose budget is spent cools until the server's reset.
+        The remainders count the requests the server admitted up to this one; what the pool
+        sent after it (``marks`` says where it stood) is taken off.  Only the freshest
+        answer counts, unless it shows a new window.  A pool whose budget is spent cools
+        until the server's reset.
         """
         if state.where is Where.REMOVED:
             return
@@ -366,19 +416,27 @@ class KeyRing:
                 name = f"{name}/{budget.project}"
             self.join_pool(state, name)
         pool = state.pool
-        others = max(0, pool.in_flight - 1)
+        now = self.clock()
+        sent, tokens_sent = marks if marks is not None else (pool.sent, pool.tokens_sent)
         if budget.requests_limit is not None:
             pool.requests_limit = budget.requests_limit
+        if budget.tokens_limit is not None:
+            pool.tokens_limit = budget.tokens_limit
         if budget.requests_left is not None and budget.requests_reset is not None:
-            left = budget.requests_left - others
-            pool.requests_left = left
-            if left <= 0:
-                self.cool_pool(pool, min(budget.requests_reset, _MAX_RESET), "budget spent (RPM)")
+            reset_at = now + min(budget.requests_reset, _MAX_RESET)
+            if sent >= pool.snapshot or reset_at > pool.requests_reset_at + _NEW_WINDOW:
+                pool.snapshot = sent
+                pool.requests_reset_at = reset_at
+                pool.requests_left = budget.requests_left - (pool.sent - sent)
+                if pool.requests_left <= 0:
+                    self.cool_pool(pool, reset_at - now, "budget spent (RPM)")
         if budget.tokens_left is not None and budget.tokens_reset is not None:
-            left_tokens = budget.tokens_left - pool.tokens_in_flight
-            pool.tokens_left = left_tokens
-            if left_tokens < max(1.0, pool.avg_tokens):
-                self.cool_pool(pool, min(budget.tokens_reset, _MAX_RESET), "budget spent (TPM)")
+            reset_at = now + min(budget.tokens_reset, _MAX_RESET)
+            if sent >= pool.snapshot or reset_at > pool.tokens_reset_at + _NEW_WINDOW:
+                pool.tokens_reset_at = reset_at
+                pool.tokens_left = budget.tokens_left - (pool.tokens_sent - tokens_sent)
+                if pool.tokens_left < max(1.0, pool.avg_tokens):
+                    self.cool_pool(pool, reset_at - now, "budget spent (TPM)")
 
     def cool_pool(self, pool: Pool, seconds: float, reason: str) -> None:
         """Cool every key of ``pool``: they share the budget that is spent."""
@@ -500,13 +558,6 @@ class KeyRing:
             entry = heapq.heappop(cooling)
             if self._is_current(entry):
                 state = entry[2]
-                if state.reason.startswith("budget spent"):
-                    # The server's window has reset: its full budget is back.
-                    pool = state.pool
-                    pool.requests_left = (
-                        None if pool.requests_limit is None
-                        else pool.requests_limit - pool.in_flight
-                    )
-                    pool.tokens_left = None
+                self._refresh(state.pool, now)
                 state.reason = ""
                 self._make_ready(state)
