@@ -89,6 +89,7 @@ def sync_client(manager: KeyManager, state: KeyState) -> openai.OpenAI:
                 event_hooks={"request": [hooks.request], "response": [on_response]}
             )
         client = state.clients.setdefault("sync", openai.OpenAI(**options))
+        manager._probe(state)
     return client  # type: ignore[return-value]
 
 
@@ -116,6 +117,7 @@ def async_client(manager: KeyManager, state: KeyState) -> openai.AsyncOpenAI:
                 event_hooks={"request": [on_request], "response": [on_response]}
             )
         client = per_loop.setdefault(loop, openai.AsyncOpenAI(**options))
+        manager._probe(state)
     return client
 
 

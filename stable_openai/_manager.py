@@ -23,7 +23,7 @@ from ._budget import ServerBudget, organization_in
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError
 from ._keys import Key, KeyLike, normalize_keys
 from ._policy import Fate, Verdict
-from ._ring import KeyRing, KeyState, Where
+from ._ring import KeyRing, KeyState, Marks, Where
 
 __all__ = ["KeyManager", "KeyStats"]
 
@@ -410,16 +410,20 @@ class KeyManager:
 
     def _learn(
         self, state: KeyState, budget: ServerBudget | None, tokens: float = 0.0,
-        marks: tuple[int, float] | None = None,
+        marks: Marks | None = None,
     ) -> None:
         """A response arrived on ``state`` for a request of ``tokens`` tokens, sent when the
         pool stood at ``marks``; a successful one carries the pool's budget in its headers."""
         with self._lock:
-            self._ring.answered(state, tokens)
-            if budget is not None:
-                self._ring.learn(state, budget, marks)
+            self._ring.answered(state, tokens, marks)
+            if budget is not None and self._ring.learn(state, budget, marks):
+                self._notify()
 
-    def _spend_tokens(self, state: KeyState, tokens: float) -> tuple[int, float]:
+    def _probe(self, state: KeyState) -> None:
+        with self._lock:
+            self._ring.probe(state)
+
+    def _spend_tokens(self, state: KeyState, tokens: float) -> Marks:
         with self._lock:
             return self._ring.spend_tokens(state, tokens)
 

@@ -16,6 +16,7 @@ lock around every method.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import math
@@ -35,6 +36,12 @@ _NEW_WINDOW = 0.1
 #: How long a pool whose budget is spent waits when it does not know the reset yet: about
 #: the time an answer needs to come back and tell.
 _PROBE = 0.05
+#: Calls per key a pool sends before an answer has told its budget.
+_PROBE_CALLS = 2
+
+
+#: Where a request stood when it left: its pool, and that pool's request and token counts.
+Marks = tuple["Pool", int, float]
 
 
 class Where(enum.Enum):
@@ -55,16 +62,21 @@ class Pool:
         "learned",
         "members",
         "name",
+        "probing",
         "request_bucket",
         "requests_left",
         "requests_limit",
+        "requests_refilled",
         "requests_reset_at",
         "sent",
+        "hooked",
+        "outstanding",
         "snapshot",
         "token_bucket",
         "tokens_in_flight",
         "tokens_left",
         "tokens_limit",
+        "tokens_refilled",
         "tokens_reset_at",
         "tokens_sent",
     )
@@ -81,13 +93,18 @@ class Pool:
         # What the server's headers said, brought up to date with what was sent since:
         self.sent = 0  # calls started on the pool, ever
         self.tokens_sent = 0.0  # tokens of the requests sent, ever
-        self.snapshot = -1  # ``sent`` when the request behind the freshest headers was sent
+        self.hooked = 0  # requests seen leaving by the pooled client's hook, ever
+        self.outstanding: list[int] = []  # ``hooked`` marks of requests not answered yet
+        self.snapshot = -1  # ``hooked`` mark of the request behind the freshest headers
+        self.probing = False  # a few calls go out first, to learn the budget from their answers
         self.requests_left: float | None = None
         self.requests_limit: int | None = None
         self.requests_reset_at = 0.0
+        self.requests_refilled = 0.0  # the reset already refilled: answers before it are stale
         self.tokens_left: float | None = None
         self.tokens_limit: int | None = None
         self.tokens_reset_at = 0.0
+        self.tokens_refilled = 0.0
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} keys={len(self.members)} in_flight={self.in_flight}>"
@@ -230,11 +247,19 @@ class KeyRing:
         old = state.pool
         if old.name == name or state.spec.pool is not None or state.where is Where.REMOVED:
             return
+        if name not in self._pools and old.members == [state]:
+            # The key's own pool gets the server's name, keeping what it counted so far.
+            del self._pools[old.name]
+            old.name = name
+            old.learned = True
+            self._pools[name] = old
+            return
         new = self._pool(name, learned=True)
         old.members.remove(state)
         old.in_flight -= state.in_flight
         new.members.append(state)
         new.in_flight += state.in_flight
+        new.sent += state.in_flight  # its calls in flight are unknown to the pool's answers
         state.pool = new
         self._pace(new, state.spec)
         if not old.members:
@@ -298,8 +323,29 @@ class KeyRing:
         state.level = level
         pool = state.pool
         pool.in_flight -= 1
-        if not pool.in_flight:  # no call in flight, so no tokens either (heals lost answers)
+        if not pool.in_flight:  # no call in flight, so nothing unanswered (heals lost answers)
             pool.tokens_in_flight = 0.0
+            pool.outstanding.clear()
+
+    def take(self, state: KeyState) -> None:
+        """Mark ``state`` in flight as :meth:`choose` does, for a key chosen elsewhere (by a
+        shared backend).  A key not ready here is counted all the same: the shared state,
+        which chose it, knows better than this process.  (Keep in step with choose().)"""
+        state.calls += 1
+        in_flight = state.in_flight = state.in_flight + 1
+        level = in_flight if state.weight == 1.0 else int(in_flight / state.weight)
+        if state.where is Where.READY:
+            buckets = self._buckets
+            del buckets[state.level][state]
+            while level >= len(buckets):
+                buckets.append(OrderedDict())
+            buckets[level][state] = None
+        state.level = level
+        pool = state.pool
+        pool.in_flight += 1
+        pool.sent += 1
+        if pool.requests_left is not None or pool.request_bucket is not None:
+            self._spend_request(pool)
 
     def give_back(self, state: KeyState) -> None:
         """Undo :meth:`choose` for a key that was only handed out (``get_key()``), not called."""
@@ -323,6 +369,7 @@ class KeyRing:
         pool.in_flight -= 1
         if not pool.in_flight:
             pool.tokens_in_flight = 0.0
+            pool.outstanding.clear()
 
     def fail(self, state: KeyState, *, rate_limited: bool = False) -> None:
         if rate_limited:
@@ -341,7 +388,8 @@ class KeyRing:
                 pool.requests_left -= 1
                 if pool.requests_left <= 0:
                     # Until the server's reset, or until an answer says when that is.
-                    wait = pool.requests_reset_at - now if pool.requests_reset_at else _PROBE
+                    reset_at = pool.requests_reset_at
+                    wait = reset_at - now if reset_at > now else _PROBE
                     self.cool_pool(pool, wait, "budget spent (RPM)")
         bucket = pool.request_bucket
         if bucket is not None:
@@ -352,32 +400,37 @@ class KeyRing:
 
     def _refresh(self, pool: Pool, now: float) -> None:
         """Past the server's reset, the pool's full budget is back (less what is in flight)."""
-        if pool.requests_reset_at and now >= pool.requests_reset_at:
-            pool.requests_reset_at = 0.0
+        reset_at = pool.requests_reset_at
+        if reset_at and now >= reset_at and pool.requests_refilled < reset_at:
+            pool.requests_refilled = reset_at
             pool.requests_left = (
                 None if pool.requests_limit is None else pool.requests_limit - pool.in_flight
             )
-            pool.snapshot = pool.sent
-        if pool.tokens_reset_at and now >= pool.tokens_reset_at:
-            pool.tokens_reset_at = 0.0
+            pool.snapshot = pool.hooked
+        reset_at = pool.tokens_reset_at
+        if reset_at and now >= reset_at and pool.tokens_refilled < reset_at:
+            pool.tokens_refilled = reset_at
             pool.tokens_left = (
                 None if pool.tokens_limit is None else pool.tokens_limit - pool.tokens_in_flight
             )
 
-    def spend_tokens(self, state: KeyState, tokens: float) -> tuple[int, float]:
+    def spend_tokens(self, state: KeyState, tokens: float) -> Marks:
         """A request of about ``tokens`` tokens is being sent on ``state``.  Returns its marks
         (calls started, tokens sent) for :meth:`learn` to place its answer."""
         pool = state.pool
         now = self.clock()
         pool.tokens_in_flight += tokens
         pool.tokens_sent += tokens
+        pool.hooked += 1
+        pool.outstanding.append(pool.hooked)
         pool.avg_tokens = tokens if not pool.avg_tokens else 0.8 * pool.avg_tokens + 0.2 * tokens
         if pool.tokens_left is not None:
             self._refresh(pool, now)
             if pool.tokens_left is not None:
                 pool.tokens_left -= tokens
                 if pool.tokens_left < pool.avg_tokens:
-                    wait = pool.tokens_reset_at - now if pool.tokens_reset_at else _PROBE
+                    reset_at = pool.tokens_reset_at
+                    wait = reset_at - now if reset_at > now else _PROBE
                     self.cool_pool(pool, wait, "budget spent (TPM)")
         bucket = pool.token_bucket
         if bucket is not None:
@@ -385,7 +438,15 @@ class KeyRing:
             wait = bucket.ready_in(now, pool.avg_tokens)
             if wait > 0:
                 self.cool_pool(pool, wait, "paced (tpm)")
-        return pool.sent, pool.tokens_sent
+        return pool, pool.hooked, pool.tokens_sent
+
+    def probe(self, state: KeyState) -> None:
+        """``state`` will be called through a client whose answers tell the budget: until the
+        first one does, its pool sends only a few calls instead of a burst."""
+        pool = state.pool
+        if pool.requests_left is None and pool.snapshot < 0 and not pool.probing:
+            pool.probing = True
+            pool.requests_left = float(_PROBE_CALLS * len(pool.members)) - pool.in_flight
 
     def correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
         """The server counted ``actual`` tokens for a request estimated at ``estimated``."""
@@ -393,23 +454,25 @@ class KeyRing:
         if bucket is not None and actual != estimated:
             bucket.take(actual - estimated, self.clock())
 
-    def answered(self, state: KeyState, tokens: float) -> None:
+    def answered(self, state: KeyState, tokens: float, marks: Marks | None = None) -> None:
         """The server answered a request of ``tokens`` tokens: they are no longer in flight."""
         pool = state.pool
         pool.tokens_in_flight = max(0.0, pool.tokens_in_flight - tokens)
+        if marks is not None and marks[0] is pool:
+            index = bisect.bisect_left(pool.outstanding, marks[1])
+            if index < len(pool.outstanding) and pool.outstanding[index] == marks[1]:
+                del pool.outstanding[index]
 
-    def learn(
-        self, state: KeyState, budget: ServerBudget, marks: tuple[int, float] | None = None
-    ) -> None:
+    def learn(self, state: KeyState, budget: ServerBudget, marks: Marks | None = None) -> bool:
         """Take in what a successful response's headers say about ``state``'s pool.
 
         The remainders count the requests the server admitted up to this one; what the pool
         sent after it (``marks`` says where it stood) is taken off.  Only the freshest
         answer counts, unless it shows a new window.  A pool whose budget is spent cools
-        until the server's reset.
+        until the server's reset.  Returns whether keys became ready.
         """
         if state.where is Where.REMOVED:
-            return
+            return False
         if budget.organization:
             name = budget.organization
             if budget.project:
@@ -417,26 +480,55 @@ class KeyRing:
             self.join_pool(state, name)
         pool = state.pool
         now = self.clock()
-        sent, tokens_sent = marks if marks is not None else (pool.sent, pool.tokens_sent)
+        if marks is not None and marks[0] is not pool:
+            return False  # sent before its key joined this pool: its place here is unknown
+        _, mark, tokens_sent = marks if marks is not None else (pool, pool.hooked, pool.tokens_sent)
+        # Not in the server's count: every call started after this request left, and — as
+        # requests may overtake each other on the way — those that left before it and are
+        # still unanswered.
+        unseen = pool.sent - mark + bisect.bisect_left(pool.outstanding, mark)
         if budget.requests_limit is not None:
             pool.requests_limit = budget.requests_limit
         if budget.tokens_limit is not None:
             pool.tokens_limit = budget.tokens_limit
+        freed = False
         if budget.requests_left is not None and budget.requests_reset is not None:
             reset_at = now + min(budget.requests_reset, _MAX_RESET)
-            if sent >= pool.snapshot or reset_at > pool.requests_reset_at + _NEW_WINDOW:
-                pool.snapshot = sent
+            if reset_at <= pool.requests_refilled + _NEW_WINDOW:
+                pass  # an answer from a window already over and refilled: stale
+            elif mark >= pool.snapshot or reset_at > pool.requests_reset_at + _NEW_WINDOW:
+                pool.probing = False
+                pool.snapshot = mark
                 pool.requests_reset_at = reset_at
-                pool.requests_left = budget.requests_left - (pool.sent - sent)
+                pool.requests_left = budget.requests_left - unseen
                 if pool.requests_left <= 0:
                     self.cool_pool(pool, reset_at - now, "budget spent (RPM)")
+                else:
+                    freed = self._uncool_budget(pool)
+        elif pool.probing:  # the server sends no budget headers: nothing to wait for
+            pool.probing = False
+            pool.requests_left = None
+            freed = self._uncool_budget(pool)
         if budget.tokens_left is not None and budget.tokens_reset is not None:
             reset_at = now + min(budget.tokens_reset, _MAX_RESET)
-            if sent >= pool.snapshot or reset_at > pool.tokens_reset_at + _NEW_WINDOW:
+            if reset_at <= pool.tokens_refilled + _NEW_WINDOW:
+                pass  # stale, as above
+            elif mark >= pool.snapshot or reset_at > pool.tokens_reset_at + _NEW_WINDOW:
                 pool.tokens_reset_at = reset_at
                 pool.tokens_left = budget.tokens_left - (pool.tokens_sent - tokens_sent)
                 if pool.tokens_left < max(1.0, pool.avg_tokens):
                     self.cool_pool(pool, reset_at - now, "budget spent (TPM)")
+        return freed
+
+    def _uncool_budget(self, pool: Pool) -> bool:
+        """An answer shows budget left: members held only for a spent budget are ready."""
+        freed = False
+        for member in pool.members:
+            if member.where is Where.COOLING and member.reason.startswith("budget spent (RPM)"):
+                member.reason = ""
+                self._make_ready(member)
+                freed = True
+        return freed
 
     def cool_pool(self, pool: Pool, seconds: float, reason: str) -> None:
         """Cool every key of ``pool``: they share the budget that is spent."""
@@ -511,6 +603,7 @@ class KeyRing:
         for pool in self._pools.values():
             pool.in_flight = 0
             pool.tokens_in_flight = 0.0
+            pool.outstanding.clear()
 
     # -- internals -----------------------------------------------------------------------------
     def _leave(self, state: KeyState) -> None:
