@@ -10,6 +10,7 @@ in tokens, and each response's ``x-ratelimit-*`` and ``openai-organization`` hea
 from __future__ import annotations
 
 import asyncio
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -71,8 +72,22 @@ def _options(state: KeyState) -> dict[str, Any]:
     return options
 
 
+#: Building an ``openai.OpenAI`` takes tens of milliseconds: one thread builds a key's client
+#: while the others wait for it, rather than every thread building one and all but one
+#: being thrown away.
+_building = threading.Lock()
+
+
 def sync_client(manager: KeyManager, state: KeyState) -> openai.OpenAI:
     """The pooled ``openai.OpenAI`` of ``state``'s key, built on first use."""
+    client = state.clients.get("sync")
+    if client is None:
+        with _building:
+            return _build_sync(manager, state)
+    return client  # type: ignore[return-value]
+
+
+def _build_sync(manager: KeyManager, state: KeyState) -> openai.OpenAI:
     client = state.clients.get("sync")
     if client is None:
         hooks = _Hooks(manager, state)

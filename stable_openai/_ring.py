@@ -259,7 +259,6 @@ class KeyRing:
         old.in_flight -= state.in_flight
         new.members.append(state)
         new.in_flight += state.in_flight
-        new.sent += state.in_flight  # its calls in flight are unknown to the pool's answers
         state.pool = new
         self._pace(new, state.spec)
         if not old.members:
