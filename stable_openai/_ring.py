@@ -259,6 +259,9 @@ class KeyRing:
         old.in_flight -= state.in_flight
         new.members.append(state)
         new.in_flight += state.in_flight
+        # Its calls in flight may reach the server after the pool's answers were counted:
+        # hold them as unanswered requests older than any of the pool's own.
+        new.outstanding[0:0] = [0] * state.in_flight
         state.pool = new
         self._pace(new, state.spec)
         if not old.members:
@@ -406,6 +409,9 @@ class KeyRing:
                 None if pool.requests_limit is None else pool.requests_limit - pool.in_flight
             )
             pool.snapshot = pool.hooked
+            # Re-align the count of calls started with the requests seen leaving, so that calls
+            # that never sent one (they failed first) do not count as unseen for ever.
+            pool.sent = pool.hooked + max(0, pool.in_flight - len(pool.outstanding))
         reset_at = pool.tokens_reset_at
         if reset_at and now >= reset_at and pool.tokens_refilled < reset_at:
             pool.tokens_refilled = reset_at
@@ -457,10 +463,15 @@ class KeyRing:
         """The server answered a request of ``tokens`` tokens: they are no longer in flight."""
         pool = state.pool
         pool.tokens_in_flight = max(0.0, pool.tokens_in_flight - tokens)
-        if marks is not None and marks[0] is pool:
-            index = bisect.bisect_left(pool.outstanding, marks[1])
-            if index < len(pool.outstanding) and pool.outstanding[index] == marks[1]:
-                del pool.outstanding[index]
+        if marks is None:
+            return
+        outstanding = pool.outstanding
+        if marks[0] is pool:
+            index = bisect.bisect_left(outstanding, marks[1])
+            if index < len(outstanding) and outstanding[index] == marks[1]:
+                del outstanding[index]
+        elif outstanding and outstanding[0] == 0:  # sent before its key joined this pool
+            del outstanding[0]
 
     def learn(self, state: KeyState, budget: ServerBudget, marks: Marks | None = None) -> bool:
         """Take in what a successful response's headers say about ``state``'s pool.
@@ -485,7 +496,10 @@ class KeyRing:
         # Not in the server's count: every call started after this request left, and — as
         # requests may overtake each other on the way — those that left before it and are
         # still unanswered.
-        unseen = pool.sent - mark + bisect.bisect_left(pool.outstanding, mark)
+        # (Calls started on another pool before their key joined this one hook here without
+        # having been counted as started: hence the max.)
+        started = max(pool.sent, pool.hooked)
+        unseen = started - mark + bisect.bisect_left(pool.outstanding, mark)
         if budget.requests_limit is not None:
             pool.requests_limit = budget.requests_limit
         if budget.tokens_limit is not None:
