@@ -485,7 +485,7 @@ def test_odd_bodies_never_raise(
             "error is a string": {"error": "Too many requests"},
             "error is null": {"error": None},
             "error fields of wrong types": {
-                "error": {"message": ["try again in 5s"], "type": 3, "code": {"x": 1}}
+                "error": {"message": ["slow down"], "type": 3, "code": {"x": 1}}
             },
         }[shape]
     exc = make_error(client, status, body, text=text)

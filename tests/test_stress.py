@@ -86,11 +86,11 @@ def test_64_threads_by_200_calls_over_8_keys_with_injected_failures(
     answers = [a for results in outcomes.values() for a in results]
     assert len(answers) == THREADS * CALLS
     assert None not in answers
-    assert kinds.total() < len(answers) * 0.01, kinds  # retries absorb almost every failure
+    assert sum(kinds.values()) < len(answers) * 0.01, kinds  # retries absorb almost every failure
     assert checked_choose == []
     stats = {row["key"]: row for row in KeyManager().stats()}
     assert sum(row["in_flight"] for row in stats.values()) == 0
     assert [row["state"] for row in stats.values()].count("disabled") == 1
     disabled = next(row for row in stats.values() if row["state"] == "disabled")
     assert disabled["calls"] <= THREADS  # the revoked key is dropped after its first failures
-    assert sum(row["successes"] for row in stats.values()) == len(answers) - kinds.total()
+    assert sum(row["successes"] for row in stats.values()) == len(answers) - sum(kinds.values())
