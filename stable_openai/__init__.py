@@ -4,9 +4,7 @@ Three lines: ``KeyManager(api_keys)`` at start-up, ``@stable`` on the function t
 OpenAI, and an ``api_key`` parameter on that function.
 """
 
-from __future__ import annotations
-
-from importlib.metadata import PackageNotFoundError, version
+import importlib.metadata as _metadata
 
 from ._decorator import stable
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, StableOpenAIError
@@ -14,8 +12,8 @@ from ._keys import Key
 from ._manager import KeyManager, KeyStats
 
 try:
-    __version__ = version("stable-openai")
-except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = _metadata.version("stable-openai")
+except _metadata.PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0"
 
 __all__ = [

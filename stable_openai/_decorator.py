@@ -252,11 +252,11 @@ def _wrap_gen(
         manager = call.manager
         while True:  # until the first item arrives, a failure is retried on another key
             state = call.acquire()
-            stream = (
-                func(*args, **kwargs, api_key=state.key) if invoke is None
-                else invoke(state, manager, args, kwargs)
-            )
-            try:
+            try:  # making the stream can fail too (wrong arguments, no client): release
+                stream = (
+                    func(*args, **kwargs, api_key=state.key) if invoke is None
+                    else invoke(state, manager, args, kwargs)
+                )
                 first = next(stream)
             except StopIteration as stop:
                 manager._succeed(state)
@@ -299,11 +299,12 @@ def _wrap_async_gen(
         manager = call.manager
         while True:
             state = await call.acquire_async()
-            stream = (
-                func(*args, **kwargs, api_key=state.key) if invoke is None
-                else invoke(state, manager, args, kwargs)
-            )
+            stream: AsyncIterator[Any] | None = None
             try:
+                stream = (
+                    func(*args, **kwargs, api_key=state.key) if invoke is None
+                    else invoke(state, manager, args, kwargs)
+                )
                 first = await stream.__anext__()
             except StopAsyncIteration:
                 manager._succeed(state)
@@ -317,9 +318,11 @@ def _wrap_async_gen(
                 continue
             except BaseException:
                 manager._abandon(state)
-                await _aclose(stream)
+                if stream is not None:
+                    await _aclose(stream)
                 raise
             break
+        assert stream is not None
         try:
             yield first
             async for item in stream:

@@ -160,6 +160,8 @@ def _positive(args: argparse.Namespace) -> str | None:
     for name in ("calls", "threads", "concurrency", "rpm"):
         if getattr(args, name) < 1:
             return f"--{name} must be at least 1"
+        if getattr(args, name) > 1_000_000:
+            return f"--{name} must be at most 1000000"
     if not 0 < args.window <= 3600:
         return "--window must be between 0 and 3600 seconds"
     if not 0 <= args.latency <= 60:

@@ -74,8 +74,8 @@ class Key:
         weight = self.weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise TypeError("Key(weight=...) must be a number")
-        if not (math.isfinite(weight) and 0 < weight <= 1000):
-            raise ValueError("Key(weight=...) must be above 0 and at most 1000")
+        if not (math.isfinite(weight) and 0.01 <= weight <= 1000):
+            raise ValueError("Key(weight=...) must be between 0.01 and 1000")
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
             if value is None:
@@ -116,6 +116,8 @@ def _check_key_text(key: object, where: str) -> None:
         raise ValueError(f"{where} is empty")
     if any(char.isspace() for char in text):
         raise ValueError(f"{where} contains whitespace inside the key")
+    if not (text.isascii() and text.isprintable()):
+        raise ValueError(f"{where} contains a character that cannot go in an HTTP header")
 
 
 def normalize_keys(api_keys: object, name: str = "api_keys") -> list[Key]:

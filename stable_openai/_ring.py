@@ -58,10 +58,12 @@ class Pool:
 
     __slots__ = (
         "avg_tokens",
+        "hooked",
         "in_flight",
         "learned",
         "members",
         "name",
+        "outstanding",
         "probing",
         "request_bucket",
         "requests_left",
@@ -69,8 +71,6 @@ class Pool:
         "requests_refilled",
         "requests_reset_at",
         "sent",
-        "hooked",
-        "outstanding",
         "snapshot",
         "token_bucket",
         "tokens_in_flight",
@@ -323,6 +323,8 @@ class KeyRing:
             if level < self._low:
                 self._low = level
         state.level = level
+        if state.where is Where.REMOVED:  # remove() already took its calls off the pool
+            return
         pool = state.pool
         pool.in_flight -= 1
         if not pool.in_flight:  # no call in flight, so nothing unanswered (heals lost answers)

@@ -18,8 +18,6 @@ Token accounting: a chat request costs ceil(chars of all message contents / 4) p
 ``max_completion_tokens`` or ``max_tokens`` or 16; an embeddings request costs ceil(chars / 4).
 """
 
-from __future__ import annotations
-
 from ._config import Faults, ProjectLimits, SimKey, SimulatorConfig
 from ._server import Simulator
 from ._wire import echo_answer

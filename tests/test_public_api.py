@@ -1,0 +1,94 @@
+"""The public surface, pinned: adding or removing a public name must be a decision.
+
+When this fails because of a planned change, update the lists below in the same commit.
+"""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import stable_openai
+import stable_openai.simulator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STABLE_OPENAI_ALL = [
+    "AllKeysCoolingError",
+    "AllKeysDisabledError",
+    "Key",
+    "KeyManager",
+    "KeyStats",
+    "NoKeysError",
+    "StableOpenAIError",
+    "__version__",
+    "stable",
+]
+
+# Names public by accident of how ``__init__.py`` imports (none now: it imports
+# importlib.metadata under a private name and has no ``from __future__`` import).
+STABLE_OPENAI_INCIDENTAL: list[str] = []
+
+SIMULATOR_ALL = [
+    "Faults",
+    "ProjectLimits",
+    "SimKey",
+    "Simulator",
+    "SimulatorConfig",
+    "echo_answer",
+]
+SIMULATOR_INCIDENTAL: list[str] = []
+
+
+def public_names(module: ModuleType) -> list[str]:
+    """``dir(module)`` without private and dunder names and without submodules (which
+    appear as attributes once something imports them)."""
+    return sorted(
+        name
+        for name in dir(module)
+        if not name.startswith("_") and not inspect.ismodule(getattr(module, name))
+    )
+
+
+def test_stable_openai_all_is_pinned() -> None:
+    assert sorted(stable_openai.__all__) == STABLE_OPENAI_ALL
+    assert len(set(stable_openai.__all__)) == len(stable_openai.__all__)
+    for name in stable_openai.__all__:
+        assert hasattr(stable_openai, name), name
+
+
+def test_stable_openai_namespace_is_pinned() -> None:
+    expected = sorted(
+        [name for name in STABLE_OPENAI_ALL if not name.startswith("_")]
+        + STABLE_OPENAI_INCIDENTAL
+    )
+    assert public_names(stable_openai) == expected
+
+
+def test_simulator_all_is_pinned() -> None:
+    assert sorted(stable_openai.simulator.__all__) == SIMULATOR_ALL
+    for name in stable_openai.simulator.__all__:
+        assert hasattr(stable_openai.simulator, name), name
+
+
+def test_simulator_namespace_is_pinned() -> None:
+    expected = sorted(SIMULATOR_ALL + SIMULATOR_INCIDENTAL)
+    assert public_names(stable_openai.simulator) == expected
+
+
+def test_star_import_gives_exactly_all() -> None:
+    """``from stable_openai import *`` in a fresh interpreter binds exactly ``__all__``."""
+    code = (
+        "before = set(globals())\n"
+        "from stable_openai import *\n"
+        "print(' '.join(sorted(set(globals()) - before - {'before'})))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == STABLE_OPENAI_ALL
