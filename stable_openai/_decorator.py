@@ -202,8 +202,11 @@ def _wrap_sync(
             except BaseException:
                 manager._abandon(state)
                 raise
-            with manager._lock:
-                manager._ring.succeed(state)
+            if manager._shared is None:
+                with manager._lock:
+                    manager._ring.succeed(state)
+            else:  # the shared backend hears of it too
+                manager._succeed(state)
             return result
 
     return call_with_key

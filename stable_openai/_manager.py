@@ -4,6 +4,10 @@ Choosing a key and marking it in flight happen in one step under the lock; the c
 its HTTP call outside it.  A caller that finds every key cooling waits on the condition (or,
 in asyncio, on a future the condition's notifier resolves) until the first deadline or until
 the keys change.  No background thread: cooldowns are deadlines on a monotonic clock.
+
+With a shared backend (``backend="redis://..."``), the choice is made there instead, outside
+the lock, and every call is reported back to it; the ring then mirrors what this process
+does, and decides alone whenever the backend cannot be reached.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import ClassVar, TypedDict
 
 from ._budget import ServerBudget, organization_in
@@ -24,6 +28,9 @@ from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError
 from ._keys import Key, KeyLike, normalize_keys
 from ._policy import Fate, Verdict
 from ._ring import KeyRing, KeyState, Marks, Where
+from .backends import MemoryBackend, StateBackend, backend_from_url
+from .backends._base import Outcome, Pick, SharedKeyState
+from .backends.memory import apply_verdict
 
 __all__ = ["KeyManager", "KeyStats"]
 
@@ -34,6 +41,10 @@ _ENV_HELP = (
     "no API keys configured: call KeyManager([key1, key2, ...]) at start-up, or set "
     "OPENAI_API_KEYS (comma- or space-separated) or OPENAI_API_KEY"
 )
+
+#: Longest wait between two questions to a shared backend while no key is ready: another
+#: process may enable or add a key meanwhile.
+_SHARED_POLL = 1.0
 
 
 class KeyStats(TypedDict):
@@ -99,6 +110,10 @@ class KeyManager:
     state, new keys join, the rest leave, disabled keys given again are enabled);
     ``KeyManager()`` returns it, reading ``OPENAI_API_KEYS`` / ``OPENAI_API_KEY`` the first
     time if no keys were given.  ``KeyManager.reset()`` forgets it (for tests).
+
+    ``backend`` says where the keys' state lives: ``None`` (this process), a URL such as
+    ``"redis://localhost:6379/0"`` (shared by every process and host using that Redis), or a
+    :class:`~stable_openai.backends.StateBackend` object.
     """
 
     _instance: ClassVar[KeyManager | None] = None
@@ -107,12 +122,16 @@ class KeyManager:
     _ring: KeyRing
     _lock: threading.Lock
     _queue: collections.deque[_Waiter]
+    _backend: StateBackend
+    _shared: StateBackend | None  # the backend when it is shared, else None (the fast path)
+    _last_pick: Pick | None  # the shared backend's last "no key is ready", for messages
 
     def __new__(
         cls,
         api_keys: Iterable[KeyLike] | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        backend: str | StateBackend | None = None,
     ) -> KeyManager:
         keys = None if api_keys is None else normalize_keys(api_keys)
         if clock is not None and not callable(clock):
@@ -120,15 +139,23 @@ class KeyManager:
         with cls._class_lock:
             instance = KeyManager._instance
             if instance is None:
+                built = _build_backend(backend)
                 instance = super().__new__(cls)
                 instance._setup(keys if keys is not None else _keys_from_env(), clock)
+                instance._use_backend(built, backend)
                 KeyManager._instance = instance
             else:
+                # The same URL again (start-up code run twice) keeps the backend and its state.
+                same = backend is instance._backend or (
+                    isinstance(backend, str) and backend == instance._backend_url
+                )
+                built = None if same else _build_backend(backend)
                 if clock is not None:
                     with instance._lock:
                         instance._ring.clock = clock
                 if keys is not None:
                     instance._reconfigure(keys)
+                instance._use_backend(built, backend)
         return instance
 
     def __init__(
@@ -136,12 +163,43 @@ class KeyManager:
         api_keys: Iterable[KeyLike] | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        backend: str | StateBackend | None = None,
     ) -> None:
         """All the work happens in ``__new__``: the instance is shared."""
 
     def _setup(self, keys: list[Key], clock: Callable[[], float] | None) -> None:
         self._ring = KeyRing(keys, clock=clock or time.monotonic)
         self._new_locks()
+        self._backend = MemoryBackend()
+        self._backend.bind(self._ring)
+        self._backend_url: str | None = None
+        self._shared = None
+        self._last_pick = None
+
+    def _use_backend(self, backend: StateBackend | None, given: object = None) -> None:
+        """Keep the keys' state in ``backend`` from now on (``None``: no change); ``given``
+        is what the caller passed, a URL or the object."""
+        if backend is None:
+            return
+        with self._lock:
+            old = self._backend
+            backend.bind(self._ring)
+            self._backend = backend
+            self._backend_url = given if isinstance(given, str) else None
+            self._shared = backend if backend.shared else None
+            self._last_pick = None
+            # The instance's own _take: the memory default keeps the bare fast path.
+            if self._shared is not None:
+                setattr(self, "_take", self._take_shared)  # noqa: B010
+            else:
+                vars(self).pop("_take", None)
+        if old is not backend:
+            old.close()
+
+    @property
+    def backend(self) -> StateBackend:
+        """Where the keys' state lives (a ``MemoryBackend`` unless one was given)."""
+        return self._backend
 
     def _new_locks(self) -> None:
         self._lock = threading.Lock()
@@ -151,7 +209,10 @@ class KeyManager:
     def reset(cls) -> None:
         """Forget the singleton, so the next ``KeyManager(...)`` starts afresh (for tests)."""
         with cls._class_lock:
+            instance = KeyManager._instance
             KeyManager._instance = None
+        if instance is not None:
+            instance._backend.close()
 
     @classmethod
     def current(cls) -> KeyManager | None:
@@ -164,6 +225,8 @@ class KeyManager:
         state, _ = self._acquire(None, float("inf"))
         with self._lock:
             self._ring.give_back(state)
+        if self._shared is not None:
+            self._shared.report(state, "given_back")
         return state.key
 
     def set_ttl(self, key: str, ttl: float) -> bool:
@@ -179,42 +242,59 @@ class KeyManager:
                 return False
             self._ring.set_cooldown(state, float(ttl))
             self._notify()
-            return True
+        if self._shared is not None:
+            self._shared.set_cooldown(state, float(ttl))
+        return True
 
     def delete_key(self, key: str) -> bool:
         """Remove ``key`` from the ring.  ``False`` if it was not there."""
         _check_key_arg(key)
         with self._lock:
             removed = self._ring.remove(key.strip())
+            if removed and self._shared is not None:
+                self._shared.bind(self._ring)
             self._notify()
             return removed
 
     def get_min_ttl(self) -> float:
         """Seconds until the first key is ready: 0 if one is ready now."""
         with self._lock:
-            seconds = [self._ring.seconds_left(s) for s in self._ring]
-        return min(seconds) if seconds else 0.0
+            left = {s: self._ring.seconds_left(s) for s in self._ring}
+        for state, row in self._shared_rows(left).items():
+            left[state] = row.seconds_left
+        return min(left.values()) if left else 0.0
 
     @property
     def data(self) -> dict[str, float]:
         """Each key and the seconds of cooldown it has left (``inf`` when disabled)."""
         with self._lock:
-            return {s.key: self._ring.seconds_left(s) for s in self._ring}
+            left = {s: self._ring.seconds_left(s) for s in self._ring}
+        for state, row in self._shared_rows(left).items():
+            left[state] = row.seconds_left
+        return {state.key: seconds for state, seconds in left.items()}
 
     # -- additions ---------------------------------------------------------------------------
     def add_keys(self, api_keys: Iterable[KeyLike]) -> int:
         """Add keys (a disabled key given again is enabled).  Returns how many were new."""
         keys = normalize_keys(api_keys)
         with self._lock:
+            known = [s for s in map(self._ring.find, (k.key for k in keys)) if s is not None]
             added = self._ring.add(keys)
+            if self._shared is not None:
+                self._shared.bind(self._ring)
             self._notify()
+        if self._shared is not None and known:
+            self._shared.enable(known)
         return len(added)
 
     def stats(self) -> list[KeyStats]:
-        """One row per key: masked key, state, seconds left, reason and counters."""
+        """One row per key: masked key, state, seconds left, reason and counters.
+
+        With a shared backend, the state and counters are the shared ones (every process's
+        calls), as long as the backend answers."""
         with self._lock:
-            return [
-                KeyStats(
+            rows = {
+                s: KeyStats(
                     key=s.masked, fingerprint=s.fingerprint, pool=_pool_label(s),
                     state=s.where.value,
                     seconds_left=self._ring.seconds_left(s), reason=s.reason, calls=s.calls,
@@ -222,15 +302,37 @@ class KeyManager:
                     in_flight=s.in_flight,
                 )
                 for s in self._ring
-            ]
+            }
+        for state, shared in self._shared_rows(rows).items():
+            row = rows[state]
+            row["state"] = shared.where
+            row["seconds_left"] = shared.seconds_left
+            row["reason"] = shared.reason
+            row["calls"] = shared.calls
+            row["successes"] = shared.successes
+            row["rate_limits"] = shared.rate_limits
+            row["failures"] = shared.failures
+            row["in_flight"] = shared.in_flight
+            if not shared.pool.startswith("key:"):  # a pool the server or the user named
+                row["pool"] = shared.pool
+        return list(rows.values())
+
+    def _shared_rows(self, states: Iterable[KeyState]) -> Mapping[KeyState, SharedKeyState]:
+        """The shared backend's view of ``states`` (empty without one, or when it fails)."""
+        shared = self._shared
+        if shared is None:
+            return {}
+        return shared.snapshot(list(states)) or {}
 
     def close(self) -> None:
-        """Close the pooled clients (``client`` parameters); new ones are built on next use."""
+        """Close the pooled clients (``client`` parameters) and the backend's connections;
+        new ones are made on next use."""
         from ._clients import close_clients
 
         with self._lock:
             states = list(self._ring)
         close_clients(states)
+        self._backend.close()
 
     async def aclose(self) -> None:
         """Close the pooled clients, with the async ones of the running event loop: await it
@@ -255,8 +357,13 @@ class KeyManager:
     # -- used by @stable ---------------------------------------------------------------------
     def _reconfigure(self, keys: list[Key]) -> None:
         with self._lock:
+            known = [s for s in map(self._ring.find, (k.key for k in keys)) if s is not None]
             self._ring.reconfigure(keys)
+            if self._shared is not None:
+                self._shared.bind(self._ring)
             self._notify()
+        if self._shared is not None and known:
+            self._shared.enable(known)
 
     def _notify(self) -> None:
         """The keys changed: wake the first queued caller.  Call with the lock held."""
@@ -266,6 +373,13 @@ class KeyManager:
     def _take(self, avoid: set[KeyState] | None = None) -> KeyState | None:
         """Choose a key at once, unless callers are queued (they come first).  Lock held."""
         if self._queue:
+            return None
+        return self._ring.choose(avoid)
+
+    def _take_shared(self, avoid: set[KeyState] | None = None) -> KeyState | None:
+        """:meth:`_take` with a shared backend: ``None`` while it answers, for it chooses,
+        outside the lock, in :meth:`_acquire`; the ring chooses while it does not."""
+        if self._queue or (self._shared is not None and self._shared.available()):
             return None
         return self._ring.choose(avoid)
 
@@ -286,23 +400,59 @@ class KeyManager:
 
     def _serve_head(
         self, waiter: _Waiter, avoid: set[KeyState] | None, budget: float,
-        last: BaseException | None,
+        last: BaseException | None, pick: Pick | None = None,
     ) -> tuple[KeyState | None, float]:
         """One turn of a queued caller: ``(key, 0)`` when it got one, else ``(None, seconds
-        to wait)``.  Only the head of the queue chooses; it then hands the turn on."""
+        to wait)``.  Only the head of the queue chooses; it then hands the turn on.  ``pick``
+        is what a shared backend answered the head (``None``: the ring chooses)."""
         if self._queue[0] is not waiter:
             if budget <= 0:  # waited its whole budget behind other callers
-                reasons = self._ring.reasons(Where.COOLING)
-                wait = self._ring.next_ready_in() or 0.0
+                shown = self._last_pick
+                if shown is not None and self._shared is not None:
+                    reasons = dict(shown.cooling)
+                    wait = shown.wait or 0.0
+                else:
+                    reasons = self._ring.reasons(Where.COOLING)
+                    wait = self._ring.next_ready_in() or 0.0
                 raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
             return None, min(budget, threading.TIMEOUT_MAX)
-        state = self._ring.choose(avoid)
+        if pick is not None:
+            state = self._claim(pick)
+            if state is None:
+                return None, self._shared_wait_time(pick, budget, last)
+        else:
+            state = self._ring.choose(avoid)
         if state is not None:
             self._queue.popleft()
             if self._queue:  # the next caller is now first: it chooses, or waits its deadline
                 self._queue[0].wake()
             return state, 0.0
         return None, self._wait_time(budget, last)
+
+    def _claim(self, pick: Pick | None) -> KeyState | None:
+        """Mark in flight here the key a shared backend chose.  Lock held."""
+        state = pick.state if pick is not None else None
+        if state is None or state.where is Where.REMOVED:  # deleted meanwhile: its lease expires
+            return None
+        self._ring.take(state)
+        return state
+
+    def _shared_wait_time(self, pick: Pick, budget: float, last: BaseException | None) -> float:
+        """:meth:`_wait_time` from what a shared backend said when no key was ready."""
+        if pick.state is not None:  # it chose a key this process no longer has: ask again
+            return 0.0
+        if not len(self._ring):
+            raise NoKeysError("KeyManager has no keys left: every key was deleted") from last
+        self._last_pick = pick
+        wait = pick.wait
+        if wait is None:
+            raise AllKeysDisabledError(pick.disabled or {"disabled": len(self._ring)}) from last
+        if wait > budget:
+            if last is not None and pick.all_forbidden:
+                raise last
+            reasons = dict(pick.cooling)
+            raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
+        return min(wait, _SHARED_POLL)
 
     def _leave_queue(self, waiter: _Waiter) -> None:
         """Take ``waiter`` out of the queue (it gave up); wake the next if it was first."""
@@ -323,6 +473,14 @@ class KeyManager:
     ) -> tuple[KeyState, float]:
         """Choose a key and mark it in flight, waiting up to ``budget`` seconds, in turn with
         the other waiting callers.  Returns the key's state and the seconds spent waiting."""
+        shared = self._shared
+        pick = None
+        if shared is not None and not self._queue and shared.available():
+            pick = shared.choose(avoid)  # outside the lock: this is I/O
+            with self._lock:
+                state = self._claim(pick)
+            if state is not None:
+                return state, 0.0
         with self._lock:
             state = self._take(avoid)
             if state is not None:
@@ -332,8 +490,19 @@ class KeyManager:
             start = time.monotonic()
             try:
                 while True:
+                    if pick is not None and pick.state is None:
+                        pass  # the answer just had: no key is ready, wait as it says
+                    elif shared is not None and self._queue[0] is waiter and shared.available():
+                        self._lock.release()  # the head asks the shared backend, unlocked
+                        try:
+                            pick = shared.choose(avoid)
+                        finally:
+                            self._lock.acquire()
+                    else:
+                        pick = None
                     waited = time.monotonic() - start
-                    state, wait = self._serve_head(waiter, avoid, budget - waited, last)
+                    state, wait = self._serve_head(waiter, avoid, budget - waited, last, pick)
+                    pick = None
                     if state is not None:
                         return state, waited
                     assert waiter.condition is not None
@@ -349,6 +518,14 @@ class KeyManager:
         last: BaseException | None = None,
     ) -> tuple[KeyState, float]:
         """:meth:`_acquire` for coroutines: waits on a future, never blocks the loop."""
+        shared = self._shared
+        pick = None
+        if shared is not None and not self._queue and shared.available():
+            pick = await shared.choose_async(avoid)
+            with self._lock:
+                state = self._claim(pick)
+            if state is not None:
+                return state, 0.0
         with self._lock:
             state = self._take(avoid)
             if state is not None:
@@ -359,9 +536,16 @@ class KeyManager:
         start = time.monotonic()
         try:
             while True:
+                if pick is not None and pick.state is None:
+                    pass  # the answer just had: no key is ready, wait as it says
+                elif shared is not None and self._queue[0] is waiter and shared.available():
+                    pick = await shared.choose_async(avoid)  # only the head pops itself
+                else:
+                    pick = None
                 with self._lock:
                     waited = time.monotonic() - start
-                    state, wait = self._serve_head(waiter, avoid, budget - waited, last)
+                    state, wait = self._serve_head(waiter, avoid, budget - waited, last, pick)
+                    pick = None
                     if state is not None:
                         return state, waited
                     future: asyncio.Future[None] = loop.create_future()
@@ -378,10 +562,14 @@ class KeyManager:
     def _succeed(self, state: KeyState) -> None:
         with self._lock:
             self._ring.succeed(state)
+        if self._shared is not None:
+            self._shared.report(state, "succeeded")
 
     def _abandon(self, state: KeyState) -> None:
         with self._lock:
             self._ring.release(state)
+        if self._shared is not None:
+            self._shared.report(state, "abandoned")
 
     def _fail(self, state: KeyState, verdict: Verdict, exc: BaseException | None = None) -> None:
         """Record a failed call and apply the verdict to its key (and its pool)."""
@@ -390,17 +578,11 @@ class KeyManager:
         if verdict.pooled and exc is not None:
             organization = organization_in(str(getattr(exc, "message", "")))
         with self._lock:
-            ring = self._ring
-            ring.fail(state, rate_limited=verdict.rate_limited)
-            if organization and not state.pool.learned:
-                ring.join_pool(state, organization)
-            if verdict.fate is Fate.COOL:
-                if verdict.pooled:
-                    ring.cool_pool(state.pool, verdict.seconds, verdict.reason)
-                else:
-                    ring.cool(state, verdict.seconds, verdict.reason, forbidden=verdict.forbidden)
-            elif verdict.fate is Fate.DISABLE:
-                first_disable = ring.disable(state, verdict.reason)
+            self._ring.fail(state, rate_limited=verdict.rate_limited)
+            first_disable = apply_verdict(self._ring, state, verdict, organization)
+        if self._shared is not None:
+            outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
+            self._shared.report(state, outcome, verdict, organization)
         if first_disable:
             logger.warning("API key %s disabled: %s", state.masked, verdict.reason)
         elif verdict.fate is Fate.COOL:
@@ -414,6 +596,8 @@ class KeyManager:
     ) -> None:
         """A response arrived on ``state`` for a request of ``tokens`` tokens, sent when the
         pool stood at ``marks``; a successful one carries the pool's budget in its headers."""
+        if budget is not None and self._shared is not None:
+            self._shared.observe(state, budget)
         with self._lock:
             self._ring.answered(state, tokens, marks)
             if budget is not None and self._ring.learn(state, budget, marks):
@@ -424,10 +608,14 @@ class KeyManager:
             self._ring.probe(state)
 
     def _spend_tokens(self, state: KeyState, tokens: float) -> Marks:
+        if self._shared is not None:
+            self._shared.observe(state, tokens=tokens)
         with self._lock:
             return self._ring.spend_tokens(state, tokens)
 
     def _correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
+        if self._shared is not None:
+            self._shared.observe(state, tokens=actual - estimated)
         with self._lock:
             self._ring.correct_tokens(state, estimated, actual)
 
@@ -436,6 +624,18 @@ def _pool_label(state: KeyState) -> str:
     """The pool's name if it is shared or learned; else the key's own, masked."""
     pool = state.pool
     return pool.name if pool.learned else f"own ({state.masked})"
+
+
+def _build_backend(backend: object) -> StateBackend | None:
+    """The backend ``KeyManager(backend=...)`` names; ``None`` for the default."""
+    if backend is None or isinstance(backend, StateBackend):
+        return backend
+    if isinstance(backend, str):
+        return backend_from_url(backend)
+    raise TypeError(
+        "backend must be None, a URL such as 'redis://localhost:6379/0', or a StateBackend "
+        f"(stable_openai.backends), not {type(backend).__name__}"
+    )
 
 
 def _check_key_arg(key: object) -> None:
@@ -464,6 +664,9 @@ def _after_fork_in_child() -> None:
     if instance is not None:
         instance._new_locks()
         instance._ring.forget_in_flight()
+        forget = getattr(instance._backend, "forget_in_flight", None)
+        if forget is not None:
+            forget()
         for state in instance._ring:
             state.clients.clear()  # their connections belong to the parent
 

@@ -1,0 +1,140 @@
+"""The narrow protocol between :class:`~stable_openai.KeyManager` and where key state lives.
+
+KeyManager always keeps its keys in an in-process :class:`~stable_openai._ring.KeyRing`: it
+holds the key strings, the pooled clients and the state this process knows.  A backend says
+where the *truth* about that state is:
+
+- :class:`~stable_openai.backends.MemoryBackend` (the default): the ring itself.  Nothing is
+  shared, nothing is added to the hot path.
+- :class:`~stable_openai.backends.RedisBackend`: Redis, shared by every process and host
+  that uses the same namespace.  The manager asks it to choose a key (one atomic script) and
+  reports each call back to it (a second one); the ring mirrors what this process did, and
+  carries on alone whenever Redis cannot be reached.
+
+A *shared* backend is called outside the manager's lock (it does I/O); its methods never
+raise because the store failed: they return ``None`` (or do nothing) and the manager uses its
+ring instead.  The store's own exceptions become :class:`StorageError` inside the backend
+and never reach a caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from .._budget import ServerBudget
+from .._errors import StableOpenAIError
+from .._policy import Verdict
+from .._ring import KeyRing, KeyState
+
+__all__ = ["Outcome", "Pick", "SharedKeyState", "StateBackend", "StorageError"]
+
+Outcome = Literal["succeeded", "failed", "rate_limited", "abandoned", "given_back"]
+"""How a call ended: answered; failed; failed with a rate limit (429); stopped by the caller
+(cancelled, interrupted, a stream closed early); or a key handed out by ``get_key()``."""
+
+
+class StorageError(StableOpenAIError):
+    """The shared store failed: unreachable, too slow, restarted, or it refused a command.
+
+    Internal: a backend catches it, logs one WARNING and lets the manager carry on with
+    in-process state.  It is public only so that code driving a backend directly can catch it.
+    """
+
+
+@dataclass(frozen=True)
+class Pick:
+    """What a shared backend answered when asked for a key.
+
+    Either ``state``, the key it chose and already marked in flight there, or why no key is
+    ready: ``wait``, the seconds until the first cooling key is ready (``None`` when none is
+    cooling), and how many keys are cooling and disabled for each reason.
+    """
+
+    state: KeyState | None = None
+    wait: float | None = None
+    cooling: Mapping[str, int] = field(default_factory=dict)
+    disabled: Mapping[str, int] = field(default_factory=dict)
+    all_forbidden: bool = False
+    """Every usable key is benched for a 403: waiting will not help a 403 of this call."""
+
+
+@dataclass(frozen=True)
+class SharedKeyState:
+    """One key as a shared backend sees it: its state, and counters over every process."""
+
+    where: str
+    seconds_left: float
+    reason: str
+    pool: str
+    calls: int
+    successes: int
+    rate_limits: int
+    failures: int
+    in_flight: int
+
+
+@runtime_checkable
+class StateBackend(Protocol):
+    """Where the state of the keys lives.  See the module docstring."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether the state is outside this process (then the methods below do I/O and the
+        manager calls them outside its lock)."""
+        ...
+
+    def bind(self, ring: KeyRing) -> None:
+        """Serve the keys of ``ring`` (again after they changed).  Called with the manager's
+        lock held: no I/O here."""
+        ...
+
+    def available(self) -> bool:
+        """Whether to ask the backend now: ``False`` while a broken store is left alone."""
+        ...
+
+    def choose(self, avoid: Collection[KeyState] | None) -> Pick | None:
+        """Choose a key and mark it in flight, in one step.  Keys in ``avoid`` are chosen only
+        when no other key is ready.  ``None`` when the store failed."""
+        ...
+
+    async def choose_async(self, avoid: Collection[KeyState] | None) -> Pick | None:
+        """:meth:`choose` without blocking the event loop."""
+        ...
+
+    def observe(
+        self, state: KeyState, budget: ServerBudget | None = None, tokens: float = 0.0
+    ) -> None:
+        """Note what a response on ``state`` said of its pool's budget, and the tokens its
+        requests cost, to be applied with the call's :meth:`report`.  No I/O."""
+        ...
+
+    def report(
+        self,
+        state: KeyState,
+        outcome: Outcome,
+        verdict: Verdict | None = None,
+        organization: str | None = None,
+    ) -> None:
+        """A call on ``state`` is over: release it, count ``outcome``, and apply ``verdict``
+        (cool the key or its pool, or disable the key).  ``organization`` is the one a 429
+        message named: the key's pool, if it has none yet."""
+        ...
+
+    def set_cooldown(self, state: KeyState, seconds: float) -> None:
+        """Cool ``state`` for exactly ``seconds`` (0 makes it ready); not a disabled key."""
+        ...
+
+    def enable(self, states: Collection[KeyState]) -> None:
+        """Make the disabled keys among ``states`` ready again (they were given again)."""
+        ...
+
+    def snapshot(self, states: Collection[KeyState]) -> Mapping[KeyState, SharedKeyState] | None:
+        """The shared state of ``states``; ``None`` when there is none (memory) or the store
+        failed."""
+        ...
+
+    def close(self) -> None:
+        """Let go of connections."""
+        ...

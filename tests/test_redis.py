@@ -1,0 +1,769 @@
+"""The Redis backend: key state shared by processes, against real ``redis-server`` processes.
+
+A session fixture starts ``redis-server`` on a free loopback port (``REDIS_SERVER`` names the
+binary; the tests are skipped, saying why, when there is none).  Tests that kill and restart
+Redis start their own.  Other processes are real ones (``subprocess``, never ``fork``) running
+the worker script below against the simulator, which runs in this process on loopback.  Every
+test uses a namespace of its own.  Only made-up keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from wire import made_up_keys
+
+from stable_openai import KeyManager, stable
+from stable_openai.backends import (
+    MemoryBackend,
+    RedisBackend,
+    StateBackend,
+    backend_from_url,
+)
+from stable_openai.simulator import ProjectLimits, SimKey, Simulator, SimulatorConfig
+
+redis = pytest.importorskip("redis", reason='needs redis-py: pip install "stable-openai[redis]"')
+
+MODEL = "gpt-4o-mini"
+StartSimulator = Callable[[SimulatorConfig], Simulator]
+
+
+# --------------------------------------------------------------------------- redis-server
+
+
+def _redis_binary() -> str | None:
+    named = os.environ.get("REDIS_SERVER")
+    if named:
+        return named if Path(named).exists() else None
+    return shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class RedisServer:
+    """One ``redis-server`` process on loopback, that a test may kill and start again."""
+
+    def __init__(self, binary: str, port: int | None = None) -> None:
+        self.binary = binary
+        self.port = port or _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with redis.Redis(port=self.port, socket_timeout=0.5) as client:
+                    client.ping()
+                return self
+            except redis.RedisError as exc:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from exc
+                time.sleep(0.02)
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def client(self) -> Any:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> str:
+    binary = _redis_binary()
+    if binary is None:
+        pytest.skip("no redis-server: install it (apt-get install redis-server) or set "
+                    "REDIS_SERVER to its path")
+    return binary
+
+
+@pytest.fixture(scope="session")
+def redis_server(redis_binary: str) -> Iterator[RedisServer]:
+    server = RedisServer(redis_binary).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer, namespace: str) -> str:
+    return f"{redis_server.url}?namespace={namespace}"
+
+
+@pytest.fixture(autouse=True)
+def _close_manager() -> Iterator[None]:
+    """Close the pooled clients and the backend of the test's manager."""
+    yield
+    manager = KeyManager.current()
+    if manager is not None:
+        manager.close()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sim_config(keys: list[SimKey], rpm: int | None = None, window: float = 1.0,
+               latency: float = 0.0) -> SimulatorConfig:
+    projects = {key.project: ProjectLimits(rpm=rpm) for key in keys}
+    return SimulatorConfig(keys=tuple(keys), projects=projects, window=window, latency=latency)
+
+
+def good_and_bad(tag: str) -> tuple[list[str], dict[str, str]]:
+    """Three good keys, one revoked, one out of quota: the keys, and the bad ones by kind."""
+    keys = made_up_keys(5, tag)
+    return keys, {"revoked": keys[3], "no_quota": keys[4]}
+
+
+def sim_keys(keys: list[str], bad: dict[str, str]) -> list[SimKey]:
+    status = {key: kind for kind, key in bad.items()}
+    return [SimKey(key, project=f"p{i}", status=status.get(key, "ok"))
+            for i, key in enumerate(keys)]
+
+
+WORKER = r'''
+import asyncio, json, sys, threading, time
+from stable_openai import KeyManager, stable
+from stable_openai.backends import RedisBackend
+
+args = json.loads(sys.argv[1])
+backend = RedisBackend(args["url"], namespace=args["namespace"],
+                       lease_seconds=args.get("lease", 60.0))
+manager = KeyManager(args["keys"], backend=backend)
+for key, ttl in args.get("set_ttl", {}).items():
+    manager.set_ttl(key, ttl)
+mode = args["mode"]
+ok = failed = 0
+
+@stable(max_wait=30)
+def ask(text, client):
+    answer = client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
+    return answer.choices[0].message.content
+
+@stable(max_wait=30)
+async def ask_async(text, client):
+    answer = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": text}])
+    return answer.choices[0].message.content
+
+if mode == "calls":
+    for i in range(args["calls"]):
+        try:
+            ok += ask(f"call {i}") == f"echo: call {i}"
+        except Exception as exc:
+            failed += 1
+elif mode == "async":
+    async def main():
+        results = await asyncio.gather(
+            *(ask_async(f"call {i}") for i in range(args["calls"])), return_exceptions=True)
+        await manager.aclose()
+        return results
+    for i, result in enumerate(asyncio.run(main())):
+        if result == f"echo: call {i}":
+            ok += 1
+        else:
+            failed += 1
+elif mode == "hang":
+    @stable
+    def hang(api_key):
+        time.sleep(3600)
+    for _ in range(args["threads"]):
+        threading.Thread(target=hang, daemon=True).start()
+    while sum(row["in_flight"] for row in manager.stats()) < args["threads"]:
+        time.sleep(0.01)
+    print("in flight", flush=True)
+    time.sleep(3600)
+print(json.dumps({"ok": ok, "failed": failed, "stats": manager.stats()},
+                 default=str), flush=True)
+manager.close()
+'''
+
+
+def run_worker(sim: Simulator | None, timeout: float = 90.0, **args: Any) -> dict[str, Any]:
+    """Run the worker script in a process of its own; its JSON result."""
+    env = dict(os.environ)
+    if sim is not None:
+        env["OPENAI_BASE_URL"] = sim.base_url
+    done = subprocess.run(
+        [sys.executable, "-c", WORKER, json.dumps(args)], env=env, capture_output=True,
+        text=True, timeout=timeout, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def dump_redis(client: Any) -> list[str]:
+    """Every key name and every value in Redis, whatever its type, as text."""
+    texts = []
+    for name in client.scan_iter(count=1000):
+        texts.append(name)
+        kind = client.type(name)
+        if kind == "string":
+            texts.append(client.get(name))
+        elif kind == "hash":
+            for field, value in client.hgetall(name).items():
+                texts += [field, value]
+        elif kind == "zset":
+            for member, score in client.zrange(name, 0, -1, withscores=True):
+                texts += [member, repr(score)]
+        elif kind == "set":
+            texts += list(client.smembers(name))
+        elif kind == "list":
+            texts += client.lrange(name, 0, -1)
+        else:
+            raise AssertionError(f"unexpected Redis type {kind} for {name}")
+    return texts
+
+
+def records(caplog: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "stable_openai" and r.levelno == level]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def test_backend_argument_is_validated() -> None:
+    keys = made_up_keys(2, "valid")
+    with pytest.raises(ValueError, match="unknown backend URL scheme 'mysql'"):
+        KeyManager(keys, backend="mysql://localhost/0")
+    with pytest.raises(ValueError, match="unknown backend URL scheme"):
+        KeyManager(keys, backend="localhost:6379")
+    with pytest.raises(TypeError, match="backend must be None, a URL"):
+        KeyManager(keys, backend=6379)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="namespace"):
+        RedisBackend("redis://127.0.0.1:1/0", namespace="has space")
+    with pytest.raises(ValueError, match="lease_seconds"):
+        RedisBackend("redis://127.0.0.1:1/0", lease_seconds=0)
+    with pytest.raises(ValueError, match="not a Redis URL"):
+        RedisBackend("http://127.0.0.1:1/0")
+    assert isinstance(backend_from_url("memory://"), MemoryBackend)
+    assert isinstance(backend_from_url("redis://127.0.0.1:1/0"), StateBackend)
+    KeyManager.reset()
+    manager = KeyManager(keys, backend="memory://")
+    assert isinstance(manager.backend, MemoryBackend) and manager._shared is None
+
+
+def test_the_memory_backend_is_the_ring_behind_the_protocol() -> None:
+    from stable_openai._policy import Action, Fate, Verdict
+    from stable_openai._ring import KeyRing
+
+    keys = made_up_keys(2, "mem")
+    ring = KeyRing(keys)
+    backend = MemoryBackend()
+    backend.bind(ring)
+    assert isinstance(backend, StateBackend) and not backend.shared and backend.available()
+    first, second = backend.choose(None), backend.choose(None)
+    assert {first.state, second.state} == set(ring)
+    backend.report(first.state, "succeeded")  # type: ignore[arg-type]
+    cool = Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, 60.0, "rate limited (429)", pooled=True)
+    backend.report(second.state, "rate_limited", cool)  # type: ignore[arg-type]
+    backend.set_cooldown(first.state, 30.0)  # type: ignore[arg-type]
+    none = backend.choose(None)
+    assert none.state is None and none.wait is not None and 29 < none.wait <= 30
+    assert none.cooling == {"set_ttl": 1, "rate limited (429)": 1}
+    assert backend.snapshot(list(ring)) is None  # the ring is the state
+    KeyManager.reset()
+    manager = KeyManager(keys)  # the default: the class's own _take, nothing in between
+    assert isinstance(manager.backend, MemoryBackend) and "_take" not in vars(manager)
+
+
+def test_a_password_in_the_url_is_never_shown() -> None:
+    backend = RedisBackend("redis://user:hunter2-secret@127.0.0.1:1/0")
+    assert "hunter2" not in repr(backend) and "hunter2" not in backend.url
+    backend.close()
+
+
+def test_without_redis_py_the_error_says_what_to_install(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # makes "import redis" fail
+    with pytest.raises(ImportError, match=r'pip install "stable-openai\[redis\]"'):
+        KeyManager(made_up_keys(1, "noredis"), backend="redis://localhost:6379/0")
+
+
+def test_fingerprints_are_keyed_hmacs() -> None:
+    key = made_up_keys(1, "fp")[0]
+    one = RedisBackend("redis://127.0.0.1:1/0", namespace="app-one")
+    two = RedisBackend("redis://127.0.0.1:1/0", namespace="app-two")
+    secret = RedisBackend("redis://127.0.0.1:1/0", namespace="app-one", secret="s3cret")
+    expected = hmac.new(b"app-one", key.encode(), hashlib.sha256).hexdigest()[:32]
+    assert one.fingerprint(key) == expected
+    assert len({one.fingerprint(key), two.fingerprint(key), secret.fingerprint(key)}) == 3
+    for backend in (one, two, secret):
+        backend.close()
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def test_unreachable_redis_from_the_start_one_warning_and_every_call_succeeds(
+    start_simulator: StartSimulator, caplog: pytest.LogCaptureFixture,
+) -> None:
+    keys = made_up_keys(3, "down")
+    sim = start_simulator(sim_config([SimKey(k, project=f"p{i}") for i, k in enumerate(keys)]))
+    caplog.set_level(logging.DEBUG, logger="stable_openai")
+    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    KeyManager(keys, backend=RedisBackend(dead, retry_first=0.01, retry_max=0.05))
+    client = openai.OpenAI(base_url=sim.base_url, api_key="unused", max_retries=0)
+
+    @stable
+    def ask(text: str, api_key: str) -> str:
+        answer = client.with_options(api_key=api_key).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": text}])
+        return str(answer.choices[0].message.content)
+
+    try:
+        for i in range(30):
+            assert ask(f"q{i}") == f"echo: q{i}"
+            time.sleep(0.005)  # let the backoff pass: Redis is tried again, and fails again
+    finally:
+        client.close()
+    warnings = records(caplog, logging.WARNING)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "Redis" in warnings[0].getMessage()
+    assert len(records(caplog, logging.DEBUG)) >= 2  # later failures stay quiet
+    assert sum(row["calls"] for row in KeyManager().stats()) == 30  # the local ring's count
+    for record in caplog.records:
+        assert not any(key in record.getMessage() for key in keys)
+
+
+# --------------------------------------------------------------------------- sharing
+
+
+@pytest.mark.redis
+def test_a_revoked_key_found_by_one_process_is_never_tried_by_the_others(
+    start_simulator: StartSimulator, redis_server: RedisServer, namespace: str,
+) -> None:
+    keys, bad = good_and_bad("revoke")
+    sim = start_simulator(sim_config(sim_keys(keys, bad)))
+    common = {"url": redis_server.url, "namespace": namespace, "keys": keys, "mode": "calls"}
+    first = run_worker(sim, calls=12, **common)
+    assert (first["ok"], first["failed"]) == (12, 0)
+    assert sim.key_stats(bad["revoked"])["requests"] == 1
+    assert sim.key_stats(bad["no_quota"])["requests"] == 1
+    results = [run_worker(sim, calls=12, **common) for _ in range(2)]
+    assert all((r["ok"], r["failed"]) == (12, 0) for r in results)
+    # Found once, by the first process; the others knew from Redis.
+    assert sim.key_stats(bad["revoked"])["requests"] == 1
+    assert sim.key_stats(bad["no_quota"])["requests"] == 1
+    states = sorted(row["state"] for row in results[-1]["stats"])
+    assert states == ["cooling", "disabled", "ready", "ready", "ready"]
+
+
+@pytest.mark.redis
+def test_concurrent_processes_share_one_revocation(
+    start_simulator: StartSimulator, redis_server: RedisServer, namespace: str,
+) -> None:
+    keys, bad = good_and_bad("race")
+    sim = start_simulator(sim_config(sim_keys(keys, bad), latency=0.005))
+    common = {"url": redis_server.url, "namespace": namespace, "keys": keys, "mode": "calls"}
+    results: list[dict[str, Any]] = []
+    workers = [threading.Thread(target=lambda: results.append(run_worker(sim, calls=30, **common)))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert [(r["ok"], r["failed"]) for r in results] == [(30, 0)] * 3
+    # Each process could have chosen the revoked key before the first 401 was reported;
+    # after that, none does.
+    assert sim.key_stats(bad["revoked"])["requests"] <= 3
+    before = sim.key_stats(bad["revoked"])["requests"]
+    assert run_worker(sim, calls=10, **common)["ok"] == 10
+    assert sim.key_stats(bad["revoked"])["requests"] == before
+
+
+@pytest.mark.redis
+def test_a_cooldown_set_in_one_process_is_honoured_by_the_others(
+    start_simulator: StartSimulator, redis_server: RedisServer, namespace: str,
+) -> None:
+    keys = made_up_keys(3, "cool")
+    sim = start_simulator(sim_config([SimKey(k, project=f"p{i}") for i, k in enumerate(keys)]))
+    common = {"url": redis_server.url, "namespace": namespace, "keys": keys, "mode": "calls"}
+    run_worker(sim, calls=0, set_ttl={keys[0]: 60.0}, **common)
+    result = run_worker(sim, calls=20, **common)
+    assert (result["ok"], result["failed"]) == (20, 0)
+    assert sim.key_stats(keys[0])["requests"] == 0
+    row = next(r for r in result["stats"] if r["fingerprint"] == _local_fp(keys[0]))
+    assert row["state"] == "cooling" and 50 < float(row["seconds_left"]) <= 60
+    assert row["reason"] == "set_ttl"
+    # And made ready again from a third process.
+    run_worker(sim, calls=0, set_ttl={keys[0]: 0}, **common)
+    result = run_worker(sim, calls=9, **common)
+    assert sim.key_stats(keys[0])["requests"] == 3
+
+
+def _local_fp(key: str) -> str:
+    from stable_openai._keys import fingerprint
+
+    return fingerprint(key)
+
+
+@pytest.mark.redis
+def test_the_leases_of_a_killed_process_expire(
+    redis_server: RedisServer, namespace: str,
+) -> None:
+    keys = made_up_keys(2, "lease")
+    process = subprocess.Popen(
+        [sys.executable, "-c", WORKER, json.dumps({
+            "url": redis_server.url, "namespace": namespace, "keys": keys, "mode": "hang",
+            "threads": 3, "lease": 1.0,
+        })],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "in flight"
+        manager = KeyManager(keys, backend=f"{redis_server.url}?namespace={namespace}")
+        assert sum(row["in_flight"] for row in manager.stats()) == 3  # seen from here
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        deadline = time.monotonic() + 10
+        while sum(row["in_flight"] for row in manager.stats()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        rows = manager.stats()
+        assert sum(row["in_flight"] for row in rows) == 0
+        assert sum(row["calls"] for row in rows) == 3
+        assert time.monotonic() < deadline
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.mark.redis
+def test_stats_count_every_process(
+    start_simulator: StartSimulator, redis_server: RedisServer, namespace: str,
+) -> None:
+    keys = made_up_keys(3, "stats")
+    sim = start_simulator(sim_config([SimKey(k, project=f"p{i}") for i, k in enumerate(keys)]))
+    common = {"url": redis_server.url, "namespace": namespace, "keys": keys, "mode": "calls"}
+    for _ in range(2):
+        run_worker(sim, calls=7, **common)
+    manager = KeyManager(keys, backend=f"{redis_server.url}?namespace={namespace}")
+    rows = manager.stats()
+    assert sum(row["calls"] for row in rows) == 14
+    assert sum(row["successes"] for row in rows) == 14
+    assert all(row["in_flight"] == 0 for row in rows)
+    assert {row["pool"] for row in rows} == {"org-sim/p0", "org-sim/p1", "org-sim/p2"}
+
+
+# --------------------------------------------------------------------------- sync and async
+
+
+@pytest.mark.redis
+def test_sync_and_async_clients_share_one_redis(
+    start_simulator: StartSimulator, redis_server: RedisServer, namespace: str,
+    redis_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys, bad = good_and_bad("mixed")
+    sim = start_simulator(sim_config(sim_keys(keys, bad)))
+    # Another process, asyncio only, finds the bad keys.
+    other = run_worker(sim, calls=20, url=redis_server.url, namespace=namespace, keys=keys,
+                       mode="async")
+    assert (other["ok"], other["failed"]) == (20, 0)
+    tried = {kind: sim.key_stats(key)["requests"] for kind, key in bad.items()}
+    # 20 coroutines start at once: each key had its share before the first answer came.
+    assert 1 <= tried["revoked"] <= 4 and 1 <= tried["no_quota"] <= 4
+
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+    manager = KeyManager(keys, backend=redis_url)
+
+    @stable
+    def ask(text: str, client: openai.OpenAI) -> str:
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": text}])
+        return str(answer.choices[0].message.content)
+
+    @stable
+    async def ask_async(text: str, client: openai.AsyncOpenAI) -> str:
+        answer = await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": text}])
+        return str(answer.choices[0].message.content)
+
+    async def main() -> list[str]:
+        backend = manager.backend
+        assert isinstance(backend, RedisBackend)
+        answers = await asyncio.gather(*(ask_async(f"a{i}") for i in range(15)))
+        assert asyncio.get_running_loop() in backend._loops  # redis.asyncio, this loop's own
+        await manager.aclose()
+        return answers
+
+    assert [ask(f"s{i}") for i in range(15)] == [f"echo: s{i}" for i in range(15)]
+    assert asyncio.run(main()) == [f"echo: a{i}" for i in range(15)]
+    # This process, sync and async, never tried what the other process found bad.
+    assert {kind: sim.key_stats(key)["requests"] for kind, key in bad.items()} == tried
+    rows = manager.stats()
+    assert sum(row["successes"] for row in rows) == 50
+    assert all(row["in_flight"] == 0 for row in rows)
+
+
+# --------------------------------------------------------------------------- Redis fails
+
+
+@pytest.mark.redis
+def test_redis_killed_mid_run_and_restarted_no_call_fails_and_sharing_resumes(
+    redis_binary: str, start_simulator: StartSimulator, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, namespace: str,
+) -> None:
+    server = RedisServer(redis_binary).start()
+    keys = made_up_keys(4, "restart")
+    sim = start_simulator(sim_config([SimKey(k, project=f"p{i}") for i, k in enumerate(keys)],
+                                     latency=0.002))
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+    caplog.set_level(logging.INFO, logger="stable_openai")
+    backend = RedisBackend(server.url, namespace=namespace, retry_first=0.05, retry_max=0.2)
+    manager = KeyManager(keys, backend=backend)
+
+    @stable
+    def ask(text: str, client: openai.OpenAI) -> str:
+        answer = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": text}])
+        return str(answer.choices[0].message.content)
+
+    stop = threading.Event()
+    outcomes: list[bool] = []
+    errors: list[BaseException] = []
+
+    def loop(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            text = f"t{n}-{i}"
+            try:
+                outcomes.append(ask(text) == f"echo: {text}")
+            except BaseException as exc:  # any failure fails the test
+                errors.append(exc)
+            i += 1
+
+    threads = [threading.Thread(target=loop, args=(n,)) for n in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        shared_before = sum(row["calls"] for row in manager.stats())
+        assert shared_before > 0
+        server.kill()
+        time.sleep(0.7)  # calls carry on with the in-process ring
+        during = len(outcomes)
+        time.sleep(0.3)
+        assert len(outcomes) > during
+        server.start()  # same port, empty: every key must be registered again
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            rows = backend.snapshot(list(manager._ring))
+            if rows and sum(row.calls for row in rows.values()) >= 20:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("sharing did not resume")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        server.kill()
+    assert not errors, errors[:3]
+    assert outcomes and all(outcomes)
+    warnings = records(caplog, logging.WARNING)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    infos = [r for r in records(caplog, logging.INFO) if "again" in r.getMessage()]
+    assert len(infos) == 1
+
+
+@pytest.mark.redis
+def test_the_same_url_again_keeps_the_backend_and_close_reconnects(redis_url: str) -> None:
+    keys = made_up_keys(2, "again")
+    manager = KeyManager(keys, backend=redis_url)
+    backend = manager.backend
+    assert KeyManager(keys, backend=redis_url).backend is backend
+    manager.close()  # connections closed; the next call connects again
+    assert manager.get_key() in keys
+    assert sum(row["calls"] for row in manager.stats()) == 0  # get_key() gave it back
+    assert backend.available()
+
+
+@pytest.mark.redis
+def test_scripts_flushed_from_redis_are_sent_again(
+    redis_server: RedisServer, redis_url: str,
+) -> None:
+    keys = made_up_keys(2, "flush")
+    KeyManager(keys, backend=redis_url)
+
+    @stable
+    def noop(api_key: str) -> str:
+        return api_key[-4:]
+
+    noop()
+    redis_server.client().script_flush()
+    noop()
+    assert sum(row["calls"] for row in KeyManager().stats()) == 2
+    assert KeyManager().backend.available()
+
+
+# --------------------------------------------------------------------------- secrecy, expiry
+
+
+@pytest.mark.redis
+def test_nothing_in_redis_contains_a_key_and_everything_expires(
+    start_simulator: StartSimulator, redis_server: RedisServer, namespace: str,
+    redis_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    keys, bad = good_and_bad("secret")
+    sim = start_simulator(sim_config(sim_keys(keys, bad), rpm=3))
+    common = {"url": redis_server.url, "namespace": namespace, "keys": keys}
+    run_worker(sim, calls=15, mode="calls", **common)  # with rate limits: pools, budgets
+    run_worker(sim, calls=10, mode="async", **common)
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+    manager = KeyManager(keys, backend=redis_url)
+    manager.set_ttl(keys[0], 5)
+    manager.stats()
+    client = redis_server.client()
+    texts = dump_redis(client)
+    assert texts, "nothing in Redis?"
+    for key in keys:
+        # Neither the key nor any part of it long enough to tell it from another key.
+        secret_part = key.split("-", 2)[2]
+        assert not any(key in text or secret_part in text for text in texts), key
+    names = list(client.scan_iter(count=1000))  # every test's namespace is in there too
+    assert any(name.startswith(f"{namespace}:") for name in names)
+    for name in names:
+        assert name.startswith("t-") and 0 < client.ttl(name) <= 86400, name
+    client.close()
+
+
+# --------------------------------------------------------------------------- the scripts
+
+
+@pytest.mark.redis
+def test_the_choice_spreads_load_and_honours_avoid(redis_url: str) -> None:
+    keys = made_up_keys(3, "spread")
+    manager = KeyManager(keys, backend=redis_url)
+    backend = manager.backend
+    states = list(manager._ring)
+    first = [backend.choose(None) for _ in range(3)]
+    assert {pick.state for pick in first if pick is not None} == set(states)
+    again = backend.choose({states[0], states[1]})
+    assert again is not None and again.state is states[2]
+    only = backend.choose(set(states))  # every key avoided: one is chosen all the same
+    assert only is not None and only.state in states
+    for pick in [*first, again, only]:
+        assert pick is not None and pick.state is not None
+        backend.report(pick.state, "abandoned")
+    assert all(row["in_flight"] == 0 for row in manager.stats())
+
+
+@pytest.mark.redis
+def test_a_learned_budget_cools_the_pool_until_the_reset(redis_url: str) -> None:
+    from stable_openai._budget import ServerBudget
+
+    keys = made_up_keys(1, "budget")
+    manager = KeyManager(keys, backend=redis_url)
+    backend = manager.backend
+    pick = backend.choose(None)
+    assert pick is not None and pick.state is not None
+    backend.observe(pick.state, ServerBudget(requests_limit=10, requests_left=1,
+                                             requests_reset=30.0, organization="org-b"))
+    backend.report(pick.state, "succeeded")
+    assert backend.choose(None).state is pick.state  # type: ignore[union-attr]
+    backend.report(pick.state, "succeeded")
+    none = backend.choose(None)
+    assert none is not None and none.state is None
+    assert none.wait is not None and 25 < none.wait <= 30
+    assert none.cooling == {"budget spent (RPM)": 1}
+    (row,) = manager.stats()
+    assert row["pool"] == "org-b" and row["state"] == "cooling"
+
+
+@pytest.mark.redis
+def test_pacing_to_a_pools_rpm_is_shared_by_processes(redis_url: str) -> None:
+    from stable_openai import Key
+    from stable_openai._ring import KeyRing
+
+    (key,) = made_up_keys(1, "paced")
+    # Two processes' worth: each its own ring and backend, one Redis.
+    one, two = (backend_from_url(redis_url) for _ in range(2))
+    rings = [KeyRing([Key(key, pool="shared-project", rpm=120)]) for _ in range(2)]
+    for backend, ring in zip((one, two), rings):
+        backend.bind(ring)
+    picks = [one.choose(None), two.choose(None)]  # 2 per second: one second's worth at once
+    assert all(pick is not None and pick.state is not None for pick in picks)
+    paced = one.choose(None)
+    assert paced is not None and paced.state is None
+    assert paced.cooling == {"paced (rpm)": 1} and paced.wait is not None and paced.wait <= 0.5
+    for backend, pick in zip((one, two), picks):
+        backend.report(pick.state, "succeeded")  # type: ignore[union-attr, arg-type]
+        backend.close()
+
+
+@pytest.mark.redis
+def test_no_key_ready_waits_for_the_shared_deadline_then_says_why(redis_url: str) -> None:
+    from stable_openai import AllKeysCoolingError, AllKeysDisabledError
+
+    keys = made_up_keys(2, "wait")
+    manager = KeyManager(keys, backend=redis_url)
+    manager.set_ttl(keys[0], 0.3)
+    manager.set_ttl(keys[1], 60)
+    start = time.monotonic()
+    state, waited = manager._acquire(None, 5.0)
+    assert state.key == keys[0] and 0.1 < waited < 2.0 and time.monotonic() - start < 2.0
+    manager._abandon(state)
+    manager.set_ttl(keys[0], 60)
+    with pytest.raises(AllKeysCoolingError) as cooling:
+        manager._acquire(None, 1.0)
+    assert cooling.value.reasons == {"set_ttl": 2} and cooling.value.retry_after > 50
+    backend = manager.backend
+    assert isinstance(backend, RedisBackend)
+    for key in keys:
+        backend.report(manager._ring.find(key), "failed", _disable())  # type: ignore[arg-type]
+    with pytest.raises(AllKeysDisabledError) as disabled:
+        manager._acquire(None, 1.0)
+    assert disabled.value.reasons == {"revoked (test)": 2}
+
+
+def _disable() -> Any:
+    from stable_openai._policy import Action, Fate, Verdict
+
+    return Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (test)")
