@@ -10,6 +10,7 @@ test uses a namespace of its own.  Only made-up keys.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -38,7 +39,7 @@ from stable_openai.backends import (
     StateBackend,
     backend_from_url,
 )
-from stable_openai.simulator import ProjectLimits, SimKey, Simulator, SimulatorConfig
+from stable_openai.simulator import Faults, ProjectLimits, SimKey, Simulator, SimulatorConfig
 
 redis = pytest.importorskip("redis", reason='needs redis-py: pip install "stable-openai[redis]"')
 
@@ -672,6 +673,69 @@ def test_nothing_in_redis_contains_a_key_and_everything_expires(
     for name in names:
         assert name.startswith("t-") and 0 < client.ttl(name) <= 86400, name
     client.close()
+
+
+@pytest.mark.redis
+def test_every_failure_path_on_redis_with_debug_logging_leaks_no_key(
+    start_simulator: StartSimulator, redis_server: RedisServer, redis_url: str,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The secrecy sweep again, with the state in Redis: 401, 429 no quota, 403, 429 rate
+    limit, 500 and a Redis that cannot be reached, logged at DEBUG; then every Redis value,
+    the logs, repr and stats() are searched for any key."""
+    keys = made_up_keys(6, "redsweep")
+    status = ["ok", "ok", "revoked", "no_quota", "forbidden", "ok"]
+    sim = start_simulator(sim_config(
+        [SimKey(key, project=f"p{i}", status=state) for i, (key, state)
+         in enumerate(zip(keys, status))], rpm=2,
+    ))
+    monkeypatch.setenv("OPENAI_BASE_URL", sim.base_url)
+    texts: list[str] = []
+    with caplog.at_level(logging.DEBUG):
+        manager = KeyManager(keys, backend=redis_url)
+
+        @stable(backoff=0.001, attempts=3, max_wait=0.5)
+        def ask(prompt: str, client: openai.OpenAI) -> str | None:
+            answer = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": prompt}]
+            )
+            return answer.choices[0].message.content
+
+        for index in range(12):  # 401, 429 quota, 403 and the rpm=2 limits on the way
+            try:
+                texts.append(repr(ask(f"sweep {index}")))
+            except Exception as exc:
+                texts.append(f"{exc!r} {exc} {exc.__cause__!r}")
+        sim.configure(dataclasses.replace(sim.config, faults=Faults(error_500=1.0)))
+        try:
+            ask("server error")
+        except Exception as exc:
+            texts.append(f"{exc!r} {exc}")
+        texts += [repr(manager), repr(manager.backend), str(manager.stats())]  # (data is
+        # the original API's {key: seconds}: it hands the caller its own keys by design)
+        manager.close()
+        KeyManager.reset()
+        unreachable = f"redis://127.0.0.1:{_free_port()}/0?namespace=gone"
+        lonely = KeyManager(keys[:2], backend=unreachable)
+        sim.configure(dataclasses.replace(sim.config, faults=Faults()))
+        patient = stable(max_wait=10)(ask.__wrapped__)  # type: ignore[attr-defined]
+        texts.append(repr(patient("no redis")))  # one WARNING, and the call still succeeds
+        assert texts[-1] == repr("echo: no redis")
+        texts += [repr(lonely.backend), str(lonely.stats())]
+    texts.append("\n".join(
+        f"{r.name} {r.getMessage()}" for r in caplog.records
+        if r.name.split(".")[0] == "stable_openai"
+    ))
+    client = redis_server.client()
+    texts += dump_redis(client)
+    client.close()
+    assert any("disabled" in text for text in texts)
+    assert any(r.levelno == logging.WARNING and "redis" in r.getMessage().lower()
+               for r in caplog.records if r.name.startswith("stable_openai"))
+    everything = "\n".join(texts)
+    for key in keys:
+        assert key not in everything
+        assert key.split("-", 2)[2] not in everything
 
 
 # --------------------------------------------------------------------------- the scripts
