@@ -7,6 +7,7 @@
 --   P:cooling     ZSET fingerprint -> deadline (server time, s)
 --   P:leases      ZSET lease -> expiry; a lease is "fp|seq|sent|pool": one call in flight
 --   P:seq         STRING, a counter for leases and the least-recently-used order
+--   P:done:<lease> STRING, a report already applied (so one sent again counts once; 5 min)
 --   P:k:<fp>      HASH of one key: where, until, reason, forbidden, in_flight, weight, pool,
 --                 fixed (pool given by the user), rpm, tpm, and the counters calls,
 --                 successes, rate_limits, failures

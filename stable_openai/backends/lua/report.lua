@@ -13,6 +13,12 @@ local fp, lease, outcome, fate = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local k = kkey(fp)
 if redis.call('EXISTS', k) == 0 then return {-1} end
 
+-- A report is applied once: one sent again (its first reply was lost to a timeout or a
+-- closing event loop, though Redis ran it) must not count the call twice.
+if lease ~= '' and not redis.call('SET', P .. ':done:' .. lease, 1, 'NX', 'EX', 300) then
+  return {0}
+end
+
 -- The pool the server named: a key given no pool by the user moves into it.
 local join = ARGV[10]
 if join ~= '' then
