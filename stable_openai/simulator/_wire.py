@@ -15,6 +15,8 @@ import time
 import uuid
 from typing import Any
 
+from .._keys import mask
+
 JSON = dict[str, Any]
 
 RATE_LIMITS_URL = "https://platform.openai.com/account/rate-limits"
@@ -30,15 +32,9 @@ MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "text-embedding-3-small")
 
 
 def key_label(key: str) -> str:
-    """Short form of a key for stats and logs: first 3 chars, "…", last 4 (less if short).
-
-    Never returns enough of a key to use it: short keys show at most their last 2 chars.
-    """
-    if len(key) >= 12:
-        return f"{key[:3]}…{key[-4:]}"
-    if len(key) >= 6:
-        return f"…{key[-2:]}"
-    return "…"
+    """Short form of a key for stats and logs: the library's own masking (``sk-…WXYZ``), so a
+    key reads the same in the simulator's counters as in ``KeyManager.stats()``."""
+    return mask(key)
 
 
 def key_fingerprint(key: str) -> str:
