@@ -355,7 +355,10 @@ def test_keys_of_one_project_share_the_budget() -> None:
 
 
 def test_tpm_limit_and_request_too_large() -> None:
-    cfg = config(projects={"proj-a": ProjectLimits(tpm=100)})
+    # Fixed windows, rejected requests free: each request's cost shows in the counts exactly.
+    cfg = config(
+        projects={"proj-a": ProjectLimits(tpm=100)}, limiter="fixed", count_rejected=False
+    )
     with running(cfg) as sim, client(sim) as c:
         with pytest.raises(openai.RateLimitError) as info:
             chat(c, "abcd", max_tokens=200)  # 1 + 200 tokens > the whole TPM
@@ -430,10 +433,14 @@ def test_go_duration(seconds: float, text: str) -> None:
     assert go_duration(seconds) == text
 
 
-def test_windows_with_a_fake_clock() -> None:
+def test_fixed_windows_with_a_fake_clock() -> None:
     now = [100.0]
     cfg = SimulatorConfig(
-        keys=(SimKey(KEY_A1, project="p"),), projects={"p": ProjectLimits(rpm=2)}, window=10.0
+        keys=(SimKey(KEY_A1, project="p"),),
+        projects={"p": ProjectLimits(rpm=2)},
+        window=10.0,
+        limiter="fixed",
+        count_rejected=False,
     )
     state = SimState(cfg, clock=lambda: now[0])
 
@@ -665,7 +672,11 @@ def test_public_names() -> None:
 
     assert package.__all__ == sorted(package.__all__)
     assert set(package.__all__) == {
+        "DAY_WINDOWS",
         "Faults",
+        "LIMITERS",
+        "ModelLimits",
+        "PROFILES",
         "ProjectLimits",
         "SimKey",
         "Simulator",

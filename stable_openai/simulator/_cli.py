@@ -17,7 +17,17 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import Any, Callable, TypeVar
 
-from ._config import KEY_STATUSES, ProjectLimits, SimKey, SimulatorConfig
+from ._config import (
+    DAY_WINDOWS,
+    KEY_STATUSES,
+    LIMIT_KINDS,
+    LIMITERS,
+    PROFILES,
+    ModelLimits,
+    ProjectLimits,
+    SimKey,
+    SimulatorConfig,
+)
 from ._server import Simulator
 from ._wire import key_label
 
@@ -43,13 +53,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY[:PROJECT[:STATUS]]",
         help=f"an API key to accept (repeatable); STATUS is one of {', '.join(KEY_STATUSES)}",
     )
+    for kind, what in (
+        ("rpm", "requests per window"),
+        ("tpm", "tokens per window"),
+        ("rpd", f"requests per day ({DAY_WINDOWS} windows)"),
+        ("tpd", f"tokens per day ({DAY_WINDOWS} windows)"),
+    ):
+        parser.add_argument(
+            f"--{kind}", type=int, help=f"{what} for every project lacking limits"
+        )
     parser.add_argument(
-        "--rpm", type=int, help="requests per window for every project lacking limits"
+        "--model-limit",
+        action="append",
+        default=[],
+        metavar="MODEL[,MODEL...]=KIND:N[,KIND:N...]",
+        help="limits of a model, or of a family of models sharing one, in every project lacking "
+        "limits (repeatable), e.g. gpt-4o=rpm:2,rpd:50",
     )
     parser.add_argument(
-        "--tpm", type=int, help="tokens per window for every project lacking limits"
+        "--window", type=float, help="the simulated minute, in seconds (default 60)"
     )
-    parser.add_argument("--window", type=float, help="rate-limit window in seconds (default 60)")
+    parser.add_argument(
+        "--limiter",
+        choices=LIMITERS,
+        help="how limits count: bucket (OpenAI's refilling buckets, the default), fixed or "
+        "sliding windows",
+    )
+    parser.add_argument(
+        "--count-rejected",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether a rejected request counts against the per-minute limits (default: yes)",
+    )
+    parser.add_argument(
+        "--profile",
+        choices=PROFILES,
+        help="budget headers and 429 bodies of: openai (default), azure, bare (no "
+        "x-ratelimit-*), openrouter or gemini",
+    )
+    parser.add_argument(
+        "--retry-after",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="whether rate-limit 429s carry retry-after (default: yes)",
+    )
     parser.add_argument("--latency", type=float, help="seconds of delay per admitted request")
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind")
     parser.add_argument("--port", type=int, default=0, help="port to bind (default 0: any free)")
@@ -92,6 +139,27 @@ def _parse_key(spec: str) -> SimKey:
         raise ConfigError(f"--key {key_label(parts[0])}: {exc}") from None
 
 
+def _parse_model_limit(spec: str) -> ModelLimits:
+    """``gpt-4o,gpt-4o-2024-08-06=rpm:2,rpd:50`` -> ModelLimits."""
+    models, sep, limits = spec.partition("=")
+    fields: dict[str, Any] = {"models": tuple(m.strip() for m in models.split(","))}
+    try:
+        if not sep or not limits.strip():
+            raise ValueError("expected MODEL[,MODEL...]=KIND:N[,KIND:N...]")
+        for item in limits.split(","):
+            kind, colon, number = item.strip().partition(":")
+            if not colon or kind not in LIMIT_KINDS:
+                raise ValueError(
+                    f"{item.strip()!r} is not KIND:N with KIND one of {', '.join(LIMIT_KINDS)}"
+                )
+            if kind in fields:
+                raise ValueError(f"{kind} is given twice")
+            fields[kind] = int(number)
+        return ModelLimits(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--model-limit {spec!r}: {exc}") from None
+
+
 def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     """Combine ``--config`` and the flags into one validated ``SimulatorConfig``."""
     base = SimulatorConfig()
@@ -115,10 +183,14 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
         raise ConfigError("no keys configured: pass --key KEY or --config FILE.json")
 
     projects: dict[str, ProjectLimits] = dict(base.projects)
-    if args.rpm is not None or args.tpm is not None:
+    limits = {kind: getattr(args, kind) for kind in LIMIT_KINDS if getattr(args, kind) is not None}
+    per_model = tuple(_parse_model_limit(spec) for spec in args.model_limit)
+    if limits or per_model:
         for project in {k.project for k in keys}:
             if project not in projects:
-                projects[project] = _build("--rpm/--tpm", ProjectLimits, rpm=args.rpm, tpm=args.tpm)
+                projects[project] = _build(
+                    "--rpm/--tpm/--rpd/--tpd", ProjectLimits, per_model=per_model, **limits
+                )
 
     fault_changes = {
         name: value
@@ -133,7 +205,10 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     faults = _build("--fault-*", dataclasses.replace, base.faults, **fault_changes)
 
     changes: dict[str, Any] = {"keys": tuple(keys), "projects": projects, "faults": faults}
-    for name in ("window", "latency", "seed", "retry_after_ms"):
+    for name in (
+        "window", "latency", "seed", "limiter", "count_rejected", "profile", "retry_after",
+        "retry_after_ms",
+    ):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
@@ -186,13 +261,24 @@ def run(args: argparse.Namespace) -> int:
     previous = _install_handlers()
     try:
         for sim_key in config.keys:
-            limits = config.limits(sim_key.project)
+            project = config.limits(sim_key.project)
+            shown = " ".join(f"{kind}={getattr(project, kind)}" for kind in LIMIT_KINDS)
+            for group in project.per_model:
+                shown += f" {','.join(group.models)}=" + ",".join(
+                    f"{kind}:{getattr(group, kind)}"
+                    for kind in LIMIT_KINDS
+                    if getattr(group, kind) is not None
+                )
             print(
                 f"  key {key_label(sim_key.key)} project={sim_key.project} "
-                f"organization={sim_key.organization} status={sim_key.status} "
-                f"rpm={limits.rpm} tpm={limits.tpm}",
+                f"organization={sim_key.organization} status={sim_key.status} {shown}",
                 file=sys.stderr,
             )
+        print(
+            f"  limiter={config.limiter} count_rejected={config.count_rejected} "
+            f"profile={config.profile} window={config.window:g}s",
+            file=sys.stderr,
+        )
         print(f"stable-openai simulator listening on {simulator.base_url}", flush=True)
         idle = threading.Event()
         while not idle.wait(1.0):  # sleeps in short steps so signals are handled promptly

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, TypeVar
 
+from . import _limiter
 from ._wire import key_label
 
 KEY_STATUSES = ("ok", "revoked", "no_quota", "forbidden")
@@ -90,16 +91,95 @@ class SimKey:
         )
 
 
+LIMIT_KINDS = ("rpm", "tpm", "rpd", "tpd")
+"""Requests and tokens per minute (one ``window``) and per day (``DAY_WINDOWS`` windows)."""
+
+DAY_WINDOWS = 1440
+"""A simulated day is 1440 simulated minutes: with ``window=1.0`` it lasts 24 real minutes."""
+
+
+@dataclass(frozen=True)
+class ModelLimits:
+    """Limits of one model, or of a family of models that share one limit.
+
+    Every model named in ``models`` draws on the same budget, as OpenAI's "shared limits" do;
+    ``None`` means unlimited. A model named by no ``ModelLimits`` of its project uses the
+    project's own limits (all such models together).
+    """
+
+    models: tuple[str, ...]
+    rpm: int | None = None
+    tpm: int | None = None
+    rpd: int | None = None
+    tpd: int | None = None
+
+    def __post_init__(self) -> None:
+        models: Any = self.models
+        if isinstance(models, str):
+            models = (models,)
+        if not isinstance(models, (tuple, list)) or not models:
+            raise TypeError("models: must be a non-empty list of model names")
+        for index, name in enumerate(models):
+            _check_str(f"models[{index}]", name)
+        if len(set(models)) != len(models):
+            raise ValueError(f"models: a model is named twice in {list(models)!r}")
+        object.__setattr__(self, "models", tuple(models))
+        for kind in LIMIT_KINDS:
+            _check_limit(kind, getattr(self, kind))
+
+
 @dataclass(frozen=True)
 class ProjectLimits:
-    """Per-window limits of one project; ``None`` means unlimited."""
+    """Limits of one project; ``None`` means unlimited.
+
+    ``rpm``/``tpm`` count per ``window`` (the simulated minute), ``rpd``/``tpd`` per simulated
+    day; a request must fit every limit that applies. ``per_model`` gives models (or families)
+    budgets of their own; every other model shares the project-level limits.
+    """
 
     rpm: int | None = None
     tpm: int | None = None
+    rpd: int | None = None
+    tpd: int | None = None
+    per_model: tuple[ModelLimits, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_limit("rpm", self.rpm)
-        _check_limit("tpm", self.tpm)
+        for kind in LIMIT_KINDS:
+            _check_limit(kind, getattr(self, kind))
+        groups: Any = self.per_model
+        if isinstance(groups, ModelLimits):
+            groups = (groups,)
+        if isinstance(groups, (str, bytes)) or not isinstance(groups, (tuple, list)):
+            raise TypeError(
+                f"per_model: must be a list of ModelLimits, got {type(groups).__name__}"
+            )
+        seen: set[str] = set()
+        for index, group in enumerate(groups):
+            if not isinstance(group, ModelLimits):
+                raise TypeError(
+                    f"per_model[{index}]: must be ModelLimits, got {type(group).__name__}"
+                )
+            twice = seen.intersection(group.models)
+            if twice:
+                raise ValueError(
+                    f"per_model[{index}]: model {sorted(twice)[0]!r} already has limits"
+                )
+            seen.update(group.models)
+        object.__setattr__(self, "per_model", tuple(groups))
+
+    def pool(self, model: str) -> tuple[tuple[str, ...], Mapping[str, int]]:
+        """The budget ``model`` draws on: its family's models (``()`` for the project-level
+        pool) and the limits that are set, by kind."""
+        for group in self.per_model:
+            if model in group.models:
+                return group.models, _set_limits(group)
+        return (), _set_limits(self)
+
+
+def _set_limits(limits: ProjectLimits | ModelLimits) -> dict[str, int]:
+    return {
+        kind: value for kind in LIMIT_KINDS if (value := getattr(limits, kind)) is not None
+    }
 
 
 @dataclass(frozen=True)
@@ -119,15 +199,57 @@ class Faults:
         _check_number("slow_seconds", self.slow_seconds, low=0.0)
 
 
-_CONFIG_FIELDS = ("keys", "projects", "window", "latency", "faults", "retry_after_ms", "seed")
+LIMITERS = _limiter.LIMITERS
+"""``bucket``: OpenAI's continuously refilling buckets (the default); ``fixed``: fixed windows
+(Azure's per-minute TPM); ``sliding``: a sliding window. See ``_limiter``."""
+
+PROFILES = ("openai", "azure", "bare", "openrouter", "gemini")
+"""What the simulator says about budgets, as real servers differ:
+
+- ``openai``: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` on every answer
+  (describing the daily limit where one is set), OpenAI's 429 bodies;
+- ``azure``: only ``x-ratelimit-remaining-{requests,tokens}`` on successes; 429s carry Azure's
+  body (``"code": "429"``, no type, "Please retry after N seconds") and ``retry-after`` with
+  ``retry-after-ms``;
+- ``bare``: no ``x-ratelimit-*`` anywhere; 429s with OpenAI's body;
+- ``openrouter``: no ``x-ratelimit-*``; 429 ``{"error": {"code": 429, "message": "Rate limit
+  exceeded", "metadata": {...}}}``, no numbers;
+- ``gemini``: no ``x-ratelimit-*``; 429 is a JSON array ``[{"error": {"code": 429, "status":
+  "RESOURCE_EXHAUSTED", ...}}]``, no numbers.
+
+``retry-after`` goes on rate-limit 429s in every profile unless ``retry_after=False``.
+"""
+
+_CONFIG_FIELDS = (
+    "keys",
+    "projects",
+    "window",
+    "latency",
+    "faults",
+    "limiter",
+    "count_rejected",
+    "profile",
+    "retry_after",
+    "retry_after_ms",
+    "seed",
+)
 
 
 @dataclass(frozen=True)
 class SimulatorConfig:
     """Everything that decides how the simulator answers.
 
-    ``window`` is the length in seconds of one rate-limit window (the real service's "minute");
-    a test can set it to 1.0 or less. ``latency`` is added to every admitted request.
+    ``window`` is the length in seconds of the simulated minute (a day is ``DAY_WINDOWS`` of
+    them); a test can set it to 1.0 or less, and every duration the simulator reports —
+    ``x-ratelimit-reset-*``, "Please try again in", ``retry-after`` — is on that compressed
+    clock. ``latency`` is added to every admitted request.
+
+    ``limiter`` picks how limits count (``LIMITERS``; ``bucket``, OpenAI's, by default);
+    ``count_rejected`` makes a rejected request count against the per-minute limits it was
+    measured against, as on the real service (default on). ``profile`` picks which budget
+    headers and 429 bodies are sent (``PROFILES``); ``retry_after`` sends ``retry-after`` on
+    rate-limit 429s, ``retry_after_ms`` also ``retry-after-ms`` (the ``azure`` profile always
+    does).
     """
 
     keys: tuple[SimKey, ...] = ()
@@ -135,6 +257,10 @@ class SimulatorConfig:
     window: float = 60.0
     latency: float = 0.0
     faults: Faults = Faults()
+    limiter: str = "bucket"
+    count_rejected: bool = True
+    profile: str = "openai"
+    retry_after: bool = True
     retry_after_ms: bool = False
     seed: int | None = None
 
@@ -169,10 +295,12 @@ class SimulatorConfig:
         _check_number("latency", self.latency, low=0.0)
         if not isinstance(self.faults, Faults):
             raise TypeError(f"faults: must be Faults, got {type(self.faults).__name__}")
-        if not isinstance(self.retry_after_ms, bool):
-            raise TypeError(
-                f"retry_after_ms: must be a boolean, got {type(self.retry_after_ms).__name__}"
-            )
+        _check_choice("limiter", self.limiter, LIMITERS)
+        _check_choice("profile", self.profile, PROFILES)
+        for name in ("count_rejected", "retry_after", "retry_after_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}: must be a boolean, got {type(value).__name__}")
         seed: Any = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed: must be an integer or null, got {type(seed).__name__}")
@@ -222,8 +350,11 @@ class SimulatorConfig:
             projects: dict[str, ProjectLimits] = {}
             for name, item in raw_projects.items():
                 where = f"projects[{name!r}]"
-                _check_mapping(where, item, ("rpm", "tpm"))
-                projects[name] = _build(where, ProjectLimits, **item)
+                _check_mapping(where, item, (*LIMIT_KINDS, "per_model"))
+                fields = dict(item)
+                if "per_model" in fields:
+                    fields["per_model"] = _model_limits(where, fields["per_model"])
+                projects[name] = _build(where, ProjectLimits, **fields)
             kwargs["projects"] = projects
 
         if "faults" in data:
@@ -231,8 +362,8 @@ class SimulatorConfig:
             _check_mapping("faults", raw_faults, tuple(Faults.__dataclass_fields__))
             kwargs["faults"] = _build("faults", Faults, **raw_faults)
 
-        for name in ("window", "latency", "retry_after_ms", "seed"):
-            if name in data:
+        for name in _CONFIG_FIELDS:
+            if name in data and name not in ("keys", "projects", "faults"):
                 kwargs[name] = data[name]
         return cls(**kwargs)
 
@@ -249,7 +380,14 @@ class SimulatorConfig:
                 for k in self.keys
             ],
             "projects": {
-                name: {"rpm": limits.rpm, "tpm": limits.tpm}
+                name: {
+                    **{kind: getattr(limits, kind) for kind in LIMIT_KINDS},
+                    "per_model": [
+                        {"models": list(group.models),
+                         **{kind: getattr(group, kind) for kind in LIMIT_KINDS}}
+                        for group in limits.per_model
+                    ],
+                }
                 for name, limits in self.projects.items()
             },
             "window": self.window,
@@ -262,12 +400,37 @@ class SimulatorConfig:
                 "drop": self.faults.drop,
                 "rate_limit": self.faults.rate_limit,
             },
+            "limiter": self.limiter,
+            "count_rejected": self.count_rejected,
+            "profile": self.profile,
+            "retry_after": self.retry_after,
             "retry_after_ms": self.retry_after_ms,
             "seed": self.seed,
         }
 
 
 _UNLIMITED = ProjectLimits()
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(
+            f"{name}: must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}"
+        )
+
+
+def _model_limits(where: str, raw: object) -> tuple[ModelLimits, ...]:
+    """``per_model`` of the JSON shape: a list of ``{"models": [...], "rpm": ..., ...}``."""
+    if isinstance(raw, (str, bytes)) or not isinstance(raw, (list, tuple)):
+        raise TypeError(f"{where}.per_model: must be a list, got {type(raw).__name__}")
+    groups: list[ModelLimits] = []
+    for index, item in enumerate(raw):
+        at = f"{where}.per_model[{index}]"
+        _check_mapping(at, item, ("models", *LIMIT_KINDS))
+        if "models" not in item:
+            raise ValueError(f"{at}.models: is required")
+        groups.append(_build(at, ModelLimits, **item))
+    return tuple(groups)
 
 
 def _check_mapping(where: str, value: object, allowed: tuple[str, ...]) -> None:

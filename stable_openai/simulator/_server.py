@@ -476,7 +476,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ),
             )
             return
-        verdict = self._state.admit(ticket, model, tokens)
+        verdict = self._state.admit(ticket, model, tokens, operation="Embeddings_Create")
         if not self._admitted(verdict):
             return
         body = _wire.embeddings_response(model, texts, tokens, encoding == "base64")

@@ -1,12 +1,14 @@
-"""The simulator's shared state: configuration, per-project windows, fault RNG and counters.
+"""The simulator's shared state: configuration, limit meters, fault RNG and counters.
 
 One lock guards all of it. Callers hold it only for bookkeeping: never while sleeping or writing
 to a socket. The HTTP layer asks for a ``Verdict`` and then does the slow parts outside the lock.
 
-Limits use fixed windows per project: window index = floor((now - start) / window). A request is
-admitted if the project's requests and tokens for the current window stay within ``rpm`` and
-``tpm``; rejected requests do not use budget. Token cost is computed by the caller (see
-``_wire.chat_request_cost``).
+A request draws on one pool of its project: its model's (or model family's) ``ModelLimits``,
+or the project-level limits. Each limit of the pool (rpm, tpm, rpd, tpd) is a meter of the
+configured ``limiter`` (see ``_limiter``), and a request is admitted only if it fits all of
+them. A rejected request names the limit that keeps it out longest, and with
+``count_rejected`` uses up what the per-minute meters had left. Token cost is computed by the
+caller (see ``_wire.chat_request_cost``).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import _wire
-from ._config import KEY_STATUSES, ProjectLimits, SimKey, SimulatorConfig
+from . import _limiter, _wire
+from ._config import DAY_WINDOWS, KEY_STATUSES, SimKey, SimulatorConfig
 
 KEY_FIELDS = (
     "requests",
@@ -40,6 +42,11 @@ KEY_FIELDS = (
 
 PROJECT_FIELDS = ("requests", "ok", "rate_limited", "tokens", "in_flight", "max_in_flight")
 """Counters kept for each project; ``tokens`` is the budget its admitted requests used."""
+
+MODEL_FIELDS = ("requests", "ok", "rate_limited", "too_large", "faults", "tokens")
+"""Counters kept for each model named in a budgeted request (from the moment it is parsed)."""
+
+_MINUTE_KINDS = ("rpm", "tpm")
 
 class _Counters:
     """A named set of integer counters with in-flight tracking."""
@@ -70,15 +77,6 @@ class _Counters:
 
 
 @dataclass
-class _Window:
-    """Usage of one project in one fixed window."""
-
-    index: int = -1
-    requests: int = 0
-    tokens: int = 0
-
-
-@dataclass
 class Ticket:
     """One request in progress, from ``begin`` to ``end``."""
 
@@ -87,6 +85,7 @@ class Ticket:
     sim_key: SimKey | None
     label: str | None
     outcome: str | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ class Verdict:
     """
 
     status: int
-    body: dict[str, Any] | None = None
+    body: Any = None
     headers: tuple[tuple[str, str], ...] = ()
     delay: float = 0.0
     drop: bool = False
@@ -115,11 +114,12 @@ class SimState:
         self._config = config
         self._start = clock()
         self._rng = random.Random(config.seed)
-        self._windows: dict[str, _Window] = {}
+        self._meters: dict[tuple[str, tuple[str, ...], str, int], _limiter.Meter] = {}
         self._totals = _Counters(KEY_FIELDS)
         self._labels: dict[str, str] = {}
         self._key_counters: dict[str, _Counters] = {}
         self._project_counters: dict[str, _Counters] = {}
+        self._model_counters: dict[str, _Counters] = {}
         self._by_key: dict[str, SimKey] = {}
         self._register(config)
 
@@ -130,14 +130,14 @@ class SimState:
         return self._config
 
     def configure(self, config: SimulatorConfig) -> None:
-        """Replace the configuration; counters and current windows are kept.
+        """Replace the configuration; counters and the usage of unchanged limits are kept.
 
-        The fault RNG is reseeded from ``config.seed``; if the window length changes, all
-        windows restart now.
+        The fault RNG is reseeded from ``config.seed``; if the window length or the limiter
+        changes, every limit starts afresh now.
         """
         with self._lock:
-            if config.window != self._config.window:
-                self._windows.clear()
+            if (config.window, config.limiter) != (self._config.window, self._config.limiter):
+                self._meters.clear()
                 self._start = self._clock()
             self._config = config
             self._rng = random.Random(config.seed)
@@ -189,6 +189,7 @@ class SimState:
                 "projects": {
                     name: dict(c.values) for name, c in self._project_counters.items()
                 },
+                "models": {name: dict(c.values) for name, c in self._model_counters.items()},
             }
 
     def key_stats(self, key: str) -> dict[str, int]:
@@ -207,6 +208,7 @@ class SimState:
                 counters.reset()
             for counters in self._project_counters.values():
                 counters.reset()
+            self._model_counters.clear()
 
     def _scopes(self, ticket: Ticket) -> list[_Counters]:
         scopes = [self._totals]
@@ -256,6 +258,14 @@ class SimState:
         project = self._project_scope(ticket)
         if project is not None:
             project.add(outcome)
+        if ticket.model is not None:
+            self._model_scope(ticket.model).add(outcome)
+
+    def _model_scope(self, model: str) -> _Counters:
+        counters = self._model_counters.get(model)
+        if counters is None:
+            counters = self._model_counters[model] = _Counters(MODEL_FIELDS)
+        return counters
 
     def check_key(self, ticket: Ticket, api_key: str | None) -> Verdict | None:
         """Reject a request whose key is missing, unknown, revoked, out of quota or forbidden.
@@ -290,55 +300,122 @@ class SimState:
             headers.append(("openai-project", ticket.sim_key.project))
         return tuple(headers)
 
-    def admit(self, ticket: Ticket, model: str, cost: int, budgeted: bool = True) -> Verdict:
-        """Apply the project's limits and draw faults for a request whose key passed.
+    def admit(
+        self,
+        ticket: Ticket,
+        model: str,
+        cost: int,
+        budgeted: bool = True,
+        operation: str = "ChatCompletions_Create",
+    ) -> Verdict:
+        """Apply the limits of the request's pool and draw faults, for a key that passed.
 
         ``cost`` is the request's token cost; ``budgeted=False`` (e.g. listing models) skips
         the limits. Admitted requests use budget even if a fault then fails them, like a real
-        server that did the work.
+        server that did the work. ``operation`` names the request in Azure's 429 body.
         """
         with self._lock:
             config = self._config
             sim_key = ticket.sim_key
             assert sim_key is not None, "admit() needs a key that passed check_key()"
+            now = self._clock()
             org = sim_key.organization
-            limits = config.limits(sim_key.project)
-            window = self._window(sim_key.project)
-            to_end = self._time_to_window_end(window)
             headers = list(self.identity_headers(ticket))
+            if not budgeted:
+                return self._draw_faults(ticket, model, org, None, headers)
 
-            if budgeted:
-                if limits.tpm is not None and cost > limits.tpm:
+            ticket.model = model
+            self._model_scope(model).add("requests")
+            meters = self._pool_meters(sim_key.project, model)
+            costs = {"rpm": 1, "tpm": cost, "rpd": 1, "tpd": cost}
+            for kind in ("tpm", "tpd"):
+                meter = meters.get(kind)
+                if meter is not None and cost > meter.limit:
                     self._record(ticket, "too_large")
-                    body = _wire.too_large_body(model, org, limits.tpm, cost)
-                    return Verdict(429, body, tuple(headers + self._limit_headers(window, limits)))
-                over: str | None = None
-                if limits.rpm is not None and window.requests + 1 > limits.rpm:
-                    over = "requests"
-                    limit, used, requested = limits.rpm, window.requests, 1
-                elif limits.tpm is not None and window.tokens + cost > limits.tpm:
-                    over = "tokens"
-                    limit, used, requested = limits.tpm, window.tokens, cost
-                if over is not None:
-                    self._record(ticket, "rate_limited")
-                    body = _wire.rate_limit_body(model, org, over, limit, used, requested, to_end)
-                    headers += self._retry_headers(to_end, config.retry_after_ms)
-                    return Verdict(429, body, tuple(headers + self._limit_headers(window, limits)))
-                window.requests += 1
-                window.tokens += cost
-                project = self._project_scope(ticket)
-                if project is not None:
-                    project.add("tokens", cost)
-            headers += self._limit_headers(window, limits)
-            return self._draw_faults(ticket, model, org, limits.rpm, window, headers)
+                    body = _wire.too_large_body(model, org, meter.limit, cost, kind)
+                    return Verdict(429, body, (*headers, *self._budget(meters, now)))
+
+            waits = {kind: meter.wait(costs[kind], now) for kind, meter in meters.items()}
+            if any(wait > 0 for wait in waits.values()):
+                broken = max(waits, key=lambda kind: waits[kind])
+                if config.count_rejected:
+                    for kind in _MINUTE_KINDS:
+                        if kind in meters:
+                            meters[kind].charge_rejected(costs[kind], now)
+                self._record(ticket, "rate_limited")
+                return self._rejection(
+                    ticket, operation, model, org, broken, meters, costs, headers, now
+                )
+
+            for kind, meter in meters.items():
+                meter.charge(costs[kind], now)
+            self._model_scope(model).add("tokens", cost)
+            project = self._project_scope(ticket)
+            if project is not None:
+                project.add("tokens", cost)
+            headers += self._budget(meters, now)
+            return self._draw_faults(ticket, model, org, meters.get("rpm"), headers)
+
+    def _rejection(
+        self,
+        ticket: Ticket,
+        operation: str,
+        model: str,
+        org: str,
+        broken: str,
+        meters: dict[str, _limiter.Meter],
+        costs: dict[str, int],
+        headers: list[tuple[str, str]],
+        now: float,
+    ) -> Verdict:
+        """The 429 for a request that ``broken`` keeps out: every number in it says when the
+        request would be admitted if nothing else came first (after its own charge)."""
+        config = self._config
+        meter = meters[broken]
+        wait = max(m.wait(costs[kind], now) for kind, m in meters.items())
+        used = math.ceil(meter.used(now) - _limiter.EPSILON)
+        body = _wire.profile_rate_limit_body(
+            config.profile, operation, model, org, broken, meter.limit, used, costs[broken], wait
+        )
+        azure = config.profile == "azure"
+        headers += _wire.retry_headers(
+            wait,
+            seconds=config.retry_after or azure,
+            ms=azure or (config.retry_after and config.retry_after_ms),
+        )
+        headers += self._budget(meters, now)
+        return Verdict(429, body, tuple(headers))
+
+    def _pool_meters(self, project: str, model: str) -> dict[str, _limiter.Meter]:
+        """The meters of the pool ``model`` draws on in ``project``, made on first use."""
+        family, limits = self._config.limits(project).pool(model)
+        meters: dict[str, _limiter.Meter] = {}
+        for kind, limit in limits.items():
+            index = (project, family, kind, limit)
+            meter = self._meters.get(index)
+            if meter is None:
+                period = self._config.window * (1 if kind in _MINUTE_KINDS else DAY_WINDOWS)
+                meter = _limiter.make_meter(self._config.limiter, limit, period, self._start)
+                self._meters[index] = meter
+            meters[kind] = meter
+        return meters
+
+    def _budget(self, meters: dict[str, _limiter.Meter], now: float) -> list[tuple[str, str]]:
+        """Budget headers of the pool, in the configured profile. Where a daily limit is set,
+        the headers describe it instead of the per-minute one (as OpenAI's appear to)."""
+        lines: list[_wire.BudgetLine] = []
+        for counts, minute, day in (("requests", "rpm", "rpd"), ("tokens", "tpm", "tpd")):
+            meter = meters.get(day) or meters.get(minute)
+            if meter is not None:
+                lines.append((counts, meter.limit, meter.remaining(now), meter.reset_in(now)))
+        return _wire.budget_headers(self._config.profile, lines)
 
     def _draw_faults(
         self,
         ticket: Ticket,
         model: str,
         org: str,
-        rpm: int | None,
-        window: _Window,
+        rpm: _limiter.Meter | None,
         headers: list[tuple[str, str]],
     ) -> Verdict:
         """Draw each fault in a fixed order (so a seed reproduces a run)."""
@@ -352,12 +429,20 @@ class SimState:
             self._record(ticket, "faults")
             return Verdict(0, None, tuple(headers), delay, drop=True)
         if draws[1] < faults.rate_limit:
+            # A spurious 429: the server says a limit is reached though none is.
             self._record(ticket, "faults")
-            used = window.requests
-            body = _wire.rate_limit_body(
-                model, org, "requests", rpm if rpm is not None else used, used, 1, 1.0
+            now = self._clock()
+            used = 0 if rpm is None else math.ceil(rpm.used(now) - _limiter.EPSILON)
+            limit = used if rpm is None else rpm.limit
+            body = _wire.profile_rate_limit_body(
+                config.profile, "ChatCompletions_Create", model, org, "rpm", limit, used, 1, 1.0
             )
-            headers += self._retry_headers(1.0, config.retry_after_ms)
+            azure = config.profile == "azure"
+            headers += _wire.retry_headers(
+                1.0,
+                seconds=config.retry_after or azure,
+                ms=azure or (config.retry_after and config.retry_after_ms),
+            )
             return Verdict(429, body, tuple(headers), delay)
         if draws[2] < faults.error_500:
             self._record(ticket, "faults")
@@ -370,42 +455,3 @@ class SimState:
     def record_ok(self, ticket: Ticket) -> None:
         """Count a successful answer (called just before it is written)."""
         self.record(ticket, "ok")
-
-    # ----------------------------------------------------------------- windows
-
-    def _window(self, project: str) -> _Window:
-        index = math.floor((self._clock() - self._start) / self._config.window)
-        window = self._windows.get(project)
-        if window is None or window.index != index:
-            window = _Window(index)
-            self._windows[project] = window
-        return window
-
-    def _time_to_window_end(self, window: _Window) -> float:
-        end = self._start + (window.index + 1) * self._config.window
-        return max(0.0, end - self._clock())
-
-    def _limit_headers(self, window: _Window, limits: ProjectLimits) -> list[tuple[str, str]]:
-        """``x-ratelimit-*`` headers for the limits that are set (remainders after this request).
-
-        Resets are the time until the window ends, or ``0s`` when nothing of it is used.
-        """
-        out: list[tuple[str, str]] = []
-        to_end = self._time_to_window_end(window)
-        for kind, limit, used in (
-            ("requests", limits.rpm, window.requests),
-            ("tokens", limits.tpm, window.tokens),
-        ):
-            if limit is None:
-                continue
-            out.append((f"x-ratelimit-limit-{kind}", str(limit)))
-            out.append((f"x-ratelimit-remaining-{kind}", str(max(0, limit - used))))
-            out.append((f"x-ratelimit-reset-{kind}", _wire.go_duration(to_end if used else 0.0)))
-        return out
-
-    @staticmethod
-    def _retry_headers(seconds: float, with_ms: bool) -> list[tuple[str, str]]:
-        out = [("retry-after", str(_wire.retry_after_seconds(seconds)))]
-        if with_ms:
-            out.append(("retry-after-ms", str(_wire.retry_after_ms(seconds))))
-        return out

@@ -232,24 +232,129 @@ def forbidden_body() -> JSON:
     }
 
 
+LIMIT_NAMES = {
+    "rpm": ("requests", "requests per min (RPM)"),
+    "tpm": ("tokens", "tokens per min (TPM)"),
+    "rpd": ("requests", "requests per day (RPD)"),
+    "tpd": ("tokens", "tokens per day (TPD)"),
+}
+"""For each limit kind: what it counts (the 429's ``type``) and how OpenAI's messages name it."""
+
+BILLING_URL = "https://platform.openai.com/account/billing"
+
+
 def rate_limit_body(
     model: str, org: str, kind: str, limit: int, used: int, requested: int, wait: float
 ) -> JSON:
-    """429 rate_limit_exceeded for RPM (``kind="requests"``) or TPM (``kind="tokens"``)."""
-    what = "requests per min (RPM)" if kind == "requests" else "tokens per min (TPM)"
-    return error_body(
-        f"Rate limit reached for {model} in organization {org} on {what}: Limit {limit}, "
+    """OpenAI's 429 rate_limit_exceeded for one limit (``kind``: rpm, tpm, rpd or tpd)."""
+    counts, name = LIMIT_NAMES[kind]
+    message = (
+        f"Rate limit reached for {model} in organization {org} on {name}: Limit {limit}, "
         f"Used {used}, Requested {requested}. Please try again in {go_duration(wait)}. "
-        f"Visit {RATE_LIMITS_URL} to learn more.",
-        kind,
-        "rate_limit_exceeded",
+        f"Visit {RATE_LIMITS_URL} to learn more."
     )
+    if kind == "rpd":
+        message += (
+            " You can increase your rate limit by adding a payment method to your account at "
+            f"{BILLING_URL}."
+        )
+    return error_body(message, counts, "rate_limit_exceeded")
 
 
-def too_large_body(model: str, org: str, limit: int, requested: int) -> JSON:
-    """429 for a request that needs more tokens than the whole TPM limit (never admissible)."""
+def azure_rate_limit_body(operation: str, kind: str, wait: float) -> JSON:
+    """Azure OpenAI's 429: ``code`` is the string "429", there is no ``type``, and the wait is
+    in whole seconds, rounded up."""
+    what = "token rate limit" if LIMIT_NAMES[kind][0] == "tokens" else "call rate limit"
+    return {
+        "error": {
+            "code": "429",
+            "message": f"Requests to the {operation} Operation under Azure OpenAI API version "
+            f"2024-02-15-preview have exceeded {what} of your current OpenAI S0 pricing tier. "
+            f"Please retry after {retry_after_seconds(wait)} seconds. Please go here: "
+            "https://aka.ms/oai/quotaincrease if you would like to further increase the "
+            "default rate limit.",
+        }
+    }
+
+
+def openrouter_rate_limit_body() -> JSON:
+    """OpenRouter's 429: an integer ``code`` and no numbers at all."""
+    return {
+        "error": {
+            "code": 429,
+            "message": "Rate limit exceeded",
+            "metadata": {"error_type": "rate_limit_exceeded"},
+        }
+    }
+
+
+def gemini_rate_limit_body() -> list[JSON]:
+    """Gemini's OpenAI-compatible 429: a JSON *array* holding one error, no numbers."""
+    return [
+        {
+            "error": {
+                "code": 429,
+                "message": "Resource has been exhausted (e.g. check quota).",
+                "status": "RESOURCE_EXHAUSTED",
+            }
+        }
+    ]
+
+
+def profile_rate_limit_body(
+    profile: str,
+    operation: str,
+    model: str,
+    org: str,
+    kind: str,
+    limit: int,
+    used: int,
+    requested: int,
+    wait: float,
+) -> Any:
+    """The 429 body for a broken limit, in the style of ``profile`` (see ``PROFILES``)."""
+    if profile == "azure":
+        return azure_rate_limit_body(operation, kind, wait)
+    if profile == "openrouter":
+        return openrouter_rate_limit_body()
+    if profile == "gemini":
+        return gemini_rate_limit_body()
+    return rate_limit_body(model, org, kind, limit, used, requested, wait)
+
+
+BudgetLine = tuple[str, int, int, float]
+"""One limit as the budget headers show it: (requests|tokens, limit, remaining, reset s)."""
+
+
+def budget_headers(profile: str, lines: list[BudgetLine]) -> list[tuple[str, str]]:
+    """``x-ratelimit-*`` headers as ``profile`` sends them: all three per limit for
+    ``openai``, only ``remaining`` for ``azure``, none for the others."""
+    out: list[tuple[str, str]] = []
+    if profile not in ("openai", "azure"):
+        return out
+    for counts, limit, remaining, reset in lines:
+        if profile == "openai":
+            out.append((f"x-ratelimit-limit-{counts}", str(limit)))
+        out.append((f"x-ratelimit-remaining-{counts}", str(remaining)))
+        if profile == "openai":
+            out.append((f"x-ratelimit-reset-{counts}", go_duration(reset)))
+    return out
+
+
+def retry_headers(wait: float, *, seconds: bool, ms: bool) -> list[tuple[str, str]]:
+    """``retry-after`` (whole seconds, rounded up) and/or ``retry-after-ms``."""
+    out: list[tuple[str, str]] = []
+    if seconds:
+        out.append(("retry-after", str(retry_after_seconds(wait))))
+    if ms:
+        out.append(("retry-after-ms", str(retry_after_ms(wait))))
+    return out
+
+
+def too_large_body(model: str, org: str, limit: int, requested: int, kind: str = "tpm") -> JSON:
+    """429 for a request that needs more tokens than the whole limit (never admissible)."""
     return error_body(
-        f"Request too large for {model} in organization {org} on tokens per min (TPM): "
+        f"Request too large for {model} in organization {org} on {LIMIT_NAMES[kind][1]}: "
         f"Limit {limit}, Requested {requested}. The input or output tokens must be reduced in "
         f"order to run successfully. Visit {RATE_LIMITS_URL} to learn more.",
         "tokens",
