@@ -1,13 +1,13 @@
-"""Subprocess worker: one contender in a process of its own.
+"""Subprocess worker: one contender in one mode, in a process of its own.
 
 The original package and LiteLLM live in their own virtual environments (the original has our
 import name); stable_openai's contenders run here too, under the project's python, so that no
 contender shares a process (and a GIL) with the simulator.  Run by throughput.py as
 ``<python> _external.py`` with this protocol on the pipes:
 
-1. stdin: one JSON line, the spec: ``kind`` ("original", "litellm" or "ours:<kind>" with a
-   kind of _ours.KINDS), ``base_url``, ``keys``, ``warmup_key``, ``threads``, ``tasks``,
-   ``sized``, ``grace``;
+1. stdin: one JSON line, the spec: ``kind`` ("ours", "original" or "litellm"), ``mode`` (see
+   MODES), ``base_url``, ``keys``, ``warmup_key``, ``workload`` (``[[model, workers], ...]``),
+   ``grace``;
 2. stdout: ``READY {json}`` once imported, set up and warmed up (one plain call on the
    warm-up key, so import time and lazy loading are not timed), with package versions;
 3. stdin: ``GO {"start": t, "deadline": t}`` in wall-clock seconds;
@@ -32,8 +32,6 @@ from typing import Any, TextIO
 
 import _harness
 
-MODEL = "gpt-4o-mini"
-
 
 def _versions(*names: str) -> dict[str, str]:
     found: dict[str, str] = {}
@@ -47,12 +45,19 @@ def _messages(text: str) -> list[Any]:
     return [{"role": "user", "content": text}]
 
 
-Setup = tuple[_harness.Call, dict[str, Any]]
+MODES = {
+    "ours": ("per_call", "per_key", "pooled", "async"),
+    "original": ("per_call", "per_key"),
+    "litellm": ("pooled", "async"),
+}
+"""The modes each contender can run; the others are n/a for it (see throughput.py)."""
+
+Runner = Callable[[float, float], dict[str, Any]]
 
 
-def _setup_original(spec: dict[str, Any]) -> Setup:
-    """stable-openai 0.1.1 as its README shows it, with one client per key and no retries
-    inside the client (as our contender 1 does)."""
+def _setup_original(spec: dict[str, Any]) -> Runner:
+    """stable-openai 0.1.1 as its README shows it: ``per_call`` builds ``OpenAI(api_key=...)``
+    on every call (default retries), ``per_key`` keeps one ``max_retries=0`` client per key."""
     import openai
 
     import stable_openai
@@ -61,32 +66,42 @@ def _setup_original(spec: dict[str, Any]) -> Setup:
     here = os.path.realpath(stable_openai.__file__)
     if not here.startswith(os.path.realpath(sys.prefix)):
         raise RuntimeError(f"stable_openai imported from outside the venv: {here}")
-    base_url = spec["base_url"]
-    warm = openai.OpenAI(api_key=spec["warmup_key"], base_url=base_url, max_retries=0)
-    warm.chat.completions.create(model=MODEL, messages=_messages("warm up"))
+    os.environ["OPENAI_BASE_URL"] = spec["base_url"]
+    model = spec["workload"][0][0]
+    warm = openai.OpenAI(api_key=spec["warmup_key"], max_retries=0)
+    warm.chat.completions.create(model=model, messages=_messages("warm up"))
     warm.close()
 
     KeyManager(spec["keys"])
     clients: dict[str, Any] = {}
     lock = threading.Lock()
 
+    def client_for(api_key: str) -> Any:
+        if spec["mode"] == "per_call":
+            return openai.OpenAI(api_key=api_key)
+        with lock:
+            client = clients.get(api_key)
+            if client is None:
+                client = clients[api_key] = openai.OpenAI(api_key=api_key, max_retries=0)
+            return client
+
     @stable
-    def ask(text: str, max_tokens: int | None, api_key: str) -> Any:
-        client = clients.get(api_key)
-        if client is None:
-            with lock:
-                client = clients.setdefault(
-                    api_key, openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0))
+    def ask(model: str, text: str, max_tokens: int | None, api_key: str) -> Any:
         extra = {} if max_tokens is None else {"max_tokens": max_tokens}
-        response = client.chat.completions.create(model=MODEL, messages=_messages(text), **extra)
+        response = client_for(api_key).chat.completions.create(
+            model=model, messages=_messages(text), **extra)
         return response.choices[0].message.content
 
-    return ask, {"versions": _versions("stable-openai", "openai", "backoff", "httpx", "httpx2")}
+    return lambda start, deadline: _harness.run_threads(
+        ask, _workload(spec), start, deadline, spec["grace"])
 
 
-def _setup_litellm(spec: dict[str, Any]) -> Setup:
-    """LiteLLM's Router, one deployment per key, three retries."""
+def _setup_litellm(spec: dict[str, Any]) -> Runner:
+    """LiteLLM's Router, one deployment per key and model, three retries: ``pooled`` calls
+    ``router.completion`` from threads, ``async`` ``router.acompletion`` from coroutines."""
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    import asyncio
+
     import litellm  # type: ignore[import-not-found, unused-ignore]
     from litellm import Router  # type: ignore[import-not-found, unused-ignore]
 
@@ -94,44 +109,62 @@ def _setup_litellm(spec: dict[str, Any]) -> Setup:
     if hasattr(litellm, "telemetry"):
         litellm.telemetry = False
     base_url = spec["base_url"]
-    litellm.completion(model=f"openai/{MODEL}", messages=_messages("warm up"),
+    workload = _workload(spec)
+    litellm.completion(model=f"openai/{workload[0][0]}", messages=_messages("warm up"),
                        api_key=spec["warmup_key"], api_base=base_url)
     router = Router(
         model_list=[
-            {"model_name": MODEL,
-             "litellm_params": {"model": f"openai/{MODEL}", "api_key": key,
+            {"model_name": model,
+             "litellm_params": {"model": f"openai/{model}", "api_key": key,
                                 "api_base": base_url}}
-            for key in spec["keys"]
+            for model, _ in workload for key in spec["keys"]
         ],
         num_retries=3,
     )
 
-    def ask(text: str, max_tokens: int | None) -> Any:
+    def ask(model: str, text: str, max_tokens: int | None) -> Any:
         extra = {} if max_tokens is None else {"max_tokens": max_tokens}
-        response = router.completion(model=MODEL, messages=_messages(text), **extra)
+        response = router.completion(model=model, messages=_messages(text), **extra)
         return response.choices[0].message.content
 
-    return ask, {"versions": _versions("litellm", "openai", "httpx", "httpx2", "aiohttp")}
+    async def ask_async(model: str, text: str, max_tokens: int | None) -> Any:
+        extra = {} if max_tokens is None else {"max_tokens": max_tokens}
+        response = await router.acompletion(model=model, messages=_messages(text), **extra)
+        return response.choices[0].message.content
+
+    if spec["mode"] == "async":
+        return lambda start, deadline: asyncio.run(_harness.run_coroutines(
+            ask_async, workload, start, deadline, spec["grace"]))
+    return lambda start, deadline: _harness.run_threads(
+        ask, workload, start, deadline, spec["grace"])
 
 
-SETUPS = {"original": _setup_original, "litellm": _setup_litellm}
+def _setup_ours(spec: dict[str, Any]) -> Runner:
+    import _ours
+
+    _ours.warm_up(spec["base_url"], spec["warmup_key"], spec["workload"][0][0])
+    run = _ours.build(spec["mode"], spec["base_url"], spec["keys"])
+    return lambda start, deadline: run(start, deadline, spec["grace"], _workload(spec))
 
 
-def _runner(spec: dict[str, Any]) -> tuple[Callable[[float, float], dict[str, Any]],
-                                            dict[str, Any]]:
+def _workload(spec: dict[str, Any]) -> _harness.Workload:
+    return [(str(model), int(workers)) for model, workers in spec["workload"]]
+
+
+SETUPS = {"ours": _setup_ours, "original": _setup_original, "litellm": _setup_litellm}
+VERSIONS = {
+    "ours": ("stable-openai", "openai", "httpx", "httpx2"),
+    "original": ("stable-openai", "openai", "backoff", "httpx", "httpx2"),
+    "litellm": ("litellm", "openai", "httpx", "httpx2", "aiohttp"),
+}
+
+
+def _runner(spec: dict[str, Any]) -> tuple[Runner, dict[str, Any]]:
     """``run(start, deadline) -> result`` for the contender of ``spec``, and what to report."""
     kind: str = spec["kind"]
-    if kind.startswith("ours:"):
-        import _ours
-
-        _ours.warm_up(spec["base_url"], spec["warmup_key"])
-        run = _ours.build(kind[5:], spec["base_url"], spec["keys"])
-        info = {"versions": _versions("stable-openai", "openai", "httpx2")}
-        return (lambda start, deadline: run(start, deadline, spec["grace"], spec["sized"],
-                                            spec["threads"], spec["tasks"])), info
-    call, info = SETUPS[kind](spec)
-    return (lambda start, deadline: _harness.run_threads(
-        call, spec["threads"], start, deadline, spec["grace"], spec["sized"])), info
+    if spec["mode"] not in MODES[kind]:
+        raise ValueError(f"{kind} has no mode {spec['mode']!r}")
+    return SETUPS[kind](spec), {"versions": _versions(*VERSIONS[kind])}
 
 
 def _say(out: TextIO, tag: str, payload: dict[str, Any]) -> None:

@@ -9,8 +9,10 @@ replicated here (throughput.py checks them against the simulator at start-up):
   (``max_tokens`` defaults to 16 when the request does not send one).
 
 Times are wall-clock (``time.time()``) so that a subprocess can be told when to start and stop.
-A record is ``[ok, latency_ms, end_s, tokens]``: ``end_s`` is when the call returned, in
-seconds after the start; ``tokens`` is the request's cost when it succeeded, else 0.
+A workload is a list of ``(model, workers)``: that many threads (or coroutines) call that model.
+A record is ``[ok, latency_ms, end_s, tokens, model_index]``: ``end_s`` is when the call
+returned, in seconds after the start; ``tokens`` is the request's cost when it succeeded, else
+0; ``model_index`` is the position of the call's model in the workload.
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ DEFAULT_MAX_TOKENS = 16
 SIZED_LENGTHS = (40, 800, 120, 560, 240, 680, 360, 80, 440, 200)
 SIZED_MAX_TOKENS = (16, 128, 32, 96, 64, 48, 112)
 
-Call = Callable[[str, Optional[int]], Any]
-AsyncCall = Callable[[str, Optional[int]], Awaitable[Any]]
+Call = Callable[[str, str, Optional[int]], Any]  # (model, text, max_tokens) -> answer
+AsyncCall = Callable[[str, str, Optional[int]], Awaitable[Any]]
 Record = list[float]
+Workload = list[tuple[str, int]]
 
 
 def prompt(i: int, sized: bool) -> tuple[str, int | None]:
@@ -65,13 +68,13 @@ class _Tally:
         self.errors: Counter[str] = Counter()
         self.lock = threading.Lock()
 
-    def add(self, text: str, max_tokens: int | None, began: float, answer: Any,
+    def add(self, index: int, text: str, max_tokens: int | None, began: float, answer: Any,
             error: BaseException | None) -> None:
         ended = time.time()
         ok = error is None and answer == expected(text)
         tokens = request_tokens(text, max_tokens) if ok else 0
         record = [1 if ok else 0, round((ended - began) * 1000, 2), round(ended - self.start, 4),
-                  tokens]
+                  tokens, index]
         with self.lock:
             self.records.append(record)
             if error is not None:
@@ -91,9 +94,16 @@ def _sleep_until(moment: float) -> None:
         time.sleep(delay)
 
 
-def run_threads(call: Call, threads: int, start: float, deadline: float, grace: float,
-                sized: bool) -> dict[str, Any]:
-    """``threads`` threads loop ``call`` from ``start`` until ``deadline`` (wall-clock).
+def _assignments(workload: Workload) -> list[tuple[int, str]]:
+    """One ``(model_index, model)`` per worker."""
+    return [(index, model) for index, (model, workers) in enumerate(workload)
+            for _ in range(workers)]
+
+
+def run_threads(call: Call, workload: Workload, start: float, deadline: float, grace: float,
+                sized: bool = False) -> dict[str, Any]:
+    """Threads loop ``call`` from ``start`` until ``deadline`` (wall-clock), as many per model
+    as ``workload`` says.
 
     A call begun before the deadline is let finish; threads still busy ``grace`` seconds
     after the deadline are counted as unfinished and left behind (they are daemons).
@@ -101,20 +111,20 @@ def run_threads(call: Call, threads: int, start: float, deadline: float, grace: 
     tally = _Tally(start)
     numbers = itertools.count()
 
-    def loop() -> None:
+    def loop(index: int, model: str) -> None:
         _sleep_until(start)
         while time.time() < deadline:
             text, max_tokens = prompt(next(numbers), sized)
             began = time.time()
             try:
-                answer = call(text, max_tokens)
+                answer = call(model, text, max_tokens)
             except Exception as exc:
-                tally.add(text, max_tokens, began, None, exc)
+                tally.add(index, text, max_tokens, began, None, exc)
             else:
-                tally.add(text, max_tokens, began, answer, None)
+                tally.add(index, text, max_tokens, began, answer, None)
 
-    workers = [threading.Thread(target=loop, daemon=True, name=f"bench-{n}")
-               for n in range(threads)]
+    workers = [threading.Thread(target=loop, args=job, daemon=True, name=f"bench-{n}")
+               for n, job in enumerate(_assignments(workload))]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -122,31 +132,29 @@ def run_threads(call: Call, threads: int, start: float, deadline: float, grace: 
     return tally.result(sum(worker.is_alive() for worker in workers))
 
 
-async def run_coroutines(call: AsyncCall, tasks: int, start: float, deadline: float,
-                         grace: float, sized: bool, gate: int | None = None) -> dict[str, Any]:
-    """:func:`run_threads` for coroutines: ``tasks`` tasks, at most ``gate`` calls at once.
+async def run_coroutines(call: AsyncCall, workload: Workload, start: float, deadline: float,
+                         grace: float, sized: bool = False) -> dict[str, Any]:
+    """:func:`run_threads` for coroutines on the running loop.
 
     Tasks still busy ``grace`` seconds after the deadline are cancelled and counted as
     unfinished.
     """
     tally = _Tally(start)
     numbers = itertools.count()
-    semaphore = asyncio.Semaphore(gate or tasks)
 
-    async def loop() -> None:
+    async def loop(index: int, model: str) -> None:
         await asyncio.sleep(max(0.0, start - time.time()))
         while time.time() < deadline:
             text, max_tokens = prompt(next(numbers), sized)
-            async with semaphore:
-                began = time.time()
-                try:
-                    answer = await call(text, max_tokens)
-                except Exception as exc:
-                    tally.add(text, max_tokens, began, None, exc)
-                else:
-                    tally.add(text, max_tokens, began, answer, None)
+            began = time.time()
+            try:
+                answer = await call(model, text, max_tokens)
+            except Exception as exc:
+                tally.add(index, text, max_tokens, began, None, exc)
+            else:
+                tally.add(index, text, max_tokens, began, answer, None)
 
-    running = [asyncio.ensure_future(loop()) for _ in range(tasks)]
+    running = [asyncio.ensure_future(loop(*job)) for job in _assignments(workload)]
     _, pending = await asyncio.wait(running, timeout=max(0.0, deadline + grace - time.time()))
     for task in pending:
         task.cancel()

@@ -71,9 +71,9 @@ def worker(spec: dict[str, Any]) -> None:
         backend = RedisBackend(spec["redis_url"], namespace=spec["namespace"])
     manager = KeyManager(spec["keys"], backend=backend)
 
-    def ask(text: str, max_tokens: int | None, client: Any) -> Any:
+    def ask(model: str, text: str, max_tokens: int | None, client: Any) -> Any:
         answer = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": text}])
+            model=model, messages=[{"role": "user", "content": text}])
         return answer.choices[0].message.content
 
     wrapped = stable(max_wait=60)(ask)
@@ -81,8 +81,8 @@ def worker(spec: dict[str, Any]) -> None:
         warm.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     print("READY", flush=True)
     go = json.loads(sys.stdin.readline().split(" ", 1)[1])
-    result = _harness.run_threads(wrapped, spec["threads"], go["start"], go["deadline"],
-                                  spec["grace"], False)
+    result = _harness.run_threads(wrapped, [(MODEL, spec["threads"])], go["start"],
+                                  go["deadline"], spec["grace"])
     result["shared"] = manager._shared is not None and manager.backend.available()
     print("RESULT " + json.dumps(result), flush=True)
     manager.close()

@@ -1,34 +1,46 @@
-"""Throughput under rate limits: stable_openai's modes beside the original package and LiteLLM.
+"""Throughput under rate limits: a matrix of server behaviours × modes × contenders.
 
-Every contender runs against the local simulator (started here, in a thread) for a fixed time,
-from N threads (or coroutines) that loop calls until the time is up, one scenario at a time:
+Every cell runs one contender in one mode for a fixed time against the local simulator
+(started here, in a thread; each contender in a subprocess of its own), from 16 workers over 4
+keys in 4 projects, each project allowing 10 requests per 1-s simulated minute, 20 ms latency.
+The server behaviours (rows of tables; ``--behaviour``):
 
-  (a) 4 keys in 4 projects, rpm=10 per 1-s window, 16 threads;
-  (b) 6 keys in 3 projects, two keys sharing each project's budget (rpm=10 per project);
-  (c) 4 keys in 4 projects, tpm=2000 per 1-s window and no rpm limit, requests of mixed size;
-  (d) 6 keys in 6 projects (rpm=10): 4 good, 1 revoked, 1 out of quota.
+  openai    OpenAI as documented: continuously refilling buckets, rejected requests counted,
+            full x-ratelimit-* headers, retry-after on 429s (the simulator's default);
+  bare      the same limits, no x-ratelimit-* anywhere (429s keep OpenAI's body, retry-after);
+  azure     Azure's profile: remaining-only headers on success, Azure's 429 body with
+            retry-after and retry-after-ms, limits counted in fixed windows;
+  fixed     OpenAI's headers and bodies, limits counted in fixed windows;
+  sliding   OpenAI's headers and bodies, limits counted in sliding windows;
+  blind     429s with no numbers at all: OpenRouter's body, no headers, no retry-after;
+  models    two models with limits of their own in each project: gpt-3.5-turbo 10 and gpt-4o 2
+            per window, 12 and 4 workers;
+  daily     gpt-4o (8 workers) with 10 per window and 40 per simulated day in each project,
+            spent mid-run, beside gpt-4o-mini (8 workers, 10 per window).
 
-Columns: throughput ÷ the real limit (the sum of the per-project limits of the projects that
-have a good key: in (b) 3 × 10/s, not 6 × 10/s; in (c) tokens of successful requests per
-second ÷ the sum of tpm per second, a request costing ceil(chars / 4) + max_tokens tokens as
-the simulator counts it), 429s the simulator sent per 100 successes, failed calls (raised, or
-answered anything but the simulator's echo; the original package answers None on failure),
-and p50/p99 call latency over every call that returned.
+Modes (``--mode``): ``per_call``, the original README's function (``api_key`` injected,
+``OpenAI(api_key=api_key)`` built on every call with its default retries); ``per_key`` (one
+``OpenAI(max_retries=0)`` per key); ``pooled`` (the library's own clients: stable_openai's
+``client`` parameter, LiteLLM's Router); ``async`` (the same from coroutines). Contenders
+(``--contender``): ``ours`` (this checkout), ``original`` (stable-openai 0.1.1) and ``litellm``
+(its Router, num_retries=3), the last two in virtual environments under benchmarks/.venvs/,
+made on first use. A contender that has no such mode says so in its cell.
 
-Each run starts just after a window boundary (found from the simulator's x-ratelimit-reset
-header on a separate probe key) and counts the successes that returned within the duration, so
-a perfect contender scores 1.00.  Between contenders the simulator's counters are reset,
-KeyManager is reset, and the script sleeps 1.1 s and waits for a fresh window.  Every worker
-makes one untimed call on the probe key first, so lazy imports are not timed.
+Columns, per model where a behaviour has two:
+- *share*: successes that returned within the run ÷ what the server could admit in it,
+  limit × (run time + one window) — a full bucket, or a whole window, at the start is
+  admissible too, so a client that meets the nominal rate exactly scores about 0.86 in 6 s;
+- *nominal*: successes per second ÷ the limit;
+- *429/100*: 429s the simulator sent per 100 successes it sent, over the whole run and after
+  its first 2 s;
+- *failed*: calls that raised or did not return the simulator's echo (0.1.1 returns None);
+- p50/p99 latency over every call that returned.
 
-Every contender runs in a subprocess of its own (benchmarks/_external.py), so none shares a
-process, and a GIL, with the simulator: ours under this python, the original package
-(stable-openai==0.1.1, same import name) and LiteLLM in virtual environments under
-benchmarks/.venvs/, made on first use and reused.  ``--in-process`` runs ours in this process
-instead, beside the simulator.  Figures are wall-clock on a shared 2-core machine.
+Each cell starts with the simulator's limits and counters reset (``Simulator.reset_limits``),
+0.1 s before a window boundary so that fixed windows admit as much as a bucket would.
 
-    python benchmarks/throughput.py [--scenario a,b,c,d] [--duration 6] [--skip-external]
-                                    [--in-process] [--grace 5] [--tasks 500] [--save]
+    python benchmarks/throughput.py [--quick] [--behaviour openai,bare] [--mode per_key]
+                                    [--contender ours,litellm] [--duration 6] [--save]
 """
 
 from __future__ import annotations
@@ -37,69 +49,70 @@ import argparse
 import dataclasses
 import datetime
 import json
-import logging
 import math
 import os
 import platform
 import queue
-import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import _external
 import _harness
-import _ours
 import openai
 
-from stable_openai import KeyManager
 from stable_openai import __version__ as ours_version
-from stable_openai.simulator import ProjectLimits, SimKey, Simulator, SimulatorConfig, echo_answer
+from stable_openai.simulator import (
+    ModelLimits,
+    ProjectLimits,
+    SimKey,
+    Simulator,
+    SimulatorConfig,
+    echo_answer,
+)
 
-MODEL = "gpt-4o-mini"
 WINDOW = 1.0
 LATENCY = 0.02
+KEYS = 4
 HERE = Path(__file__).resolve().parent
 VENVS = HERE / ".venvs"
 RESULTS = HERE / "RESULTS.md"
 PROBE_PROJECT = "bench-probe"
 SETUP_TIMEOUT = 180.0  # a subprocess's imports, set-up and warm-up call
-PAUSE = 1.1  # between contenders, before waiting for the next window boundary
+LEAD = 0.9 * WINDOW  # from resetting the limits to the start: 0.1 s before a boundary
+STEADY_AFTER = 2.0  # "429s after the first 2 s"
 
 
-# --------------------------------------------------------------------------- scenarios
+# --------------------------------------------------------------------------- behaviours
 
 
 @dataclass(frozen=True)
-class Scenario:
+class Behaviour:
     name: str
     title: str
-    keys: tuple[SimKey, ...]
-    projects: dict[str, ProjectLimits]
-    threads: int = 16
-    sized: bool = False
+    workload: tuple[tuple[str, int], ...]  # (model, workers)
+    limits: ProjectLimits  # of each of the KEYS projects
+    options: dict[str, Any] = field(default_factory=dict)  # SimulatorConfig fields
+    note: str = ""
 
     @property
-    def unit(self) -> str:
-        return "tokens/s" if self.sized else "requests/s"
+    def models(self) -> list[str]:
+        return [model for model, _ in self.workload]
 
-    @property
-    def real_limit(self) -> float:
-        """Per second: the limits of the projects that have a good key, summed once each."""
-        good = {k.project for k in self.keys if k.status == "ok"}
-        total = 0
-        for project in good:
-            limits = self.projects[project]
-            limit = limits.tpm if self.sized else limits.rpm
-            assert limit is not None, f"scenario {self.name}: project {project} has no limit"
-            total += limit
-        return total / WINDOW
+    def limit(self, model: str) -> float:
+        """Requests per second the server admits for ``model`` in the long run."""
+        _, limits = self.limits.pool(model)
+        return KEYS * limits["rpm"] / WINDOW
+
+    def sim_keys(self) -> list[SimKey]:
+        return [SimKey(f"sk-bench-{self.name}-{i}-{'x' * 24}", project=f"p{i}",
+                       organization=f"org-bench-{i}") for i in range(KEYS)]
 
     @property
     def probe_key(self) -> str:
@@ -107,135 +120,61 @@ class Scenario:
 
     def simulator_config(self) -> SimulatorConfig:
         probe = SimKey(self.probe_key, project=PROBE_PROJECT, organization="org-bench-probe")
-        projects = {**self.projects, PROBE_PROJECT: ProjectLimits(rpm=10**9)}
-        return SimulatorConfig(keys=(*self.keys, probe), projects=projects, window=WINDOW,
-                               latency=LATENCY)
-
-    @property
-    def api_keys(self) -> list[str]:
-        return [k.key for k in self.keys]
+        projects = {key.project: self.limits for key in self.sim_keys()}
+        projects[PROBE_PROJECT] = ProjectLimits()
+        return SimulatorConfig(keys=(*self.sim_keys(), probe), projects=projects, window=WINDOW,
+                               latency=LATENCY, **self.options)
 
 
-def _key(scenario: str, i: int, project: str, status: str = "ok") -> SimKey:
-    return SimKey(f"sk-bench-{scenario}-{i}-{'x' * 24}", project=project,
-                  organization=f"org-bench-{project}", status=status)
+MINI = "gpt-4o-mini"
+RPM10 = ProjectLimits(rpm=10)
 
 
-def scenarios() -> dict[str, Scenario]:
-    rpm10 = ProjectLimits(rpm=10)
-    bad = {1: "revoked", 3: "no_quota"}
-    return {
-        "a": Scenario(
-            "a", "4 keys in 4 projects, rpm=10 per 1-s window",
-            tuple(_key("a", i, f"a{i}") for i in range(4)),
-            {f"a{i}": rpm10 for i in range(4)},
-        ),
-        "b": Scenario(
-            "b", "6 keys in 3 projects, 2 keys share each project's rpm=10",
-            tuple(_key("b", i, f"b{i // 2}") for i in range(6)),
-            {f"b{i}": rpm10 for i in range(3)},
-        ),
-        "c": Scenario(
-            "c", "4 keys in 4 projects, tpm=2000 per 1-s window, mixed request sizes",
-            tuple(_key("c", i, f"c{i}") for i in range(4)),
-            {f"c{i}": ProjectLimits(tpm=2000) for i in range(4)},
-            sized=True,
-        ),
-        "d": Scenario(
-            "d", "6 keys in 6 projects (rpm=10): 4 good, 1 revoked, 1 out of quota",
-            tuple(_key("d", i, f"d{i}", bad.get(i, "ok")) for i in range(6)),
-            {f"d{i}": rpm10 for i in range(6)},
-        ),
-    }
+def behaviours() -> dict[str, Behaviour]:
+    one = ((MINI, 16),)
+    return {b.name: b for b in (
+        Behaviour("openai", "OpenAI default: refilling buckets, rejected requests counted, "
+                  "full headers", one, RPM10),
+        Behaviour("bare", "OpenAI without budget headers (429s keep OpenAI's body and "
+                  "retry-after)", one, RPM10, {"profile": "bare"}),
+        Behaviour("azure", "Azure profile: remaining-only headers, Azure 429 body, retry-after "
+                  "and retry-after-ms, fixed windows", one, RPM10,
+                  {"profile": "azure", "limiter": "fixed"}),
+        Behaviour("fixed", "fixed windows, OpenAI's headers", one, RPM10, {"limiter": "fixed"}),
+        Behaviour("sliding", "sliding windows, OpenAI's headers", one, RPM10,
+                  {"limiter": "sliding"},
+                  note="A sliding window admits one window's worth at the start and one per "
+                  "window after it, so in a 6-s run even a perfect client scores about 6/7 "
+                  "≈ 0.86 of the share."),
+        Behaviour("blind", "429s with no numbers: OpenRouter's body, no headers, no "
+                  "retry-after", one, RPM10, {"profile": "openrouter", "retry_after": False}),
+        Behaviour("models", "two models per project: gpt-3.5-turbo 10 and gpt-4o 2 per "
+                  "window, 12 and 4 workers", (("gpt-3.5-turbo", 12), ("gpt-4o", 4)),
+                  ProjectLimits(per_model=(ModelLimits(("gpt-3.5-turbo",), rpm=10),
+                                           ModelLimits(("gpt-4o",), rpm=2)))),
+        Behaviour("daily", "gpt-4o: 10 per window and 40 per simulated day (spent mid-run); "
+                  "gpt-4o-mini: 10 per window; 8 workers each", (("gpt-4o", 8), (MINI, 8)),
+                  ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=10, rpd=40),
+                                           ModelLimits((MINI,), rpm=10))),
+                  note="gpt-4o's daily budget (4 × 40) is spent a few seconds in; after that "
+                  "the server answers its calls with an RPD 429 to try again in 36 s. Its share "
+                  "is of its per-minute limit, which it cannot reach; the cell to read is "
+                  "gpt-4o-mini's, and how promptly gpt-4o's calls fail."),
+    )}
 
 
-# --------------------------------------------------------------------------- windows
-
-
-def parse_go_duration(text: str) -> float:
-    """Seconds in a Go-style duration: ``0s``, ``12ms``, ``9.816s``, ``1m30.5s``."""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text)
-    if not parts or "".join(n + u for n, u in parts) != text.strip():
-        raise ValueError(f"not a duration: {text!r}")
-    return sum(float(number) * units[unit] for number, unit in parts)
-
-
-class WindowClock:
-    """Where the simulator's fixed windows start, in wall-clock time.
-
-    A probe key in a project with a huge rpm gets ``x-ratelimit-reset-requests``: the time
-    left in the current window, measured when the request was admitted (a little after it
-    was sent, so the estimate is at most a few ms early).
-    """
-
-    def __init__(self, base_url: str, probe_key: str, probes: int = 3) -> None:
-        estimates = [self._probe(base_url, probe_key) for _ in range(probes)]
-        first = estimates[0]
-        self.anchor = max(e - round((e - first) / WINDOW) * WINDOW for e in estimates)
-
-    @staticmethod
-    def _probe(base_url: str, key: str) -> float:
-        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "probe"}]})
-        request = urllib.request.Request(
-            base_url + "/chat/completions", data=body.encode(),
-            headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-        )
-        sent = time.time()
-        with urllib.request.urlopen(request, timeout=10) as response:
-            reset = response.headers["x-ratelimit-reset-requests"]
-        return sent + parse_go_duration(reset)
-
-    def next_start(self, after: float) -> float:
-        """A moment 10 ms into the first window that starts after ``after``."""
-        windows = math.ceil((after - self.anchor) / WINDOW)
-        return self.anchor + windows * WINDOW + 0.01
-
-
-def sleep_until(moment: float) -> None:
-    delay = moment - time.time()
-    if delay > 0:
-        time.sleep(delay)
+QUICK = {"behaviour": "openai,bare", "mode": "per_key,pooled"}
+CONTENDERS = ("ours", "original", "litellm")
+MODES = ("per_call", "per_key", "pooled", "async")
+LABELS = {"ours": "stable_openai", "original": "stable-openai 0.1.1",
+          "litellm": "LiteLLM Router"}
 
 
 # --------------------------------------------------------------------------- contenders
 
 
 class Unavailable(Exception):
-    """A contender that cannot run here; its message goes in the table."""
-
-
-@dataclass
-class Outcome:
-    label: str
-    records: list[list[float]] = field(default_factory=list)
-    unfinished: int = 0
-    errors: dict[str, int] = field(default_factory=dict)
-    limited: int = 0  # 429s the simulator sent: rate_limited + quota
-    unavailable: str | None = None
-
-
-@dataclass
-class Context:
-    """What a contender needs to run one timed pass."""
-
-    scenario: Scenario
-    sim: Simulator
-    clock: WindowClock
-    duration: float
-    grace: float
-    tasks: int
-
-    def begin(self) -> tuple[float, float]:
-        """Pause, pick the next window start, reset the counters just before it."""
-        time.sleep(PAUSE)
-        start = self.clock.next_start(time.time() + 0.1)
-        sleep_until(start - 0.05)
-        self.sim.reset_stats()
-        return start, start + self.duration
-
-
-# --------------------------------------------------------------------------- subprocesses
+    """A contender that cannot run a cell; its message goes in the cell."""
 
 
 @dataclass
@@ -382,117 +321,113 @@ class Worker:
         self.stderr.close()
 
 
-def run_worker(ctx: Context, python: Path, kind: str) -> dict[str, Any]:
-    """Run one contender in a subprocess of ``python`` (see _external.py)."""
+# --------------------------------------------------------------------------- one cell
+
+
+@dataclass
+class Cell:
+    contender: str
+    mode: str
+    records: list[list[float]] = field(default_factory=list)
+    unfinished: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    served: dict[str, dict[str, int]] = field(default_factory=dict)  # model -> end counters
+    early: dict[str, dict[str, int]] = field(default_factory=dict)  # at STEADY_AFTER
+    unavailable: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{LABELS[self.contender]} {self.mode}"
+
+
+def _models_stats(sim: Simulator) -> dict[str, dict[str, int]]:
+    return {name: dict(counts) for name, counts in sim.stats()["models"].items()}
+
+
+def run_cell(behaviour: Behaviour, sim: Simulator, python: Path, cell: Cell,
+             duration: float, grace: float) -> None:
+    """Run one contender in one mode in a subprocess; fill ``cell``."""
     worker = Worker(python)
     try:
         worker.send(json.dumps({
-            "kind": kind, "base_url": ctx.sim.base_url, "keys": ctx.scenario.api_keys,
-            "warmup_key": ctx.scenario.probe_key, "threads": ctx.scenario.threads,
-            "tasks": ctx.tasks, "sized": ctx.scenario.sized, "grace": ctx.grace,
+            "kind": cell.contender, "mode": cell.mode, "base_url": sim.base_url,
+            "keys": [k.key for k in behaviour.sim_keys()], "warmup_key": behaviour.probe_key,
+            "workload": [list(job) for job in behaviour.workload], "grace": grace,
         }))
         worker.expect("READY", SETUP_TIMEOUT)
-        start, deadline = ctx.begin()
+        time.sleep(0.2)  # let the warm-up's connection settle
+        sim.reset_limits()
+        sim.reset_stats()
+        start = time.time() + LEAD
+        deadline = start + duration
+        snapshot = threading.Timer(
+            max(0.0, start + STEADY_AFTER - time.time()),
+            lambda: cell.early.update(_models_stats(sim)),
+        )
+        snapshot.start()
         worker.send("GO " + json.dumps({"start": start, "deadline": deadline}))
-        return worker.expect("RESULT", deadline + ctx.grace + 20.0 - time.time())
+        try:
+            result = worker.expect("RESULT", deadline + grace + 20.0 - time.time())
+        finally:
+            snapshot.cancel()
+        cell.records = result["records"]
+        cell.unfinished = int(result["unfinished"])
+        cell.errors = dict(result["errors"])
+        cell.served = _models_stats(sim)
     finally:
         worker.close()
 
 
-def run_in_process(ctx: Context, kind: str) -> dict[str, Any]:
-    """Run one of our contenders in this process, beside the simulator."""
-    KeyManager.reset()
-    try:
-        run = _ours.build(kind, ctx.sim.base_url, ctx.scenario.api_keys)
-        start, deadline = ctx.begin()
-        return run(start, deadline, ctx.grace, ctx.scenario.sized, ctx.scenario.threads,
-                   ctx.tasks)
-    finally:
-        KeyManager.reset()
-
-
-# --------------------------------------------------------------------------- one scenario
-
-
-@dataclass(frozen=True)
-class Contender:
-    label: str
-    kind: str  # one of _ours.KINDS, or a Venv's name
-    venv: Venv | None = None
-
-    @property
-    def ours(self) -> bool:
-        return self.venv is None
-
-    def run(self, ctx: Context, in_process: bool) -> dict[str, Any]:
-        if self.ours and self.kind == "pooled" and not _ours.pooled_client_mode():
-            raise Unavailable("n/a (not available)")
-        if self.venv is not None:
-            if self.venv.python is None:
-                raise Unavailable(f"n/a: {self.venv.problem}")
-            return run_worker(ctx, self.venv.python, self.venv.name)
-        if in_process:
-            return run_in_process(ctx, self.kind)
-        return run_worker(ctx, Path(sys.executable), f"ours:{self.kind}")
-
-
-def contenders(tasks: int, venvs: list[Venv]) -> list[Contender]:
-    return [
-        Contender("ours api_key (max_retries=0)", "max0"),
-        Contender("ours api_key (default retries)", "default"),
-        Contender("ours pooled client", "pooled"),
-        Contender(f"ours async ({tasks} coroutines)", "async"),
-        *(Contender(venv.label, venv.name, venv) for venv in venvs),
-    ]
-
-
-def mask_keys(text: str, scenario: Scenario) -> str:
-    for key in (*scenario.api_keys, scenario.probe_key):
+def mask_keys(text: str, behaviour: Behaviour) -> str:
+    for key in (*(k.key for k in behaviour.sim_keys()), behaviour.probe_key):
         text = text.replace(key, key[:8] + "…")
     return text
 
 
-def run_scenario(scenario: Scenario, entries: list[Contender], args: argparse.Namespace
-                 ) -> list[Outcome]:
-    outcomes: list[Outcome] = []
-    with Simulator(scenario.simulator_config()) as sim:
-        clock = WindowClock(sim.base_url, scenario.probe_key)
-        if args.in_process:  # load lazily imported modules before anything is timed
-            _ours.warm_up(sim.base_url, scenario.probe_key)
-        ctx = Context(scenario, sim, clock, args.duration, args.grace, args.tasks)
-        for entry in entries:
-            print(f"  ({scenario.name}) {entry.label} ...", end=" ", file=sys.stderr, flush=True)
-            outcome = Outcome(entry.label)
-            try:
-                result = entry.run(ctx, args.in_process)
-            except Unavailable as exc:
-                outcome.unavailable = mask_keys(str(exc), scenario)
-            except Exception as exc:
-                outcome.unavailable = mask_keys(f"error: {type(exc).__name__}: {exc}",
-                                                scenario)[:200]
+def run_behaviour(behaviour: Behaviour, cells: list[Cell], pythons: dict[str, Path | str],
+                  duration: float, grace: float) -> None:
+    with Simulator(behaviour.simulator_config()) as sim:
+        for cell in cells:
+            print(f"  ({behaviour.name}) {cell.label} ...", end=" ", file=sys.stderr,
+                  flush=True)
+            python = pythons[cell.contender]
+            if cell.mode not in _external.MODES[cell.contender]:
+                cell.unavailable = f"n/a: {LABELS[cell.contender]} has no {cell.mode} mode"
+            elif isinstance(python, str):
+                cell.unavailable = f"n/a: {python}"
             else:
-                outcome.records = result["records"]
-                outcome.unfinished = int(result["unfinished"])
-                outcome.errors = {mask_keys(k, scenario): v for k, v in result["errors"].items()}
-                totals = sim.stats()["totals"]
-                outcome.limited = int(totals["rate_limited"]) + int(totals["quota"])
-            print("done" if outcome.unavailable is None else "n/a", file=sys.stderr, flush=True)
-            outcomes.append(outcome)
-    return outcomes
+                try:
+                    run_cell(behaviour, sim, python, cell, duration, grace)
+                except Unavailable as exc:
+                    cell.unavailable = mask_keys(str(exc), behaviour)
+                except Exception as exc:
+                    cell.unavailable = mask_keys(f"error: {type(exc).__name__}: {exc}",
+                                                 behaviour)[:200]
+            print("done" if cell.unavailable is None else "n/a", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- the table
+# --------------------------------------------------------------------------- figures
+
+
+@dataclass(frozen=True)
+class Figures:
+    """One model's figures in one cell."""
+
+    share: float
+    nominal: float
+    per100: float | None
+    per100_steady: float | None
+    failed: int
 
 
 @dataclass(frozen=True)
 class Row:
     label: str
-    ratio: float | None
-    per100: float | None
-    failed: int | None
+    figures: list[Figures]  # one per model of the behaviour
     p50: float | None
     p99: float | None
     note: str
+    unavailable: str | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -500,65 +435,82 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def summarize(outcome: Outcome, scenario: Scenario, duration: float) -> Row:
-    if outcome.unavailable is not None:
-        return Row(outcome.label, None, None, None, None, None, outcome.unavailable)
-    records = outcome.records
-    in_time = [r for r in records if r[0] and r[2] <= duration]
-    amount = sum(r[3] for r in in_time) if scenario.sized else len(in_time)
-    successes = sum(1 for r in records if r[0])
-    latencies = [r[1] for r in records]
-    notes = [f"{n} {name}" for name, n in sorted(outcome.errors.items(), key=lambda e: -e[1])]
-    if outcome.unfinished:
-        notes.append(f"{outcome.unfinished} unfinished after the grace period")
-    return Row(
-        outcome.label,
-        amount / duration / scenario.real_limit,
-        outcome.limited / successes * 100 if successes else None,
-        len(records) - successes,
-        percentile(latencies, 0.50) if latencies else None,
-        percentile(latencies, 0.99) if latencies else None,
-        "; ".join(notes[:3]),
-    )
+def _per100(limited: int, ok: int) -> float | None:
+    if ok:
+        return limited / ok * 100
+    return None if limited else 0.0
 
 
-HEADERS = ("contender", "ok/s ÷ limit", "429s/100 ok", "failed", "p50 ms", "p99 ms", "notes")
+def summarize(cell: Cell, behaviour: Behaviour, duration: float) -> Row:
+    if cell.unavailable is not None:
+        return Row(cell.label, [], None, None, "", cell.unavailable)
+    figures = []
+    for index, model in enumerate(behaviour.models):
+        mine = [r for r in cell.records if int(r[4]) == index]
+        in_time = sum(1 for r in mine if r[0] and r[2] <= duration)
+        limit = behaviour.limit(model)
+        end = cell.served.get(model, {})
+        early = cell.early.get(model, {})
+        limited, ok = end.get("rate_limited", 0), end.get("ok", 0)
+        figures.append(Figures(
+            share=in_time / (limit * (duration + WINDOW)),
+            nominal=in_time / duration / limit,
+            per100=_per100(limited, ok),
+            per100_steady=_per100(limited - early.get("rate_limited", 0),
+                                  ok - early.get("ok", 0)),
+            failed=sum(1 for r in mine if not r[0]),
+        ))
+    notes = [f"{n} {name}" for name, n in sorted(cell.errors.items(), key=lambda e: -e[1])]
+    if cell.unfinished:
+        notes.append(f"{cell.unfinished} unfinished after the grace period")
+    failures = [r[1] for r in cell.records if not r[0]]
+    if failures:
+        notes.append(f"failures returned in p50 {percentile(failures, 0.5):.0f} ms")
+    latencies = [r[1] for r in cell.records]
+    return Row(cell.label, figures,
+               percentile(latencies, 0.50) if latencies else None,
+               percentile(latencies, 0.99) if latencies else None,
+               "; ".join(notes[:4]))
 
 
-def cells(row: Row) -> list[str]:
-    def number(value: float | None, digits: int) -> str:
-        if value is None:
-            return "—"
-        return f"{value:.{digits}f}"
-
-    if row.ratio is None:
-        return [row.label, row.note, "", "", "", "", ""]
-    per100 = "∞ (no success)" if row.per100 is None else f"{row.per100:.1f}"
-    return [row.label, f"{row.ratio:.2f}", per100, str(row.failed), number(row.p50, 0),
-            number(row.p99, 0), row.note]
+HEADERS = ("contender and mode", "share", "nominal", "429/100", "429/100 after 2 s", "failed",
+           "p50 ms", "p99 ms", "notes")
 
 
-def versus_litellm(rows: list[Row], entries: list[Contender]) -> str:
-    ours = [r for r, e in zip(rows, entries) if e.ours and r.ratio is not None]
-    litellm = [r for r in rows if r.label.startswith("LiteLLM") and r.ratio is not None]
-    if not ours or not litellm:
-        return "ours ÷ LiteLLM: n/a"
-    best = max(ours, key=lambda r: r.ratio or 0.0)
-    theirs = litellm[0].ratio or 0.0
-    factor = f"{(best.ratio or 0.0) / theirs:.2f}×" if theirs > 0 else "∞ (LiteLLM: 0)"
-    return f"ours ÷ LiteLLM: {factor} (best of ours: {best.label}, {best.ratio:.2f} vs " \
-           f"{theirs:.2f})"
+def _joined(values: list[str]) -> str:
+    return " / ".join(values)
 
 
-def heading(scenario: Scenario) -> str:
-    return (f"({scenario.name}) {scenario.title}, {scenario.threads} threads — real limit "
-            f"{scenario.real_limit:g} {scenario.unit}")
+def _rate(value: float | None) -> str:
+    return "∞ (no success)" if value is None else f"{value:.1f}"
+
+
+def cells_of(row: Row) -> list[str]:
+    if row.unavailable is not None:
+        return [row.label, row.unavailable, "", "", "", "", "", "", ""]
+    f = row.figures
+    return [
+        row.label,
+        _joined([f"{x.share:.2f}" for x in f]),
+        _joined([f"{x.nominal:.2f}" for x in f]),
+        _joined([_rate(x.per100) for x in f]),
+        _joined([_rate(x.per100_steady) for x in f]),
+        _joined([str(x.failed) for x in f]),
+        "—" if row.p50 is None else f"{row.p50:.0f}",
+        "—" if row.p99 is None else f"{row.p99:.0f}",
+        row.note,
+    ]
+
+
+def heading(behaviour: Behaviour) -> str:
+    limits = ", ".join(f"{model} {behaviour.limit(model):g}/s"
+                       for model in behaviour.models)
+    return f"({behaviour.name}) {behaviour.title} — limit {limits}"
 
 
 def text_table(rows: list[Row]) -> str:
-    """Aligned columns; a contender that did not run shows its reason after its label."""
-    lines = [cells(row) for row in rows]
-    measured = [list(HEADERS)] + [line for row, line in zip(rows, lines) if row.ratio is not None]
+    lines = [cells_of(row) for row in rows]
+    measured = [list(HEADERS)] + [ln for row, ln in zip(rows, lines) if row.unavailable is None]
     widths = [max(len(line[i]) for line in measured) for i in range(len(HEADERS) - 1)]
     widths[0] = max(widths[0], *(len(row.label) for row in rows))
 
@@ -569,8 +521,8 @@ def text_table(rows: list[Row]) -> str:
 
     out = [aligned(list(HEADERS))]
     for row, line in zip(rows, lines):
-        ran = row.ratio is not None
-        out.append(aligned(line) if ran else f"{row.label:<{widths[0]}}  {row.note}")
+        out.append(aligned(line) if row.unavailable is None
+                   else f"{row.label:<{widths[0]}}  {row.unavailable}")
     return "\n".join(out)
 
 
@@ -578,11 +530,28 @@ def markdown_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(HEADERS) + " |",
              "|---|" + "---:|" * (len(HEADERS) - 2) + "---|"]
     for row in rows:
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells(row)) + " |")
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells_of(row)) + " |")
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- RESULTS.md
+def best_versus(rows: list[Row], cells: list[Cell], behaviour: Behaviour) -> str:
+    """Per model: our best nominal rate beside each other contender's best."""
+    parts = []
+    for index, model in enumerate(behaviour.models):
+        best: dict[str, tuple[float, str]] = {}
+        for row, cell in zip(rows, cells):
+            if row.unavailable is None:
+                value = row.figures[index].nominal
+                if value > best.get(cell.contender, (-1.0, ""))[0]:
+                    best[cell.contender] = (value, cell.mode)
+        if "ours" not in best:
+            continue
+        ours, mode = best["ours"]
+        others = [f"{LABELS[c]} {v:.2f} ({m})" for c, (v, m) in best.items() if c != "ours"]
+        name = f"{model}: " if len(behaviour.models) > 1 else ""
+        parts.append(f"{name}best of ours {ours:.2f} ({mode})"
+                     + (" vs " + ", ".join(others) if others else ""))
+    return "Best nominal rate — " + "; ".join(parts) if parts else ""
 
 
 def cpu_model() -> str:
@@ -608,15 +577,17 @@ def git_commit() -> str:
     return commit + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
-def save(sections: list[tuple[Scenario, list[Row], str]], venvs: list[Venv], command: str,
-         seconds: float, duration: float, in_process: bool) -> None:
-    versions = [f"ours: stable-openai {ours_version}, openai {openai.__version__}"]
-    for venv in venvs:
-        if venv.python is not None:
-            found = ", ".join(f"{k} {v}" for k, v in venv.installed.items())
-            versions.append(f"{venv.name} venv: {found}")
-        else:
-            versions.append(f"{venv.name}: {venv.problem}")
+def save(sections: list[tuple[Behaviour, list[Row], str]], pythons: dict[str, Path | str],
+         versions: dict[str, dict[str, str]], command: str, seconds: float,
+         duration: float) -> None:
+    found = []
+    for contender in CONTENDERS:
+        where = pythons.get(contender)
+        if isinstance(where, str):
+            found.append(f"{LABELS[contender]}: {where}")
+        elif contender in versions:
+            listed = ", ".join(f"{k} {v}" for k, v in versions[contender].items())
+            found.append(f"{LABELS[contender]}: {listed}")
     cores = os.cpu_count()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [
@@ -626,23 +597,23 @@ def save(sections: list[tuple[Scenario, list[Row], str]], venvs: list[Venv], com
         "",
         f"- Machine: Python {platform.python_version()} ({platform.python_implementation()}), "
         f"{cpu_model()}, {cores} cores, {platform.system()} {platform.release()}.",
-        f"- Packages: {'; '.join(versions)}.",
-        f"- Each contender runs {duration:g} s from a window boundary against the local "
-        f"simulator (1-s windows, {LATENCY * 1000:g} ms latency). *ok/s ÷ limit*: successes "
-        "that returned within the run, per second, over the real limit (the limits of the "
-        "projects that have a good key, each counted once; in (c) tokens of successful "
-        "requests, ceil(chars / 4) + max_tokens each). *429s/100 ok*: 429s the simulator "
-        "sent (rate limit and no quota) per 100 successes. *failed*: calls that raised or "
-        "did not return the simulator's echo (the original package returns None). Latency "
-        "over every call that returned.",
-        "- " + ("stable_openai's contenders ran in the script's process, beside the simulator; "
-                "the others each in a subprocess." if in_process else
-                "Every contender ran in a subprocess of its own; the simulator in the script's "
-                "process."),
+        f"- Packages: {'; '.join(found)}.",
+        f"- Each cell: {duration:g} s, {KEYS} keys in {KEYS} projects, 1-s simulated minute, "
+        f"{LATENCY * 1000:g} ms latency, every contender in a subprocess of its own. *share*: "
+        "successes in the run ÷ (limit × (run time + one window)), what the server could "
+        "admit; *nominal*: successes per second ÷ limit; *429/100*: 429s the simulator sent "
+        "per 100 successes it sent, whole run and after the first 2 s; *failed*: calls that "
+        "raised or returned anything but the simulator's echo. With two models, figures are "
+        "per model in the order of the heading. See the docstring of throughput.py.",
         "",
     ]
-    for scenario, rows, versus in sections:
-        body += [f"### {heading(scenario)}", "", markdown_table(rows), "", versus, ""]
+    for behaviour, rows, versus in sections:
+        body += [f"### {heading(behaviour)}", ""]
+        if behaviour.note:
+            body += [behaviour.note, ""]
+        body += [markdown_table(rows), ""]
+        if versus:
+            body += [versus, ""]
     section = "\n".join(body).rstrip() + "\n"
 
     text = RESULTS.read_text(encoding="utf-8") if RESULTS.exists() else "# Benchmark results\n"
@@ -674,63 +645,77 @@ def check_replicas() -> None:
             assert _harness.request_tokens(text, max_tokens) == cost, "token rule drifted"
 
 
+def _choose(parser: argparse.ArgumentParser, option: str, value: str,
+            known: tuple[str, ...] | list[str]) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        parser.error(f"--{option}: unknown {', '.join(unknown) or '(none)'}; "
+                     f"choose from {', '.join(known)}")
+    return names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scenario", default="a,b,c,d",
-                        help="comma-separated scenarios to run (default: a,b,c,d)")
+    parser.add_argument("--behaviour", help="comma-separated server behaviours (default: all)")
+    parser.add_argument("--mode", help="comma-separated modes (default: all)")
+    parser.add_argument("--contender", default=",".join(CONTENDERS),
+                        help="comma-separated contenders (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"the subset {QUICK['behaviour']} × {QUICK['mode']} (unless "
+                        "--behaviour/--mode say otherwise), under 3 minutes")
     parser.add_argument("--duration", type=float, default=6.0,
-                        help="seconds each contender runs (default: 6)")
-    parser.add_argument("--grace", type=float, default=5.0,
+                        help="seconds each cell runs (default: 6)")
+    parser.add_argument("--grace", type=float, default=3.0,
                         help="seconds a call begun before the end may take to finish")
-    parser.add_argument("--tasks", type=int, default=500,
-                        help="coroutines of the async contender (default: 500)")
-    parser.add_argument("--skip-external", action="store_true",
-                        help="run only stable_openai's contenders")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run stable_openai's contenders in this process, beside the "
-                        "simulator, instead of one subprocess each")
     parser.add_argument("--save", action="store_true",
                         help="write the tables into benchmarks/RESULTS.md (## Throughput)")
     args = parser.parse_args()
-    known = scenarios()
-    names = [n.strip() for n in args.scenario.split(",") if n.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown or not names:
-        parser.error(f"unknown scenario(s) {', '.join(unknown) or '(none)'}; "
-                     f"choose from {', '.join(known)}")
-    if args.duration <= 0 or args.grace < 0 or args.tasks < 1:
-        parser.error("--duration must be > 0, --grace >= 0, --tasks >= 1")
+    known = behaviours()
+    default = QUICK if args.quick else {"behaviour": ",".join(known), "mode": ",".join(MODES)}
+    names = _choose(parser, "behaviour", args.behaviour or default["behaviour"], list(known))
+    modes = _choose(parser, "mode", args.mode or default["mode"], MODES)
+    contenders = _choose(parser, "contender", args.contender, CONTENDERS)
+    if args.duration <= 0 or args.grace < 0:
+        parser.error("--duration must be > 0 and --grace >= 0")
 
     check_replicas()
-    logging.getLogger("stable_openai").addHandler(logging.NullHandler())  # "key disabled" lines
     began = time.monotonic()
-    venvs: list[Venv] = []
-    if not args.skip_external:
-        venvs = [ensure_venv(dataclasses.replace(spec)) for spec in VENV_SPECS]
-        for venv in venvs:
-            found = ", ".join(f"{k} {v}" for k, v in venv.installed.items())
-            print(f"{venv.name} venv: {found or venv.problem}")
+    pythons: dict[str, Path | str] = {"ours": Path(sys.executable)}
+    versions: dict[str, dict[str, str]] = {}
+    for spec in VENV_SPECS:
+        if spec.name in contenders:
+            venv = ensure_venv(dataclasses.replace(spec))
+            pythons[spec.name] = venv.python if venv.python is not None else str(venv.problem)
+            versions[spec.name] = venv.installed
+            print(f"{venv.name} venv: "
+                  f"{', '.join(f'{k} {v}' for k, v in venv.installed.items()) or venv.problem}")
+    versions["ours"] = {"stable-openai": ours_version, "openai": openai.__version__}
     setup = time.monotonic() - began
-    entries = contenders(args.tasks, venvs)
     print(f"python {platform.python_version()}, {cpu_model()}, {os.cpu_count()} cores; "
           f"stable-openai {ours_version}, openai {openai.__version__}; "
-          f"{args.duration:g} s per contender")
+          f"{args.duration:g} s per cell")
 
-    sections: list[tuple[Scenario, list[Row], str]] = []
+    sections: list[tuple[Behaviour, list[Row], str]] = []
     for name in names:
-        scenario = known[name]
-        outcomes = run_scenario(scenario, entries, args)
-        rows = [summarize(o, scenario, args.duration) for o in outcomes]
-        versus = versus_litellm(rows, entries)
-        print(f"\n{heading(scenario)}")
+        behaviour = known[name]
+        cells = [Cell(contender, mode) for contender in contenders for mode in modes
+                 if mode in _external.MODES[contender] or contender == "ours"]
+        cells += [Cell(contender, mode) for contender in contenders for mode in modes
+                  if mode not in _external.MODES[contender] and contender != "ours"]
+        run_behaviour(behaviour, cells, pythons, args.duration, args.grace)
+        rows = [summarize(cell, behaviour, args.duration) for cell in cells]
+        versus = best_versus(rows, cells, behaviour)
+        print(f"\n{heading(behaviour)}")
         print(text_table(rows))
-        print(versus, flush=True)
-        sections.append((scenario, rows, versus))
+        if versus:
+            print(versus, flush=True)
+        sections.append((behaviour, rows, versus))
     total = time.monotonic() - began
     print(f"\n{total:.0f} s in all ({setup:.0f} s of it checking or making the venvs)")
     if args.save:
         command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
-        save(sections, venvs, command, total, args.duration, args.in_process)
+        save(sections, pythons, versions, command, total, args.duration)
 
 
 if __name__ == "__main__":

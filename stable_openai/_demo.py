@@ -1,7 +1,8 @@
 """``stable-openai demo``: the library at work on the local simulator, no real key needed.
 
 Starts the simulator with a realistic set of keys (several projects with tight limits, two
-keys sharing one project's budget, one revoked key, one out of quota), runs a concurrent
+keys sharing one project's budget, one revoked key, one out of quota) and its default, strict
+behaviour (OpenAI's refilling buckets, rejected requests counted), runs a concurrent
 workload through ``@stable`` with the real ``openai`` client, shows live progress, and ends
 with a summary.  Exit status 0 means every call got its own right answer.
 """
@@ -187,6 +188,12 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             f"stable-openai demo: {len(config.keys)} keys ({len(good)} good in {len(projects)} "
             f"projects, 1 revoked, 1 without quota), {args.rpm} requests per {args.window:g}s "
             f"per project; {args.calls} calls, {mode}; simulator at {sim.base_url}",
+            file=out,
+        )
+        print(
+            f"the simulator behaves as OpenAI documents ({config.limiter} limiter: buckets "
+            "that refill continuously; rejected requests count against the limit; profile "
+            f"{config.profile}: x-ratelimit-* headers and OpenAI's 429 bodies)",
             file=out,
         )
         prompts = [f"Request {index + 1}: Hello, world!" for index in range(args.calls)]

@@ -33,11 +33,8 @@ STABLE_OPENAI_ALL = [
 STABLE_OPENAI_INCIDENTAL: list[str] = []
 
 SIMULATOR_ALL = [
-    "DAY_WINDOWS",
     "Faults",
-    "LIMITERS",
     "ModelLimits",
-    "PROFILES",
     "ProjectLimits",
     "SimKey",
     "Simulator",

@@ -672,12 +672,9 @@ def test_public_names() -> None:
 
     assert package.__all__ == sorted(package.__all__)
     assert set(package.__all__) == {
-        "DAY_WINDOWS",
-        "Faults",
-        "LIMITERS",
-        "ModelLimits",
-        "PROFILES",
-        "ProjectLimits",
+            "Faults",
+            "ModelLimits",
+            "ProjectLimits",
         "SimKey",
         "Simulator",
         "SimulatorConfig",

@@ -28,9 +28,6 @@ Token accounting: a chat request costs ceil(chars of all message contents / 4) p
 """
 
 from ._config import (
-    DAY_WINDOWS,
-    LIMITERS,
-    PROFILES,
     Faults,
     ModelLimits,
     ProjectLimits,
@@ -41,11 +38,8 @@ from ._server import Simulator
 from ._wire import echo_answer
 
 __all__ = [
-    "DAY_WINDOWS",
     "Faults",
-    "LIMITERS",
     "ModelLimits",
-    "PROFILES",
     "ProjectLimits",
     "SimKey",
     "Simulator",

@@ -653,6 +653,10 @@ class Simulator:
             raise TypeError(f"config: must be a SimulatorConfig, got {type(config).__name__}")
         self._state.configure(config)
 
+    def reset_limits(self) -> None:
+        """Forget every limit's usage and start the windows now (counters are kept)."""
+        self._state.reset_limits()
+
     def set_key_status(self, key: str, status: str) -> None:
         """Change a key's status at runtime, e.g. revoke it mid-run (KeyError if unknown)."""
         self._state.set_key_status(key, status)

@@ -143,6 +143,12 @@ class SimState:
             self._rng = random.Random(config.seed)
             self._register(config)
 
+    def reset_limits(self) -> None:
+        """Forget every limit's usage and start the windows now, as a fresh server would."""
+        with self._lock:
+            self._meters.clear()
+            self._start = self._clock()
+
     def set_key_status(self, key: str, status: str) -> None:
         """Change one key's status at runtime (e.g. revoke it mid-run)."""
         if status not in KEY_STATUSES:
