@@ -185,6 +185,7 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     projects: dict[str, ProjectLimits] = dict(base.projects)
     limits = {kind: getattr(args, kind) for kind in LIMIT_KINDS if getattr(args, kind) is not None}
     per_model = tuple(_parse_model_limit(spec) for spec in args.model_limit)
+    _build("--model-limit", ProjectLimits, per_model=per_model)  # a model named twice
     if limits or per_model:
         for project in {k.project for k in keys}:
             if project not in projects:

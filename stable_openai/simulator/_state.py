@@ -328,7 +328,7 @@ class SimState:
             org = sim_key.organization
             headers = list(self.identity_headers(ticket))
             if not budgeted:
-                return self._draw_faults(ticket, model, org, None, headers)
+                return self._draw_faults(ticket, operation, model, org, None, headers)
 
             ticket.model = model
             self._model_scope(model).add("requests")
@@ -341,17 +341,13 @@ class SimState:
                     body = _wire.too_large_body(model, org, meter.limit, cost, kind)
                     return Verdict(429, body, (*headers, *self._budget(meters, now)))
 
-            waits = {kind: meter.wait(costs[kind], now) for kind, meter in meters.items()}
-            if any(wait > 0 for wait in waits.values()):
-                broken = max(waits, key=lambda kind: waits[kind])
+            if any(meter.wait(costs[kind], now) > 0 for kind, meter in meters.items()):
                 if config.count_rejected:
                     for kind in _MINUTE_KINDS:
                         if kind in meters:
                             meters[kind].charge_rejected(costs[kind], now)
                 self._record(ticket, "rate_limited")
-                return self._rejection(
-                    ticket, operation, model, org, broken, meters, costs, headers, now
-                )
+                return self._rejection(ticket, operation, model, org, meters, costs, headers, now)
 
             for kind, meter in meters.items():
                 meter.charge(costs[kind], now)
@@ -360,7 +356,7 @@ class SimState:
             if project is not None:
                 project.add("tokens", cost)
             headers += self._budget(meters, now)
-            return self._draw_faults(ticket, model, org, meters.get("rpm"), headers)
+            return self._draw_faults(ticket, operation, model, org, meters.get("rpm"), headers)
 
     def _rejection(
         self,
@@ -368,17 +364,19 @@ class SimState:
         operation: str,
         model: str,
         org: str,
-        broken: str,
         meters: dict[str, _limiter.Meter],
         costs: dict[str, int],
         headers: list[tuple[str, str]],
         now: float,
     ) -> Verdict:
-        """The 429 for a request that ``broken`` keeps out: every number in it says when the
-        request would be admitted if nothing else came first (after its own charge)."""
+        """The 429 for a rejected request, naming the limit that keeps it out longest (after
+        its own charge): every number in it says when the request would be admitted if
+        nothing else came first."""
         config = self._config
+        waits = {kind: meter.wait(costs[kind], now) for kind, meter in meters.items()}
+        broken = max(waits, key=lambda kind: waits[kind])
         meter = meters[broken]
-        wait = max(m.wait(costs[kind], now) for kind, m in meters.items())
+        wait = waits[broken]
         used = math.ceil(meter.used(now) - _limiter.EPSILON)
         body = _wire.profile_rate_limit_body(
             config.profile, operation, model, org, broken, meter.limit, used, costs[broken], wait
@@ -419,6 +417,7 @@ class SimState:
     def _draw_faults(
         self,
         ticket: Ticket,
+        operation: str,
         model: str,
         org: str,
         rpm: _limiter.Meter | None,
@@ -441,7 +440,7 @@ class SimState:
             used = 0 if rpm is None else math.ceil(rpm.used(now) - _limiter.EPSILON)
             limit = used if rpm is None else rpm.limit
             body = _wire.profile_rate_limit_body(
-                config.profile, "ChatCompletions_Create", model, org, "rpm", limit, used, 1, 1.0
+                config.profile, operation, model, org, "rpm", limit, used, 1, 1.0
             )
             azure = config.profile == "azure"
             headers += _wire.retry_headers(
