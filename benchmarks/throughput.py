@@ -436,9 +436,8 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def _per100(limited: int, ok: int) -> float | None:
-    if ok:
-        return limited / ok * 100
-    return None if limited else 0.0
+    """429s per 100 successes; ``None`` when there was no success to count them against."""
+    return limited / ok * 100 if ok else None
 
 
 def summarize(cell: Cell, behaviour: Behaviour, duration: float) -> Row:
@@ -482,7 +481,7 @@ def _joined(values: list[str]) -> str:
 
 
 def _rate(value: float | None) -> str:
-    return "∞ (no success)" if value is None else f"{value:.1f}"
+    return "— (no success)" if value is None else f"{value:.1f}"
 
 
 def cells_of(row: Row) -> list[str]:
