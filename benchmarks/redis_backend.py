@@ -4,8 +4,9 @@
 requests per 1-s window on the local simulator (20 ms latency): a real limit of 40 requests/s
 for all the workers together.  Each worker calls through ``@stable`` with the library's pooled
 clients (the function takes ``client``), so every answer's ``x-ratelimit-*`` headers reach the
-key state.  Run once with each worker's state in its own process (memory, the default), once
-shared through Redis, each from a window boundary for ``--duration`` seconds:
+key state.  The simulator behaves as OpenAI documents (its default: refilling buckets, rejected
+requests counted).  Run once with each worker's state in its own process (memory, the default),
+once shared through Redis, each from full buckets for ``--duration`` seconds:
 
 - *ok/s ÷ limit*: successful calls that returned within the run, per second, over 40/s;
 - *429s/100 ok*: the 429s the simulator sent, per 100 successes;
@@ -29,14 +30,12 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -119,23 +118,6 @@ def start_redis(binary: str) -> tuple[subprocess.Popen[bytes], str]:
             time.sleep(0.02)
 
 
-def parse_go_duration(text: str) -> float:
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ms|h|m|s)", text))
-
-
-def window_anchor(base_url: str, key: str) -> float:
-    """A wall-clock moment at which one of the simulator's windows starts."""
-    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "probe"}]})
-    request = urllib.request.Request(
-        base_url + "/chat/completions", data=body.encode(),
-        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-    )
-    sent = time.time()
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return sent + parse_go_duration(response.headers["x-ratelimit-reset-requests"])
-
-
 def run_mode(label: str, sim: Simulator, keys: list[str], probe: str, redis_url: str | None,
              args: argparse.Namespace) -> dict[str, Any]:
     """One timed run of ``args.workers`` processes; the figures of the table."""
@@ -156,11 +138,10 @@ def run_mode(label: str, sim: Simulator, keys: list[str], probe: str, redis_url:
         line = process.stdout.readline().strip()
         if line != "READY":
             raise SystemExit(f"{label}: a worker did not start ({line!r})")
-    anchor = window_anchor(sim.base_url, probe)
-    after = time.time() + 0.3
-    start = anchor + math.ceil((after - anchor) / WINDOW) * WINDOW + 0.01
+    start = time.time() + 0.3
     deadline = start + args.duration
     time.sleep(max(0.0, start - 0.05 - time.time()))
+    sim.reset_limits()  # full buckets, as a fresh server would have
     sim.reset_stats()
     for process in workers:
         assert process.stdin is not None
@@ -276,7 +257,7 @@ def main() -> None:
           f"stable-openai {ours_version}; {time.monotonic() - began:.0f} s in all")
     print(f"{args.workers} processes × {args.threads} threads, {KEYS} keys in {KEYS} projects, "
           f"rpm={RPM} per {WINDOW:g}-s window ({KEYS * RPM / WINDOW:g} requests/s in all), "
-          f"{LATENCY * 1000:g} ms latency, {args.duration:g} s from a window boundary; "
+          f"{LATENCY * 1000:g} ms latency, {args.duration:g} s from full buckets; "
           "pooled clients\n")
     print("| backend | ok/s ÷ limit | 429s/100 ok | failed | p50 ms | p99 ms | notes |")
     print("|---|---:|---:|---:|---:|---:|---|")
