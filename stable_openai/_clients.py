@@ -12,15 +12,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import openai
 
 from ._budget import estimate_tokens, read_headers, usage_tokens
+from ._lease import KeyReports, Lease
 from ._ring import KeyState
-
-if TYPE_CHECKING:
-    from ._manager import KeyManager
 
 __all__ = ["aclose_clients", "async_client", "close_clients", "sync_client"]
 
@@ -28,8 +26,8 @@ __all__ = ["aclose_clients", "async_client", "close_clients", "sync_client"]
 class _Hooks:
     """What the pooled client tells the manager about each request and response."""
 
-    def __init__(self, manager: KeyManager, state: KeyState) -> None:
-        self.manager = manager
+    def __init__(self, reports: KeyReports, state: KeyState) -> None:
+        self.reports = reports
         self.state = state
 
     def request(self, request: Any) -> None:
@@ -39,24 +37,24 @@ class _Hooks:
             return
         tokens = estimate_tokens(body)
         request.extensions["stable_openai_tokens"] = tokens
-        request.extensions["stable_openai_marks"] = self.manager._spend_tokens(self.state, tokens)
+        request.extensions["stable_openai_marks"] = self.reports.sending(self.state, tokens)
 
     def response(self, response: Any, read: bool) -> None:
         extensions = response.request.extensions
         estimated = extensions.get("stable_openai_tokens", 0.0)
         budget = read_headers(response.headers) if response.status_code < 400 else None
         # The server has counted this request: its tokens are no longer in flight.
-        self.manager._learn(
+        self.reports.answered(
             self.state, budget, estimated, extensions.get("stable_openai_marks")
         )
-        if read and estimated and self.state.pool.token_bucket is not None:
+        if read and estimated and self.reports.wants_usage(self.state):
             actual = usage_tokens(response.content)
             if actual is not None:
-                self.manager._correct_tokens(self.state, estimated, actual)
+                self.reports.corrected(self.state, estimated, actual)
 
     def needs_body(self, response: Any) -> bool:
         return bool(
-            self.state.pool.token_bucket is not None
+            self.reports.wants_usage(self.state)
             and response.status_code < 400
             and response.headers.get("content-type", "").startswith("application/json")
         )
@@ -78,19 +76,19 @@ def _options(state: KeyState) -> dict[str, Any]:
 _building = threading.Lock()
 
 
-def sync_client(manager: KeyManager, state: KeyState) -> openai.OpenAI:
-    """The pooled ``openai.OpenAI`` of ``state``'s key, built on first use."""
-    client = state.clients.get("sync")
+def sync_client(lease: Lease) -> openai.OpenAI:
+    """The pooled ``openai.OpenAI`` of the lease's key, built on first use."""
+    client = lease.state.clients.get("sync")
     if client is None:
         with _building:
-            return _build_sync(manager, state)
+            return _build_sync(lease.owner, lease.state)
     return client  # type: ignore[return-value]
 
 
-def _build_sync(manager: KeyManager, state: KeyState) -> openai.OpenAI:
+def _build_sync(reports: KeyReports, state: KeyState) -> openai.OpenAI:
     client = state.clients.get("sync")
     if client is None:
-        hooks = _Hooks(manager, state)
+        hooks = _Hooks(reports, state)
 
         def on_response(response: Any) -> None:
             read = hooks.needs_body(response)
@@ -104,18 +102,19 @@ def _build_sync(manager: KeyManager, state: KeyState) -> openai.OpenAI:
                 event_hooks={"request": [hooks.request], "response": [on_response]}
             )
         client = state.clients.setdefault("sync", openai.OpenAI(**options))
-        manager._probe(state)
+        reports.probing(state)
     return client  # type: ignore[return-value]
 
 
-def async_client(manager: KeyManager, state: KeyState) -> openai.AsyncOpenAI:
-    """The pooled ``openai.AsyncOpenAI`` of ``state``'s key for the running event loop."""
+def async_client(lease: Lease) -> openai.AsyncOpenAI:
+    """The pooled ``openai.AsyncOpenAI`` of the lease's key for the running event loop."""
+    reports, state = lease.owner, lease.state
     loop = asyncio.get_running_loop()
     per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, openai.AsyncOpenAI]
     per_loop = state.clients.setdefault("async", weakref.WeakKeyDictionary())  # type: ignore[assignment]
     client = per_loop.get(loop)
     if client is None:
-        hooks = _Hooks(manager, state)
+        hooks = _Hooks(reports, state)
 
         async def on_request(request: Any) -> None:
             hooks.request(request)
@@ -132,7 +131,7 @@ def async_client(manager: KeyManager, state: KeyState) -> openai.AsyncOpenAI:
                 event_hooks={"request": [on_request], "response": [on_response]}
             )
         client = per_loop.setdefault(loop, openai.AsyncOpenAI(**options))
-        manager._probe(state)
+        reports.probing(state)
     return client
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast, overload
 
 from ._clients import async_client, sync_client
-from ._manager import KeyManager
+from ._lease import Lease
+from ._manager import KeyManager, lease, lease_async, take_lease
 from ._policy import Action, Policy, classify
 from ._ring import KeyState
 
@@ -38,12 +39,10 @@ class _Options:
     manager: KeyManager | None = None
 
 
-def _manager(options: _Options) -> KeyManager:
-    return options.manager or KeyManager._instance or KeyManager()
-
-
 class _Call:
-    """The state of one decorated call across its attempts."""
+    """The state of one decorated call across its attempts: the one retry flow that every
+    driver follows.  A driver asks it for a lease, makes its attempt, and tells it how the
+    attempt ended; it decides whether to retry, after how long, or to raise."""
 
     # Class-level defaults: a call that succeeds at once only ever sets two attributes.
     attempts = 0
@@ -52,34 +51,34 @@ class _Call:
     avoid: set[KeyState] | None = None
     backoffs = 0
 
-    def __init__(self, options: _Options, manager: KeyManager | None = None) -> None:
+    def __init__(self, options: _Options) -> None:
         self.options = options
-        self.manager = manager or _manager(options)
+        self.manager = options.manager or KeyManager.current() or KeyManager()
 
-    def acquire(self) -> KeyState:
-        manager = self.manager
-        with manager._lock:  # the common case: a key is ready, no waiting
-            state = manager._take(self.avoid)
-        if state is None:
-            state, waited = manager._acquire(
-                self.avoid, self.options.max_wait - self.waited, self.last
+    def acquire(self) -> Lease:
+        """A lease: at once when a key is ready, else waiting in turn (blocking)."""
+        taken = take_lease(self.manager, self.avoid)
+        if taken is None:
+            taken, waited = lease(
+                self.manager, self.avoid, self.options.max_wait - self.waited, self.last
             )
             self.waited += waited
-        return state
+        return taken
 
-    async def acquire_async(self) -> KeyState:
-        state, waited = await self.manager._acquire_async(
-            self.avoid, self.options.max_wait - self.waited, self.last
+    async def acquire_async(self) -> Lease:
+        """:meth:`acquire` for coroutines."""
+        taken, waited = await lease_async(
+            self.manager, self.avoid, self.options.max_wait - self.waited, self.last
         )
         self.waited += waited
-        return state
+        return taken
 
-    def failed(self, state: KeyState, exc: Exception, *, retry: bool = True) -> float | None:
-        """Record ``exc`` against ``state``.  Returns the seconds to wait before the next
-        attempt, or ``None`` when the call must raise ``exc``."""
+    def failed(self, taken: Lease, exc: Exception, *, retry: bool = True) -> float | None:
+        """End ``taken`` with ``exc``.  Returns the seconds to wait before the next attempt,
+        or ``None`` when the call must raise ``exc``."""
         options = self.options
         verdict = classify(exc, options.policy)
-        self.manager._fail(state, verdict, exc)
+        taken.fail(verdict, exc)
         self.last = exc
         if not verdict.rate_limited:
             # A rate limit is rotation at work, not a failed attempt: it cools its key (so it
@@ -92,7 +91,7 @@ class _Call:
         # Transient (5xx, timeouts, connection errors): back off, then prefer another key.
         if self.avoid is None:
             self.avoid = set()
-        self.avoid.add(state)
+        self.avoid.add(taken.state)
         ceiling = min(options.max_backoff, options.backoff * 2.0**self.backoffs)
         self.backoffs += 1
         delay = ceiling * (0.5 + random.random() / 2)  # "equal jitter"
@@ -137,28 +136,33 @@ def _reject_own_key(kwargs: dict[str, Any], func: Callable[..., Any]) -> None:
             )
 
 
-Invoke = Callable[[KeyState, KeyManager, tuple[Any, ...], dict[str, Any]], Any]
+Invoke = Callable[[Lease, tuple[Any, ...], dict[str, Any]], Any]
 
 
-def _client_invoker(func: Callable[..., Any], wants_key: bool, is_async: bool) -> Invoke:
-    """How the drivers call a function that takes a pooled ``client``."""
+def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
+             is_async: bool) -> Invoke:
+    """How the drivers call ``func`` with a lease: its key as ``api_key``, its pooled client
+    as ``client``, or both."""
+    if not wants_client:
+        def with_key(taken: Lease, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            return func(*args, **kwargs, api_key=taken.key)
+
+        return with_key
     make = async_client if is_async else sync_client
 
-    def invoke(
-        state: KeyState, manager: KeyManager, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        extra: dict[str, Any] = {"client": make(manager, state)}
+    def with_client(taken: Lease, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        extra: dict[str, Any] = {"client": make(taken)}
         if wants_key:
-            extra["api_key"] = state.key
+            extra["api_key"] = taken.key
         return func(*args, **kwargs, **extra)
 
-    return invoke
+    return with_client
 
 
 def _wrap(func: Callable[..., Any], options: _Options) -> Callable[..., Any]:
     wants_key, wants_client = _injected(func)
     is_async = inspect.isasyncgenfunction(func) or inspect.iscoroutinefunction(func)
-    invoke = _client_invoker(func, wants_key, is_async) if wants_client else None
+    invoke = _invoker(func, wants_key, wants_client, is_async)
     if inspect.isasyncgenfunction(func):
         return _wrap_async_gen(func, options, invoke)
     if inspect.isgeneratorfunction(func):
@@ -168,111 +172,88 @@ def _wrap(func: Callable[..., Any], options: _Options) -> Callable[..., Any]:
     return _wrap_sync(func, options, invoke)
 
 
-def _wrap_sync(
-    func: Callable[..., Any], options: _Options, invoke: Invoke | None
-) -> Callable[..., Any]:
+def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> Callable[..., Any]:
     @functools.wraps(func)
     def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        # The same flow as the other drivers, with the per-call state made only once a call
-        # has to wait or retry: this driver is the hot path of most programs.
-        manager = _manager(options)
-        with manager._lock:
-            state = manager._take()
-        call = None
+        call = _Call(options)
         while True:
-            if state is None:
-                call = call or _Call(options, manager)
-                state = call.acquire()
+            taken = call.acquire()
             try:
-                if invoke is None:
-                    result = func(*args, **kwargs, api_key=state.key)
-                else:
-                    result = invoke(state, manager, args, kwargs)
+                result = invoke(taken, args, kwargs)
             except Exception as exc:
-                call = call or _Call(options, manager)
-                delay = call.failed(state, exc)
+                delay = call.failed(taken, exc)
                 if delay is None:
                     raise
                 if delay:
                     time.sleep(delay)
-                state = None
                 continue
-            except BaseException:
-                manager._abandon(state)
+            except BaseException:  # KeyboardInterrupt, SystemExit, ...
+                taken.abandon()
                 raise
-            if manager._shared is None:
-                with manager._lock:
-                    manager._ring.succeed(state)
-            else:  # the shared backend hears of it too
-                manager._succeed(state)
+            taken.succeed()
             return result
 
     return call_with_key
 
 
 def _wrap_async(
-    func: Callable[..., Awaitable[Any]], options: _Options, invoke: Invoke | None
+    func: Callable[..., Awaitable[Any]], options: _Options, invoke: Invoke
 ) -> Callable[..., Any]:
     @functools.wraps(func)
     async def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
         call = _Call(options)
-        manager = call.manager
         while True:
-            state = await call.acquire_async()
+            taken = await call.acquire_async()
             try:
-                if invoke is None:
-                    result = await func(*args, **kwargs, api_key=state.key)
-                else:
-                    result = await invoke(state, manager, args, kwargs)
+                result = await invoke(taken, args, kwargs)
             except Exception as exc:
-                delay = call.failed(state, exc)
+                delay = call.failed(taken, exc)
                 if delay is None:
                     raise
                 if delay:
                     await asyncio.sleep(delay)
                 continue
             except BaseException:  # cancelled, KeyboardInterrupt, ...
-                manager._abandon(state)
+                taken.abandon()
                 raise
-            manager._succeed(state)
+            taken.succeed()
             return result
 
     return call_with_key
 
 
 def _wrap_gen(
-    func: Callable[..., Generator[Any, Any, Any]], options: _Options, invoke: Invoke | None
+    func: Callable[..., Generator[Any, Any, Any]], options: _Options, invoke: Invoke
 ) -> Callable[..., Any]:
     @functools.wraps(func)
     def stream_with_key(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
         call = _Call(options)
-        manager = call.manager
         while True:  # until the first item arrives, a failure is retried on another key
-            state = call.acquire()
+            taken = call.acquire()
+            stream: Generator[Any, Any, Any] | None = None
             try:  # making the stream can fail too (wrong arguments, no client): release
-                stream = (
-                    func(*args, **kwargs, api_key=state.key) if invoke is None
-                    else invoke(state, manager, args, kwargs)
-                )
+                stream = invoke(taken, args, kwargs)
                 first = next(stream)
             except StopIteration as stop:
-                manager._succeed(state)
+                taken.succeed()
                 return stop.value
             except Exception as exc:
-                delay = call.failed(state, exc)
+                delay = call.failed(taken, exc)
                 if delay is None:
                     raise
                 if delay:
                     time.sleep(delay)
                 continue
             except BaseException:
-                manager._abandon(state)
+                taken.abandon()
+                if stream is not None:
+                    stream.close()
                 raise
             break
         # The stream has started: failures from now on propagate unchanged.
@@ -280,47 +261,43 @@ def _wrap_gen(
             yield first
             result = yield from stream
         except Exception as exc:
-            call.failed(state, exc, retry=False)
+            call.failed(taken, exc, retry=False)
             raise
         except BaseException:  # GeneratorExit when the consumer stops early, and the like
-            manager._abandon(state)
+            taken.abandon()
             raise
-        manager._succeed(state)
+        taken.succeed()
         return result
 
     return stream_with_key
 
 
 def _wrap_async_gen(
-    func: Callable[..., AsyncIterator[Any]], options: _Options, invoke: Invoke | None
+    func: Callable[..., AsyncIterator[Any]], options: _Options, invoke: Invoke
 ) -> Callable[..., Any]:
     @functools.wraps(func)
     async def stream_with_key(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
         call = _Call(options)
-        manager = call.manager
         while True:
-            state = await call.acquire_async()
+            taken = await call.acquire_async()
             stream: AsyncIterator[Any] | None = None
             try:
-                stream = (
-                    func(*args, **kwargs, api_key=state.key) if invoke is None
-                    else invoke(state, manager, args, kwargs)
-                )
+                stream = invoke(taken, args, kwargs)
                 first = await stream.__anext__()
             except StopAsyncIteration:
-                manager._succeed(state)
+                taken.succeed()
                 return
             except Exception as exc:
-                delay = call.failed(state, exc)
+                delay = call.failed(taken, exc)
                 if delay is None:
                     raise
                 if delay:
                     await asyncio.sleep(delay)
                 continue
             except BaseException:
-                manager._abandon(state)
+                taken.abandon()
                 if stream is not None:
                     await _aclose(stream)
                 raise
@@ -331,13 +308,13 @@ def _wrap_async_gen(
             async for item in stream:
                 yield item
         except Exception as exc:
-            call.failed(state, exc, retry=False)
+            call.failed(taken, exc, retry=False)
             raise
         except BaseException:
-            manager._abandon(state)
+            taken.abandon()
             raise
         else:
-            manager._succeed(state)
+            taken.succeed()
         finally:
             await _aclose(stream)
 

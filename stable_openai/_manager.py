@@ -26,13 +26,14 @@ from typing import ClassVar, TypedDict
 from ._budget import ServerBudget, organization_in
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError
 from ._keys import Key, KeyLike, normalize_keys
+from ._lease import Lease
 from ._policy import Fate, Verdict
 from ._ring import KeyRing, KeyState, Marks, Where
 from .backends import MemoryBackend, StateBackend, backend_from_url
 from .backends._base import Outcome, Pick, SharedKeyState
 from .backends.memory import apply_verdict
 
-__all__ = ["KeyManager", "KeyStats"]
+__all__ = ["KeyManager", "KeyStats", "lease", "lease_async", "take_lease"]
 
 logger = logging.getLogger("stable_openai")
 logger.addHandler(logging.NullHandler())  # the library's records reach only handlers you set
@@ -119,6 +120,7 @@ class KeyManager:
     _instance: ClassVar[KeyManager | None] = None
     _class_lock: ClassVar[threading.Lock] = threading.Lock()
 
+    _owner: _Owner
     _ring: KeyRing
     _lock: threading.Lock
     _queue: collections.deque[_Waiter]
@@ -168,6 +170,7 @@ class KeyManager:
         """All the work happens in ``__new__``: the instance is shared."""
 
     def _setup(self, keys: list[Key], clock: Callable[[], float] | None) -> None:
+        self._owner = _Owner(self)
         self._ring = KeyRing(keys, clock=clock or time.monotonic)
         self._new_locks()
         self._backend = MemoryBackend()
@@ -223,11 +226,9 @@ class KeyManager:
     def get_key(self) -> str:
         """A ready key, least recently used first; waits while every key is cooling."""
         state, _ = self._acquire(None, float("inf"))
-        with self._lock:
-            self._ring.give_back(state)
-        if self._shared is not None:
-            self._shared.report(state, "given_back")
-        return state.key
+        taken = Lease(self._owner, state)
+        taken.give_back()
+        return taken.key
 
     def set_ttl(self, key: str, ttl: float) -> bool:
         """Cool ``key`` for exactly ``ttl`` seconds (0 makes it ready).
@@ -571,6 +572,12 @@ class KeyManager:
         if self._shared is not None:
             self._shared.report(state, "abandoned")
 
+    def _give_back(self, state: KeyState) -> None:
+        with self._lock:
+            self._ring.give_back(state)
+        if self._shared is not None:
+            self._shared.report(state, "given_back")
+
     def _fail(self, state: KeyState, verdict: Verdict, exc: BaseException | None = None) -> None:
         """Record a failed call and apply the verdict to its key (and its pool)."""
         first_disable = False
@@ -618,6 +625,72 @@ class KeyManager:
             self._shared.observe(state, tokens=actual - estimated)
         with self._lock:
             self._ring.correct_tokens(state, estimated, actual)
+
+
+class _Owner:
+    """The manager's side of every lease it hands out (``_lease.Owner``), and what pooled
+    clients report (``_lease.KeyReports``): the seam's one crossing into the manager."""
+
+    __slots__ = ("_manager",)
+
+    def __init__(self, manager: KeyManager) -> None:
+        self._manager = manager
+
+    def succeeded(self, state: KeyState) -> None:
+        self._manager._succeed(state)
+
+    def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None:
+        self._manager._fail(state, verdict, error)
+
+    def abandoned(self, state: KeyState) -> None:
+        self._manager._abandon(state)
+
+    def given_back(self, state: KeyState) -> None:
+        self._manager._give_back(state)
+
+    def sending(self, state: KeyState, tokens: float) -> Marks:
+        return self._manager._spend_tokens(state, tokens)
+
+    def answered(
+        self, state: KeyState, budget: ServerBudget | None, tokens: float, marks: Marks | None
+    ) -> None:
+        self._manager._learn(state, budget, tokens, marks)
+
+    def corrected(self, state: KeyState, estimated: float, actual: float) -> None:
+        self._manager._correct_tokens(state, estimated, actual)
+
+    def probing(self, state: KeyState) -> None:
+        self._manager._probe(state)
+
+    def wants_usage(self, state: KeyState) -> bool:
+        return state.pool.token_bucket is not None
+
+
+def take_lease(manager: KeyManager, avoid: set[KeyState] | None = None) -> Lease | None:
+    """A lease on a ready key at once, or ``None`` when the caller must wait (no key is
+    ready, other callers are queued first, or a shared backend chooses)."""
+    with manager._lock:
+        state = manager._take(avoid)
+    return None if state is None else Lease(manager._owner, state)
+
+
+def lease(
+    manager: KeyManager, avoid: set[KeyState] | None, budget: float,
+    last: BaseException | None = None,
+) -> tuple[Lease, float]:
+    """A lease, waiting up to ``budget`` seconds in turn with the other callers; and the
+    seconds waited.  Raises the library's errors when no key will be ready in time."""
+    state, waited = manager._acquire(avoid, budget, last)
+    return Lease(manager._owner, state), waited
+
+
+async def lease_async(
+    manager: KeyManager, avoid: set[KeyState] | None, budget: float,
+    last: BaseException | None = None,
+) -> tuple[Lease, float]:
+    """:func:`lease` for coroutines: waits without blocking the event loop."""
+    state, waited = await manager._acquire_async(avoid, budget, last)
+    return Lease(manager._owner, state), waited
 
 
 def _pool_label(state: KeyState) -> str:

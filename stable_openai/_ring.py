@@ -285,20 +285,9 @@ class KeyRing:
             return None
         if avoid:
             state = self._first_not_in(avoid, low) or next(iter(buckets[low]))
-            del buckets[state.level][state]
         else:
-            state = buckets[low].popitem(last=False)[0]
-        state.calls += 1
-        in_flight = state.in_flight = state.in_flight + 1
-        level = state.level = in_flight if state.weight == 1.0 else int(in_flight / state.weight)
-        while level >= len(buckets):
-            buckets.append(OrderedDict())
-        buckets[level][state] = None
-        pool = state.pool
-        pool.in_flight += 1
-        pool.sent += 1
-        if pool.requests_left is not None or pool.request_bucket is not None:
-            self._spend_request(pool)
+            state = next(iter(buckets[low]))
+        self.take(state)
         return state
 
     def _first_not_in(
@@ -332,9 +321,9 @@ class KeyRing:
             pool.outstanding.clear()
 
     def take(self, state: KeyState) -> None:
-        """Mark ``state`` in flight as :meth:`choose` does, for a key chosen elsewhere (by a
-        shared backend).  A key not ready here is counted all the same: the shared state,
-        which chose it, knows better than this process.  (Keep in step with choose().)"""
+        """Mark ``state`` in flight: for the key :meth:`choose` chose, or one chosen elsewhere
+        (by a shared backend).  A key not ready here is counted all the same: the shared
+        state, which chose it, knows better than this process."""
         state.calls += 1
         in_flight = state.in_flight = state.in_flight + 1
         level = in_flight if state.weight == 1.0 else int(in_flight / state.weight)
@@ -358,22 +347,7 @@ class KeyRing:
 
     def succeed(self, state: KeyState) -> None:
         state.successes += 1
-        # release(), inlined for the ready key of weight 1: the path of nearly every call.
-        in_flight = state.in_flight
-        if in_flight <= 0 or state.where is not Where.READY or state.weight != 1.0:
-            self.release(state)
-            return
-        buckets = self._buckets
-        del buckets[in_flight][state]
-        state.in_flight = state.level = in_flight = in_flight - 1
-        buckets[in_flight][state] = None
-        if in_flight < self._low:
-            self._low = in_flight
-        pool = state.pool
-        pool.in_flight -= 1
-        if not pool.in_flight:
-            pool.tokens_in_flight = 0.0
-            pool.outstanding.clear()
+        self.release(state)
 
     def fail(self, state: KeyState, *, rate_limited: bool = False) -> None:
         if rate_limited:

@@ -1,0 +1,113 @@
+"""One call's key: the only handle ``@stable`` and the pooled clients have on a KeyManager.
+
+A :class:`Lease` is taken for one attempt of one call (``_manager.take_lease`` and its
+waiting twins), carries the key (``lease.key``) into the call, and is ended exactly once:
+:meth:`~Lease.succeed`, :meth:`~Lease.fail` with the failure's verdict, or
+:meth:`~Lease.abandon` (cancelled, interrupted, a stream closed early).  A second end is
+ignored, so a driver can end a lease in a ``finally`` without tracking whether it did.
+
+What the lease reports goes to its :class:`Owner`, the manager's side of the seam; the pooled
+clients' HTTP hooks report to the same owner (:class:`KeyReports`) what each request cost and
+what each answer said of the key's budget.  Data flows down (a call asks for a lease) and facts
+flow up once (the lease reports how the call ended).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from ._budget import ServerBudget
+    from ._policy import Verdict
+    from ._ring import KeyState, Marks
+
+__all__ = ["KeyReports", "Lease", "Owner"]
+
+
+class KeyReports(Protocol):
+    """What a pooled client's hooks tell about the requests they see on one key."""
+
+    def sending(self, state: KeyState, tokens: float) -> Marks:
+        """A request of about ``tokens`` tokens leaves on ``state``; returns where its pool
+        stood, for :meth:`answered` to place the answer."""
+        ...
+
+    def answered(
+        self, state: KeyState, budget: ServerBudget | None, tokens: float, marks: Marks | None
+    ) -> None:
+        """The server answered that request (``budget``: what a success's headers said)."""
+        ...
+
+    def corrected(self, state: KeyState, estimated: float, actual: float) -> None:
+        """The server counted ``actual`` tokens for a request estimated at ``estimated``."""
+        ...
+
+    def probing(self, state: KeyState) -> None:
+        """A client that reads budget headers now serves ``state``: send a few calls first."""
+        ...
+
+    def wants_usage(self, state: KeyState) -> bool:
+        """Whether the tokens an answer's ``usage`` counted matter to ``state``'s pacing (then
+        the hooks read JSON bodies and report :meth:`corrected`)."""
+        ...
+
+
+class Owner(KeyReports, Protocol):
+    """The manager's side of a lease: how a call on a key ended."""
+
+    def succeeded(self, state: KeyState) -> None: ...
+
+    def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None: ...
+
+    def abandoned(self, state: KeyState) -> None: ...
+
+    def given_back(self, state: KeyState) -> None:
+        """The key was only handed out (``get_key()``), never called."""
+        ...
+
+
+class Lease:
+    """One attempt's key; end it once with :meth:`succeed`, :meth:`fail` or :meth:`abandon`."""
+
+    __slots__ = ("_ended", "key", "owner", "state")
+
+    def __init__(self, owner: Owner, state: KeyState) -> None:
+        self.owner = owner
+        self.state = state
+        self.key = state.key
+        self._ended = False
+
+    def __repr__(self) -> str:
+        status = "ended" if self._ended else "open"
+        return f"<Lease {self.state.masked} {status}>"
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def _end(self) -> bool:
+        if self._ended:
+            return False
+        self._ended = True
+        return True
+
+    def succeed(self) -> None:
+        """The call got its answer."""
+        if self._end():
+            self.owner.succeeded(self.state)
+
+    def fail(self, verdict: Verdict, error: BaseException | None = None) -> None:
+        """The call failed; ``verdict`` (``_policy.classify``) says what that means for the
+        key and its pool."""
+        if self._end():
+            self.owner.failed(self.state, verdict, error)
+
+    def abandon(self) -> None:
+        """The call stopped without an outcome: cancelled, interrupted, closed early."""
+        if self._end():
+            self.owner.abandoned(self.state)
+
+    def give_back(self) -> None:
+        """Only the key was wanted (``KeyManager.get_key()``): it was never called."""
+        if self._end():
+            self.owner.given_back(self.state)
