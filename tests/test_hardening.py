@@ -333,8 +333,13 @@ def test_wait_for_timeout_releases_its_key(start_simulator: StartSimulator) -> N
 
     async def main() -> None:
         try:
+            # wait_for's timeout fires once the request is at the server (not after a fixed
+            # time, which a loaded machine or a slow first import may not meet).
+            task = asyncio.ensure_future(ask("slow"))
+            await async_wait_until(lambda: sim_in_flight(sim) == 1)
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(ask("slow"), timeout=0.3)
+                await asyncio.wait_for(task, timeout=0.05)
+            assert task.cancelled()
             assert_released(manager)
         finally:
             await pool.aclose()
