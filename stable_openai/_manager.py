@@ -12,9 +12,6 @@ does, and decides alone whenever the backend cannot be reached.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import logging
 import os
 import re
@@ -29,6 +26,7 @@ from ._keys import Key, KeyLike, normalize_keys
 from ._lease import Lease
 from ._policy import Fate, Verdict
 from ._ring import KeyRing, KeyState, Marks, Where
+from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
 from .backends import MemoryBackend, StateBackend, backend_from_url
 from .backends._base import Outcome, Pick, SharedKeyState
 from .backends.memory import apply_verdict
@@ -73,37 +71,6 @@ def _keys_from_env() -> list[Key]:
     raise NoKeysError(_ENV_HELP)
 
 
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-class _Waiter:
-    """A caller queued for a key: a thread (on a condition sharing the manager's lock) or a
-    coroutine (on a future of its loop).  Queued callers are served in arrival order."""
-
-    __slots__ = ("condition", "future", "loop")
-
-    def __init__(
-        self,
-        condition: threading.Condition | None = None,
-        future: asyncio.Future[None] | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        self.condition = condition
-        self.future = future
-        self.loop = loop
-
-    def wake(self) -> None:
-        """Wake this caller.  Call with the manager's lock held."""
-        if self.condition is not None:
-            self.condition.notify()
-        elif self.future is not None and self.loop is not None:
-            # A closed loop raises RuntimeError: nobody is waiting there any more.
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(_wake, self.future)
-
-
 class KeyManager:
     """The singleton that holds every API key and its state.
 
@@ -123,7 +90,7 @@ class KeyManager:
     _owner: _Owner
     _ring: KeyRing
     _lock: threading.Lock
-    _queue: collections.deque[_Waiter]
+    _turns: Turns
     _backend: StateBackend
     _shared: StateBackend | None  # the backend when it is shared, else None (the fast path)
     _last_pick: Pick | None  # the shared backend's last "no key is ready", for messages
@@ -206,7 +173,7 @@ class KeyManager:
 
     def _new_locks(self) -> None:
         self._lock = threading.Lock()
-        self._queue = collections.deque()
+        self._turns = Turns()
 
     @classmethod
     def reset(cls) -> None:
@@ -368,19 +335,18 @@ class KeyManager:
 
     def _notify(self) -> None:
         """The keys changed: wake the first queued caller.  Call with the lock held."""
-        if self._queue:
-            self._queue[0].wake()
+        self._turns.notify()
 
     def _take(self, avoid: set[KeyState] | None = None) -> KeyState | None:
         """Choose a key at once, unless callers are queued (they come first).  Lock held."""
-        if self._queue:
+        if self._turns:
             return None
         return self._ring.choose(avoid)
 
     def _take_shared(self, avoid: set[KeyState] | None = None) -> KeyState | None:
         """:meth:`_take` with a shared backend: ``None`` while it answers, for it chooses,
         outside the lock, in :meth:`_acquire`; the ring chooses while it does not."""
-        if self._queue or (self._shared is not None and self._shared.available()):
+        if self._turns or (self._shared is not None and self._shared.available()):
             return None
         return self._ring.choose(avoid)
 
@@ -399,36 +365,34 @@ class KeyManager:
             raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
         return min(wait, threading.TIMEOUT_MAX)  # an "infinite" cooldown still waits, in steps
 
-    def _serve_head(
-        self, waiter: _Waiter, avoid: set[KeyState] | None, budget: float,
-        last: BaseException | None, pick: Pick | None = None,
-    ) -> tuple[KeyState | None, float]:
-        """One turn of a queued caller: ``(key, 0)`` when it got one, else ``(None, seconds
-        to wait)``.  Only the head of the queue chooses; it then hands the turn on.  ``pick``
-        is what a shared backend answered the head (``None``: the ring chooses)."""
-        if self._queue[0] is not waiter:
-            if budget <= 0:  # waited its whole budget behind other callers
-                shown = self._last_pick
-                if shown is not None and self._shared is not None:
-                    reasons = dict(shown.cooling)
-                    wait = shown.wait or 0.0
-                else:
-                    reasons = self._ring.reasons(Where.COOLING)
-                    wait = self._ring.next_ready_in() or 0.0
-                raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
-            return None, min(budget, threading.TIMEOUT_MAX)
-        if pick is not None:
-            state = self._claim(pick)
-            if state is None:
-                return None, self._shared_wait_time(pick, budget, last)
-        else:
-            state = self._ring.choose(avoid)
-        if state is not None:
-            self._queue.popleft()
-            if self._queue:  # the next caller is now first: it chooses, or waits its deadline
-                self._queue[0].wake()
-            return state, 0.0
-        return None, self._wait_time(budget, last)
+    def _attempt(
+        self, avoid: set[KeyState] | None, last: BaseException | None
+    ) -> Attempt[Pick, KeyState]:
+        """One try of a queued caller (see ``_waiting.Attempt``), with the lock held."""
+
+        def attempt(head: bool, budget: float, pick: Pick | None) -> tuple[KeyState | None, float]:
+            if not head:
+                if budget <= 0:  # waited its whole budget behind other callers
+                    shown = self._last_pick
+                    if shown is not None and self._shared is not None:
+                        reasons = dict(shown.cooling)
+                        wait = shown.wait or 0.0
+                    else:
+                        reasons = self._ring.reasons(Where.COOLING)
+                        wait = self._ring.next_ready_in() or 0.0
+                    raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
+                return None, budget
+            if pick is not None:
+                state = self._claim(pick)
+                if state is None:
+                    return None, self._shared_wait_time(pick, budget, last)
+            else:
+                state = self._ring.choose(avoid)
+            if state is not None:
+                return state, 0.0
+            return None, self._wait_time(budget, last)
+
+        return attempt
 
     def _claim(self, pick: Pick | None) -> KeyState | None:
         """Mark in flight here the key a shared backend chose.  Lock held."""
@@ -455,17 +419,6 @@ class KeyManager:
             raise AllKeysCoolingError(wait, sum(reasons.values()), reasons) from last
         return min(wait, _SHARED_POLL)
 
-    def _leave_queue(self, waiter: _Waiter) -> None:
-        """Take ``waiter`` out of the queue (it gave up); wake the next if it was first."""
-        queue = self._queue
-        if queue and queue[0] is waiter:
-            queue.popleft()
-            if queue:
-                queue[0].wake()
-        else:
-            with contextlib.suppress(ValueError):  # already served
-                queue.remove(waiter)
-
     def _acquire(
         self,
         avoid: set[KeyState] | None,
@@ -476,7 +429,7 @@ class KeyManager:
         the other waiting callers.  Returns the key's state and the seconds spent waiting."""
         shared = self._shared
         pick = None
-        if shared is not None and not self._queue and shared.available():
+        if shared is not None and not self._turns and shared.available():
             pick = shared.choose(avoid)  # outside the lock: this is I/O
             with self._lock:
                 state = self._claim(pick)
@@ -484,33 +437,14 @@ class KeyManager:
                 return state, 0.0
         with self._lock:
             state = self._take(avoid)
-            if state is not None:
-                return state, 0.0
-            waiter = _Waiter(condition=threading.Condition(self._lock))
-            self._queue.append(waiter)
-            start = time.monotonic()
-            try:
-                while True:
-                    if pick is not None and pick.state is None:
-                        pass  # the answer just had: no key is ready, wait as it says
-                    elif shared is not None and self._queue[0] is waiter and shared.available():
-                        self._lock.release()  # the head asks the shared backend, unlocked
-                        try:
-                            pick = shared.choose(avoid)
-                        finally:
-                            self._lock.acquire()
-                    else:
-                        pick = None
-                    waited = time.monotonic() - start
-                    state, wait = self._serve_head(waiter, avoid, budget - waited, last, pick)
-                    pick = None
-                    if state is not None:
-                        return state, waited
-                    assert waiter.condition is not None
-                    waiter.condition.wait(wait)
-            except BaseException:
-                self._leave_queue(waiter)
-                raise
+        if state is not None:
+            return state, 0.0
+        if shared is None:
+            return wait_turn(self._turns, self._lock, self._attempt(avoid, last), budget)
+        return wait_turn(
+            self._turns, self._lock, self._attempt(avoid, last), budget,
+            ask_shared=shared.available, shared_choose=lambda: shared.choose(avoid), pick=pick,
+        )
 
     async def _acquire_async(
         self,
@@ -521,7 +455,7 @@ class KeyManager:
         """:meth:`_acquire` for coroutines: waits on a future, never blocks the loop."""
         shared = self._shared
         pick = None
-        if shared is not None and not self._queue and shared.available():
+        if shared is not None and not self._turns and shared.available():
             pick = await shared.choose_async(avoid)
             with self._lock:
                 state = self._claim(pick)
@@ -529,36 +463,17 @@ class KeyManager:
                 return state, 0.0
         with self._lock:
             state = self._take(avoid)
-            if state is not None:
-                return state, 0.0
-            loop = asyncio.get_running_loop()
-            waiter = _Waiter(loop=loop)
-            self._queue.append(waiter)
-        start = time.monotonic()
-        try:
-            while True:
-                if pick is not None and pick.state is None:
-                    pass  # the answer just had: no key is ready, wait as it says
-                elif shared is not None and self._queue[0] is waiter and shared.available():
-                    pick = await shared.choose_async(avoid)  # only the head pops itself
-                else:
-                    pick = None
-                with self._lock:
-                    waited = time.monotonic() - start
-                    state, wait = self._serve_head(waiter, avoid, budget - waited, last, pick)
-                    pick = None
-                    if state is not None:
-                        return state, waited
-                    future: asyncio.Future[None] = loop.create_future()
-                    waiter.future = future
-                try:
-                    await asyncio.wait((future,), timeout=wait)
-                finally:
-                    future.cancel()
-        except BaseException:
-            with self._lock:
-                self._leave_queue(waiter)
-            raise
+        if state is not None:
+            return state, 0.0
+        if shared is None:
+            return await wait_turn_async(
+                self._turns, self._lock, self._attempt(avoid, last), budget
+            )
+        return await wait_turn_async(
+            self._turns, self._lock, self._attempt(avoid, last), budget,
+            ask_shared=shared.available, shared_choose=lambda: shared.choose_async(avoid),
+            pick=pick,
+        )
 
     def _succeed(self, state: KeyState) -> None:
         with self._lock:

@@ -106,7 +106,7 @@ def assert_released(manager: KeyManager) -> None:
     assert in_flight(manager) == 0, manager.stats()
     pools = {pool.name: pool.in_flight for pool in manager._ring.pools()}
     assert all(count == 0 for count in pools.values()), pools
-    assert len(manager._queue) == 0
+    assert len(manager._turns) == 0
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -360,7 +360,7 @@ def test_cancelled_while_queued_for_a_key_leaves_the_queue() -> None:
 
     async def main() -> None:
         task = asyncio.ensure_future(ask())
-        await async_wait_until(lambda: len(manager._queue) == 1)
+        await async_wait_until(lambda: len(manager._turns) == 1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -387,7 +387,7 @@ def test_keyboard_interrupt_while_a_thread_waits_for_a_key_hands_the_turn_on(
         if self._lock is manager._lock and threading.get_ident() == victim.get("id"):  # type: ignore[attr-defined]
             # Hold the head of the queue until another caller queues behind, then Ctrl-C.
             deadline = time.monotonic() + 10
-            while len(manager._queue) < 2 and time.monotonic() < deadline:
+            while len(manager._turns) < 2 and time.monotonic() < deadline:
                 original_wait(self, 0.01)
             raise KeyboardInterrupt
         return original_wait(self, timeout)
@@ -413,7 +413,7 @@ def test_keyboard_interrupt_while_a_thread_waits_for_a_key_hands_the_turn_on(
 
     first = threading.Thread(target=run_victim, daemon=True)
     first.start()
-    wait_until(lambda: len(manager._queue) == 1)
+    wait_until(lambda: len(manager._turns) == 1)
     second = threading.Thread(target=run_other, daemon=True)
     second.start()
     first.join(timeout=20)
@@ -1456,7 +1456,7 @@ LIFECYCLE = {
 
         waiter = threading.Thread(target=ask, daemon=True)
         waiter.start()
-        while not KeyManager()._queue:
+        while not KeyManager()._turns:
             threading.Event().wait(0.01)
     """,
 }

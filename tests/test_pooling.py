@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import openai
@@ -15,6 +15,7 @@ from wire import made_up_keys
 from stable_openai import Key, KeyManager, stable
 from stable_openai._budget import Bucket, estimate_tokens, read_headers
 from stable_openai._ring import KeyRing
+from stable_openai._waiting import Turns, wait_turn, wait_turn_async
 from stable_openai.simulator import (
     Faults,
     ProjectLimits,
@@ -252,18 +253,18 @@ def test_token_pacing_charges_estimates_and_corrects_from_usage() -> None:
 
 
 # -- fair waiting --------------------------------------------------------------------------------
-def _served_order(manager: KeyManager, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    order: list[Any] = []
-    real = manager._serve_head
+def _fifo_attempt(
+    order: list[int], index: int, ready: list[bool]
+) -> Callable[[bool, float, Any], tuple[int | None, float]]:
+    """A try that succeeds for the head once ``ready``; records who was served, in order."""
 
-    def serve(waiter: Any, *args: Any) -> Any:
-        state, wait = real(waiter, *args)
-        if state is not None:
-            order.append(waiter)
-        return state, wait
+    def attempt(head: bool, budget: float, pick: Any) -> tuple[int | None, float]:
+        if head and ready[0]:
+            order.append(index)
+            return index, 0.0
+        return None, 3600.0 if head else budget
 
-    monkeypatch.setattr(manager, "_serve_head", serve)
-    return order
+    return attempt
 
 
 def _wait_until(predicate: Any) -> None:
@@ -273,46 +274,78 @@ def _wait_until(predicate: Any) -> None:
         time.sleep(0.001)
 
 
-def test_waiting_threads_are_served_in_arrival_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    (key,) = made_up_keys(1)
-    manager = KeyManager([key])
-    manager.set_ttl(key, 3600)
-    served = _served_order(manager, monkeypatch)
-    arrivals: list[Any] = []
+def test_waiting_threads_are_served_in_arrival_order() -> None:
+    turns, lock = Turns(), threading.Lock()
+    served: list[int] = []
+    ready = [False]
     threads = []
     for index in range(6):
-        thread = threading.Thread(target=manager._acquire, args=(None, 7200.0), daemon=True)
+        attempt = _fifo_attempt(served, index, ready)
+        thread = threading.Thread(
+            target=wait_turn, args=(turns, lock, attempt, 7200.0), daemon=True
+        )
         thread.start()
-        _wait_until(lambda n=index: len(manager._queue) == n + 1)
-        arrivals.append(manager._queue[-1])
+        _wait_until(lambda n=index: len(turns) == n + 1)
         threads.append(thread)
-    manager.set_ttl(key, 0)
+    with lock:
+        ready[0] = True
+        turns.notify()
     for thread in threads:
         thread.join(timeout=10)
-    assert served == arrivals
+    assert served == list(range(6))
+    assert len(turns) == 0
 
 
-def test_waiting_coroutines_are_served_in_arrival_order(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    (key,) = made_up_keys(1)
-    manager = KeyManager([key])
-    manager.set_ttl(key, 3600)
-    served = _served_order(manager, monkeypatch)
+def test_waiting_coroutines_are_served_in_arrival_order() -> None:
+    turns, lock = Turns(), threading.Lock()
+    served: list[int] = []
+    ready = [False]
 
-    async def main() -> list[Any]:
-        arrivals = []
+    async def main() -> list[tuple[int, float]]:
         tasks = []
         for index in range(6):
-            tasks.append(asyncio.ensure_future(manager._acquire_async(None, 7200.0)))
-            while len(manager._queue) < index + 1:
+            attempt = _fifo_attempt(served, index, ready)
+            tasks.append(asyncio.ensure_future(wait_turn_async(turns, lock, attempt, 7200.0)))
+            while len(turns) < index + 1:
                 await asyncio.sleep(0.001)
-            arrivals.append(manager._queue[-1])
-        manager.set_ttl(key, 0)
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
-        return arrivals
+        with lock:
+            ready[0] = True
+            turns.notify()
+        return await asyncio.wait_for(asyncio.gather(*tasks), timeout=10)
 
-    assert served == asyncio.run(main())
+    results = asyncio.run(main())
+    assert [key for key, _ in results] == list(range(6))
+    assert served == list(range(6))
+    assert len(turns) == 0
+
+
+def test_a_caller_that_gives_up_leaves_its_place_to_the_next() -> None:
+    turns, lock = Turns(), threading.Lock()
+    served: list[int] = []
+    ready = [False]
+
+    async def main() -> int:
+        first = asyncio.ensure_future(
+            wait_turn_async(turns, lock, _fifo_attempt(served, 0, ready), 7200.0)
+        )
+        second = asyncio.ensure_future(
+            wait_turn_async(turns, lock, _fifo_attempt(served, 1, ready), 7200.0)
+        )
+        while len(turns) < 2:
+            await asyncio.sleep(0.001)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert len(turns) == 1
+        with lock:
+            ready[0] = True
+            turns.notify()
+        key, _ = await asyncio.wait_for(second, timeout=10)
+        return key
+
+    assert asyncio.run(main()) == 1
+    assert served == [1]
+    assert len(turns) == 0
 
 
 def test_a_new_caller_does_not_jump_the_queue() -> None:
@@ -321,7 +354,7 @@ def test_a_new_caller_does_not_jump_the_queue() -> None:
     manager.set_ttl(key, 3600)
     thread = threading.Thread(target=manager._acquire, args=(None, 7200.0), daemon=True)
     thread.start()
-    _wait_until(lambda: len(manager._queue) == 1)
+    _wait_until(lambda: len(manager._turns) == 1)
     with manager._lock:
         manager._ring.set_cooldown(manager._ring.find(key), 0)  # type: ignore[arg-type]
         assert manager._take() is None  # someone is waiting: they go first
