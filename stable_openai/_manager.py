@@ -17,6 +17,7 @@ import os
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import ClassVar, TypedDict
 
@@ -40,6 +41,10 @@ _ENV_HELP = (
     "no API keys configured: call KeyManager([key1, key2, ...]) at start-up, or set "
     "OPENAI_API_KEYS (comma- or space-separated) or OPENAI_API_KEY"
 )
+
+#: Every KeyManager alive (the singleton and those of ``KeyManager.create``): a fork must
+#: give each fresh locks.
+_MANAGERS: weakref.WeakSet[KeyManager] = weakref.WeakSet()
 
 #: Longest wait between two questions to a shared backend while no key is ready: another
 #: process may enable or add a key meanwhile.
@@ -137,6 +142,7 @@ class KeyManager:
         """All the work happens in ``__new__``: the instance is shared."""
 
     def _setup(self, keys: list[Key], clock: Callable[[], float] | None) -> None:
+        _MANAGERS.add(self)
         self._owner = _Owner(self)
         self._ring = KeyRing(keys, clock=clock or time.monotonic)
         self._new_locks()
@@ -183,6 +189,27 @@ class KeyManager:
             KeyManager._instance = None
         if instance is not None:
             instance._backend.close()
+
+    @classmethod
+    def create(
+        cls,
+        api_keys: Iterable[KeyLike] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        backend: str | StateBackend | None = None,
+    ) -> KeyManager:
+        """A new, independent KeyManager — not the singleton — for a second group of keys:
+        ``azure = KeyManager.create(azure_keys)`` then ``@stable(manager=azure)``.  It takes
+        the same arguments as ``KeyManager(...)``, shares nothing with the singleton or with
+        other groups, and is closed with its own ``close()``."""
+        keys = normalize_keys(api_keys) if api_keys is not None else _keys_from_env()
+        if clock is not None and not callable(clock):
+            raise TypeError("clock must be a callable returning seconds, like time.monotonic")
+        built = _build_backend(backend)
+        instance = super().__new__(cls)
+        instance._setup(keys, clock)
+        instance._use_backend(built, backend)
+        return instance
 
     @classmethod
     def current(cls) -> KeyManager | None:
@@ -631,31 +658,35 @@ def _check_key_arg(key: object) -> None:
         raise TypeError(f"key must be str, not {type(key).__name__}")
 
 
+_FORKING: list[KeyManager] = []  # the managers whose locks _before_fork took
+
+
 def _before_fork() -> None:
     KeyManager._class_lock.acquire()
-    instance = KeyManager._instance
-    if instance is not None:
-        instance._lock.acquire()
+    # One fixed order: their locks are never nested otherwise, so this cannot deadlock.
+    _FORKING[:] = sorted(_MANAGERS, key=id)
+    for manager in _FORKING:
+        manager._lock.acquire()
 
 
 def _after_fork_in_parent() -> None:
-    instance = KeyManager._instance
-    if instance is not None:
-        instance._lock.release()
+    for manager in reversed(_FORKING):
+        manager._lock.release()
+    _FORKING.clear()
     KeyManager._class_lock.release()
 
 
 def _after_fork_in_child() -> None:
     """Fresh locks, and no calls in flight: the parent's calls are not the child's."""
     KeyManager._class_lock = threading.Lock()
-    instance = KeyManager._instance
-    if instance is not None:
-        instance._new_locks()
-        instance._ring.forget_in_flight()
-        forget = getattr(instance._backend, "forget_in_flight", None)
+    _FORKING.clear()
+    for manager in list(_MANAGERS):
+        manager._new_locks()
+        manager._ring.forget_in_flight()
+        forget = getattr(manager._backend, "forget_in_flight", None)
         if forget is not None:
             forget()
-        for state in instance._ring:
+        for state in manager._ring:
             state.clients.clear()  # their connections belong to the parent
 
 
