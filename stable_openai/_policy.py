@@ -21,6 +21,8 @@ from typing import Any
 
 import openai
 
+from ._cause import Cause
+
 __all__ = [
     "Action",
     "Fate",
@@ -74,13 +76,17 @@ class Verdict:
     action: Action
     seconds: float = 0.0
     reason: str = ""
+    """For people (logs, ``stats()``, error messages); ``cause`` is what code compares."""
     rate_limited: bool = False
     forbidden: bool = False
     pooled: bool = False
     """The failure belongs to the budget the key shares with its pool: cool the pool."""
+    cause: Cause = Cause.UNSPECIFIED
 
 
-RAISE_UNCHANGED = Verdict(Fate.KEEP, Action.RAISE, reason="not a key problem")
+RAISE_UNCHANGED = Verdict(
+    Fate.KEEP, Action.RAISE, reason="not a key problem", cause=Cause.NOT_A_KEY_PROBLEM
+)
 
 _GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _GO_UNITS = {
@@ -206,7 +212,9 @@ def classify(
 ) -> Verdict:
     """Decide what a failure means for the key that was used and for the call."""
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
-        return Verdict(Fate.KEEP, Action.BACKOFF, reason="connection error")
+        return Verdict(
+            Fate.KEEP, Action.BACKOFF, reason="connection error", cause=Cause.CONNECTION_ERROR
+        )
     if not isinstance(exc, openai.APIStatusError):
         return RAISE_UNCHANGED
     status = exc.status_code
@@ -215,25 +223,31 @@ def classify(
         if code == "insufficient_quota" or kind == "insufficient_quota":
             return Verdict(
                 Fate.COOL, Action.RETRY_ELSEWHERE, policy.quota_cooldown,
-                "no quota (429 insufficient_quota)", pooled=True,
+                "no quota (429 insufficient_quota)", pooled=True, cause=Cause.NO_QUOTA,
             )
         if "request too large" in message.lower():
-            return Verdict(Fate.KEEP, Action.RAISE, reason="request too large (429)")
+            return Verdict(
+                Fate.KEEP, Action.RAISE, reason="request too large (429)", cause=Cause.TOO_LARGE
+            )
         delay = retry_delay(_headers_of(exc), message, now_wall)
         return Verdict(
             Fate.COOL, Action.RETRY_ELSEWHERE,
             policy.cooldown if delay is None else max(delay, MIN_RATE_LIMIT_COOLDOWN),
-            "rate limited (429)", rate_limited=True, pooled=True,
+            "rate limited (429)", rate_limited=True, pooled=True, cause=Cause.RATE_LIMITED,
         )
     if status == 401:
         return Verdict(
-            Fate.DISABLE, Action.RETRY_ELSEWHERE, reason=f"revoked (401 {code or 'unauthorized'})"
+            Fate.DISABLE, Action.RETRY_ELSEWHERE, reason=f"revoked (401 {code or 'unauthorized'})",
+            cause=Cause.REVOKED,
         )
     if status == 403:
         return Verdict(
             Fate.COOL, Action.RETRY_ELSEWHERE, policy.forbidden_cooldown,
             f"forbidden (403 {code or kind or 'forbidden'})", forbidden=True,
+            cause=Cause.FORBIDDEN,
         )
     if status in (408, 409) or status >= 500:
-        return Verdict(Fate.KEEP, Action.BACKOFF, reason=f"server error ({status})")
+        return Verdict(
+            Fate.KEEP, Action.BACKOFF, reason=f"server error ({status})", cause=Cause.SERVER_ERROR
+        )
     return RAISE_UNCHANGED

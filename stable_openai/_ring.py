@@ -25,6 +25,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 
 from ._budget import Bucket, ServerBudget
+from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
 
 __all__ = ["KeyRing", "KeyState", "Pool", "Where", "fingerprint", "mask", "normalize_keys"]
@@ -115,6 +116,7 @@ class KeyState:
 
     __slots__ = (
         "calls",
+        "cause",
         "clients",
         "cool_until",
         "failures",
@@ -146,7 +148,8 @@ class KeyState:
         self.in_flight = 0
         self.level = 0
         self.cool_until = 0.0
-        self.reason = ""
+        self.reason = ""  # for people; ``cause`` decides
+        self.cause: Cause | None = None
         self.forbidden = False
         self.calls = 0
         self.successes = 0
@@ -203,7 +206,6 @@ class KeyRing:
                 self._low = 0
                 added.append(state)
             elif state.where is Where.DISABLED:
-                state.reason = ""
                 self._make_ready(state)
         return added
 
@@ -368,13 +370,13 @@ class KeyRing:
                     # Until the server's reset, or until an answer says when that is.
                     reset_at = pool.requests_reset_at
                     wait = reset_at - now if reset_at > now else _PROBE
-                    self.cool_pool(pool, wait, "budget spent (RPM)")
+                    self.cool_pool(pool, wait, "budget spent (RPM)", Cause.REQUESTS_SPENT)
         bucket = pool.request_bucket
         if bucket is not None:
             bucket.take(1.0, now)
             wait = bucket.ready_in(now)
             if wait > 0:
-                self.cool_pool(pool, wait, "paced (rpm)")
+                self.cool_pool(pool, wait, "paced (rpm)", Cause.PACED)
 
     def _refresh(self, pool: Pool, now: float) -> None:
         """Past the server's reset, the pool's full budget is back (less what is in flight)."""
@@ -412,13 +414,13 @@ class KeyRing:
                 if pool.tokens_left < pool.avg_tokens:
                     reset_at = pool.tokens_reset_at
                     wait = reset_at - now if reset_at > now else _PROBE
-                    self.cool_pool(pool, wait, "budget spent (TPM)")
+                    self.cool_pool(pool, wait, "budget spent (TPM)", Cause.TOKENS_SPENT)
         bucket = pool.token_bucket
         if bucket is not None:
             bucket.take(tokens, now)
             wait = bucket.ready_in(now, pool.avg_tokens)
             if wait > 0:
-                self.cool_pool(pool, wait, "paced (tpm)")
+                self.cool_pool(pool, wait, "paced (tpm)", Cause.PACED)
         return pool, pool.hooked, pool.tokens_sent
 
     def probe(self, state: KeyState) -> None:
@@ -491,7 +493,7 @@ class KeyRing:
                 pool.requests_reset_at = reset_at
                 pool.requests_left = budget.requests_left - unseen
                 if pool.requests_left <= 0:
-                    self.cool_pool(pool, reset_at - now, "budget spent (RPM)")
+                    self.cool_pool(pool, reset_at - now, "budget spent (RPM)", Cause.REQUESTS_SPENT)
                 else:
                     freed = self._uncool_budget(pool)
         elif pool.probing:  # the server sends no budget headers: nothing to wait for
@@ -506,27 +508,34 @@ class KeyRing:
                 pool.tokens_reset_at = reset_at
                 pool.tokens_left = budget.tokens_left - (pool.tokens_sent - tokens_sent)
                 if pool.tokens_left < max(1.0, pool.avg_tokens):
-                    self.cool_pool(pool, reset_at - now, "budget spent (TPM)")
+                    self.cool_pool(pool, reset_at - now, "budget spent (TPM)", Cause.TOKENS_SPENT)
         return freed
 
     def _uncool_budget(self, pool: Pool) -> bool:
         """An answer shows budget left: members held only for a spent budget are ready."""
         freed = False
         for member in pool.members:
-            if member.where is Where.COOLING and member.reason.startswith("budget spent (RPM)"):
-                member.reason = ""
+            if member.where is Where.COOLING and member.cause is Cause.REQUESTS_SPENT:
                 self._make_ready(member)
                 freed = True
         return freed
 
-    def cool_pool(self, pool: Pool, seconds: float, reason: str) -> None:
+    def cool_pool(
+        self, pool: Pool, seconds: float, reason: str, cause: Cause = Cause.UNSPECIFIED
+    ) -> None:
         """Cool every key of ``pool``: they share the budget that is spent."""
         for member in pool.members:
-            self.cool(member, seconds, reason)
+            self.cool(member, seconds, reason, cause)
 
     # -- cooling and disabling ---------------------------------------------------------------
     def cool(
-        self, state: KeyState, seconds: float, reason: str, *, forbidden: bool = False
+        self,
+        state: KeyState,
+        seconds: float,
+        reason: str,
+        cause: Cause = Cause.UNSPECIFIED,
+        *,
+        forbidden: bool = False,
     ) -> None:
         """Cool ``state`` for ``seconds``; an already later deadline is kept."""
         if state.where in (Where.DISABLED, Where.REMOVED):
@@ -534,7 +543,7 @@ class KeyRing:
         deadline = self.clock() + max(0.0, seconds)
         if state.where is Where.COOLING and state.cool_until >= deadline:
             return
-        self._set_deadline(state, deadline, reason, forbidden)
+        self._set_deadline(state, deadline, reason, cause, forbidden)
 
     def set_cooldown(self, state: KeyState, seconds: float, reason: str = "set_ttl") -> None:
         """Set the cooldown to exactly ``seconds`` from now (0 makes the key ready now)."""
@@ -542,18 +551,18 @@ class KeyRing:
             return
         if seconds <= 0:
             if state.where is Where.COOLING:
-                state.reason = ""
                 self._make_ready(state)
             return
-        self._set_deadline(state, self.clock() + seconds, reason, False)
+        self._set_deadline(state, self.clock() + seconds, reason, Cause.SET_BY_USER, False)
 
-    def disable(self, state: KeyState, reason: str) -> bool:
+    def disable(self, state: KeyState, reason: str, cause: Cause = Cause.UNSPECIFIED) -> bool:
         """Disable ``state`` until it is given again; ``True`` if it was not disabled before."""
         if state.where in (Where.DISABLED, Where.REMOVED):
             return False
         self._leave(state)
         state.where = Where.DISABLED
         state.reason = reason
+        state.cause = cause
         return True
 
     def seconds_left(self, state: KeyState) -> float:
@@ -603,6 +612,8 @@ class KeyRing:
     def _make_ready(self, state: KeyState) -> None:
         state.where = Where.READY
         state.cool_until = 0.0
+        state.reason = ""
+        state.cause = None
         state.forbidden = False
         buckets = self._buckets
         while state.level >= len(buckets):
@@ -611,11 +622,14 @@ class KeyRing:
         if state.level < self._low:
             self._low = state.level
 
-    def _set_deadline(self, state: KeyState, deadline: float, reason: str, forbidden: bool) -> None:
+    def _set_deadline(
+        self, state: KeyState, deadline: float, reason: str, cause: Cause, forbidden: bool
+    ) -> None:
         self._leave(state)
         state.where = Where.COOLING
         state.cool_until = deadline
         state.reason = reason
+        state.cause = cause
         state.forbidden = forbidden
         self._pushes += 1
         heapq.heappush(self._cooling, (deadline, self._pushes, state))
@@ -641,5 +655,4 @@ class KeyRing:
             if self._is_current(entry):
                 state = entry[2]
                 self._refresh(state.pool, now)
-                state.reason = ""
                 self._make_ready(state)

@@ -225,15 +225,24 @@ async def wait_turn_async(
     loop = asyncio.get_running_loop()
     waiter = _Waiter(loop=loop)
     flow = _flow(_Flow(turns, waiter, attempt, ask_shared, budget, pick))
+
+    def arm(step: _Step) -> asyncio.Future[None] | None:
+        """For a wait, the future a wake() resolves: made in the same hold of the lock as the
+        try that decided to wait, so that no wake() can fall between them."""
+        if not isinstance(step, _Wait):
+            return None
+        future: asyncio.Future[None] = loop.create_future()
+        waiter.future = future
+        return future
+
     try:
         with lock:
             step = next(flow)
+            future = arm(step)
         while True:
             try:
-                if isinstance(step, _Wait):
-                    with lock:  # a wake() from now on resolves this future
-                        future: asyncio.Future[None] = loop.create_future()
-                        waiter.future = future
+                if future is not None:
+                    assert isinstance(step, _Wait)
                     try:
                         await asyncio.wait((future,), timeout=step.seconds)
                     finally:
@@ -248,6 +257,7 @@ async def wait_turn_async(
                 raise AssertionError("the flow re-raises") from exc
             with lock:
                 step = flow.send(reply)
+                future = arm(step)
     except StopIteration as done:
         result: tuple[_K, float] = done.value
         return result

@@ -20,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 
+from stable_openai._cause import Cause
 from stable_openai._policy import (
     MAX_HINT_SECONDS,
     Action,
@@ -189,6 +190,7 @@ def test_429_rate_limit_cools_and_retries_elsewhere(client: openai.OpenAI, kind:
     assert verdict.rate_limited is True
     assert verdict.forbidden is False
     assert verdict.seconds == pytest.approx(20.0)
+    assert verdict.cause is Cause.RATE_LIMITED
 
 
 # (headers, delay in message or None, expected seconds) — each row's winner beats every source
@@ -284,6 +286,7 @@ def test_429_request_too_large_is_raised_not_retried(client: openai.OpenAI) -> N
     assert verdict.fate is Fate.KEEP
     assert verdict.action is Action.RAISE
     assert verdict.rate_limited is False
+    assert verdict.cause is Cause.TOO_LARGE
 
 
 @pytest.mark.parametrize(
@@ -303,6 +306,7 @@ def test_429_insufficient_quota_cools_for_quota_cooldown(
     assert verdict.seconds == POLICY.quota_cooldown
     assert verdict.rate_limited is False
     assert verdict.forbidden is False
+    assert verdict.cause is Cause.NO_QUOTA
 
 
 def test_401_invalid_api_key_disables(client: openai.OpenAI) -> None:
@@ -313,6 +317,7 @@ def test_401_invalid_api_key_disables(client: openai.OpenAI) -> None:
     assert verdict.action is Action.RETRY_ELSEWHERE
     assert verdict.rate_limited is False
     assert "invalid_api_key" in verdict.reason
+    assert verdict.cause is Cause.REVOKED
 
 
 def test_403_unsupported_region_cools_for_forbidden_cooldown(client: openai.OpenAI) -> None:
@@ -324,6 +329,7 @@ def test_403_unsupported_region_cools_for_forbidden_cooldown(client: openai.Open
     assert verdict.seconds == POLICY.forbidden_cooldown
     assert verdict.forbidden is True
     assert verdict.rate_limited is False
+    assert verdict.cause is Cause.FORBIDDEN
 
 
 @pytest.mark.parametrize(
@@ -344,6 +350,7 @@ def test_transient_statuses_back_off_on_the_same_key(
     assert exc.status_code == status
     verdict = classify(exc, POLICY, now_wall=fixed_now)
     assert (verdict.fate, verdict.action) == (Fate.KEEP, Action.BACKOFF)
+    assert verdict.cause is Cause.SERVER_ERROR
 
 
 @pytest.mark.parametrize(
@@ -357,6 +364,7 @@ def test_transient_statuses_back_off_on_the_same_key(
 def test_connection_errors_back_off(make: Any) -> None:
     verdict = classify(make(), POLICY, now_wall=fixed_now)
     assert (verdict.fate, verdict.action) == (Fate.KEEP, Action.BACKOFF)
+    assert verdict.cause is Cause.CONNECTION_ERROR
 
 
 @pytest.mark.parametrize(
@@ -374,12 +382,14 @@ def test_caller_errors_are_raised(
     assert isinstance(exc, exc_class)
     verdict = classify(exc, POLICY, now_wall=fixed_now)
     assert (verdict.fate, verdict.action) == (Fate.KEEP, Action.RAISE)
+    assert verdict.cause is Cause.NOT_A_KEY_PROBLEM
 
 
 @pytest.mark.parametrize("exc", [ValueError("bad"), KeyError("choices")], ids=repr)
 def test_non_openai_exceptions_are_raised(exc: BaseException) -> None:
     verdict = classify(exc, POLICY, now_wall=fixed_now)
     assert (verdict.fate, verdict.action) == (Fate.KEEP, Action.RAISE)
+    assert verdict.cause is Cause.NOT_A_KEY_PROBLEM
 
 
 def test_verdict_is_immutable() -> None:

@@ -24,6 +24,8 @@ from stable_openai import (
     NoKeysError,
     _manager,
 )
+from stable_openai._budget import ServerBudget
+from stable_openai._cause import Cause
 from stable_openai._errors import StableOpenAIError
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyRing, KeyState, Where, fingerprint, mask, normalize_keys
@@ -859,7 +861,7 @@ def wait_then_wake(
     def queued() -> bool:
         # A caller joins the queue and starts waiting in one hold of the lock, so once it is
         # queued, set_ttl (which takes the lock) cannot overtake its wait.
-        return bool(manager._queue)
+        return bool(manager._turns)
 
     got: list[Any] = []
     errors: list[BaseException] = []
@@ -938,3 +940,42 @@ def test_a_revoked_key_is_logged_once_masked(
     assert "revoked (401 invalid_api_key)" in text
     assert all(SECRET not in r.getMessage() for r in caplog.records)
     assert manager.data[SECRET] == math.inf
+
+
+# -- causes ---------------------------------------------------------------------------------------
+def test_an_answer_with_budget_left_frees_keys_held_for_a_spent_budget_by_cause_not_text(
+    clock: FakeClock,
+) -> None:
+    ring, names = ring_of(clock, 3)
+    spent, limited, worded = (ring.find(name) for name in names)
+    assert spent is not None and limited is not None and worded is not None
+    pool = spent.pool
+    for state in (limited, worded):
+        ring.join_pool(state, pool.name)
+    ring.cool(spent, 30.0, "budget spent (RPM)", Cause.REQUESTS_SPENT)
+    ring.cool(limited, 30.0, "rate limited (429)", Cause.RATE_LIMITED)
+    # The words of a spent budget on a key cooled for another cause: the words do not count.
+    ring.cool(worded, 30.0, "budget spent (RPM)", Cause.SET_BY_USER)
+    answer = ServerBudget(requests_limit=10, requests_left=5, requests_reset=1.0)
+    taken = ring.find(names[0])
+    assert taken is not None
+    assert ring.learn(taken, answer)  # keys became ready
+    assert (spent.where, spent.cause, spent.reason) == (Where.READY, None, "")
+    assert (limited.where, limited.cause) == (Where.COOLING, Cause.RATE_LIMITED)
+    assert (worded.where, worded.cause) == (Where.COOLING, Cause.SET_BY_USER)
+
+
+def test_each_way_of_holding_a_key_records_its_cause(clock: FakeClock) -> None:
+    ring, names = ring_of(clock, 3)
+    a, b, c = (ring.find(name) for name in names)
+    assert a is not None and b is not None and c is not None
+    ring.set_cooldown(a, 5.0)
+    assert a.cause is Cause.SET_BY_USER
+    ring.disable(b, "revoked (401 invalid_api_key)", Cause.REVOKED)
+    assert (b.where, b.cause) == (Where.DISABLED, Cause.REVOKED)
+    ring.cool(c, 1.0, "forbidden (403)", Cause.FORBIDDEN, forbidden=True)
+    clock.advance(1.5)
+    assert ring.choose() is c  # its cooldown is over: ready, and its cause is gone
+    assert (c.cause, c.reason, c.forbidden) == (None, "", False)
+    ring.add([b.spec])  # given again: enabled
+    assert (b.where, b.cause) == (Where.READY, None)

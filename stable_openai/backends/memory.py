@@ -30,11 +30,14 @@ def apply_verdict(
         ring.join_pool(state, organization)
     if verdict.fate is Fate.COOL:
         if verdict.pooled:
-            ring.cool_pool(state.pool, verdict.seconds, verdict.reason)
+            ring.cool_pool(state.pool, verdict.seconds, verdict.reason, verdict.cause)
         else:
-            ring.cool(state, verdict.seconds, verdict.reason, forbidden=verdict.forbidden)
+            ring.cool(
+                state, verdict.seconds, verdict.reason, verdict.cause,
+                forbidden=verdict.forbidden,
+            )
     elif verdict.fate is Fate.DISABLE:
-        return ring.disable(state, verdict.reason)
+        return ring.disable(state, verdict.reason, verdict.cause)
     return False
 
 

@@ -443,7 +443,7 @@ class RedisBackend:
             if merge and state.where is Where.DISABLED:
                 disabled = state.reason or "disabled"
             elif merge and state.where is Where.COOLING and ring is not None and not (
-                state.reason.startswith(("budget spent", "paced"))  # this process's view only
+                state.cause is not None and state.cause.local_budget  # this process's view only
             ):
                 left = state.cool_until - ring.clock()
                 if left > 0:
