@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import textwrap
 from collections.abc import Callable
 
 import openai
@@ -140,42 +137,3 @@ def test_a_group_whose_keys_are_revoked_does_not_touch_the_other(
     assert make(None)("kept") == "echo: kept"
     assert all(row["state"] == "disabled" for row in azure.stats())
     assert all(row["state"] == "ready" for row in KeyManager().stats())
-
-
-FORKS = textwrap.dedent(
-    """
-    import os, threading, time
-    from stable_openai import KeyManager, stable
-
-    keys = [f"sk-fork-group-{i:04d}-MADEUP00000000{i}" for i in range(3)]
-    group = KeyManager.create(keys)
-    started = threading.Event()
-
-    @stable(manager=group)
-    def ask(api_key, hold=0.0):
-        started.set()
-        time.sleep(hold)
-        return api_key
-
-    # a call of the group is in flight in another thread when we fork
-    busy = threading.Thread(target=ask, kwargs={"hold": 0.5})
-    busy.start()
-    started.wait()
-    pid = os.fork()
-    if pid == 0:
-        ok = all(ask() in keys for _ in range(20))
-        flights = sum(row["in_flight"] for row in group.stats())
-        os._exit(0 if ok and flights == 0 else 3)
-    _, status = os.waitpid(pid, 0)
-    busy.join()
-    print("child", os.waitstatus_to_exitcode(status), "parent", ask() in keys)
-    """
-)
-
-
-def test_a_forked_child_gets_working_locks_for_a_created_group() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", FORKS], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["child", "0", "parent", "True"]

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 EXITS = textwrap.dedent(
     """
     import threading
@@ -33,10 +35,10 @@ FORKS = textwrap.dedent(
     from stable_openai import KeyManager, stable
 
     keys = [f"sk-fork-{i:04d}-MADEUP00000000000{i}" for i in range(4)]
-    KeyManager(keys)
+    manager = MAKE(keys)
     started = threading.Event()
 
-    @stable
+    @stable(manager=manager)
     def ask(api_key, hold=0.0):
         started.set()
         time.sleep(hold)
@@ -49,13 +51,14 @@ FORKS = textwrap.dedent(
     pid = os.fork()
     if pid == 0:
         ok = all(ask() in keys for _ in range(20))
-        flights = sum(row["in_flight"] for row in KeyManager().stats())
+        flights = sum(row["in_flight"] for row in manager.stats())
         os._exit(0 if ok and flights == 0 else 3)
     _, status = os.waitpid(pid, 0)
     busy.join()
     print("child", os.waitstatus_to_exitcode(status), "parent", ask() in keys)
     """
 )
+"""A fork while a call holds a key; MAKE builds the manager (the singleton, or a group)."""
 
 
 def run(code: str) -> subprocess.CompletedProcess[str]:
@@ -70,7 +73,8 @@ def test_a_program_that_builds_a_key_manager_exits_when_its_work_is_done() -> No
     assert done.stdout.split() == ["done", "2", "1"]  # only the main thread is left
 
 
-def test_a_forked_child_gets_a_working_lock_and_a_consistent_ring() -> None:
-    done = run(FORKS)
+@pytest.mark.parametrize("make", ["KeyManager", "KeyManager.create"])
+def test_a_forked_child_gets_a_working_lock_and_a_consistent_ring(make: str) -> None:
+    done = run(FORKS.replace("MAKE", make))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["child", "0", "parent", "True"]
