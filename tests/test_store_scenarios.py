@@ -1,0 +1,277 @@
+"""One suite, every store: the same scenarios against the memory store and the Redis store.
+
+The key state has two implementations — the in-process ring, and Redis's scripts — and
+nothing else keeps them one algorithm. Each scenario here drives a KeyManager built on one
+store through the seam the decorator uses (leases ended with a verdict, the pooled clients'
+budget reports) and the public API, and asserts what a user sees: which key a call gets, each
+key's state, reason and cooldown, and the errors. Every scenario runs on both stores and must
+give the same answers. Times are real but generous (cooldowns of tens of seconds, checked to
+within a second); only made-up keys.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pytest
+from redisserver import NO_REDIS, RedisServer, redis_binary
+from wire import made_up_keys, rate_limited
+
+from stable_openai import AllKeysCoolingError, AllKeysDisabledError, Key, KeyManager
+from stable_openai._budget import ServerBudget
+from stable_openai._cause import Cause
+from stable_openai._lease import Lease
+from stable_openai._manager import lease
+from stable_openai._policy import Action, Fate, Verdict
+from stable_openai._ring import KeyState
+
+MakeManager = Callable[[Sequence["str | Key"]], KeyManager]
+
+RATE_LIMITED = Verdict(
+    Fate.COOL, Action.RETRY_ELSEWHERE, 30.0, "rate limited (429)", rate_limited=True,
+    pooled=True, cause=Cause.RATE_LIMITED,
+)
+REVOKED = Verdict(
+    Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (401 invalid_api_key)",
+    cause=Cause.REVOKED,
+)
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    binary = redis_binary()
+    if binary is None:
+        pytest.skip(NO_REDIS)
+    server = RedisServer(binary).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def make_manager(request: pytest.FixtureRequest) -> Iterator[MakeManager]:
+    """Build KeyManagers on the store of the test's parameter; close them afterwards."""
+    made: list[KeyManager] = []
+    url = None
+    if request.param == "redis":
+        pytest.importorskip("redis", reason='needs redis-py: pip install "stable-openai[redis]"')
+        server: RedisServer = request.getfixturevalue("redis_server")
+        url = f"{server.url}?namespace=s-{uuid.uuid4().hex[:12]}"
+
+    def make(keys: Sequence[str | Key]) -> KeyManager:
+        manager = KeyManager.create(keys, backend=url)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.close()
+
+
+def take(manager: KeyManager, avoid: set[KeyState] | None = None) -> Lease:
+    """A lease at once, or the error that says why there is none."""
+    taken, waited = lease(manager, avoid, 0.0)
+    assert waited == 0.0
+    return taken
+
+
+def rows(manager: KeyManager) -> dict[str, dict[str, Any]]:
+    """``stats()`` by masked key, with what a scenario compares."""
+    return {
+        row["key"]: {
+            "state": row["state"], "reason": row["reason"], "pool": row["pool"],
+            "left": round(row["seconds_left"]) if row["state"] == "cooling" else None,
+            "calls": row["calls"], "successes": row["successes"],
+            "rate_limits": row["rate_limits"], "failures": row["failures"],
+            "in_flight": row["in_flight"],
+        }
+        for row in manager.stats()
+    }
+
+
+def masked(key: str) -> str:
+    return f"{key[:3]}…{key[-4:]}"
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+def test_idle_keys_are_taken_in_turn_and_the_least_loaded_first(
+    make_manager: MakeManager,
+) -> None:
+    keys = made_up_keys(3, "order")
+    manager = make_manager(keys)
+    got = []
+    for _ in range(6):
+        taken = take(manager)
+        got.append(taken.key)
+        taken.succeed()
+    assert got == keys + keys  # least recently used first
+    held = take(manager)
+    second = take(manager)  # fewest calls in flight: not the one held
+    third = take(manager)
+    assert [held.key, second.key, third.key] == keys
+    fourth = take(manager)  # every key has one in flight: the least recently used again
+    assert fourth.key == keys[0]
+    for taken in (held, second, third, fourth):
+        taken.succeed()
+    counts = rows(manager)
+    assert [counts[masked(k)]["calls"] for k in keys] == [4, 3, 3]
+    assert all(row["in_flight"] == 0 for row in counts.values())
+
+
+def test_keys_to_avoid_are_taken_only_when_no_other_is_ready(make_manager: MakeManager) -> None:
+    keys = made_up_keys(2, "avoid")
+    manager = make_manager(keys)
+    first = take(manager)
+    first.succeed()
+    second = take(manager)
+    second.succeed()
+    assert [first.key, second.key] == keys
+    # keys[0] is next in turn, but the call avoids it.
+    taken = take(manager, avoid={first.state})
+    assert taken.key == keys[1]
+    taken.succeed()
+    both = take(manager, avoid={first.state, second.state})  # nothing else: an avoided one
+    assert both.key in keys
+    both.abandon()
+
+
+# --------------------------------------------------------------------------- failures
+
+
+def test_a_rate_limit_cools_the_keys_pool_and_the_others_go_on(
+    make_manager: MakeManager,
+) -> None:
+    a, b, c = made_up_keys(3, "pool")
+    manager = make_manager([Key(a, pool="shared"), Key(b, pool="shared"), c])
+    taken = take(manager)
+    assert taken.key == a
+    taken.fail(RATE_LIMITED, None)
+    seen = rows(manager)
+    for key in (a, b):
+        assert (seen[masked(key)]["state"], seen[masked(key)]["left"]) == ("cooling", 30)
+        assert seen[masked(key)]["reason"] == "rate limited (429)"
+        assert seen[masked(key)]["pool"] == "shared"
+    assert seen[masked(a)]["rate_limits"] == 1
+    assert seen[masked(c)]["state"] == "ready"
+    other = take(manager)
+    assert other.key == c  # the only key ready
+    other.fail(RATE_LIMITED, None)  # its own pool: now every key cools
+    with pytest.raises(AllKeysCoolingError) as info:
+        take(manager)
+    assert info.value.reasons == {"rate limited (429)": 3}
+    assert round(info.value.retry_after) == 30
+
+
+def test_a_429_naming_an_organization_puts_its_keys_in_one_pool(
+    make_manager: MakeManager,
+) -> None:
+    a, b, c = made_up_keys(3, "org")
+    manager = make_manager([a, b, c])
+    first = take(manager)
+    first.fail(RATE_LIMITED, rate_limited("30s", organization="org-learned"))
+    seen = rows(manager)
+    assert seen[masked(a)]["pool"] == "org-learned"
+    assert seen[masked(a)]["state"] == "cooling"
+    assert seen[masked(b)]["state"] == "ready"  # not known to share it yet
+    second = take(manager)
+    assert second.key == b
+    second.fail(RATE_LIMITED, rate_limited("30s", organization="org-learned"))
+    seen = rows(manager)
+    assert [seen[masked(k)]["pool"] for k in (a, b)] == ["org-learned", "org-learned"]
+    assert seen[masked(c)]["state"] == "ready"
+    assert seen[masked(c)]["pool"].startswith("own")
+
+
+def test_a_revoked_key_is_disabled_until_given_again(make_manager: MakeManager) -> None:
+    a, b = made_up_keys(2, "revoked")
+    manager = make_manager([a, b])
+    for _ in range(2):
+        taken = take(manager)
+        taken.fail(REVOKED, None)
+    seen = rows(manager)
+    assert all(row["state"] == "disabled" for row in seen.values())
+    assert all(row["reason"] == "revoked (401 invalid_api_key)" for row in seen.values())
+    assert all(row["failures"] == 1 for row in seen.values())
+    with pytest.raises(AllKeysDisabledError) as info:
+        take(manager)
+    assert info.value.reasons == {"revoked (401 invalid_api_key)": 2}
+    assert manager.add_keys([a]) == 0  # not new: enabled again
+    assert rows(manager)[masked(a)]["state"] == "ready"
+    assert take(manager).key == a
+
+
+# --------------------------------------------------------------------------- the user's cooldowns
+
+
+def test_set_ttl_cools_exactly_and_zero_makes_ready(make_manager: MakeManager) -> None:
+    a, b = made_up_keys(2, "ttl")
+    manager = make_manager([a, b])
+    assert manager.set_ttl(a, 20)
+    assert manager.get_min_ttl() == 0.0
+    assert round(manager.data[a]) == 20 and manager.data[b] == 0.0
+    assert take(manager).key == b
+    assert manager.set_ttl(b, 40)
+    assert round(manager.get_min_ttl()) == 20
+    with pytest.raises(AllKeysCoolingError) as info:
+        take(manager)
+    assert info.value.reasons == {"set_ttl": 2}
+    assert round(info.value.retry_after) == 20
+    assert manager.set_ttl(a, 0)
+    assert take(manager).key == a
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def test_an_answer_that_says_the_budget_is_spent_cools_the_pool_until_its_reset(
+    make_manager: MakeManager,
+) -> None:
+    a, b, c = made_up_keys(3, "budget")
+    manager = make_manager([Key(a, pool="shared"), Key(b, pool="shared"), c])
+    taken = take(manager)
+    spent = ServerBudget(requests_limit=10, requests_left=0, requests_reset=25.0)
+    taken.owner.answered(taken.state, spent, 0.0, None)
+    taken.succeed()
+    seen = rows(manager)
+    for key in (a, b):
+        assert (seen[masked(key)]["state"], seen[masked(key)]["left"]) == ("cooling", 25)
+        assert seen[masked(key)]["reason"] == "budget spent (RPM)"
+    assert seen[masked(c)]["state"] == "ready"
+    assert seen[masked(a)]["successes"] == 1
+
+
+def test_an_answer_with_budget_left_frees_a_pool_held_for_a_spent_one(
+    make_manager: MakeManager,
+) -> None:
+    a, b = made_up_keys(2, "refill")
+    manager = make_manager([Key(a, pool="shared"), Key(b, pool="shared")])
+    early, late = take(manager), take(manager)  # both in flight
+    early.owner.answered(
+        early.state, ServerBudget(requests_limit=10, requests_left=0, requests_reset=25.0),
+        0.0, None,
+    )
+    early.succeed()
+    assert {row["reason"] for row in rows(manager).values()} == {"budget spent (RPM)"}
+    # A later answer, from a new window, shows budget left: the pool is free again.
+    late.owner.answered(
+        late.state, ServerBudget(requests_limit=10, requests_left=8, requests_reset=40.0),
+        0.0, None,
+    )
+    late.succeed()
+    seen = rows(manager)
+    assert [seen[masked(k)]["state"] for k in (a, b)] == ["ready", "ready"]
+    assert take(manager).key in (a, b)
+
+
+def test_client_side_pacing_holds_the_pool_between_requests(make_manager: MakeManager) -> None:
+    (a,) = made_up_keys(1, "paced")
+    manager = make_manager([Key(a, rpm=6)])  # one request per 10 s, none stored up
+    first = take(manager)
+    first.succeed()
+    with pytest.raises(AllKeysCoolingError) as info:
+        take(manager)
+    assert info.value.reasons == {"paced (rpm)": 1}
+    assert round(info.value.retry_after) == 10
