@@ -85,29 +85,27 @@ class Lease:
     def ended(self) -> bool:
         return self._ended
 
-    def _end(self) -> bool:
-        if self._ended:
-            return False
-        self._ended = True
-        return True
-
     def succeed(self) -> None:
         """The call got its answer."""
-        if self._end():
+        if not self._ended:
+            self._ended = True
             self.owner.succeeded(self.state)
 
     def fail(self, verdict: Verdict, error: BaseException | None = None) -> None:
         """The call failed; ``verdict`` (``_policy.classify``) says what that means for the
         key and its pool."""
-        if self._end():
+        if not self._ended:
+            self._ended = True
             self.owner.failed(self.state, verdict, error)
 
     def abandon(self) -> None:
         """The call stopped without an outcome: cancelled, interrupted, closed early."""
-        if self._end():
+        if not self._ended:
+            self._ended = True
             self.owner.abandoned(self.state)
 
     def give_back(self) -> None:
         """Only the key was wanted (``KeyManager.get_key()``): it was never called."""
-        if self._end():
+        if not self._ended:
+            self._ended = True
             self.owner.given_back(self.state)

@@ -502,12 +502,6 @@ class KeyManager:
             pick=pick,
         )
 
-    def _succeed(self, state: KeyState) -> None:
-        with self._lock:
-            self._ring.succeed(state)
-        if self._shared is not None:
-            self._shared.report(state, "succeeded")
-
     def _abandon(self, state: KeyState) -> None:
         with self._lock:
             self._ring.release(state)
@@ -579,7 +573,12 @@ class _Owner:
         self._manager = manager
 
     def succeeded(self, state: KeyState) -> None:
-        self._manager._succeed(state)
+        # The path of nearly every call: _succeed's work done here, one call less.
+        manager = self._manager
+        with manager._lock:
+            manager._ring.succeed(state)
+        if manager._shared is not None:
+            manager._shared.report(state, "succeeded")
 
     def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None:
         self._manager._fail(state, verdict, error)

@@ -27,6 +27,7 @@ from stable_openai import (
 from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._errors import StableOpenAIError
+from stable_openai._manager import lease
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyRing, KeyState, Where, fingerprint, mask, normalize_keys
 
@@ -774,15 +775,13 @@ def test_add_keys_reenables_a_disabled_key(clock: FakeClock) -> None:
 def test_stats_rows(clock: FakeClock) -> None:
     a, b, c = keys(3, "km")
     manager = KeyManager([a, b, c], clock=clock)
-    sa, _ = manager._acquire(None, 0.0)
-    manager._succeed(sa)
-    sb, _ = manager._acquire(None, 0.0)
-    manager._fail(
-        sb, Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, 12.0, "rate limited (429)", True)
-    )
-    sc, _ = manager._acquire(None, 0.0)
-    manager._fail(sc, Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (401)"))
-    busy, _ = manager._acquire(None, 0.0)  # a again, left in flight
+    first, _ = lease(manager, None, 0.0)
+    first.succeed()
+    second, _ = lease(manager, None, 0.0)
+    second.fail(Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, 12.0, "rate limited (429)", True))
+    third, _ = lease(manager, None, 0.0)
+    third.fail(Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (401)"))
+    busy, _ = lease(manager, None, 0.0)  # a again, left in flight
     rows = manager.stats()
     assert [row["key"] for row in rows] == [mask(a), mask(b), mask(c)]
     assert [row["fingerprint"] for row in rows] == [fingerprint(k) for k in (a, b, c)]
@@ -800,7 +799,7 @@ def test_stats_rows(clock: FakeClock) -> None:
     assert (rc["state"], rc["reason"], rc["failures"], rc["seconds_left"]) == (
         "disabled", "revoked (401)", 1, math.inf,
     )
-    manager._abandon(busy)
+    busy.abandon()
     assert manager.stats()[0]["in_flight"] == 0
     text = repr(rows)
     for key in (a, b, c):
