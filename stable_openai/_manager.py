@@ -308,7 +308,7 @@ class KeyManager:
             row["rate_limits"] = shared.rate_limits
             row["failures"] = shared.failures
             row["in_flight"] = shared.in_flight
-            if not shared.pool.startswith("key:"):  # a pool the server or the user named
+            if not shared.own_pool:  # a pool the server or the user named
                 row["pool"] = shared.pool
         return list(rows.values())
 

@@ -28,17 +28,29 @@ from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
 
-__all__ = ["KeyRing", "KeyState", "Pool", "Where", "fingerprint", "mask", "normalize_keys"]
+__all__ = [
+    "MAX_RESET",
+    "NEW_WINDOW",
+    "PROBE_CALLS",
+    "PROBE_WAIT",
+    "KeyRing",
+    "KeyState",
+    "Pool",
+    "Where",
+    "fingerprint",
+    "mask",
+    "normalize_keys",
+]
 
 #: A learned budget is trusted for at most this long without a fresh response.
-_MAX_RESET = 3600.0
+MAX_RESET = 3600.0
 #: An answer whose reset is this much later than the one known is from a new window.
-_NEW_WINDOW = 0.1
+NEW_WINDOW = 0.1
 #: How long a pool whose budget is spent waits when it does not know the reset yet: about
 #: the time an answer needs to come back and tell.
-_PROBE = 0.05
+PROBE_WAIT = 0.05
 #: Calls per key a pool sends before an answer has told its budget.
-_PROBE_CALLS = 2
+PROBE_CALLS = 2
 
 
 #: Where a request stood when it left: its pool, and that pool's request and token counts.
@@ -369,7 +381,7 @@ class KeyRing:
                 if pool.requests_left <= 0:
                     # Until the server's reset, or until an answer says when that is.
                     reset_at = pool.requests_reset_at
-                    wait = reset_at - now if reset_at > now else _PROBE
+                    wait = reset_at - now if reset_at > now else PROBE_WAIT
                     self.cool_pool(pool, wait, "budget spent (RPM)", Cause.REQUESTS_SPENT)
         bucket = pool.request_bucket
         if bucket is not None:
@@ -413,7 +425,7 @@ class KeyRing:
                 pool.tokens_left -= tokens
                 if pool.tokens_left < pool.avg_tokens:
                     reset_at = pool.tokens_reset_at
-                    wait = reset_at - now if reset_at > now else _PROBE
+                    wait = reset_at - now if reset_at > now else PROBE_WAIT
                     self.cool_pool(pool, wait, "budget spent (TPM)", Cause.TOKENS_SPENT)
         bucket = pool.token_bucket
         if bucket is not None:
@@ -429,7 +441,7 @@ class KeyRing:
         pool = state.pool
         if pool.requests_left is None and pool.snapshot < 0 and not pool.probing:
             pool.probing = True
-            pool.requests_left = float(_PROBE_CALLS * len(pool.members)) - pool.in_flight
+            pool.requests_left = float(PROBE_CALLS * len(pool.members)) - pool.in_flight
 
     def correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
         """The server counted ``actual`` tokens for a request estimated at ``estimated``."""
@@ -484,10 +496,10 @@ class KeyRing:
             pool.tokens_limit = budget.tokens_limit
         freed = False
         if budget.requests_left is not None and budget.requests_reset is not None:
-            reset_at = now + min(budget.requests_reset, _MAX_RESET)
-            if reset_at <= pool.requests_refilled + _NEW_WINDOW:
+            reset_at = now + min(budget.requests_reset, MAX_RESET)
+            if reset_at <= pool.requests_refilled + NEW_WINDOW:
                 pass  # an answer from a window already over and refilled: stale
-            elif mark >= pool.snapshot or reset_at > pool.requests_reset_at + _NEW_WINDOW:
+            elif mark >= pool.snapshot or reset_at > pool.requests_reset_at + NEW_WINDOW:
                 pool.probing = False
                 pool.snapshot = mark
                 pool.requests_reset_at = reset_at
@@ -501,10 +513,10 @@ class KeyRing:
             pool.requests_left = None
             freed = self._uncool_budget(pool)
         if budget.tokens_left is not None and budget.tokens_reset is not None:
-            reset_at = now + min(budget.tokens_reset, _MAX_RESET)
-            if reset_at <= pool.tokens_refilled + _NEW_WINDOW:
+            reset_at = now + min(budget.tokens_reset, MAX_RESET)
+            if reset_at <= pool.tokens_refilled + NEW_WINDOW:
                 pass  # stale, as above
-            elif mark >= pool.snapshot or reset_at > pool.tokens_reset_at + _NEW_WINDOW:
+            elif mark >= pool.snapshot or reset_at > pool.tokens_reset_at + NEW_WINDOW:
                 pool.tokens_reset_at = reset_at
                 pool.tokens_left = budget.tokens_left - (pool.tokens_sent - tokens_sent)
                 if pool.tokens_left < max(1.0, pool.avg_tokens):

@@ -275,3 +275,26 @@ def test_client_side_pacing_holds_the_pool_between_requests(make_manager: MakeMa
         take(manager)
     assert info.value.reasons == {"paced (rpm)": 1}
     assert round(info.value.retry_after) == 10
+
+
+def test_an_answer_with_budget_left_frees_only_keys_held_for_the_budget(
+    make_manager: MakeManager,
+) -> None:
+    a, b, c = made_up_keys(3, "causes")
+    manager = make_manager([Key(k, pool="shared") for k in (a, b, c)])
+    early, late = take(manager), take(manager)  # a and b in flight
+    assert manager.set_ttl(c, 50)  # held by the user, not by the budget
+    early.owner.answered(
+        early.state, ServerBudget(requests_limit=10, requests_left=0, requests_reset=25.0),
+        0.0, None,
+    )
+    early.succeed()
+    late.owner.answered(
+        late.state, ServerBudget(requests_limit=10, requests_left=8, requests_reset=40.0),
+        0.0, None,
+    )
+    late.succeed()
+    seen = rows(manager)
+    assert [seen[masked(k)]["state"] for k in (a, b)] == ["ready", "ready"]
+    assert (seen[masked(c)]["state"], seen[masked(c)]["reason"]) == ("cooling", "set_ttl")
+    assert seen[masked(c)]["left"] == 50

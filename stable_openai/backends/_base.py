@@ -73,6 +73,8 @@ class SharedKeyState:
     rate_limits: int
     failures: int
     in_flight: int
+    own_pool: bool = False
+    """The key is still in a pool of its own (neither given nor learned)."""
 
 
 @runtime_checkable

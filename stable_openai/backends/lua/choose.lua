@@ -50,7 +50,8 @@ if chosen then
     left = window_bound(pk, left - 1)
     redis.call('HSET', pk, 'left', left)
     if left <= 0 then  -- until the server's reset, or until an answer says when that is
-      cool_pool(pool, reset > NOW and reset or NOW + PROBE, 'budget spent (RPM)')
+      cool_pool(pool, reset > NOW and reset or NOW + PROBE, 'budget spent (RPM)',
+                CAUSE.requests_spent)
     end
   end
   local tleft, treset, avg = num(f[3], nil), num(f[4], 0), num(f[5], 0)
@@ -58,11 +59,12 @@ if chosen then
     tleft = tleft - avg  -- the request's size is known only when it is reported
     redis.call('HSET', pk, 'tleft', tleft)
     if tleft < math.max(1, avg) then
-      cool_pool(pool, treset > NOW and treset or NOW + PROBE, 'budget spent (TPM)')
+      cool_pool(pool, treset > NOW and treset or NOW + PROBE, 'budget spent (TPM)',
+                CAUSE.tokens_spent)
     end
   end
   local wait = bucket_take(pk, 'r', 1, 1)
-  if wait > 0 then cool_pool(pool, NOW + wait, 'paced (rpm)') end
+  if wait > 0 then cool_pool(pool, NOW + wait, 'paced (rpm)', CAUSE.paced) end
   touch(LOAD); touch(LEASES); touch(pk .. ':out')
   return {1, chosen, lease}
 end

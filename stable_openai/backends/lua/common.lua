@@ -8,9 +8,10 @@
 --   P:leases      ZSET lease -> expiry; a lease is "fp|seq|sent|pool": one call in flight
 --   P:seq         STRING, a counter for leases and the least-recently-used order
 --   P:done:<lease> STRING, a report already applied (so one sent again counts once; 5 min)
---   P:k:<fp>      HASH of one key: where, until, reason, forbidden, in_flight, weight, pool,
---                 fixed (pool given by the user), rpm, tpm, and the counters calls,
---                 successes, rate_limits, failures
+--   P:k:<fp>      HASH of one key: where, until, reason (for people), cause (a CAUSE value,
+--                 what the scripts compare), forbidden, in_flight, weight, pool, fixed (pool
+--                 given by the user), own (1 while the key is in its own pool), rpm, tpm,
+--                 and the counters calls, successes, rate_limits, failures
 --   P:pool:<name> HASH of one pool: in_flight; sent (calls chosen, ever); what the server
 --                 said, brought up to date: limit, left, reset, refilled, snap (the ``sent``
 --                 mark of the freshest answer), wstart/wreset (``sent`` when the window
@@ -33,10 +34,8 @@ if redis.replicate_commands then pcall(redis.replicate_commands) end
 local P = ARGV[1]
 local TTL = tonumber(ARGV[2])
 local LOAD, COOLING, LEASES, SEQ = P .. ':load', P .. ':cooling', P .. ':leases', P .. ':seq'
-local MAX_RESET = 3600  -- a learned budget is trusted for at most this long
-local NEW_WINDOW = 0.1  -- a reset this much later than the known one is a new window
-local PROBE = 0.05  -- a spent pool that does not know its reset waits this long for an answer
-local PROBE_CALLS = 2  -- calls per key a pool sends before an answer has told its budget
+-- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS and CAUSE come from the Python side: redis.py
+-- puts them before this file (_ring.py's constants, _cause.Cause's values).
 
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) + tonumber(T[2]) / 1e6
@@ -82,37 +81,39 @@ end
 local function make_ready(fp)
   local k = kkey(fp)
   local f = redis.call('HMGET', k, 'in_flight', 'weight')
-  redis.call('HSET', k, 'where', 'ready', 'until', 0, 'reason', '', 'forbidden', 0)
+  redis.call('HSET', k, 'where', 'ready', 'until', 0, 'reason', '', 'cause', '', 'forbidden', 0)
   redis.call('ZREM', COOLING, fp)
   place(fp, num(f[1], 0), num(f[2], 1))
 end
 
--- Cool a key until a deadline; an already later deadline is kept.
-local function cool(fp, deadline, reason, forbidden)
+-- Cool a key until a deadline; an already later deadline is kept.  ``reason`` is for people;
+-- ``cause`` (a value of CAUSE) is what the scripts compare.
+local function cool(fp, deadline, reason, forbidden, cause)
   local k = kkey(fp)
   local f = redis.call('HMGET', k, 'where', 'until')
   if not f[1] or f[1] == 'disabled' then return end
   if f[1] == 'cooling' and tonumber(f[2]) >= deadline then return end
   redis.call('HSET', k, 'where', 'cooling', 'until', deadline, 'reason', reason,
-             'forbidden', forbidden)
+             'cause', cause, 'forbidden', forbidden)
   redis.call('ZREM', LOAD, fp)
   redis.call('ZADD', COOLING, deadline, fp)
   touch(COOLING)
 end
 
 -- Cool every key of a pool: they share the budget that is spent.
-local function cool_pool(pool, deadline, reason)
+local function cool_pool(pool, deadline, reason, cause)
   for _, fp in ipairs(redis.call('SMEMBERS', pkey(pool) .. ':keys')) do
-    cool(fp, deadline, reason, 0)
+    cool(fp, deadline, reason, 0, cause)
   end
 end
 
 -- Disable a key until it is given again; true if it was not disabled before.
-local function disable(fp, reason)
+local function disable(fp, reason, cause)
   local k = kkey(fp)
   local where = redis.call('HGET', k, 'where')
   if not where or where == 'disabled' then return false end
-  redis.call('HSET', k, 'where', 'disabled', 'until', 0, 'reason', reason, 'forbidden', 0)
+  redis.call('HSET', k, 'where', 'disabled', 'until', 0, 'reason', reason, 'cause', cause,
+             'forbidden', 0)
   redis.call('ZREM', LOAD, fp)
   redis.call('ZREM', COOLING, fp)
   return true
@@ -156,7 +157,7 @@ local function move(fp, name)
   if not f[1] or f[1] == name then return end
   local in_flight = num(f[2], 0)
   local old, new = pkey(f[1]), pkey(name)
-  redis.call('HSET', k, 'pool', name)
+  redis.call('HSET', k, 'pool', name, 'own', 0)
   redis.call('SREM', old .. ':keys', fp)
   redis.call('SADD', new .. ':keys', fp)
   if redis.call('EXISTS', new) == 0 and redis.call('SCARD', old .. ':keys') == 0 then
@@ -245,11 +246,11 @@ local function window_bound(pk, left)
   return math.min(left, tonumber(f[2]) - (num(f[3], 0) - tonumber(f[1])))
 end
 
--- An answer shows budget left: members held only for a spent budget are ready.
-local function uncool_budget(pool, prefix)
+-- An answer shows budget left: members held only for a spent request budget are ready.
+local function uncool_budget(pool)
   for _, fp in ipairs(redis.call('SMEMBERS', pkey(pool) .. ':keys')) do
-    local f = redis.call('HMGET', kkey(fp), 'where', 'reason')
-    if f[1] == 'cooling' and starts_with(f[2], prefix) then make_ready(fp) end
+    local f = redis.call('HMGET', kkey(fp), 'where', 'cause')
+    if f[1] == 'cooling' and f[2] == CAUSE.requests_spent then make_ready(fp) end
   end
 end
 

@@ -17,7 +17,7 @@ if op == 'cooldown' then
     if where == 'cooling' then make_ready(fp) end
   else
     redis.call('HSET', k, 'where', 'cooling', 'until', NOW + seconds, 'reason', reason,
-               'forbidden', 0)
+               'cause', CAUSE.set_by_user, 'forbidden', 0)
     redis.call('ZREM', LOAD, fp)
     redis.call('ZADD', COOLING, NOW + seconds, fp)
     touch(COOLING)
@@ -34,12 +34,12 @@ elseif op == 'snapshot' then
   local rows = {}
   for i = 4, #ARGV do
     local f = redis.call('HMGET', kkey(ARGV[i]), 'where', 'until', 'reason', 'in_flight',
-                         'calls', 'successes', 'rate_limits', 'failures', 'pool')
+                         'calls', 'successes', 'rate_limits', 'failures', 'pool', 'own')
     if f[1] then
       rows[ARGV[i]] = {where = f[1], left = f[1] == 'cooling' and math.max(0, f[2] - NOW) or 0,
                        reason = f[3], in_flight = tonumber(f[4]), calls = tonumber(f[5]),
                        successes = tonumber(f[6]), rate_limits = tonumber(f[7]),
-                       failures = tonumber(f[8]), pool = f[9]}
+                       failures = tonumber(f[8]), pool = f[9], own = f[10] == '1'}
     end
   end
   return cjson.encode(rows)

@@ -1,21 +1,22 @@
 -- Make the keys of one configuration known, and refresh the expiry of everything they use
 -- (every process runs this again every few minutes).  Idempotent: a key
 -- already known keeps its state (a key disabled by another worker stays disabled).
--- ARGV[3] ring id, then 8 values per key: fingerprint, weight, pool ('' for the key's own
+-- ARGV[3] ring id, then 9 values per key: fingerprint, weight, pool ('' for the key's own
 -- or learned pool), rpm, tpm ('' when not paced), and this process's own knowledge to merge
 -- (after Redis was unreachable): disabled reason, seconds of cooldown left, its reason
--- ('' when none).
+-- ('' when none), and the cause of either (a CAUSE value).
 -- Returns the number of keys that were new here.
 
 local ring = P .. ':ring:' .. ARGV[3]
 local new = 0
-for i = 4, #ARGV, 8 do
+for i = 4, #ARGV, 9 do
   local fp, weight, pool, rpm, tpm = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local k = kkey(fp)
   if redis.call('EXISTS', k) == 0 then
     local name = pool ~= '' and pool or ('key:' .. fp)
-    redis.call('HSET', k, 'where', 'ready', 'until', 0, 'reason', '', 'forbidden', 0,
-               'in_flight', 0, 'weight', weight, 'pool', name, 'fixed', pool ~= '' and 1 or 0,
+    redis.call('HSET', k, 'where', 'ready', 'until', 0, 'reason', '', 'cause', '',
+               'forbidden', 0, 'in_flight', 0, 'weight', weight, 'pool', name,
+               'fixed', pool ~= '' and 1 or 0, 'own', pool ~= '' and 0 or 1,
                'rpm', rpm, 'tpm', tpm, 'calls', 0, 'successes', 0, 'rate_limits', 0,
                'failures', 0)
     redis.call('SADD', pkey(name) .. ':keys', fp)
@@ -30,6 +31,9 @@ for i = 4, #ARGV, 8 do
     end
   else
     redis.call('HSET', k, 'weight', weight, 'rpm', rpm, 'tpm', tpm)
+    if redis.call('HEXISTS', k, 'own') == 0 then  -- registered by a version without it
+      redis.call('HSET', k, 'own', redis.call('HGET', k, 'pool') == 'key:' .. fp and 1 or 0)
+    end
     if pool ~= '' then
       move(fp, pool)
       redis.call('HSET', k, 'fixed', 1)
@@ -44,8 +48,8 @@ for i = 4, #ARGV, 8 do
   end
   local name = redis.call('HGET', k, 'pool')
   pace(name, rpm, tpm)
-  if ARGV[i + 5] ~= '' then disable(fp, ARGV[i + 5]) end
-  if ARGV[i + 6] ~= '' then cool(fp, NOW + tonumber(ARGV[i + 6]), ARGV[i + 7], 0) end
+  if ARGV[i + 5] ~= '' then disable(fp, ARGV[i + 5], ARGV[i + 8]) end
+  if ARGV[i + 6] ~= '' then cool(fp, NOW + tonumber(ARGV[i + 6]), ARGV[i + 7], 0, ARGV[i + 8]) end
   redis.call('SADD', ring, fp)
   for _, key in ipairs({k, pkey(name), pkey(name) .. ':keys', pkey(name) .. ':out'}) do
     touch(key)

@@ -5,11 +5,12 @@
 -- ARGV[9] forbidden (0/1), ARGV[10] pool the server named ('' if none), ARGV[11] 'own' to
 -- join it only from the key's own pool, ARGV[12..17] the x-ratelimit budget ('' when not
 -- sent): requests limit, left and reset (s), tokens limit, left and reset (s), ARGV[18] the
--- tokens the call's requests cost (for tpm pacing).
+-- tokens the call's requests cost (for tpm pacing), ARGV[19] the cause of the fate (a CAUSE
+-- value; the reason in ARGV[8] is only for people).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
-local fp, lease, outcome, fate = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local fp, lease, outcome, fate, cause = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[19]
 local k = kkey(fp)
 if redis.call('EXISTS', k) == 0 then return {-1} end
 
@@ -22,8 +23,8 @@ end
 -- The pool the server named: a key given no pool by the user moves into it.
 local join = ARGV[10]
 if join ~= '' then
-  local f = redis.call('HMGET', k, 'pool', 'fixed')
-  if f[2] ~= '1' and (ARGV[11] ~= 'own' or starts_with(f[1], 'key:')) then move(fp, join) end
+  local f = redis.call('HMGET', k, 'fixed', 'own')
+  if f[1] ~= '1' and (ARGV[11] ~= 'own' or f[2] == '1') then move(fp, join) end
 end
 
 local pool = redis.call('HGET', k, 'pool')
@@ -41,7 +42,7 @@ if outcome == 'succeeded' and redis.call('HGET', pk, 'probing') == '1' then
   redis.call('HSET', pk, 'probing', 0)
   if not (rleft and rreset) then
     redis.call('HDEL', pk, 'left')
-    uncool_budget(pool, 'budget spent (RPM)')
+    uncool_budget(pool)
   end
 end
 if tlimit then redis.call('HSET', pk, 'tlimit', tlimit) end
@@ -72,9 +73,9 @@ if (rleft and rreset) or (tleft and treset) then
       local left = window_bound(pk, rleft - unseen)
       redis.call('HSET', pk, 'left', left, 'reset', reset, 'snap', mark)
       if left <= 0 then
-        cool_pool(pool, reset, 'budget spent (RPM)')
+        cool_pool(pool, reset, 'budget spent (RPM)', CAUSE.requests_spent)
       else
-        uncool_budget(pool, 'budget spent (RPM)')
+        uncool_budget(pool)
       end
     end
   end
@@ -86,7 +87,9 @@ if (rleft and rreset) or (tleft and treset) then
       local avg = num(f[3], 0)
       local left = tleft - unseen * avg
       redis.call('HSET', pk, 'tleft', left, 'treset', reset)
-      if left < math.max(1, avg) then cool_pool(pool, reset, 'budget spent (TPM)') end
+      if left < math.max(1, avg) then
+        cool_pool(pool, reset, 'budget spent (TPM)', CAUSE.tokens_spent)
+      end
     end
   end
 end
@@ -113,17 +116,17 @@ if tokens ~= 0 then
     redis.call('HSET', pk, 'avg', avg)
   end
   local wait = bucket_take(pk, 't', tokens, avg)
-  if wait > 0 then cool_pool(pool, NOW + wait, 'paced (tpm)') end
+  if wait > 0 then cool_pool(pool, NOW + wait, 'paced (tpm)', CAUSE.paced) end
 end
 
 local disabled = 0
 local seconds = math.max(0, num(ARGV[7], 0))
 if fate == 'cool' then
-  cool(fp, NOW + seconds, ARGV[8], tonumber(ARGV[9]))
+  cool(fp, NOW + seconds, ARGV[8], tonumber(ARGV[9]), cause)
 elseif fate == 'cool_pool' then
-  cool_pool(pool, NOW + seconds, ARGV[8])
+  cool_pool(pool, NOW + seconds, ARGV[8], cause)
 elseif fate == 'disable' then
-  if disable(fp, ARGV[8]) then disabled = 1 end
+  if disable(fp, ARGV[8], cause) then disabled = 1 end
 end
 touch(LOAD)
 return {disabled}
