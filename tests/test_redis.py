@@ -543,6 +543,57 @@ def test_sync_and_async_clients_share_one_redis(
     assert all(row["in_flight"] == 0 for row in rows)
 
 
+@pytest.mark.redis
+def test_an_event_loop_blocked_while_redis_answers_is_no_redis_failure(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Code that blocks the event loop (building an ``AsyncOpenAI`` client does, for tens of
+    milliseconds) while a command is out, past the backend's timeout, with Redis's answer
+    arriving meanwhile: the answer counts, Redis is not taken for down, and what the calls
+    report reaches it.  (A deadline on the loop's clock cancelled the reader of that answer:
+    the call fell back on the ring, and its report, a disabled key, was dropped.)"""
+    from redis.asyncio.connection import AbstractConnection
+
+    from stable_openai.backends._base import Pick
+
+    keys = made_up_keys(2, "stall")
+    backend = RedisBackend(redis_url, timeout=0.1)
+    KeyManager(keys, backend=backend)
+    caplog.set_level(logging.DEBUG, logger="stable_openai")
+    blocking = False
+    send = AbstractConnection.send_packed_command
+
+    async def send_then_block(self: Any, *args: Any, **kwargs: Any) -> None:
+        await send(self, *args, **kwargs)
+        if blocking:  # the loop's next callback blocks it, the answer on its way
+            asyncio.get_running_loop().call_soon(time.sleep, 0.4)
+
+    monkeypatch.setattr(AbstractConnection, "send_packed_command", send_then_block)
+
+    async def main() -> list[Pick | None]:
+        nonlocal blocking
+        picks = [await backend.choose_async(None)]  # connected, the scripts loaded
+        blocking = True
+        picks.append(await backend.choose_async(None))
+        assert picks[-1] is not None and picks[-1].state is not None
+        backend.report(picks[-1].state, "failed", _disable())  # sent by a task of the loop
+        picks.append(await backend.choose_async(None))  # after that report
+        blocking = False
+        return picks
+
+    first, disabled, last = asyncio.run(main())
+    assert backend.available()
+    assert not [r.getMessage() for r in records(caplog, logging.WARNING)]
+    assert first is not None and disabled is not None and last is not None
+    assert disabled.state is not None and last.state is not disabled.state
+    for pick in (first, last):
+        assert pick.state is not None
+        backend.report(pick.state, "abandoned")
+    rows = backend.snapshot([state for state in (disabled.state, last.state) if state])
+    assert rows is not None and rows[disabled.state].where == "disabled"
+    assert all(row.in_flight == 0 for row in rows.values())
+
+
 # --------------------------------------------------------------------------- Redis fails
 
 

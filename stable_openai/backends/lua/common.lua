@@ -61,6 +61,7 @@ end
 local function place(fp, in_flight, weight)
   local seq = redis.call('INCR', SEQ)
   redis.call('ZADD', LOAD, level_of(in_flight, weight) * 1e12 + seq % 1e12, fp)
+  touch(LOAD)  -- it may have emptied: control.lua's promote() would leave it without an expiry
 end
 
 -- Add delta to the calls in flight of a key and of its pool (never below zero).
