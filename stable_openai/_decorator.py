@@ -39,6 +39,13 @@ class _Options:
     manager: KeyManager | None = None
 
 
+def _first_lease(options: _Options) -> tuple[KeyManager, Lease | None]:
+    """The manager of a call, and a lease at once if a key is ready.  Every driver starts
+    here; only a call that must wait or fails makes a :class:`_Call`."""
+    manager = options.manager or KeyManager.current() or KeyManager()
+    return manager, take_lease(manager)
+
+
 class _Call:
     """The state of one decorated call across its attempts: the one retry flow that every
     driver follows.  A driver asks it for a lease, makes its attempt, and tells it how the
@@ -51,9 +58,9 @@ class _Call:
     avoid: set[KeyState] | None = None
     backoffs = 0
 
-    def __init__(self, options: _Options) -> None:
+    def __init__(self, options: _Options, manager: KeyManager) -> None:
         self.options = options
-        self.manager = options.manager or KeyManager.current() or KeyManager()
+        self.manager = manager
 
     def acquire(self) -> Lease:
         """A lease: at once when a key is ready, else waiting in turn (blocking)."""
@@ -177,17 +184,22 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
     def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        call = _Call(options)
+        manager, taken = _first_lease(options)
+        call = None
         while True:
-            taken = call.acquire()
+            if taken is None:
+                call = call or _Call(options, manager)
+                taken = call.acquire()
             try:
                 result = invoke(taken, args, kwargs)
             except Exception as exc:
+                call = call or _Call(options, manager)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
                 if delay:
                     time.sleep(delay)
+                taken = None
                 continue
             except BaseException:  # KeyboardInterrupt, SystemExit, ...
                 taken.abandon()
@@ -205,17 +217,22 @@ def _wrap_async(
     async def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        call = _Call(options)
+        manager, taken = _first_lease(options)
+        call = None
         while True:
-            taken = await call.acquire_async()
+            if taken is None:
+                call = call or _Call(options, manager)
+                taken = await call.acquire_async()
             try:
                 result = await invoke(taken, args, kwargs)
             except Exception as exc:
+                call = call or _Call(options, manager)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
                 if delay:
                     await asyncio.sleep(delay)
+                taken = None
                 continue
             except BaseException:  # cancelled, KeyboardInterrupt, ...
                 taken.abandon()
@@ -233,9 +250,12 @@ def _wrap_gen(
     def stream_with_key(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        call = _Call(options)
+        manager, taken = _first_lease(options)
+        call = None
         while True:  # until the first item arrives, a failure is retried on another key
-            taken = call.acquire()
+            if taken is None:
+                call = call or _Call(options, manager)
+                taken = call.acquire()
             stream: Generator[Any, Any, Any] | None = None
             try:  # making the stream can fail too (wrong arguments, no client): release
                 stream = invoke(taken, args, kwargs)
@@ -244,11 +264,13 @@ def _wrap_gen(
                 taken.succeed()
                 return stop.value
             except Exception as exc:
+                call = call or _Call(options, manager)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
                 if delay:
                     time.sleep(delay)
+                taken = None
                 continue
             except BaseException:
                 taken.abandon()
@@ -261,7 +283,7 @@ def _wrap_gen(
             yield first
             result = yield from stream
         except Exception as exc:
-            call.failed(taken, exc, retry=False)
+            (call or _Call(options, manager)).failed(taken, exc, retry=False)
             raise
         except BaseException:  # GeneratorExit when the consumer stops early, and the like
             taken.abandon()
@@ -279,9 +301,12 @@ def _wrap_async_gen(
     async def stream_with_key(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        call = _Call(options)
+        manager, taken = _first_lease(options)
+        call = None
         while True:
-            taken = await call.acquire_async()
+            if taken is None:
+                call = call or _Call(options, manager)
+                taken = await call.acquire_async()
             stream: AsyncIterator[Any] | None = None
             try:
                 stream = invoke(taken, args, kwargs)
@@ -290,11 +315,13 @@ def _wrap_async_gen(
                 taken.succeed()
                 return
             except Exception as exc:
+                call = call or _Call(options, manager)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
                 if delay:
                     await asyncio.sleep(delay)
+                taken = None
                 continue
             except BaseException:
                 taken.abandon()
@@ -308,7 +335,7 @@ def _wrap_async_gen(
             async for item in stream:
                 yield item
         except Exception as exc:
-            call.failed(taken, exc, retry=False)
+            (call or _Call(options, manager)).failed(taken, exc, retry=False)
             raise
         except BaseException:
             taken.abandon()

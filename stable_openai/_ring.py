@@ -299,9 +299,10 @@ class KeyRing:
             return None
         if avoid:
             state = self._first_not_in(avoid, low) or next(iter(buckets[low]))
+            del buckets[state.level][state]
         else:
-            state = next(iter(buckets[low]))
-        self.take(state)
+            state = buckets[low].popitem(last=False)[0]
+        self._mark_taken(state, True)
         return state
 
     def _first_not_in(
@@ -335,19 +336,25 @@ class KeyRing:
             pool.outstanding.clear()
 
     def take(self, state: KeyState) -> None:
-        """Mark ``state`` in flight: for the key :meth:`choose` chose, or one chosen elsewhere
-        (by a shared backend).  A key not ready here is counted all the same: the shared
-        state, which chose it, knows better than this process."""
+        """Mark ``state`` in flight, for a key chosen elsewhere (by a shared backend), as
+        :meth:`choose` marks the key it chose.  A key not ready here is counted all the same:
+        the shared state, which chose it, knows better than this process."""
+        ready = state.where is Where.READY
+        if ready:
+            del self._buckets[state.level][state]
+        self._mark_taken(state, ready)
+
+    def _mark_taken(self, state: KeyState, ready: bool) -> None:
+        """One more call in flight on ``state`` (already out of its ready bucket, when
+        ``ready``): its new load level, its pool's counts and budget."""
         state.calls += 1
         in_flight = state.in_flight = state.in_flight + 1
-        level = in_flight if state.weight == 1.0 else int(in_flight / state.weight)
-        if state.where is Where.READY:
+        level = state.level = in_flight if state.weight == 1.0 else int(in_flight / state.weight)
+        if ready:
             buckets = self._buckets
-            del buckets[state.level][state]
             while level >= len(buckets):
                 buckets.append(OrderedDict())
             buckets[level][state] = None
-        state.level = level
         pool = state.pool
         pool.in_flight += 1
         pool.sent += 1
