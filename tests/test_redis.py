@@ -16,20 +16,19 @@ import hmac
 import json
 import logging
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
+from redisserver import NO_REDIS, RedisServer, free_port
+from redisserver import redis_binary as find_redis_binary
 from wire import made_up_keys
 
 from stable_openai import KeyManager, stable
@@ -50,67 +49,11 @@ StartSimulator = Callable[[SimulatorConfig], Simulator]
 # --------------------------------------------------------------------------- redis-server
 
 
-def _redis_binary() -> str | None:
-    named = os.environ.get("REDIS_SERVER")
-    if named:
-        return named if Path(named).exists() else None
-    return shutil.which("redis-server") or (
-        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
-    )
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-class RedisServer:
-    """One ``redis-server`` process on loopback, that a test may kill and start again."""
-
-    def __init__(self, binary: str, port: int | None = None) -> None:
-        self.binary = binary
-        self.port = port or _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with redis.Redis(port=self.port, socket_timeout=0.5) as client:
-                    client.ping()
-                return self
-            except redis.RedisError as exc:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from exc
-                time.sleep(0.02)
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-        self.process = None
-
-    def client(self) -> Any:
-        return redis.Redis(port=self.port, decode_responses=True)
-
-
 @pytest.fixture(scope="session")
 def redis_binary() -> str:
-    binary = _redis_binary()
+    binary = find_redis_binary()
     if binary is None:
-        pytest.skip("no redis-server: install it (apt-get install redis-server) or set "
-                    "REDIS_SERVER to its path")
+        pytest.skip(NO_REDIS)
     return binary
 
 
@@ -344,7 +287,7 @@ def test_unreachable_redis_from_the_start_one_warning_and_every_call_succeeds(
     keys = made_up_keys(3, "down")
     sim = start_simulator(sim_config([SimKey(k, project=f"p{i}") for i, k in enumerate(keys)]))
     caplog.set_level(logging.DEBUG, logger="stable_openai")
-    dead = f"redis://127.0.0.1:{_free_port()}/0"
+    dead = f"redis://127.0.0.1:{free_port()}/0"
     KeyManager(keys, backend=RedisBackend(dead, retry_first=0.01, retry_max=0.05))
     client = openai.OpenAI(base_url=sim.base_url, api_key="unused", max_retries=0)
 
@@ -766,7 +709,7 @@ def test_every_failure_path_on_redis_with_debug_logging_leaks_no_key(
         # the original API's {key: seconds}: it hands the caller its own keys by design)
         manager.close()
         KeyManager.reset()
-        unreachable = f"redis://127.0.0.1:{_free_port()}/0?namespace=gone"
+        unreachable = f"redis://127.0.0.1:{free_port()}/0?namespace=gone"
         lonely = KeyManager(keys[:2], backend=unreachable)
         sim.configure(dataclasses.replace(sim.config, faults=Faults()))
         patient = stable(max_wait=10)(ask.__wrapped__)  # type: ignore[attr-defined]
