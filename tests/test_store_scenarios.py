@@ -94,6 +94,14 @@ def masked(key: str) -> str:
     return f"{key[:3]}…{key[-4:]}"
 
 
+def succeed_with_budget(taken: Lease, left: int, reset: float) -> None:
+    """End ``taken`` with an answer whose headers say ``left`` of 10 requests, full again in
+    ``reset`` seconds (what a pooled client's hooks report)."""
+    budget = ServerBudget(requests_limit=10, requests_left=left, requests_reset=reset)
+    taken.owner.answered(taken.state, budget, 0.0, None)
+    taken.succeed()
+
+
 # --------------------------------------------------------------------------- choosing
 
 
@@ -231,10 +239,7 @@ def test_an_answer_that_says_the_budget_is_spent_cools_the_pool_until_its_reset(
 ) -> None:
     a, b, c = made_up_keys(3, "budget")
     manager = make_manager([Key(a, pool="shared"), Key(b, pool="shared"), c])
-    taken = take(manager)
-    spent = ServerBudget(requests_limit=10, requests_left=0, requests_reset=25.0)
-    taken.owner.answered(taken.state, spent, 0.0, None)
-    taken.succeed()
+    succeed_with_budget(take(manager), 0, 25.0)
     seen = rows(manager)
     for key in (a, b):
         assert (seen[masked(key)]["state"], seen[masked(key)]["left"]) == ("cooling", 25)
@@ -249,18 +254,10 @@ def test_an_answer_with_budget_left_frees_a_pool_held_for_a_spent_one(
     a, b = made_up_keys(2, "refill")
     manager = make_manager([Key(a, pool="shared"), Key(b, pool="shared")])
     early, late = take(manager), take(manager)  # both in flight
-    early.owner.answered(
-        early.state, ServerBudget(requests_limit=10, requests_left=0, requests_reset=25.0),
-        0.0, None,
-    )
-    early.succeed()
+    succeed_with_budget(early, 0, 25.0)
     assert {row["reason"] for row in rows(manager).values()} == {"budget spent (RPM)"}
     # A later answer, from a new window, shows budget left: the pool is free again.
-    late.owner.answered(
-        late.state, ServerBudget(requests_limit=10, requests_left=8, requests_reset=40.0),
-        0.0, None,
-    )
-    late.succeed()
+    succeed_with_budget(late, 8, 40.0)
     seen = rows(manager)
     assert [seen[masked(k)]["state"] for k in (a, b)] == ["ready", "ready"]
     assert take(manager).key in (a, b)
@@ -284,16 +281,8 @@ def test_an_answer_with_budget_left_frees_only_keys_held_for_the_budget(
     manager = make_manager([Key(k, pool="shared") for k in (a, b, c)])
     early, late = take(manager), take(manager)  # a and b in flight
     assert manager.set_ttl(c, 50)  # held by the user, not by the budget
-    early.owner.answered(
-        early.state, ServerBudget(requests_limit=10, requests_left=0, requests_reset=25.0),
-        0.0, None,
-    )
-    early.succeed()
-    late.owner.answered(
-        late.state, ServerBudget(requests_limit=10, requests_left=8, requests_reset=40.0),
-        0.0, None,
-    )
-    late.succeed()
+    succeed_with_budget(early, 0, 25.0)
+    succeed_with_budget(late, 8, 40.0)
     seen = rows(manager)
     assert [seen[masked(k)]["state"] for k in (a, b)] == ["ready", "ready"]
     assert (seen[masked(c)]["state"], seen[masked(c)]["reason"]) == ("cooling", "set_ttl")
