@@ -81,10 +81,6 @@ class Lease:
         status = "ended" if self._ended else "open"
         return f"<Lease {self.state.masked} {status}>"
 
-    @property
-    def ended(self) -> bool:
-        return self._ended
-
     def succeed(self) -> None:
         """The call got its answer."""
         if not self._ended:
