@@ -108,16 +108,11 @@ class KeyManager:
         backend: str | StateBackend | None = None,
     ) -> KeyManager:
         keys = None if api_keys is None else normalize_keys(api_keys)
-        if clock is not None and not callable(clock):
-            raise TypeError("clock must be a callable returning seconds, like time.monotonic")
+        _check_clock(clock)
         with cls._class_lock:
             instance = KeyManager._instance
             if instance is None:
-                built = _build_backend(backend)
-                instance = super().__new__(cls)
-                instance._setup(keys if keys is not None else _keys_from_env(), clock)
-                instance._use_backend(built, backend)
-                KeyManager._instance = instance
+                instance = KeyManager._instance = cls._build(keys, clock, backend)
             else:
                 # The same URL again (start-up code run twice) keeps the backend and its state.
                 same = backend is instance._backend or (
@@ -202,12 +197,19 @@ class KeyManager:
         ``azure = KeyManager.create(azure_keys)`` then ``@stable(manager=azure)``.  It takes
         the same arguments as ``KeyManager(...)``, shares nothing with the singleton or with
         other groups, and is closed with its own ``close()``."""
-        keys = normalize_keys(api_keys) if api_keys is not None else _keys_from_env()
-        if clock is not None and not callable(clock):
-            raise TypeError("clock must be a callable returning seconds, like time.monotonic")
+        keys = None if api_keys is None else normalize_keys(api_keys)
+        _check_clock(clock)
+        return cls._build(keys, clock, backend)
+
+    @classmethod
+    def _build(
+        cls, keys: list[Key] | None, clock: Callable[[], float] | None,
+        backend: str | StateBackend | None,
+    ) -> KeyManager:
+        """A new manager (the singleton's first build, or a group of ``create``)."""
         built = _build_backend(backend)
         instance = super().__new__(cls)
-        instance._setup(keys, clock)
+        instance._setup(keys if keys is not None else _keys_from_env(), clock)
         instance._use_backend(built, backend)
         return instance
 
@@ -466,11 +468,11 @@ class KeyManager:
             state = self._take(avoid)
         if state is not None:
             return state, 0.0
-        if shared is None:
-            return wait_turn(self._turns, self._lock, self._attempt(avoid, last), budget)
         return wait_turn(
             self._turns, self._lock, self._attempt(avoid, last), budget,
-            ask_shared=shared.available, shared_choose=lambda: shared.choose(avoid), pick=pick,
+            ask_shared=shared.available if shared is not None else _never,
+            shared_choose=(lambda: shared.choose(avoid)) if shared is not None else None,
+            pick=pick,
         )
 
     async def _acquire_async(
@@ -492,13 +494,10 @@ class KeyManager:
             state = self._take(avoid)
         if state is not None:
             return state, 0.0
-        if shared is None:
-            return await wait_turn_async(
-                self._turns, self._lock, self._attempt(avoid, last), budget
-            )
         return await wait_turn_async(
             self._turns, self._lock, self._attempt(avoid, last), budget,
-            ask_shared=shared.available, shared_choose=lambda: shared.choose_async(avoid),
+            ask_shared=shared.available if shared is not None else _never,
+            shared_choose=(lambda: shared.choose_async(avoid)) if shared is not None else None,
             pick=pick,
         )
 
@@ -650,6 +649,16 @@ def _build_backend(backend: object) -> StateBackend | None:
         "backend must be None, a URL such as 'redis://localhost:6379/0', or a StateBackend "
         f"(stable_openai.backends), not {type(backend).__name__}"
     )
+
+
+def _never() -> bool:
+    """No shared backend to ask."""
+    return False
+
+
+def _check_clock(clock: object) -> None:
+    if clock is not None and not callable(clock):
+        raise TypeError("clock must be a callable returning seconds, like time.monotonic")
 
 
 def _check_key_arg(key: object) -> None:
