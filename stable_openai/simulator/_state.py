@@ -381,14 +381,20 @@ class SimState:
         body = _wire.profile_rate_limit_body(
             config.profile, operation, model, org, broken, meter.limit, used, costs[broken], wait
         )
+        headers += self._retry_headers(wait)
+        headers += self._budget(meters, now)
+        return Verdict(429, body, tuple(headers))
+
+    def _retry_headers(self, wait: float) -> list[tuple[str, str]]:
+        """``retry-after``/``retry-after-ms`` of a rate-limit 429, as the profile sends them
+        (Azure always sends both)."""
+        config = self._config
         azure = config.profile == "azure"
-        headers += _wire.retry_headers(
+        return _wire.retry_headers(
             wait,
             seconds=config.retry_after or azure,
             ms=azure or (config.retry_after and config.retry_after_ms),
         )
-        headers += self._budget(meters, now)
-        return Verdict(429, body, tuple(headers))
 
     def _pool_meters(self, project: str, model: str) -> dict[str, _limiter.Meter]:
         """The meters of the pool ``model`` draws on in ``project``, made on first use."""
@@ -442,12 +448,7 @@ class SimState:
             body = _wire.profile_rate_limit_body(
                 config.profile, operation, model, org, "rpm", limit, used, 1, 1.0
             )
-            azure = config.profile == "azure"
-            headers += _wire.retry_headers(
-                1.0,
-                seconds=config.retry_after or azure,
-                ms=azure or (config.retry_after and config.retry_after_ms),
-            )
+            headers += self._retry_headers(1.0)
             return Verdict(429, body, tuple(headers), delay)
         if draws[2] < faults.error_500:
             self._record(ticket, "faults")
