@@ -663,9 +663,10 @@ def test_nothing_in_redis_contains_a_key_and_everything_expires(
         secret_part = key.split("-", 2)[2]
         assert not any(key in text or secret_part in text for text in texts), key
     names = list(client.scan_iter(count=1000))  # every test's namespace is in there too
-    assert any(name.startswith(f"{namespace}:") for name in names)
+    # Every name carries its namespace as a hash tag (one Cluster slot), and expires.
+    assert any(name.startswith(f"{{{namespace}}}:") for name in names)
     for name in names:
-        assert name.startswith("t-") and 0 < client.ttl(name) <= 86400, name
+        assert name.startswith("{t-") and 0 < client.ttl(name) <= 86400, name
     client.close()
 
 
@@ -825,3 +826,129 @@ def _disable() -> Any:
     from stable_openai._policy import Action, Fate, Verdict
 
     return Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (test)")
+
+
+# --------------------------------------------------------------------------- lean and safe
+
+
+def _commands(client: Any) -> dict[str, int]:
+    """Redis's own count of the commands it ran, by command (INFO itself left out)."""
+    return {name: row["calls"] for name, row in client.info("commandstats").items()
+            if name != "cmdstat_info"}
+
+
+def _commands_per_call(client: Any, calls: int, call: Callable[[], object]) -> float:
+    before = _commands(client)
+    for _ in range(calls):
+        call()
+    after = _commands(client)
+    return sum(after[name] - before.get(name, 0) for name in after) / calls
+
+
+@pytest.mark.redis
+def test_a_call_costs_at_most_12_redis_commands_and_leaves_no_key_behind(
+    start_simulator: StartSimulator, redis_server: RedisServer, namespace: str,
+) -> None:
+    """Choose and report together, counted by Redis itself (INFO commandstats, which counts
+    the commands a script runs as well as the script call): in api_key mode, and with pooled
+    clients whose answers carry budget headers.  And the namespace stays three Redis keys,
+    however many calls went through it."""
+    keys = made_up_keys(8, "lean")
+    sim = start_simulator(sim_config([SimKey(k, project=f"p{i}") for i, k in enumerate(keys)],
+                                     rpm=100_000))
+    manager = KeyManager.create(
+        keys, backend=RedisBackend(redis_server.url, namespace=namespace))
+    client = redis_server.client()
+    try:
+        @stable(manager=manager)
+        def noop(api_key: str) -> int:
+            return 1
+
+        @stable(manager=manager)
+        def ask(client: openai.OpenAI) -> str | None:
+            answer = client.with_options(base_url=sim.base_url).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}])
+            return answer.choices[0].message.content
+
+        for _ in range(40):  # registration, and each key's first answers (joining its pool)
+            ask()
+        assert _commands_per_call(client, 200, noop) <= 12
+        assert _commands_per_call(client, 100, ask) <= 12
+        assert sorted(client.scan_iter(match=f"{{{namespace}}}:*")) == sorted(
+            f"{{{namespace}}}:{name}" for name in
+            ("state", "load", f"ring:{manager.backend._ring_id}")  # type: ignore[union-attr]
+        )
+    finally:
+        client.close()
+        manager.close()
+
+
+_BUSY = """
+local t = redis.call('TIME')
+local start = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local now = start
+while now - start < tonumber(ARGV[1]) do
+  t = redis.call('TIME')
+  now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+end
+return 1
+"""
+
+
+@pytest.mark.redis
+def test_a_lease_whose_choose_reply_was_lost_is_released_at_the_next_call(
+    redis_server: RedisServer, namespace: str,
+) -> None:
+    """Redis is too slow for the client's timeout (a script keeps it busy): the choose runs
+    late and its lease is granted, but the reply is lost and the call carries on with this
+    process's own ring.  The next script call says the lease is lost and Redis releases it:
+    in the time of one call, not the 60 s of ``lease_seconds``."""
+    import redis
+
+    keys = made_up_keys(2, "lost")
+    backend = RedisBackend(redis_server.url, namespace=namespace, timeout=0.2,
+                           retry_first=0.05, lease_seconds=60)
+    manager = KeyManager.create(keys, backend=backend)
+    busy = redis.Redis(port=redis_server.port, socket_timeout=10)
+    raw = redis_server.client()
+    try:
+        @stable(manager=manager)
+        def noop(api_key: str) -> int:
+            return 1
+
+        noop()  # registered
+        blocker = threading.Thread(target=busy.eval, args=(_BUSY, 0, "0.8"))
+        blocker.start()
+        time.sleep(0.1)
+        assert noop() == 1  # its choose times out: the call is served from the ring
+        blocker.join()
+        records = [json.loads(value) for name, value in raw.hgetall(
+            f"{{{namespace}}}:state").items() if name.startswith("k:")]
+        assert sum(record["n"] for record in records) == 1  # granted, the reply lost
+        time.sleep(0.1)  # past retry_first: Redis is asked again
+        assert noop() == 1
+        rows = manager.stats()
+        assert sum(row["in_flight"] for row in rows) == 0
+        assert sum(row["calls"] for row in rows) == 2  # the lost one was never made
+    finally:
+        busy.close()
+        raw.close()
+        manager.close()
+
+
+def test_every_script_touches_only_the_keys_it_declares() -> None:
+    """Cluster-ready: every Redis command in the scripts names one of the declared keys
+    (KEYS[1..3], all with the namespace's hash tag), never a name built in the script."""
+    import re
+    from importlib import resources
+
+    folder = resources.files("stable_openai.backends").joinpath("lua")
+    calls = 0
+    for name in ("common", "choose", "report", "register", "control"):
+        text = folder.joinpath(f"{name}.lua").read_text("utf-8")
+        for match in re.finditer(r"redis\.call\('(\w+)'(?:,\s*([^,)]+))?", text):
+            calls += 1
+            command, first = match.group(1), match.group(2)
+            assert command == "TIME" or first in ("STATE", "LOAD", "RING", "key"), match.group(0)
+    assert calls > 10
+    assert "KEYS[1], KEYS[2], KEYS[3]" in folder.joinpath("common.lua").read_text("utf-8")

@@ -33,9 +33,11 @@ import contextvars
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
+import secrets
 import threading
 import time
 import weakref
@@ -47,7 +49,6 @@ from collections.abc import (
     Generator,
     Mapping,
 )
-from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
     import redis as redis_sync
     import redis.asyncio as redis_async
 
-    _Request = tuple["_Script", list[str]]
+    _Request = tuple[str, list[str], list[str]]  # script name, KEYS, ARGV
     _Flow = Generator[_Request, Any, "_T"]
 
 __all__ = ["INSTALL_HINT", "RedisBackend"]
@@ -85,13 +86,6 @@ _FOREVER = 1e9
 _SLICES = 8
 
 
-@dataclass(frozen=True)
-class _Script:
-    name: str
-    text: str
-    sha: str
-
-
 def _constants() -> str:
     """The Lua lines that give the scripts the Python side's constants: the ring's budget
     constants and every ``Cause`` value, defined once, in Python."""
@@ -107,17 +101,19 @@ def _constants() -> str:
 
 
 @functools.cache
-def _script(name: str) -> _Script:
+def _script(name: str) -> str:
     """A script of ``backends/lua/``, after the constants and the functions every script
     shares."""
     folder = resources.files(__package__ or "stable_openai.backends").joinpath("lua")
-    text = (
+    return (
         _constants()
         + folder.joinpath("common.lua").read_text("utf-8")
         + "\n"
         + folder.joinpath(f"{name}.lua").read_text("utf-8")
     )
-    return _Script(name, text, hashlib.sha1(text.encode()).hexdigest())
+
+
+_SCRIPTS = ("register", "choose", "report", "control")
 
 
 def _import_redis() -> Any:
@@ -195,14 +191,16 @@ _CALLS: contextvars.ContextVar[Mapping[KeyState, _Pending] | None] = contextvars
 
 
 class _LoopClient:
-    """The ``redis.asyncio`` client of one event loop, and the reports it is sending."""
+    """The ``redis.asyncio`` client of one event loop, its scripts, and the reports it is
+    sending."""
 
-    __slots__ = ("client", "closer", "reports")
+    __slots__ = ("client", "closer", "reports", "scripts")
 
     def __init__(self, client: redis_async.Redis) -> None:
         self.client = client
         self.closer: AsyncIterator[None] | None = None
         self.reports: set[asyncio.Task[None]] = set()
+        self.scripts = {name: client.register_script(_script(name)) for name in _SCRIPTS}
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -282,9 +280,13 @@ class RedisBackend:
         self._url = redis_url
         self.url = _safe_url(url)
         self._client: redis_sync.Redis = self._new_client(redis)
-        self._scripts = {name: _script(name) for name in ("register", "choose", "report",
-                                                          "control")}
+        self._scripts = {name: self._client.register_script(_script(name)) for name in _SCRIPTS}
         self._lock = threading.Lock()
+        self._client_id = secrets.token_hex(6)  # names this process's leases
+        self._lease_numbers = itertools.count(1)
+        #: Leases whose choose replies were lost (Redis may have granted them): the next
+        #: script call says so, and Redis releases them.
+        self._lost: set[str] = set()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = (
             weakref.WeakKeyDictionary()
         )
@@ -393,32 +395,28 @@ class RedisBackend:
             logger.info("Redis backend %s answers again: key state is shared again", self.url)
 
     # -- drivers: run a flow of script calls, sync or async ----------------------------------
-    def _eval_error(self, script: _Script, exc: Exception) -> StorageError:
-        return StorageError(f"Redis script {script.name} failed: {type(exc).__name__}")
+    def _eval_error(self, name: str, exc: Exception) -> StorageError:
+        return StorageError(f"Redis script {name} failed: {type(exc).__name__}")
 
     def _run(self, flow: _Flow[_T]) -> _T | None:
         """Run ``flow`` on the sync client; ``None`` (and Redis left alone a while) on failure."""
         client = self._client
-        no_script = self._redis.exceptions.NoScriptError
         epoch = self._epoch
         try:
             request = next(flow)
             while True:
-                script, args = request
+                name, keys, args = request
                 try:
-                    try:
-                        reply = client.evalsha(script.sha, 0, *args)
-                    except no_script:
-                        client.script_load(script.text)
-                        reply = client.evalsha(script.sha, 0, *args)
+                    reply = self._scripts[name](keys, args, client)
                 except self._redis.exceptions.RedisError as exc:
-                    raise self._eval_error(script, exc) from exc
+                    raise self._eval_error(name, exc) from exc
                 request = flow.send(reply)
         except StopIteration as stop:
             self._healthy(epoch)
             result: _T = stop.value
             return result
         except Exception as exc:  # whatever failed, the call must not
+            flow.close()
             self._broken(exc, epoch)
             return None
 
@@ -433,28 +431,20 @@ class RedisBackend:
                 await loop_client.closer.__anext__()
             request = next(flow)
             while True:
-                script, args = request
+                name, keys, args = request
                 try:
-                    reply = await self._answer(self._eval_async(client, script, args))
+                    reply = await self._answer(loop_client.scripts[name](keys, args, client))
                 except self._redis.exceptions.RedisError as exc:
-                    raise self._eval_error(script, exc) from exc
+                    raise self._eval_error(name, exc) from exc
                 request = flow.send(reply)
         except StopIteration as stop:
             self._healthy(epoch)
             result: _T = stop.value
             return result
         except Exception as exc:
+            flow.close()
             self._broken(exc, epoch)
             return None
-
-    async def _eval_async(
-        self, client: redis_async.Redis, script: _Script, args: list[str]
-    ) -> Any:
-        try:
-            return await client.evalsha(script.sha, 0, *args)
-        except self._redis.exceptions.NoScriptError:
-            await client.script_load(script.text)
-            return await client.evalsha(script.sha, 0, *args)
 
     async def _answer(self, command: Coroutine[Any, Any, _T]) -> _T:
         """Await ``command`` (Redis I/O on this loop's client), for at most ``timeout``
@@ -505,8 +495,21 @@ class RedisBackend:
                 self._loops.pop(loop, None)
 
     # -- flows: the script calls of each operation, whoever runs them ------------------------
-    def _head(self) -> list[str]:
-        return [self.namespace, self._ttl]
+    def _keys(self) -> list[str]:
+        """The Redis keys every script declares: one hash tag, one Cluster slot."""
+        tag = "{" + self.namespace + "}"
+        return [f"{tag}:state", f"{tag}:load", f"{tag}:ring:{self._ring_id}"]
+
+    def _call(self, name: str, args: list[str]) -> Generator[_Request, Any, Any]:
+        """One script call: its reply.  It carries the leases whose choose replies were lost,
+        and once Redis has answered, they are no longer lost."""
+        with self._lock:
+            lost = list(self._lost)[:256]
+        reply = yield name, self._keys(), [self._ttl, " ".join(lost), *args]
+        if lost:
+            with self._lock:
+                self._lost.difference_update(lost)
+        return reply
 
     def _register(self) -> _Flow[None]:
         """Register the keys if they changed, Redis failed since, or it is time to refresh."""
@@ -516,7 +519,7 @@ class RedisBackend:
         generation = self._generation
         merge = self._merge
         ring = self._ring
-        args = [*self._head(), self._ring_id]
+        args: list[str] = []
         for state, fp in list(self._fps.items()):
             spec = state.spec
             disabled = cooling = reason = ""
@@ -531,7 +534,7 @@ class RedisBackend:
             cause = state.cause.value if state.cause is not None else ""
             args += [fp, _text(state.weight), spec.pool or "", _text(spec.rpm), _text(spec.tpm),
                      disabled, cooling, reason, cause]
-        yield self._scripts["register"], args
+        yield from self._call("register", args)
         self._registered = (generation, time.monotonic())
         if merge:
             self._merge = False
@@ -540,23 +543,35 @@ class RedisBackend:
         for _attempt in (1, 2):
             yield from self._register()
             fps = self._fps
-            args = [*self._head(), self._ring_id, _text(self._lease)]
+            lease = f"{self._client_id}.{next(self._lease_numbers)}"
+            args = [lease, _text(self._lease)]
             if avoid:
                 args += [fps[state] for state in avoid if state in fps]
-            reply = yield self._scripts["choose"], args
+            answered = False
+            try:
+                reply = yield from self._call("choose", args)
+                answered = True
+            finally:
+                if not answered:  # Redis may have granted it: have it released
+                    with self._lock:
+                        if len(self._lost) < 4096:
+                            self._lost.add(lease)
             if int(reply[0]) != -1:
-                return self._pick(reply)
+                return self._pick(reply, lease)
             self._registered = (-1, 0.0)  # unknown to Redis: restarted, flushed or expired
         raise StorageError("Redis forgot the keys as soon as they were registered")
 
-    def _pick(self, reply: list[Any]) -> Pick:
+    def _pick(self, reply: list[Any], lease: str) -> Pick:
         if int(reply[0]) == 1:
             state = self._by_fp.get(reply[1])
-            if state is None:  # a key this process let go of meanwhile: its lease expires
+            if state is None:  # a key this process let go of meanwhile: have it released
+                with self._lock:
+                    self._lost.add(lease)
                 return Pick(None, 0.0)
+            held = f"{lease}|{reply[3]}|{reply[2]}"  # the lease, its sent mark, its pool
             with self._lock:
-                self._leases.setdefault(state, []).append(reply[2])
-            _CALLS.set({**(_CALLS.get() or {}), state: _Pending(reply[2])})
+                self._leases.setdefault(state, []).append(held)
+            _CALLS.set({**(_CALLS.get() or {}), state: _Pending(held)})
             return Pick(state)
         wait = float(reply[1])
         why = json.loads(reply[2])
@@ -573,16 +588,17 @@ class RedisBackend:
     def _report(self, args: list[str]) -> _Flow[bool]:
         for _attempt in (1, 2):
             yield from self._register()
-            reply = yield self._scripts["report"], [*self._head(), *args]
+            reply = yield from self._call("report", args)
             if int(reply[0]) != -1:
                 return int(reply[0]) == 1
             self._registered = (-1, 0.0)
+            # Redis lost the keys (restarted): the lease is unknown there, the rest counts.
+            args = [args[0], "", *args[2:-2], "", ""]
         return False
 
     def _control(self, *args: str) -> _Flow[Any]:
         yield from self._register()
-        reply = yield self._scripts["control"], [*self._head(), *args]
-        return reply
+        return (yield from self._call("control", list(args)))
 
     # -- the protocol ------------------------------------------------------------------------
     def choose(self, avoid: Collection[KeyState] | None) -> Pick | None:
@@ -663,7 +679,10 @@ class RedisBackend:
         tokens = (call.tokens if call is not None else 0.0) + (
             pending.tokens if pending is not None else 0.0
         )
-        args += [_text(tokens), cause]
+        held, _, rest = lease.partition("|")
+        mark, _, pool_then = rest.partition("|")
+        args[1] = held
+        args += [_text(tokens), cause, pool_then, mark]
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

@@ -1,95 +1,156 @@
 -- Choose a key and mark it in flight, in one step.
--- ARGV[3] ring id, ARGV[4] lease seconds, ARGV[5..] fingerprints to avoid (taken only when
--- no other key is ready).
--- Returns {1, fingerprint, lease}; or {0, seconds until the first cooling key is ready (-1
--- when none is cooling), cjson {cooling = {reason = n}, disabled = {reason = n},
+-- ARGV[3] the lease (named by the client), ARGV[4] lease seconds, ARGV[5..] fingerprints to
+-- avoid (taken only when no other key is ready).
+-- Returns {1, fingerprint, pool, sent mark}; or {0, seconds until the first cooling key is
+-- ready (-1 when none is cooling), cjson {cooling = {reason = n}, disabled = {reason = n},
 -- forbidden = all usable keys benched for a 403}}; or {-1} when the ring is unknown here
 -- (never registered, expired, or the server restarted): register it, then ask again.
 
-local ring = P .. ':ring:' .. ARGV[3]
-local lease_seconds = tonumber(ARGV[4])
-if redis.call('EXISTS', ring) == 0 then return {-1} end
-purge_leases()
-promote()
+local lease, lease_seconds = ARGV[3], tonumber(ARGV[4])
+forget_lost()
 
 local avoid = {}
 for i = 5, #ARGV do avoid[ARGV[i]] = true end
 
-local chosen, fallback
-local offset = 0
-while not chosen do
-  local batch = redis.call('ZRANGE', LOAD, offset, offset + 31)
-  if #batch == 0 then break end
-  for _, fp in ipairs(batch) do
-    if redis.call('SISMEMBER', ring, fp) == 1 then
-      if not avoid[fp] then chosen = fp; break end
-      fallback = fallback or fp
+local function split(name) return string.match(name, '^([^|]+)|(.*)$') end
+
+-- Cooling keys come first in the load set, soonest first: those that are due are made ready
+-- (up to a batch a call), then the ready keys are read in order.
+local due_below = tonumber(cooling_score(NOW))
+local batch = redis.call('ZRANGE', LOAD, '-inf', '+inf', 'BYSCORE', 'LIMIT', 0, 32,
+                         'WITHSCORES')
+local ready, due, seen = {}, {}, 0  -- seen: ready keys of the load set read so far
+for i = 1, #batch, 2 do
+  local score = tonumber(batch[i + 1])
+  if score < 0 then
+    if score <= due_below then due[#due + 1] = batch[i] end
+  else
+    ready[#ready + 1] = {batch[i], score}
+    seen = seen + 1
+  end
+end
+local more = #batch == 64  -- the load set may hold more ready keys than were read
+if #due > 0 then
+  local fields = {}
+  for i, name in ipairs(due) do fields[i] = 'k:' .. split(name) end
+  need(fields)
+  for _, name in ipairs(due) do
+    local fp = split(name)
+    local rec = key_rec(fp)
+    if rec and rec.where == 'cooling' then
+      local p = pool_rec(rec.pool)
+      if p then refresh(rec.pool, p, 0) end
+      make_ready(fp, rec)
+      ready[#ready + 1] = {member(fp, rec), tonumber(ZADDS[member(fp, rec)])}
+    else
+      zrem(name)
     end
   end
-  offset = offset + 32
+end
+
+local chosen, fallback, chosen_pool
+while true do
+  table.sort(ready, function(a, b) return a[2] < b[2] end)
+  for _, item in ipairs(ready) do
+    local fp = split(item[1])
+    if redis.call('SISMEMBER', RING, fp) == 1 then
+      if not avoid[fp] then chosen = item[1]; break end
+      fallback = fallback or item[1]
+    end
+  end
+  if chosen or not more then break end
+  -- None of this ring's, or all to avoid: read on.
+  local page = redis.call('ZRANGE', LOAD, 0, '+inf', 'BYSCORE', 'LIMIT', seen, 32,
+                          'WITHSCORES')
+  ready = {}
+  for i = 1, #page, 2 do
+    if not ZADDS[page[i]] then ready[#ready + 1] = {page[i], tonumber(page[i + 1])} end
+  end
+  seen = seen + #page / 2
+  more = #page == 64
 end
 chosen = chosen or fallback
 
 if chosen then
-  local k = kkey(chosen)
-  if redis.call('EXISTS', k) == 0 then return {-1} end
-  redis.call('HINCRBY', k, 'calls', 1)
-  shift_in_flight(chosen, 1)
-  local pool = redis.call('HGET', k, 'pool')
-  local pk = pkey(pool)
-  local sent = redis.call('HINCRBY', pk, 'sent', 1)
-  local lease = chosen .. '|' .. redis.call('INCR', SEQ) .. '|' .. sent .. '|' .. pool
-  redis.call('ZADD', LEASES, NOW + lease_seconds, lease)
+  chosen, chosen_pool = split(chosen)
+  need({'k:' .. chosen, 'p:' .. chosen_pool, 'seq'})  -- what a call reads, in one command
+  local rec = key_rec(chosen)
+  if not rec then
+    flush()
+    return {-1}
+  end
+  local pool = rec.pool
+  local p = pool_rec(pool) or new_pool()
+  purge(pool)
+  rec.calls = rec.calls + 1
+  rec.n = rec.n + 1
+  put('k:' .. chosen, rec)
+  place(chosen, rec)
+  p.n = p.n + 1
+  p.sent = p.sent + 1
+  local sent = p.sent
+  p.out[lease] = {m = sent, e = NOW + lease_seconds, f = chosen}
+  put('p:' .. pool, p)
 
   -- Spend one request of the pool's budget: what the server said is left, and its pacing.
-  redis.call('ZADD', pk .. ':out', sent, lease)
-  refresh(pool, 1)
-  local f = redis.call('HMGET', pk, 'left', 'reset', 'tleft', 'treset', 'avg')
-  local left, reset = num(f[1], nil), num(f[2], 0)
-  if left then
-    left = window_bound(pk, left - 1)
-    redis.call('HSET', pk, 'left', left)
-    if left <= 0 then  -- until the server's reset, or until an answer says when that is
+  refresh(pool, p, 1)
+  local reset = p.reset or 0
+  if p.left then
+    p.left = window_bound(p, p.left - 1)
+    if p.left <= 0 then  -- until the server's reset, or until an answer says when that is
       cool_pool(pool, reset > NOW and reset or NOW + PROBE, 'budget spent (RPM)',
                 CAUSE.requests_spent)
     end
   end
-  local tleft, treset, avg = num(f[3], nil), num(f[4], 0), num(f[5], 0)
-  if tleft then
-    tleft = tleft - avg  -- the request's size is known only when it is reported
-    redis.call('HSET', pk, 'tleft', tleft)
-    if tleft < math.max(1, avg) then
+  local treset, avg = p.treset or 0, p.avg or 0
+  if p.tleft then
+    p.tleft = p.tleft - avg  -- the request's size is known only when it is reported
+    if p.tleft < math.max(1, avg) then
       cool_pool(pool, treset > NOW and treset or NOW + PROBE, 'budget spent (TPM)',
                 CAUSE.tokens_spent)
     end
   end
-  local wait = bucket_take(pk, 'r', 1, 1)
+  local wait = bucket_take(p, 'r', 1, 1)
   if wait > 0 then cool_pool(pool, NOW + wait, 'paced (rpm)', CAUSE.paced) end
-  touch(LOAD); touch(LEASES); touch(pk .. ':out')
-  return {1, chosen, lease}
+  flush()
+  return {1, chosen, pool, sent}
 end
 
 -- No key is ready: when will one be, and why not now.
 local first, usable, forbidden = nil, 0, 0
 local cooling, disabled = {}, {}
-for _, fp in ipairs(redis.call('SMEMBERS', ring)) do
-  local f = redis.call('HMGET', kkey(fp), 'where', 'until', 'reason', 'forbidden')
-  if not f[1] then return {-1} end
-  if f[1] == 'ready' then  -- ready but not in P:load: put it back, and ask again
-    make_ready(fp)
+local fps = redis.call('SMEMBERS', RING)
+if #fps == 0 then
+  flush()
+  return {-1}
+end
+local fields = {}
+for i, fp in ipairs(fps) do fields[i] = 'k:' .. fp end
+need(fields)
+for _, fp in ipairs(fps) do
+  local rec = key_rec(fp)
+  if not rec then
+    flush()
+    return {-1}
+  end
+  purge(rec.pool)
+  if rec.where == 'ready' then  -- ready but not in the load set: put it back, and ask again
+    make_ready(fp, rec)
+    flush()
+    touch(LOAD)
     return {0, '0', cjson.encode({cooling = {}, disabled = {}, forbidden = false})}
   end
-  local reason = f[3] ~= '' and f[3] or f[1]
-  if f[1] == 'cooling' then
-    local deadline = tonumber(f[2])
-    if not first or deadline < first then first = deadline end
+  local reason = rec.reason ~= '' and rec.reason or rec.where
+  if rec.where == 'cooling' then
+    if not first or rec.untl < first then first = rec.untl end
     cooling[reason] = (cooling[reason] or 0) + 1
     usable = usable + 1
-    if f[4] == '1' then forbidden = forbidden + 1 end
+    if rec.forbidden == 1 then forbidden = forbidden + 1 end
   else
     disabled[reason] = (disabled[reason] or 0) + 1
   end
 end
+flush()
 local wait = first and tostring(math.max(0, first - NOW)) or '-1'
 return {0, wait, cjson.encode({
   cooling = cooling, disabled = disabled, forbidden = usable > 0 and forbidden == usable})}

@@ -1,271 +1,381 @@
 -- stable_openai: shared key state.  Prepended to every script of this directory.
 --
--- Every script gets ARGV[1] = the namespace prefix and ARGV[2] = the idle expiry (seconds) of
--- every key it touches; its own arguments start at ARGV[3].  Keys of the namespace P:
---   P:load        ZSET fingerprint -> level * 1e12 + sequence   (ready keys: fewest calls in
---                 flight for their weight first, then least recently used)
---   P:cooling     ZSET fingerprint -> deadline (server time, s)
---   P:leases      ZSET lease -> expiry; a lease is "fp|seq|sent|pool": one call in flight
---   P:seq         STRING, a counter for leases and the least-recently-used order
---   P:done:<lease> STRING, a report already applied (so one sent again counts once; 5 min)
---   P:k:<fp>      HASH of one key: where, until, reason (for people), cause (a CAUSE value,
---                 what the scripts compare), forbidden, in_flight, weight, pool, fixed (pool
---                 given by the user), own (1 while the key is in its own pool), rpm, tpm,
---                 and the counters calls, successes, rate_limits, failures
---   P:pool:<name> HASH of one pool: in_flight; sent (calls chosen, ever); what the server
---                 said, brought up to date: limit, left, reset, refilled, snap (the ``sent``
---                 mark of the freshest answer), wstart/wreset (``sent`` when the window
---                 began, and its end), tlimit, tleft, treset, trefilled, avg (tokens a
---                 request costs), probing (1 until an answer told the budget), was (the
---                 name it had before the server named it);
---                 rrate/rcap/rlevel/rstamp and
---                 trate/tcap/tlevel/tstamp (client-side pacing)
---   P:pool:<name>:keys  SET of the pool's fingerprints
---   P:pool:<name>:out   ZSET lease -> sent mark, the pool's calls in flight
---   P:ring:<id>   SET of the fingerprints one key configuration uses
+-- A namespace N lives in three Redis keys, all with the hash tag {N} (one Cluster slot), and
+-- every script declares the ones it uses:
+--   KEYS[1] {N}:state  HASH of JSON records, read and written in one HMGET and one HSET a call:
+--     k:<fp>    one key: where (ready/cooling/disabled), untl (deadline, server time), reason
+--               (for people), cause (a CAUSE value: what the scripts compare), forbidden,
+--               n (calls in flight), weight, pool, fixed (pool given by the user), own (still
+--               in a pool of its own), rpm, tpm, calls, successes, rate_limits, failures
+--     p:<pool>  one pool: n (calls in flight); sent (calls chosen, ever); out {lease = {m =
+--               the ``sent`` mark it was chosen at, e = expiry, f = fingerprint}}, the calls
+--               in flight; gone {lease = when}, calls whose lease expired before they
+--               reported; what the server said, brought up to date: limit, left, reset,
+--               refilled, snap (the ``sent`` mark of the freshest answer), wstart/wreset
+--               (``sent`` when the window began, and its end), tlimit, tleft, treset,
+--               trefilled, avg (tokens a request costs), probing (1 until an answer told the
+--               budget), was (its name before the server named it), held (1 while keys may
+--               be cooling for its spent request budget); r/t {rate, cap, level,
+--               stamp} (client-side pacing of requests and tokens)
+--     m:<pool>  the fingerprints of the pool's keys (a JSON array)
+--     seq       a counter: the least-recently-used order
+--   KEYS[2] {N}:load   ZSET "<fp>|<pool>" -> score.  Ready keys score level * 1e11 + seq
+--     (fewest calls in flight for their weight first, then least recently used); cooling keys
+--     score their deadline (ms since EPOCH) - 1e15, so they come first, soonest first, and one
+--     ZRANGE finds both the keys that are due and the ready ones.  Disabled keys are not in it.
+--   KEYS[3] {N}:ring:<id>  SET of the fingerprints one key configuration uses.
+-- A lease is a call in flight, named by the client that makes it ("<client>.<n>"): a report
+-- carries it back with the pool and mark it was chosen at.  A client that lost the reply to
+-- a choose sends the lease's name with its next script call, and it is released then.  A
+-- lease not reported by its expiry (a crashed worker) is released the next time its pool is
+-- used, or by stats().
 -- No key, and nothing derived from one but its keyed fingerprint, is ever stored.
 -- Time is the server's (TIME), so the clocks of the hosts do not matter.
 -- Expiry: register.lua, which every process runs again every few minutes, refreshes the
--- expiry of everything its keys use; a script that may create a key anew (a sorted set that
--- emptied, a pool) gives it an expiry at once.  Whatever no process uses expires.
+-- expiry of the three keys; a script that may create the load set anew gives it one at once.
+--
+-- Every script gets ARGV[1] = the idle expiry (seconds), ARGV[2] = the leases whose choose
+-- replies were lost (space-separated; '' for none); its own arguments start at ARGV[3].
 
-if redis.replicate_commands then pcall(redis.replicate_commands) end
-
-local P = ARGV[1]
-local TTL = tonumber(ARGV[2])
-local LOAD, COOLING, LEASES, SEQ = P .. ':load', P .. ':cooling', P .. ':leases', P .. ':seq'
+local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
+local TTL = tonumber(ARGV[1])
 -- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS and CAUSE come from the Python side: redis.py
 -- puts them before this file (_ring.py's constants, _cause.Cause's values).
 
 local T = redis.call('TIME')
 local NOW = tonumber(T[1]) + tonumber(T[2]) / 1e6
+local EPOCH = 1.7e9
+local COOLING_BASE = -1e15
+local LEVEL = 1e11
 
-local function kkey(fp) return P .. ':k:' .. fp end
-local function pkey(name) return P .. ':pool:' .. name end
+-- Records: read once, written once (flush).
+local REC, DIRTY = {}, {}
+local ZADDS, ZREMS = {}, {}
 
-local function num(value, default)
-  if value == false or value == nil or value == '' then return default end
-  return tonumber(value)
+local function need(fields)
+  local missing = {}
+  for _, field in ipairs(fields) do
+    if REC[field] == nil then missing[#missing + 1] = field end
+  end
+  if #missing == 0 then return end
+  for first = 1, #missing, 1000 do
+    local chunk = {}
+    for i = first, math.min(#missing, first + 999) do chunk[#chunk + 1] = missing[i] end
+    local values = redis.call('HMGET', STATE, unpack(chunk))
+    for i, field in ipairs(chunk) do
+      REC[field] = values[i] and cjson.decode(values[i]) or false
+    end
+  end
+end
+
+local function get(field)
+  need({field})
+  return REC[field] or nil
+end
+
+local function put(field, value)
+  REC[field] = value or false
+  DIRTY[field] = true
+end
+
+local function key_rec(fp) return get('k:' .. fp) end
+local function pool_rec(name) return get('p:' .. name) end
+local function member(fp, rec) return fp .. '|' .. rec.pool end
+
+local function next_seq()
+  local seq = (get('seq') or 0) + 1
+  put('seq', seq)
+  return seq
+end
+
+local function zadd(name, score) ZADDS[name] = score; ZREMS[name] = nil end
+local function zrem(name) ZREMS[name] = true; ZADDS[name] = nil end
+
+local function flush()
+  local sets, dels = {}, {}
+  for field in pairs(DIRTY) do
+    if REC[field] then
+      sets[#sets + 1] = field
+      sets[#sets + 1] = cjson.encode(REC[field])
+    else
+      dels[#dels + 1] = field
+    end
+  end
+  for first = 1, #sets, 1000 do
+    redis.call('HSET', STATE, unpack(sets, first, math.min(#sets, first + 999)))
+  end
+  for first = 1, #dels, 1000 do
+    redis.call('HDEL', STATE, unpack(dels, first, math.min(#dels, first + 999)))
+  end
+  local adds, rems = {}, {}
+  for name, score in pairs(ZADDS) do adds[#adds + 1] = score; adds[#adds + 1] = name end
+  for name in pairs(ZREMS) do rems[#rems + 1] = name end
+  for first = 1, #adds, 1000 do
+    redis.call('ZADD', LOAD, unpack(adds, first, math.min(#adds, first + 999)))
+  end
+  for first = 1, #rems, 1000 do
+    redis.call('ZREM', LOAD, unpack(rems, first, math.min(#rems, first + 999)))
+  end
+  REC, DIRTY, ZADDS, ZREMS = {}, {}, {}, {}
 end
 
 local function touch(key) redis.call('EXPIRE', key, TTL) end
-
-local function starts_with(text, prefix) return string.sub(text, 1, #prefix) == prefix end
 
 local function level_of(in_flight, weight)
   if weight == 1 then return in_flight end
   return math.floor(in_flight / weight)
 end
 
--- A ready key's place in P:load: its level, then the order it got there in.
-local function place(fp, in_flight, weight)
-  local seq = redis.call('INCR', SEQ)
-  redis.call('ZADD', LOAD, level_of(in_flight, weight) * 1e12 + seq % 1e12, fp)
-  touch(LOAD)  -- it may have emptied: control.lua's promote() would leave it without an expiry
+-- A ready key's place in the load set: its level, then the order it got there in.
+local function place(fp, rec)
+  local score = level_of(rec.n, rec.weight) * LEVEL + next_seq() % LEVEL
+  zadd(member(fp, rec), string.format('%.0f', score))
 end
 
--- Add delta to the calls in flight of a key and of its pool (never below zero).
-local function shift_in_flight(fp, delta)
-  local k = kkey(fp)
-  local f = redis.call('HMGET', k, 'in_flight', 'weight', 'where', 'pool')
-  if not f[1] then return end
-  local in_flight = tonumber(f[1]) + delta
-  if in_flight < 0 then return end
-  redis.call('HSET', k, 'in_flight', in_flight)
-  if f[3] == 'ready' then place(fp, in_flight, num(f[2], 1)) end
-  local pk = pkey(f[4])
-  if num(redis.call('HGET', pk, 'in_flight'), 0) + delta >= 0 then
-    redis.call('HINCRBY', pk, 'in_flight', delta)
-  end
+local function cooling_score(deadline)
+  return string.format('%.0f', COOLING_BASE + math.floor((deadline - EPOCH) * 1000))
 end
 
-local function make_ready(fp)
-  local k = kkey(fp)
-  local f = redis.call('HMGET', k, 'in_flight', 'weight')
-  redis.call('HSET', k, 'where', 'ready', 'until', 0, 'reason', '', 'cause', '', 'forbidden', 0)
-  redis.call('ZREM', COOLING, fp)
-  place(fp, num(f[1], 0), num(f[2], 1))
+local function make_ready(fp, rec)
+  rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden = 'ready', 0, '', '', 0
+  put('k:' .. fp, rec)
+  place(fp, rec)
 end
 
 -- Cool a key until a deadline; an already later deadline is kept.  ``reason`` is for people;
 -- ``cause`` (a value of CAUSE) is what the scripts compare.
-local function cool(fp, deadline, reason, forbidden, cause)
-  local k = kkey(fp)
-  local f = redis.call('HMGET', k, 'where', 'until')
-  if not f[1] or f[1] == 'disabled' then return end
-  if f[1] == 'cooling' and tonumber(f[2]) >= deadline then return end
-  redis.call('HSET', k, 'where', 'cooling', 'until', deadline, 'reason', reason,
-             'cause', cause, 'forbidden', forbidden)
-  redis.call('ZREM', LOAD, fp)
-  redis.call('ZADD', COOLING, deadline, fp)
-  touch(COOLING)
+local function cool(fp, rec, deadline, reason, forbidden, cause)
+  if rec.where == 'disabled' then return end
+  if rec.where == 'cooling' and rec.untl >= deadline then return end
+  rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden =
+    'cooling', deadline, reason, cause, forbidden
+  put('k:' .. fp, rec)
+  zadd(member(fp, rec), cooling_score(deadline))
+end
+
+local function members(pool) return get('m:' .. pool) or {} end
+
+local function member_recs(pool)
+  local fps, fields = members(pool), {}
+  for i, fp in ipairs(fps) do fields[i] = 'k:' .. fp end
+  need(fields)
+  return fps
 end
 
 -- Cool every key of a pool: they share the budget that is spent.
 local function cool_pool(pool, deadline, reason, cause)
-  for _, fp in ipairs(redis.call('SMEMBERS', pkey(pool) .. ':keys')) do
-    cool(fp, deadline, reason, 0, cause)
+  local p = pool_rec(pool)
+  if p and cause == CAUSE.requests_spent and not p.held then
+    p.held = 1  -- keys held for the request budget: an answer with budget left frees them
+    put('p:' .. pool, p)
+  end
+  for _, fp in ipairs(member_recs(pool)) do
+    local rec = key_rec(fp)
+    if rec then cool(fp, rec, deadline, reason, 0, cause) end
   end
 end
 
 -- Disable a key until it is given again; true if it was not disabled before.
-local function disable(fp, reason, cause)
-  local k = kkey(fp)
-  local where = redis.call('HGET', k, 'where')
-  if not where or where == 'disabled' then return false end
-  redis.call('HSET', k, 'where', 'disabled', 'until', 0, 'reason', reason, 'cause', cause,
-             'forbidden', 0)
-  redis.call('ZREM', LOAD, fp)
-  redis.call('ZREM', COOLING, fp)
+local function disable(fp, rec, reason, cause)
+  if rec.where == 'disabled' then return false end
+  if rec.where ~= nil then zrem(member(fp, rec)) end
+  rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden = 'disabled', 0, reason, cause, 0
+  put('k:' .. fp, rec)
   return true
 end
 
 -- Client-side pacing: a debt-allowing token bucket, as in stable_openai/_budget.py.
-local function bucket_take(pk, prefix, amount, need)
-  local f = redis.call('HMGET', pk, prefix .. 'rate', prefix .. 'cap', prefix .. 'level',
-                       prefix .. 'stamp')
-  local rate = num(f[1], nil)
-  if not rate then return 0 end
-  local cap, level, stamp = tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
-  if NOW > stamp then level = math.min(cap, level + (NOW - stamp) * rate); stamp = NOW end
-  level = level - amount
-  redis.call('HSET', pk, prefix .. 'level', level, prefix .. 'stamp', stamp)
-  need = math.min(need, cap)
-  if level >= need then return 0 end
-  return (need - level) / rate
+local function bucket_take(p, prefix, amount, want)
+  local b = p[prefix]
+  if not b then return 0 end
+  if NOW > b.stamp then b.level = math.min(b.cap, b.level + (NOW - b.stamp) * b.rate); b.stamp = NOW end
+  b.level = b.level - amount
+  want = math.min(want, b.cap)
+  if b.level >= want then return 0 end
+  return (want - b.level) / b.rate
 end
 
--- Make a pool's hash exist, with an expiry (scripts only update it after this), and start
--- pacing it for a key that has rpm/tpm, unless it is paced already.
+local function new_pool()
+  return {n = 0, sent = 0, out = {}, gone = {}}
+end
+
+-- A pool's record, made if it does not exist, and paced for a key that has rpm/tpm, unless
+-- it is paced already.
 local function pace(pool, rpm, tpm)
-  local pk = pkey(pool)
-  redis.call('HSETNX', pk, 'in_flight', 0)
-  for prefix, per_minute in pairs({r = num(rpm, nil), t = num(tpm, nil)}) do
-    if per_minute and redis.call('HEXISTS', pk, prefix .. 'rate') == 0 then
+  local p = pool_rec(pool)
+  if not p then p = new_pool() end
+  for prefix, per_minute in pairs({r = rpm, t = tpm}) do
+    if type(per_minute) == 'number' and not p[prefix] then
       local rate = per_minute / 60
       local cap = math.max(1, rate)
-      redis.call('HSET', pk, prefix .. 'rate', rate, prefix .. 'cap', cap, prefix .. 'level', cap,
-                 prefix .. 'stamp', NOW)
+      p[prefix] = {rate = rate, cap = cap, level = cap, stamp = NOW}
     end
   end
-  touch(pk)
+  put('p:' .. pool, p)
+  return p
+end
+
+local function count(t)
+  local n = 0
+  for _ in pairs(t) do n = n + 1 end
+  return n
 end
 
 -- Move a key into another pool, with its calls in flight.
-local function move(fp, name)
-  local k = kkey(fp)
-  local f = redis.call('HMGET', k, 'pool', 'in_flight', 'rpm', 'tpm')
-  if not f[1] or f[1] == name then return end
-  local in_flight = num(f[2], 0)
-  local old, new = pkey(f[1]), pkey(name)
-  redis.call('HSET', k, 'pool', name, 'own', 0)
-  redis.call('SREM', old .. ':keys', fp)
-  redis.call('SADD', new .. ':keys', fp)
-  if redis.call('EXISTS', new) == 0 and redis.call('SCARD', old .. ':keys') == 0 then
+local function move(fp, rec, name)
+  local old_name = rec.pool
+  if old_name == name then return end
+  local old, new = pool_rec(old_name) or new_pool(), pool_rec(name)
+  local old_members = members(old_name)
+  local rest = {}
+  for _, other in ipairs(old_members) do if other ~= fp then rest[#rest + 1] = other end end
+  if rec.where ~= 'disabled' then
+    local old_member = member(fp, rec)
+    local score = ZADDS[old_member]  -- placed in this script, or else as Redis has it
+    if not score and not ZREMS[old_member] then score = redis.call('ZSCORE', LOAD, old_member) end
+    zrem(old_member)
+    rec.pool = name
+    if score then zadd(member(fp, rec), score) end
+  end
+  rec.pool, rec.own = name, false
+  put('k:' .. fp, rec)
+  if not new and #rest == 0 then
     -- The key's own pool gets the server's name, keeping what it counted (as the ring's
     -- KeyRing.join_pool): the marks of the calls in flight still compare.
-    for _, suffix in ipairs({'', ':out'}) do
-      if redis.call('EXISTS', old .. suffix) == 1 then
-        redis.call('RENAME', old .. suffix, new .. suffix)
-      end
-    end
-    redis.call('HSET', new, 'was', f[1])  -- the leases of its calls still name it
+    old.was = old_name  -- the leases of its calls still name it
+    new = old
   else
-    if in_flight > 0 then
-      if num(redis.call('HGET', old, 'in_flight'), 0) >= in_flight then
-        redis.call('HINCRBY', old, 'in_flight', -in_flight)
-      end
-      redis.call('HINCRBY', new, 'in_flight', in_flight)
-    end
+    new = new or new_pool()
+    new.n = new.n + rec.n
+    old.n = math.max(0, old.n - rec.n)
     -- Its calls in flight join the pool's, as if chosen before any answer still to come.
-    for _, lease in ipairs(redis.call('ZRANGE', old .. ':out', 0, -1)) do
-      if starts_with(lease, fp .. '|') then
-        redis.call('ZREM', old .. ':out', lease)
-        redis.call('ZADD', new .. ':out', 0, lease)
+    for lease, call in pairs(old.out) do
+      if call.f == fp then
+        old.out[lease] = nil
+        call.m = 0
+        new.out[lease] = call
       end
     end
-    if redis.call('SCARD', old .. ':keys') == 0 then redis.call('DEL', old, old .. ':out') end
-    touch(new .. ':out')
   end
-  pace(name, f[3], f[4])
-  touch(new .. ':keys')
+  if #rest == 0 then
+    put('p:' .. old_name, nil)
+    put('m:' .. old_name, nil)
+  else
+    put('p:' .. old_name, old)
+    put('m:' .. old_name, rest)
+  end
+  put('p:' .. name, new)
+  local joined = members(name)
+  joined[#joined + 1] = fp
+  put('m:' .. name, joined)
+  pace(name, rec.rpm, rec.tpm)
 end
 
 -- A call is over (reported, or its lease expired): it is no longer in its pool's calls in
--- flight, wherever its key has moved since.
-local function forget_call(fp, lease)
-  local pool = string.match(lease, '^[^|]+|[^|]+|[^|]+|(.*)$')
-  redis.call('ZREM', pkey(pool) .. ':out', lease)
-  local now_in = redis.call('HGET', kkey(fp), 'pool')
-  if now_in and now_in ~= pool then redis.call('ZREM', pkey(now_in) .. ':out', lease) end
-  shift_in_flight(fp, -1)
+-- flight, wherever its key has moved since.  Returns whether it was still in flight.
+local function forget_call(fp, lease, pool)
+  local found = false
+  for _, name in ipairs({pool, (key_rec(fp) or {}).pool}) do
+    local p = pool_rec(name)
+    if p and p.out[lease] then
+      p.out[lease] = nil
+      p.n = math.max(0, p.n - 1)
+      put('p:' .. name, p)
+      found = true
+      break
+    end
+  end
+  local rec = key_rec(fp)
+  if found and rec then
+    rec.n = math.max(0, rec.n - 1)
+    put('k:' .. fp, rec)
+    if rec.where == 'ready' then place(fp, rec) end
+  end
+  return found
 end
 
--- Drop the leases of calls that never reported (a crashed or frozen worker).
-local function purge_leases()
-  local expired = redis.call('ZRANGEBYSCORE', LEASES, '-inf', NOW, 'LIMIT', 0, 256)
-  for _, lease in ipairs(expired) do
-    redis.call('ZREM', LEASES, lease)
-    forget_call(string.match(lease, '^[^|]+'), lease)
+-- Release the leases of a pool that expired (their worker died or froze): a late report of
+-- one still counts its outcome, once.
+local function purge(pool)
+  local p = pool_rec(pool)
+  if not p then return end
+  local expired = {}
+  for lease, call in pairs(p.out) do
+    if call.e < NOW then expired[#expired + 1] = {lease, call.f} end
+  end
+  for lease, when in pairs(p.gone) do
+    if when < NOW - 600 then p.gone[lease] = nil; put('p:' .. pool, p) end
+  end
+  for _, item in ipairs(expired) do
+    forget_call(item[2], item[1], pool)
+    p.gone[item[1]] = NOW
+  end
+end
+
+-- Release leases whose choose replies were lost (ARGV[2]): the client never had them.
+local function forget_lost()
+  if ARGV[2] == '' then return end
+  local lost = {}
+  for lease in string.gmatch(ARGV[2], '%S+') do lost[lease] = true end
+  local fields = {}
+  for _, fp in ipairs(redis.call('SMEMBERS', RING)) do fields[#fields + 1] = 'k:' .. fp end
+  need(fields)
+  local pools = {}
+  for _, field in ipairs(fields) do
+    local rec = REC[field]
+    if rec then pools[rec.pool] = true end
+  end
+  for pool in pairs(pools) do
+    local p = pool_rec(pool)
+    if p then
+      for lease in pairs(lost) do
+        local call = p.out[lease]
+        if call then
+          forget_call(call.f, lease, pool)
+          local rec = key_rec(call.f)
+          if rec then rec.calls = math.max(0, rec.calls - 1) end  -- never made
+          lost[lease] = nil
+        end
+      end
+    end
   end
 end
 
 -- Past the server's reset, a pool's full budget is back, less the calls in flight (as the
 -- ring's KeyRing._refresh).  ``fresh``: calls already counted in ``sent`` that belong to the
 -- new window.
-local function refresh(pool, fresh)
-  local pk = pkey(pool)
-  local f = redis.call('HMGET', pk, 'reset', 'refilled', 'limit', 'in_flight', 'sent',
-                       'treset', 'trefilled', 'tlimit', 'avg')
-  local reset, in_flight = num(f[1], 0), num(f[4], 0)
-  if reset > 0 and NOW >= reset and num(f[2], 0) < reset then
-    local sent = num(f[5], 0)
-    redis.call('HSET', pk, 'refilled', reset, 'snap', sent, 'wstart', sent - fresh)
-    redis.call('HDEL', pk, 'wreset')
-    if f[3] then
-      redis.call('HSET', pk, 'left', tonumber(f[3]) - in_flight)
-    else
-      redis.call('HDEL', pk, 'left')
-    end
+local function refresh(pool, p, fresh)
+  local reset = p.reset or 0
+  if reset > 0 and NOW >= reset and (p.refilled or 0) < reset then
+    p.refilled, p.snap, p.wstart, p.wreset = reset, p.sent, p.sent - fresh, nil
+    p.left = p.limit and (p.limit - p.n) or nil
+    put('p:' .. pool, p)
   end
-  local treset = num(f[6], 0)
-  if treset > 0 and NOW >= treset and num(f[7], 0) < treset then
-    redis.call('HSET', pk, 'trefilled', treset)
-    if f[8] then
-      redis.call('HSET', pk, 'tleft', tonumber(f[8]) - in_flight * num(f[9], 0))
-    else
-      redis.call('HDEL', pk, 'tleft')
-    end
+  local treset = p.treset or 0
+  if treset > 0 and NOW >= treset and (p.trefilled or 0) < treset then
+    p.trefilled = treset
+    p.tleft = p.tlimit and (p.tlimit - p.n * (p.avg or 0)) or nil
+    put('p:' .. pool, p)
   end
 end
 
 -- At most what is left of a window that began at a refill: its limit, less every call chosen
 -- since (answers may come out of order; this count never does).
-local function window_bound(pk, left)
-  local f = redis.call('HMGET', pk, 'wstart', 'limit', 'sent')
-  if not f[1] or not f[2] then return left end
-  return math.min(left, tonumber(f[2]) - (num(f[3], 0) - tonumber(f[1])))
+local function window_bound(p, left)
+  if not p.wstart or not p.limit then return left end
+  return math.min(left, p.limit - (p.sent - p.wstart))
 end
 
 -- An answer shows budget left: members held only for a spent request budget are ready.
 local function uncool_budget(pool)
-  for _, fp in ipairs(redis.call('SMEMBERS', pkey(pool) .. ':keys')) do
-    local f = redis.call('HMGET', kkey(fp), 'where', 'cause')
-    if f[1] == 'cooling' and f[2] == CAUSE.requests_spent then make_ready(fp) end
-  end
-end
-
--- Make keys whose cooldown is over ready; a pool whose window has reset has its budget back.
-local function promote()
-  local due = redis.call('ZRANGEBYSCORE', COOLING, '-inf', NOW, 'LIMIT', 0, 256)
-  for _, fp in ipairs(due) do
-    local f = redis.call('HMGET', kkey(fp), 'where', 'reason', 'pool')
-    if f[1] == 'cooling' then
-      refresh(f[3], 0)
-      make_ready(fp)
-    else
-      redis.call('ZREM', COOLING, fp)
+  local p = pool_rec(pool)
+  if not (p and p.held) then return end
+  p.held = nil
+  put('p:' .. pool, p)
+  for _, fp in ipairs(member_recs(pool)) do
+    local rec = key_rec(fp)
+    if rec and rec.where == 'cooling' and rec.cause == CAUSE.requests_spent then
+      make_ready(fp, rec)
     end
   end
 end
-

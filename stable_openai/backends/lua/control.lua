@@ -3,45 +3,64 @@
 --   cooldown fp seconds reason  cool exactly this long (0: ready now); not a disabled key
 --   enable fp...                 make disabled keys ready again
 --   snapshot fp...               the state and counters of each key, as cjson
--- Returns 1 for cooldown/enable, or {now, json} for snapshot.
+-- Returns 1 for cooldown/enable, or json for snapshot.
 
 local op = ARGV[3]
-purge_leases()
-promote()
+forget_lost()
+local fields = {}
+for i = 4, #ARGV do fields[#fields + 1] = 'k:' .. ARGV[i] end
+need(fields)
 if op == 'cooldown' then
   local fp, seconds, reason = ARGV[4], tonumber(ARGV[5]), ARGV[6]
-  local k = kkey(fp)
-  local where = redis.call('HGET', k, 'where')
-  if not where or where == 'disabled' then return 0 end
+  local rec = key_rec(fp)
+  if not rec or rec.where == 'disabled' then return 0 end
   if seconds <= 0 then
-    if where == 'cooling' then make_ready(fp) end
+    if rec.where == 'cooling' then make_ready(fp, rec) end
   else
-    redis.call('HSET', k, 'where', 'cooling', 'until', NOW + seconds, 'reason', reason,
-               'cause', CAUSE.set_by_user, 'forbidden', 0)
-    redis.call('ZREM', LOAD, fp)
-    redis.call('ZADD', COOLING, NOW + seconds, fp)
-    touch(COOLING)
+    rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden =
+      'cooling', NOW + seconds, reason, CAUSE.set_by_user, 0
+    put('k:' .. fp, rec)
+    zadd(member(fp, rec), cooling_score(rec.untl))
   end
-  touch(LOAD)
+  flush()
   return 1
 elseif op == 'enable' then
   for i = 4, #ARGV do
-    if redis.call('HGET', kkey(ARGV[i]), 'where') == 'disabled' then make_ready(ARGV[i]) end
+    local rec = key_rec(ARGV[i])
+    if rec and rec.where == 'disabled' then make_ready(ARGV[i], rec) end
   end
-  touch(LOAD)
+  flush()
+  touch(LOAD)  -- the load set may have been empty (every key disabled): made anew
   return 1
 elseif op == 'snapshot' then
-  local rows = {}
+  -- Leases that expired unreported are released first (a crashed worker's calls).
+  local pools = {}
   for i = 4, #ARGV do
-    local f = redis.call('HMGET', kkey(ARGV[i]), 'where', 'until', 'reason', 'in_flight',
-                         'calls', 'successes', 'rate_limits', 'failures', 'pool', 'own')
-    if f[1] then
-      rows[ARGV[i]] = {where = f[1], left = f[1] == 'cooling' and math.max(0, f[2] - NOW) or 0,
-                       reason = f[3], in_flight = tonumber(f[4]), calls = tonumber(f[5]),
-                       successes = tonumber(f[6]), rate_limits = tonumber(f[7]),
-                       failures = tonumber(f[8]), pool = f[9], own = f[10] == '1'}
+    local rec = key_rec(ARGV[i])
+    if rec then pools[rec.pool] = true end
+  end
+  for pool in pairs(pools) do purge(pool) end
+  for i = 4, #ARGV do  -- keys whose cooldown is over are ready, and their pool refreshed
+    local rec = key_rec(ARGV[i])
+    if rec and rec.where == 'cooling' and rec.untl <= NOW then
+      local p = pool_rec(rec.pool)
+      if p then refresh(rec.pool, p, 0) end
+      make_ready(ARGV[i], rec)
     end
   end
+  local rows = {}
+  for i = 4, #ARGV do
+    local rec = key_rec(ARGV[i])
+    if rec then
+      local left = 0
+      if rec.where == 'cooling' then left = math.max(0, rec.untl - NOW) end
+      rows[ARGV[i]] = {where = rec.where, left = left, reason = rec.reason, in_flight = rec.n,
+                       calls = rec.calls, successes = rec.successes,
+                       rate_limits = rec.rate_limits, failures = rec.failures, pool = rec.pool,
+                       own = rec.own}
+    end
+  end
+  flush()
   return cjson.encode(rows)
 end
 return redis.error_reply('unknown operation ' .. op)

@@ -6,72 +6,89 @@
 -- join it only from the key's own pool, ARGV[12..17] the x-ratelimit budget ('' when not
 -- sent): requests limit, left and reset (s), tokens limit, left and reset (s), ARGV[18] the
 -- tokens the call's requests cost (for tpm pacing), ARGV[19] the cause of the fate (a CAUSE
--- value; the reason in ARGV[8] is only for people).
+-- value; the reason in ARGV[8] is only for people), ARGV[20] the pool the call was chosen
+-- in and ARGV[21] its ``sent`` mark ('' without a lease).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
 local fp, lease, outcome, fate, cause = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[19]
-local k = kkey(fp)
-if redis.call('EXISTS', k) == 0 then return {-1} end
+local pool_then, mark_then = ARGV[20], tonumber(ARGV[21])
+forget_lost()
+local fields = {'k:' .. fp, 'seq'}
+if pool_then ~= '' then fields[3] = 'p:' .. pool_then end
+need(fields)
+local rec = key_rec(fp)
+if not rec then
+  flush()
+  return {-1}
+end
 
--- A report is applied once: one sent again (its first reply was lost to a timeout or a
--- closing event loop, though Redis ran it) must not count the call twice.
-if lease ~= '' and not redis.call('SET', P .. ':done:' .. lease, 1, 'NX', 'EX', 300) then
-  return {0}
+-- Release the lease.  A report is applied once: one that is neither in flight nor among the
+-- leases that expired unreported was applied already (sent again after its reply was lost).
+if lease ~= '' then
+  local gone_from = nil
+  if not forget_call(fp, lease, pool_then) then
+    for _, name in ipairs({pool_then, rec.pool}) do
+      local p = pool_rec(name)
+      if p and p.gone[lease] then gone_from = name; p.gone[lease] = nil; put('p:' .. name, p) end
+    end
+    if not gone_from then
+      flush()
+      return {0}
+    end
+  end
 end
 
 -- The pool the server named: a key given no pool by the user moves into it.
 local join = ARGV[10]
-if join ~= '' then
-  local f = redis.call('HMGET', k, 'fixed', 'own')
-  if f[1] ~= '1' and (ARGV[11] ~= 'own' or f[2] == '1') then move(fp, join) end
-end
+if join ~= '' and not rec.fixed and (ARGV[11] ~= 'own' or rec.own) then move(fp, rec, join) end
 
-local pool = redis.call('HGET', k, 'pool')
-local pk = pkey(pool)
+local pool = rec.pool
+local p = pool_rec(pool)
+if not p then p = pace(pool, rec.rpm, rec.tpm) end
+put('p:' .. pool, p)
+purge(pool)
 
 -- What the server said is left (as the ring's KeyRing.learn).  Its remainders count the
 -- requests admitted up to this one: not those chosen after it, nor — as requests overtake
 -- each other on the way — those chosen before it and still unanswered.  Only the freshest
 -- answer counts, unless it shows a new window; one from a window already refilled is stale.
-local rlimit, rleft, rreset = num(ARGV[12], nil), num(ARGV[13], nil), num(ARGV[14], nil)
-local tlimit, tleft, treset = num(ARGV[15], nil), num(ARGV[16], nil), num(ARGV[17], nil)
-if rlimit then redis.call('HSET', pk, 'limit', rlimit) end
-if outcome == 'succeeded' and redis.call('HGET', pk, 'probing') == '1' then
+local rlimit, rleft, rreset = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
+local tlimit, tleft, treset = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
+if rlimit then p.limit = rlimit end
+if outcome == 'succeeded' and p.probing == 1 then
   -- The budget is told now (below), or the server does not tell it: either way, no more probing.
-  redis.call('HSET', pk, 'probing', 0)
+  p.probing = 0
   if not (rleft and rreset) then
-    redis.call('HDEL', pk, 'left')
+    p.left = nil
     uncool_budget(pool)
   end
 end
-if tlimit then redis.call('HSET', pk, 'tlimit', tlimit) end
+if tlimit then p.tlimit = tlimit end
 if (rleft and rreset) or (tleft and treset) then
-  local f = redis.call('HMGET', pk, 'sent', 'in_flight', 'avg', 'snap', 'reset', 'refilled',
-                       'treset', 'trefilled', 'was')
-  local sent = num(f[1], 0)
-  local mark, unseen = sent, math.max(0, num(f[2], 1) - 1)
-  local sent_then, pool_then = string.match(lease, '^[^|]+|[^|]+|([^|]+)|(.*)$')
-  if pool_then == pool or pool_then == f[9] then
-    mark = tonumber(sent_then)
-    unseen = sent - mark + redis.call('ZCOUNT', pk .. ':out', '-inf', '(' .. mark)
+  local mark, unseen = p.sent, math.max(0, p.n)
+  if mark_then and (pool_then == pool or pool_then == p.was) then
+    mark = mark_then
+    unseen = p.sent - mark
+    for _, call in pairs(p.out) do
+      if call.m < mark then unseen = unseen + 1 end
+    end
   end
-  local snap = num(f[4], -1)
+  local snap = p.snap or -1
   if rleft and rreset then
     local reset = NOW + math.min(rreset, MAX_RESET)
-    if reset <= num(f[6], 0) + NEW_WINDOW then
+    if reset <= (p.refilled or 0) + NEW_WINDOW then
       -- an answer from a window already over and refilled: stale
-    elseif mark >= snap or reset > num(f[5], 0) + NEW_WINDOW then
+    elseif mark >= snap or reset > (p.reset or 0) + NEW_WINDOW then
       -- Within the window begun at the last refill, no more than its limit less the calls
       -- chosen since; an answer of a later window ends that bound.
-      local w = redis.call('HMGET', pk, 'wstart', 'wreset')
-      if w[1] and not w[2] then
-        redis.call('HSET', pk, 'wreset', reset)
-      elseif w[1] and reset > tonumber(w[2]) + NEW_WINDOW then
-        redis.call('HDEL', pk, 'wstart', 'wreset')
+      if p.wstart and not p.wreset then
+        p.wreset = reset
+      elseif p.wstart and reset > p.wreset + NEW_WINDOW then
+        p.wstart, p.wreset = nil, nil
       end
-      local left = window_bound(pk, rleft - unseen)
-      redis.call('HSET', pk, 'left', left, 'reset', reset, 'snap', mark)
+      local left = window_bound(p, rleft - unseen)
+      p.left, p.reset, p.snap = left, reset, mark
       if left <= 0 then
         cool_pool(pool, reset, 'budget spent (RPM)', CAUSE.requests_spent)
       else
@@ -81,12 +98,12 @@ if (rleft and rreset) or (tleft and treset) then
   end
   if tleft and treset then
     local reset = NOW + math.min(treset, MAX_RESET)
-    if reset <= num(f[8], 0) + NEW_WINDOW then
+    if reset <= (p.trefilled or 0) + NEW_WINDOW then
       -- stale, as above
-    elseif mark >= snap or reset > num(f[7], 0) + NEW_WINDOW then
-      local avg = num(f[3], 0)
+    elseif mark >= snap or reset > (p.treset or 0) + NEW_WINDOW then
+      local avg = p.avg or 0
       local left = tleft - unseen * avg
-      redis.call('HSET', pk, 'tleft', left, 'treset', reset)
+      p.tleft, p.treset = left, reset
       if left < math.max(1, avg) then
         cool_pool(pool, reset, 'budget spent (TPM)', CAUSE.tokens_spent)
       end
@@ -94,39 +111,37 @@ if (rleft and rreset) or (tleft and treset) then
   end
 end
 
--- Release the lease (an expired one was released when it expired).
-if lease ~= '' and redis.call('ZREM', LEASES, lease) == 1 then forget_call(fp, lease) end
-
 if outcome == 'succeeded' then
-  redis.call('HINCRBY', k, 'successes', 1)
+  rec.successes = rec.successes + 1
 elseif outcome == 'failed' then
-  redis.call('HINCRBY', k, 'failures', 1)
+  rec.failures = rec.failures + 1
 elseif outcome == 'rate_limited' then
-  redis.call('HINCRBY', k, 'rate_limits', 1)
+  rec.rate_limits = rec.rate_limits + 1
 elseif outcome == 'given_back' then
-  redis.call('HINCRBY', k, 'calls', -1)
+  rec.calls = rec.calls - 1
 end
+put('k:' .. fp, rec)
 
 -- Tokens the call's requests cost: the pool's average request, and its tpm pacing.
-local tokens = num(ARGV[18], 0)
+local tokens = tonumber(ARGV[18]) or 0
 if tokens ~= 0 then
-  local avg = num(redis.call('HGET', pk, 'avg'), 0)
+  local avg = p.avg or 0
   if tokens > 0 then
     avg = avg == 0 and tokens or 0.8 * avg + 0.2 * tokens
-    redis.call('HSET', pk, 'avg', avg)
+    p.avg = avg
   end
-  local wait = bucket_take(pk, 't', tokens, avg)
+  local wait = bucket_take(p, 't', tokens, avg)
   if wait > 0 then cool_pool(pool, NOW + wait, 'paced (tpm)', CAUSE.paced) end
 end
 
 local disabled = 0
-local seconds = math.max(0, num(ARGV[7], 0))
+local seconds = math.max(0, tonumber(ARGV[7]) or 0)
 if fate == 'cool' then
-  cool(fp, NOW + seconds, ARGV[8], tonumber(ARGV[9]), cause)
+  cool(fp, rec, NOW + seconds, ARGV[8], tonumber(ARGV[9]), cause)
 elseif fate == 'cool_pool' then
   cool_pool(pool, NOW + seconds, ARGV[8], cause)
 elseif fate == 'disable' then
-  if disable(fp, ARGV[8], cause) then disabled = 1 end
+  if disable(fp, rec, ARGV[8], cause) then disabled = 1 end
 end
-touch(LOAD)
+flush()
 return {disabled}
