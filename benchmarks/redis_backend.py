@@ -12,15 +12,30 @@ once shared through Redis, each from full buckets for ``--duration`` seconds:
 - *429s/100 ok*: the 429s the simulator sent, per 100 successes;
 - *failed*: calls that raised or did not return the simulator's echo.
 
-Then the cost of the Redis backend itself, in this process against the same Redis: µs per call
-of ``@stable`` around a function that does nothing, memory and Redis backends, one thread; and
-Redis script calls (EVALSHA) per call, from Redis's own command statistics.
+Then the cost of the Redis backend itself, in this process against the same Redis, one thread,
+``--cost-calls`` calls (2000) per round after a few warm-up calls, ``--cost-rounds`` rounds (3)
+in turn with the floor; times are the best round's:
+
+- *ours*: µs per call of ``@stable(manager=KeyManager.create(keys, backend=RedisBackend(...)))``
+  around a function that does nothing; beside it the same with the memory backend;
+- *Redis commands per call*: from Redis's own ``INFO commandstats``, the calls of every
+  command (those the scripts run included; INFO itself left out) over the timed calls; and
+  EVALSHA per call alone;
+- *server µs per call*: the ``usec`` of EVALSHA (which includes what the scripts run) over the
+  timed calls, Redis's own CPU time;
+- *floor*: two bare EVALSHA round trips per call, on the backend's own redis-py client: a
+  script ``return 1`` declaring one key of the same hash-tag form (``{namespace}:x``), called
+  twice per iteration; µs per pair, and *ours ÷ floor*.
+
+The command counts assume nothing else uses the Redis meanwhile (true of the one started here).
 
 A ``redis-server`` is started on a free loopback port for the run (``--redis-server`` names the
 binary), unless ``--redis-url`` points at one already running (a namespace of its own is used).
+``--cost-only`` skips the workers and measures the cost alone (a few seconds).
 
     python benchmarks/redis_backend.py [--duration 8] [--workers 4] [--threads 8]
-                                       [--redis-url redis://...] [--json]
+                                       [--redis-url redis://...] [--json] [--cost-only]
+                                       [--cost-calls 2000] [--cost-rounds 3]
 """
 
 from __future__ import annotations
@@ -37,6 +52,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,42 +191,146 @@ def run_mode(label: str, sim: Simulator, keys: list[str], probe: str, redis_url:
     }
 
 
-def per_call_us(calls: int) -> float:
-    def noop(api_key: str) -> int:
-        return 1
-
-    wrapped = stable(noop)
-    wrapped()
-    best = math.inf
-    for _ in range(3):
-        begin = time.perf_counter()
-        for _ in range(calls):
-            wrapped()
-        best = min(best, (time.perf_counter() - begin) / calls * 1e6)
-    return best
+def noop(api_key: str) -> int:
+    return 1
 
 
-def overhead(redis_url: str) -> dict[str, float]:
-    """µs per no-op call, memory and Redis; EVALSHA per call, from Redis's statistics."""
+def _timed_us(call: Callable[[], object], calls: int) -> float:
+    """µs per call of ``calls`` calls of ``call`` in a row."""
+    begin = time.perf_counter()
+    for _ in range(calls):
+        call()
+    return (time.perf_counter() - begin) / calls * 1e6
+
+
+def per_call_us(manager: KeyManager, calls: int, rounds: int = 3) -> float:
+    """µs per call of ``@stable(manager=manager)`` around a no-op: the best of ``rounds``."""
+    wrapped = stable(manager=manager)(noop)
+    for _ in range(10):
+        wrapped()
+    return min(_timed_us(wrapped, calls) for _ in range(rounds))
+
+
+CommandStats = dict[str, dict[str, Any]]
+#: What the measurement itself sends (the measuring client connects before the first snapshot).
+NOT_COUNTED = ("cmdstat_info",)
+
+
+def command_stats(client: Any) -> CommandStats:
+    stats: CommandStats = client.info("commandstats")
+    return {name: entry for name, entry in stats.items() if name not in NOT_COUNTED}
+
+
+def stats_delta(before: CommandStats, after: CommandStats) -> dict[str, dict[str, int]]:
+    """Per command, the growth of ``calls``, ``usec`` and errors between two snapshots."""
+    delta = {}
+    for name, entry in after.items():
+        was = before.get(name, {})
+        grown = {field: int(entry.get(field, 0)) - int(was.get(field, 0))
+                 for field in ("calls", "usec", "failed_calls", "rejected_calls")}
+        if any(grown.values()):
+            delta[name.removeprefix("cmdstat_")] = grown
+    return delta
+
+
+def _add(total: dict[str, dict[str, int]], delta: dict[str, dict[str, int]]) -> None:
+    for name, grown in delta.items():
+        into = total.setdefault(name, dict.fromkeys(grown, 0))
+        for field, value in grown.items():
+            into[field] += value
+
+
+def overhead(redis_url: str, calls: int = 2_000, rounds: int = 3) -> dict[str, Any]:
+    """The cost of the Redis backend, one thread: see the module docstring."""
     import redis
 
     keys = [f"sk-bench-overhead-{i:04d}-{'x' * 24}" for i in range(KEYS)]
-    KeyManager.reset()
-    KeyManager(keys)
-    memory = per_call_us(20_000)
-    KeyManager.reset()
-    manager = KeyManager(keys, backend=RedisBackend(redis_url,
-                                                    namespace=f"bench-{uuid.uuid4().hex[:8]}"))
-    per_call_us(10)  # registers the keys, loads the scripts
-    with redis.Redis.from_url(redis_url, decode_responses=True) as client:
-        before = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
-        calls = 2_000
-        shared = per_call_us(calls)
-        after = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
-    assert manager._shared is not None and manager.backend.available(), "Redis failed"
-    KeyManager.reset()
-    return {"memory_us": memory, "redis_us": shared, "overhead_us": shared - memory,
-            "evalsha_per_call": (after - before) / (3 * calls)}
+    memory_manager = KeyManager.create(keys)
+    memory = per_call_us(memory_manager, 10 * calls)
+    memory_manager.close()
+
+    namespace = f"bench-{uuid.uuid4().hex[:8]}"
+    backend = RedisBackend(redis_url, namespace=namespace)
+    manager = KeyManager.create(keys, backend=backend)
+    wrapped = stable(manager=manager)(noop)
+    # The floor: the backend's own client (same pool and settings), a script as bare as can be.
+    client = backend.client
+    bare = client.register_script("return 1")
+    bare_keys = ["{" + namespace + "}:x"]
+
+    def pair() -> None:
+        bare(keys=bare_keys, client=client)
+        bare(keys=bare_keys, client=client)
+
+    for _ in range(10):  # registers the keys, loads the scripts, opens the connection
+        wrapped()
+        pair()
+    ours_us: list[float] = []
+    floor_us: list[float] = []
+    ours_stats: dict[str, dict[str, int]] = {}
+    floor_stats: dict[str, dict[str, int]] = {}
+    with redis.Redis.from_url(redis_url, decode_responses=True) as meter:
+        redis_version = str(meter.info("server").get("redis_version", "?"))
+        for _ in range(rounds):  # in turn, so that drift hits both alike
+            before = command_stats(meter)
+            ours_us.append(_timed_us(wrapped, calls))
+            after = command_stats(meter)
+            _add(ours_stats, stats_delta(before, after))
+            floor_us.append(_timed_us(pair, calls))
+            _add(floor_stats, stats_delta(after, command_stats(meter)))
+    assert manager._shared is not None and backend.available(), "Redis failed"
+    manager.close()
+
+    timed = rounds * calls
+
+    def per_call(stats: dict[str, dict[str, int]], field: str, name: str | None = None) -> float:
+        chosen = [grown for command, grown in stats.items() if name in (None, command)]
+        return sum(grown[field] for grown in chosen) / timed
+
+    ours, floor = min(ours_us), min(floor_us)
+    errors = sum(g["failed_calls"] + g["rejected_calls"] for g in ours_stats.values())
+    return {
+        "redis_version": redis_version,
+        "calls": calls,
+        "rounds": rounds,
+        "memory_us": memory,
+        "redis_us": ours,
+        "overhead_us": ours - memory,
+        "redis_us_rounds": ours_us,
+        "commands_per_call": per_call(ours_stats, "calls"),
+        "evalsha_per_call": per_call(ours_stats, "calls", "evalsha"),
+        "server_us_per_call": per_call(ours_stats, "usec", "evalsha"),
+        "command_errors": errors,
+        "commands": {name: grown["calls"] / timed for name, grown in sorted(ours_stats.items())},
+        "floor_us": floor,
+        "floor_us_rounds": floor_us,
+        "floor_commands_per_pair": per_call(floor_stats, "calls"),
+        "floor_evalsha_per_pair": per_call(floor_stats, "calls", "evalsha"),
+        "floor_server_us_per_pair": per_call(floor_stats, "usec", "evalsha"),
+        "ratio": ours / floor,
+        "ratio_rounds": [a / b for a, b in zip(ours_us, floor_us)],
+    }
+
+
+def print_cost(cost: dict[str, Any]) -> None:
+    print(f"cost, 1 thread, redis-server {cost['redis_version']}, best of {cost['rounds']} "
+          f"rounds of {cost['calls']} calls (in turn with the floor):\n")
+    print("| per call | µs | Redis commands | EVALSHA | server µs |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| @stable around a no-op, memory backend | {cost['memory_us']:.1f} | 0 | 0 | 0 |")
+    print(f"| @stable around a no-op, Redis backend | {cost['redis_us']:.1f} | "
+          f"{cost['commands_per_call']:.2f} | {cost['evalsha_per_call']:.2f} | "
+          f"{cost['server_us_per_call']:.1f} |")
+    print(f"| floor: two bare EVALSHA round trips | {cost['floor_us']:.1f} | "
+          f"{cost['floor_commands_per_pair']:.2f} | {cost['floor_evalsha_per_pair']:.2f} | "
+          f"{cost['floor_server_us_per_pair']:.1f} |")
+    commands = ", ".join(f"{name} {n:.2f}" for name, n in cost["commands"].items())
+    spread = cost["ratio_rounds"]
+    print(f"\nours ÷ floor: {cost['ratio']:.2f} (µs, best rounds; round by round "
+          f"{min(spread):.2f}–{max(spread):.2f}); the Redis backend adds "
+          f"{cost['overhead_us']:.0f} µs to the memory backend's call; "
+          f"Redis commands per call: {commands}"
+          + (f"; {cost['command_errors']} commands FAILED" if cost["command_errors"] else ""))
 
 
 def main() -> None:
@@ -224,7 +344,13 @@ def main() -> None:
     parser.add_argument("--redis-server", default=os.environ.get("REDIS_SERVER")
                         or shutil.which("redis-server") or "/usr/bin/redis-server")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    parser.add_argument("--cost-only", action="store_true",
+                        help="measure the cost of the Redis backend only (no workers)")
+    parser.add_argument("--cost-calls", type=int, default=2_000, help="timed calls per round")
+    parser.add_argument("--cost-rounds", type=int, default=3)
     args = parser.parse_args()
+    if args.cost_calls < 1 or args.cost_rounds < 1:
+        parser.error("--cost-calls and --cost-rounds must be at least 1")
     if args.worker:
         worker(json.loads(args.worker))
         return
@@ -242,12 +368,15 @@ def main() -> None:
     config = SimulatorConfig(keys=(*sim_keys, SimKey(probe, project=PROBE_PROJECT)),
                              projects=projects, window=WINDOW, latency=LATENCY)
     began = time.monotonic()
+    rows: list[dict[str, Any]] = []
     try:
-        with Simulator(config) as sim:
-            rows = [run_mode("memory (each process its own)", sim, keys, probe, None, args)]
-            time.sleep(1.1)
-            rows.append(run_mode("redis (shared)", sim, keys, probe, redis_url, args))
-        cost = overhead(redis_url)
+        if not args.cost_only:
+            with Simulator(config) as sim:
+                rows.append(run_mode("memory (each process its own)", sim, keys, probe, None,
+                                     args))
+                time.sleep(1.1)
+                rows.append(run_mode("redis (shared)", sim, keys, probe, redis_url, args))
+        cost = overhead(redis_url, args.cost_calls, args.cost_rounds)
     finally:
         if redis_process is not None:
             redis_process.kill()
@@ -255,12 +384,13 @@ def main() -> None:
 
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores, "
           f"stable-openai {ours_version}; {time.monotonic() - began:.0f} s in all")
-    print(f"{args.workers} processes × {args.threads} threads, {KEYS} keys in {KEYS} projects, "
-          f"rpm={RPM} per {WINDOW:g}-s window ({KEYS * RPM / WINDOW:g} requests/s in all), "
-          f"{LATENCY * 1000:g} ms latency, {args.duration:g} s from full buckets; "
-          "pooled clients\n")
-    print("| backend | ok/s ÷ limit | 429s/100 ok | failed | p50 ms | p99 ms | notes |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    if rows:
+        print(f"{args.workers} processes × {args.threads} threads, {KEYS} keys in {KEYS} "
+              f"projects, rpm={RPM} per {WINDOW:g}-s window ({KEYS * RPM / WINDOW:g} requests/s "
+              f"in all), {LATENCY * 1000:g} ms latency, {args.duration:g} s from full buckets; "
+              "pooled clients\n")
+        print("| backend | ok/s ÷ limit | 429s/100 ok | failed | p50 ms | p99 ms | notes |")
+        print("|---|---:|---:|---:|---:|---:|---|")
     for row in rows:
         notes = []
         if row["unfinished"]:
@@ -272,13 +402,10 @@ def main() -> None:
         print(f"| {row['backend']} | {row['ok_per_limit']:.2f} | {row['limited_per_100']:.1f} | "
               f"{row['failed']} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | "
               f"{'; '.join(notes)} |")
-    print(f"\nper call, @stable around a no-op, 1 thread: memory {cost['memory_us']:.1f} µs, "
-          f"redis {cost['redis_us']:.1f} µs: the Redis backend adds "
-          f"{cost['overhead_us']:.0f} µs; {cost['evalsha_per_call']:.2f} Redis round trips "
-          "(EVALSHA) per call")
+    print()
+    print_cost(cost)
     if args.json:
         print(json.dumps({"rows": rows, "overhead": cost}, indent=2))
-
 
 if __name__ == "__main__":
     main()
