@@ -30,7 +30,6 @@ from ._ring import KeyRing, KeyState, Marks, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
 from .backends import MemoryBackend, StateBackend, backend_from_url
 from .backends._base import Outcome, Pick, SharedKeyState
-from .backends.memory import apply_verdict
 
 __all__ = ["KeyManager", "KeyStats", "lease", "lease_async", "take_lease"]
 
@@ -97,7 +96,6 @@ class KeyManager:
     _lock: threading.Lock
     _turns: Turns
     _backend: StateBackend
-    _shared: StateBackend | None  # the backend when it is shared, else None (the fast path)
     _last_pick: Pick | None  # the shared backend's last "no key is ready", for messages
 
     def __new__(
@@ -144,7 +142,6 @@ class KeyManager:
         self._backend = MemoryBackend()
         self._backend.bind(self._ring)
         self._backend_url: str | None = None
-        self._shared = None
         self._last_pick = None
 
     def _use_backend(self, backend: StateBackend | None, given: object = None) -> None:
@@ -157,13 +154,7 @@ class KeyManager:
             backend.bind(self._ring)
             self._backend = backend
             self._backend_url = given if isinstance(given, str) else None
-            self._shared = backend if backend.shared else None
             self._last_pick = None
-            # The instance's own _take: the memory default keeps the bare fast path.
-            if self._shared is not None:
-                setattr(self, "_take", self._take_shared)  # noqa: B010
-            else:
-                vars(self).pop("_take", None)
         if old is not backend:
             old.close()
 
@@ -239,8 +230,7 @@ class KeyManager:
                 return False
             self._ring.set_cooldown(state, float(ttl))
             self._notify()
-        if self._shared is not None:
-            self._shared.set_cooldown(state, float(ttl))
+        self._backend.set_cooldown(state, float(ttl))
         return True
 
     def delete_key(self, key: str) -> bool:
@@ -248,8 +238,8 @@ class KeyManager:
         _check_key_arg(key)
         with self._lock:
             removed = self._ring.remove(key.strip())
-            if removed and self._shared is not None:
-                self._shared.bind(self._ring)
+            if removed:
+                self._backend.bind(self._ring)
             self._notify()
             return removed
 
@@ -277,11 +267,10 @@ class KeyManager:
         with self._lock:
             known = [s for s in map(self._ring.find, (k.key for k in keys)) if s is not None]
             added = self._ring.add(keys)
-            if self._shared is not None:
-                self._shared.bind(self._ring)
+            self._backend.bind(self._ring)
             self._notify()
-        if self._shared is not None and known:
-            self._shared.enable(known)
+        if known:
+            self._backend.enable(known)
         return len(added)
 
     def stats(self) -> list[KeyStats]:
@@ -316,10 +305,7 @@ class KeyManager:
 
     def _shared_rows(self, states: Iterable[KeyState]) -> Mapping[KeyState, SharedKeyState]:
         """The shared backend's view of ``states`` (empty without one, or when it fails)."""
-        shared = self._shared
-        if shared is None:
-            return {}
-        return shared.snapshot(list(states)) or {}
+        return self._backend.snapshot(list(states)) or {}
 
     def close(self) -> None:
         """Close the pooled clients (``client`` parameters) and the backend's connections;
@@ -356,26 +342,19 @@ class KeyManager:
         with self._lock:
             known = [s for s in map(self._ring.find, (k.key for k in keys)) if s is not None]
             self._ring.reconfigure(keys)
-            if self._shared is not None:
-                self._shared.bind(self._ring)
+            self._backend.bind(self._ring)
             self._notify()
-        if self._shared is not None and known:
-            self._shared.enable(known)
+        if known:
+            self._backend.enable(known)
 
     def _notify(self) -> None:
         """The keys changed: wake the first queued caller.  Call with the lock held."""
         self._turns.notify()
 
     def _take(self, avoid: set[KeyState] | None = None) -> KeyState | None:
-        """Choose a key at once, unless callers are queued (they come first).  Lock held."""
-        if self._turns:
-            return None
-        return self._ring.choose(avoid)
-
-    def _take_shared(self, avoid: set[KeyState] | None = None) -> KeyState | None:
-        """:meth:`_take` with a shared backend: ``None`` while it answers, for it chooses,
-        outside the lock, in :meth:`_acquire`; the ring chooses while it does not."""
-        if self._turns or (self._shared is not None and self._shared.available()):
+        """Choose a key at once from the ring, unless callers are queued (they come first) or
+        the backend is to choose (outside the lock, in :meth:`_acquire`).  Lock held."""
+        if self._turns or self._backend.available():
             return None
         return self._ring.choose(avoid)
 
@@ -403,7 +382,7 @@ class KeyManager:
             if not head:
                 if budget <= 0:  # waited its whole budget behind other callers
                     shown = self._last_pick
-                    if shown is not None and self._shared is not None:
+                    if shown is not None:
                         reasons = dict(shown.cooling)
                         wait = shown.wait or 0.0
                     else:
@@ -456,10 +435,10 @@ class KeyManager:
     ) -> tuple[KeyState, float]:
         """Choose a key and mark it in flight, waiting up to ``budget`` seconds, in turn with
         the other waiting callers.  Returns the key's state and the seconds spent waiting."""
-        shared = self._shared
+        backend = self._backend
         pick = None
-        if shared is not None and not self._turns and shared.available():
-            pick = shared.choose(avoid)  # outside the lock: this is I/O
+        if not self._turns and backend.available():
+            pick = backend.choose(avoid)  # outside the lock: this is I/O
             with self._lock:
                 state = self._claim(pick)
             if state is not None:
@@ -470,8 +449,7 @@ class KeyManager:
             return state, 0.0
         return wait_turn(
             self._turns, self._lock, self._attempt(avoid, last), budget,
-            ask_shared=shared.available if shared is not None else _never,
-            shared_choose=(lambda: shared.choose(avoid)) if shared is not None else None,
+            ask_shared=backend.available, shared_choose=lambda: backend.choose(avoid),
             pick=pick,
         )
 
@@ -482,10 +460,10 @@ class KeyManager:
         last: BaseException | None = None,
     ) -> tuple[KeyState, float]:
         """:meth:`_acquire` for coroutines: waits on a future, never blocks the loop."""
-        shared = self._shared
+        backend = self._backend
         pick = None
-        if shared is not None and not self._turns and shared.available():
-            pick = await shared.choose_async(avoid)
+        if not self._turns and backend.available():
+            pick = await backend.choose_async(avoid)
             with self._lock:
                 state = self._claim(pick)
             if state is not None:
@@ -496,22 +474,19 @@ class KeyManager:
             return state, 0.0
         return await wait_turn_async(
             self._turns, self._lock, self._attempt(avoid, last), budget,
-            ask_shared=shared.available if shared is not None else _never,
-            shared_choose=(lambda: shared.choose_async(avoid)) if shared is not None else None,
+            ask_shared=backend.available, shared_choose=lambda: backend.choose_async(avoid),
             pick=pick,
         )
 
     def _abandon(self, state: KeyState) -> None:
         with self._lock:
             self._ring.release(state)
-        if self._shared is not None:
-            self._shared.report(state, "abandoned")
+        self._backend.report(state, "abandoned")
 
     def _give_back(self, state: KeyState) -> None:
         with self._lock:
             self._ring.give_back(state)
-        if self._shared is not None:
-            self._shared.report(state, "given_back")
+        self._backend.report(state, "given_back")
 
     def _fail(self, state: KeyState, verdict: Verdict, exc: BaseException | None = None) -> None:
         """Record a failed call and apply the verdict to its key (and its pool)."""
@@ -521,10 +496,9 @@ class KeyManager:
             organization = organization_in(str(getattr(exc, "message", "")))
         with self._lock:
             self._ring.fail(state, rate_limited=verdict.rate_limited)
-            first_disable = apply_verdict(self._ring, state, verdict, organization)
-        if self._shared is not None:
-            outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
-            self._shared.report(state, outcome, verdict, organization)
+            first_disable = self._ring.apply_verdict(state, verdict, organization)
+        outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
+        self._backend.report(state, outcome, verdict, organization)
         if first_disable:
             logger.warning("API key %s disabled: %s", state.masked, verdict.reason)
         elif verdict.fate is Fate.COOL:
@@ -538,8 +512,8 @@ class KeyManager:
     ) -> None:
         """A response arrived on ``state`` for a request of ``tokens`` tokens, sent when the
         pool stood at ``marks``; a successful one carries the pool's budget in its headers."""
-        if budget is not None and self._shared is not None:
-            self._shared.observe(state, budget)
+        if budget is not None:
+            self._backend.observe(state, budget)
         with self._lock:
             self._ring.answered(state, tokens, marks)
             if budget is not None and self._ring.learn(state, budget, marks):
@@ -550,14 +524,12 @@ class KeyManager:
             self._ring.probe(state)
 
     def _spend_tokens(self, state: KeyState, tokens: float) -> Marks:
-        if self._shared is not None:
-            self._shared.observe(state, tokens=tokens)
+        self._backend.observe(state, tokens=tokens)
         with self._lock:
             return self._ring.spend_tokens(state, tokens)
 
     def _correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
-        if self._shared is not None:
-            self._shared.observe(state, tokens=actual - estimated)
+        self._backend.observe(state, tokens=actual - estimated)
         with self._lock:
             self._ring.correct_tokens(state, estimated, actual)
 
@@ -576,8 +548,7 @@ class _Owner:
         manager = self._manager
         with manager._lock:
             manager._ring.succeed(state)
-        if manager._shared is not None:
-            manager._shared.report(state, "succeeded")
+        manager._backend.report(state, "succeeded")
 
     def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None:
         self._manager._fail(state, verdict, error)
@@ -650,10 +621,6 @@ def _build_backend(backend: object) -> StateBackend | None:
         f"(stable_openai.backends), not {type(backend).__name__}"
     )
 
-
-def _never() -> bool:
-    """No shared backend to ask."""
-    return False
 
 
 def _check_clock(clock: object) -> None:

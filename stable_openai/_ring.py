@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
+from ._policy import Fate, Verdict
 
 __all__ = [
     "MAX_RESET",
@@ -583,6 +584,26 @@ class KeyRing:
         state.reason = reason
         state.cause = cause
         return True
+
+    def apply_verdict(
+        self, state: KeyState, verdict: Verdict, organization: str | None = None
+    ) -> bool:
+        """Apply what a failure means to ``state`` (and its pool).  ``organization`` (named by
+        a 429 message) becomes the key's pool if it has none yet.  ``True`` if this disabled
+        the key (it was not disabled before)."""
+        if organization and not state.pool.learned:
+            self.join_pool(state, organization)
+        if verdict.fate is Fate.COOL:
+            if verdict.pooled:
+                self.cool_pool(state.pool, verdict.seconds, verdict.reason, verdict.cause)
+            else:
+                self.cool(
+                    state, verdict.seconds, verdict.reason, verdict.cause,
+                    forbidden=verdict.forbidden,
+                )
+        elif verdict.fate is Fate.DISABLE:
+            return self.disable(state, verdict.reason, verdict.cause)
+        return False
 
     def seconds_left(self, state: KeyState) -> float:
         """Seconds until ``state`` is ready: 0 when ready, ``inf`` when disabled."""

@@ -225,10 +225,10 @@ def test_backend_argument_is_validated() -> None:
     assert isinstance(backend_from_url("redis://127.0.0.1:1/0"), StateBackend)
     KeyManager.reset()
     manager = KeyManager(keys, backend="memory://")
-    assert isinstance(manager.backend, MemoryBackend) and manager._shared is None
+    assert isinstance(manager.backend, MemoryBackend) and not manager.backend.available()
 
 
-def test_the_memory_backend_is_the_ring_behind_the_protocol() -> None:
+def test_the_memory_backend_shares_nothing_and_the_ring_chooses() -> None:
     from stable_openai._policy import Action, Fate, Verdict
     from stable_openai._ring import KeyRing
 
@@ -236,20 +236,20 @@ def test_the_memory_backend_is_the_ring_behind_the_protocol() -> None:
     ring = KeyRing(keys)
     backend = MemoryBackend()
     backend.bind(ring)
-    assert isinstance(backend, StateBackend) and not backend.shared and backend.available()
-    first, second = backend.choose(None), backend.choose(None)
-    assert {first.state, second.state} == set(ring)
-    backend.report(first.state, "succeeded")  # type: ignore[arg-type]
-    cool = Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, 60.0, "rate limited (429)", pooled=True)
-    backend.report(second.state, "rate_limited", cool)  # type: ignore[arg-type]
-    backend.set_cooldown(first.state, 30.0)  # type: ignore[arg-type]
-    none = backend.choose(None)
-    assert none.state is None and none.wait is not None and 29 < none.wait <= 30
-    assert none.cooling == {"set_ttl": 1, "rate limited (429)": 1}
+    assert isinstance(backend, StateBackend) and not backend.shared
+    assert not backend.available() and backend.choose(None) is None  # the ring chooses
     assert backend.snapshot(list(ring)) is None  # the ring is the state
     KeyManager.reset()
-    manager = KeyManager(keys)  # the default: the class's own _take, nothing in between
-    assert isinstance(manager.backend, MemoryBackend) and "_take" not in vars(manager)
+    manager = KeyManager(keys)  # the default, driven through the same calls as any backend
+    first, second = manager._acquire(None, 0.0)[0], manager._acquire(None, 0.0)[0]
+    assert {first, second} == set(manager._ring)
+    manager._owner.succeeded(first)
+    cool = Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, 60.0, "rate limited (429)", pooled=True)
+    manager._fail(second, cool)
+    manager.set_ttl(first.key, 30.0)
+    rows = {row["key"]: row for row in manager.stats()}
+    assert {row["reason"] for row in rows.values()} == {"set_ttl", "rate limited (429)"}
+    assert all(row["in_flight"] == 0 for row in rows.values())
 
 
 def test_a_password_in_the_url_is_never_shown() -> None:

@@ -1,20 +1,21 @@
 """The narrow protocol between :class:`~stable_openai.KeyManager` and where key state lives.
 
-KeyManager always keeps its keys in an in-process :class:`~stable_openai._ring.KeyRing`: it
-holds the key strings, the pooled clients and the state this process knows.  A backend says
-where the *truth* about that state is:
+KeyManager keeps its keys in an in-process :class:`~stable_openai._ring.KeyRing`, whatever
+the backend: it holds the key strings, the pooled clients and the state this process knows,
+and it calls the backend at every event, with no branch on which backend it is.  A backend
+says where else the state lives:
 
-- :class:`~stable_openai.backends.MemoryBackend` (the default): the ring itself.  Nothing is
-  shared, nothing is added to the hot path.
+- :class:`~stable_openai.backends.MemoryBackend` (the default): nowhere else.  Its methods do
+  nothing; the ring chooses every key.
 - :class:`~stable_openai.backends.RedisBackend`: Redis, shared by every process and host
-  that uses the same namespace.  The manager asks it to choose a key (one atomic script) and
-  reports each call back to it (a second one); the ring mirrors what this process did, and
-  carries on alone whenever Redis cannot be reached.
+  that uses the same namespace.  While it is :meth:`~StateBackend.available`, it chooses the
+  key (one atomic script) and each call is reported back to it (a second one); the ring
+  mirrors what this process did, and carries on alone whenever Redis cannot be reached.
 
-A *shared* backend is called outside the manager's lock (it does I/O); its methods never
-raise because the store failed: they return ``None`` (or do nothing) and the manager uses its
-ring instead.  The store's own exceptions become :class:`StorageError` inside the backend
-and never reach a caller.
+A backend is called outside the manager's lock (it may do I/O); its methods never raise
+because the store failed: they return ``None`` (or do nothing) and the manager uses its ring
+instead.  The store's own exceptions become :class:`StorageError` inside the backend and
+never reach a caller.
 """
 
 from __future__ import annotations
@@ -93,7 +94,9 @@ class StateBackend(Protocol):
         ...
 
     def available(self) -> bool:
-        """Whether to ask the backend now: ``False`` while a broken store is left alone."""
+        """Whether the backend chooses now: ``False`` when the ring is to choose (always, for
+        a backend that shares nothing; while a broken store is left alone, for one that
+        does)."""
         ...
 
     def choose(self, avoid: Collection[KeyState] | None) -> Pick | None:
