@@ -279,6 +279,7 @@ class KeyManager:
         With a shared backend, the state and counters are the shared ones (every process's
         calls), as long as the backend answers."""
         with self._lock:
+            self._ring.promote_due()
             rows = {
                 s: KeyStats(
                     key=s.masked, fingerprint=s.fingerprint, pool=_pool_label(s),
@@ -512,8 +513,7 @@ class KeyManager:
     ) -> None:
         """A response arrived on ``state`` for a request of ``tokens`` tokens, sent when the
         pool stood at ``marks``; a successful one carries the pool's budget in its headers."""
-        if budget is not None:
-            self._backend.observe(state, budget)
+        self._backend.observe(state, budget, answered=True)
         with self._lock:
             self._ring.answered(state, tokens, marks)
             if budget is not None and self._ring.learn(state, budget, marks):
@@ -522,9 +522,10 @@ class KeyManager:
     def _probe(self, state: KeyState) -> None:
         with self._lock:
             self._ring.probe(state)
+        self._backend.probe(state)
 
     def _spend_tokens(self, state: KeyState, tokens: float) -> Marks:
-        self._backend.observe(state, tokens=tokens)
+        self._backend.observe(state, tokens=tokens, sent=True)
         with self._lock:
             return self._ring.spend_tokens(state, tokens)
 

@@ -93,6 +93,8 @@ class Pool:
         "tokens_refilled",
         "tokens_reset_at",
         "tokens_sent",
+        "window_reset",
+        "window_start",
     )
 
     def __init__(self, name: str, learned: bool = False) -> None:
@@ -119,6 +121,17 @@ class Pool:
         self.tokens_limit: int | None = None
         self.tokens_reset_at = 0.0
         self.tokens_refilled = 0.0
+        # A window that began at a refill admits its limit less the calls started since
+        # ``window_start`` (answers may come out of order; this count never does), until an
+        # answer shows a later window than the first one it saw (``window_reset``).
+        self.window_start: int | None = None
+        self.window_reset: float | None = None
+
+    def window_bound(self, left: float) -> float:
+        """``left``, or less: at most what is left of a window that began at a refill."""
+        if self.window_start is None or self.requests_limit is None:
+            return left
+        return min(left, self.requests_limit - (self.sent - self.window_start))
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} keys={len(self.members)} in_flight={self.in_flight}>"
@@ -132,6 +145,7 @@ class KeyState:
         "cause",
         "clients",
         "cool_until",
+        "cooled",
         "failures",
         "fingerprint",
         "forbidden",
@@ -161,6 +175,7 @@ class KeyState:
         self.in_flight = 0
         self.level = 0
         self.cool_until = 0.0
+        self.cooled = 0  # the heap entry of its current cooling (see KeyRing._set_deadline)
         self.reason = ""  # for people; ``cause`` decides
         self.cause: Cause | None = None
         self.forbidden = False
@@ -335,6 +350,13 @@ class KeyRing:
         if not pool.in_flight:  # no call in flight, so nothing unanswered (heals lost answers)
             pool.tokens_in_flight = 0.0
             pool.outstanding.clear()
+            # Calls that never sent a request (they failed first) no longer count as started
+            # but unseen: with none in flight, the calls started are the requests seen leaving.
+            never_sent = pool.sent - pool.hooked
+            if never_sent > 0:
+                pool.sent -= never_sent
+                if pool.window_start is not None:
+                    pool.window_start -= never_sent
 
     def take(self, state: KeyState) -> None:
         """Mark ``state`` in flight, for a key chosen elsewhere (by a shared backend), as
@@ -383,14 +405,15 @@ class KeyRing:
         """A call leaves ``pool``: cool the pool if that spends its budget."""
         now = self.clock()
         if pool.requests_left is not None:
-            self._refresh(pool, now)
+            self._refresh(pool, now, fresh=1)
             if pool.requests_left is not None:
-                pool.requests_left -= 1
+                pool.requests_left = pool.window_bound(pool.requests_left - 1)
                 if pool.requests_left <= 0:
                     # Until the server's reset, or until an answer says when that is.
                     reset_at = pool.requests_reset_at
-                    wait = reset_at - now if reset_at > now else PROBE_WAIT
-                    self.cool_pool(pool, wait, "budget spent (RPM)", Cause.REQUESTS_SPENT)
+                    until = reset_at if reset_at > now else now + PROBE_WAIT
+                    self.cool_pool(pool, 0.0, "budget spent (RPM)", Cause.REQUESTS_SPENT,
+                                   until=until)
         bucket = pool.request_bucket
         if bucket is not None:
             bucket.take(1.0, now)
@@ -398,8 +421,9 @@ class KeyRing:
             if wait > 0:
                 self.cool_pool(pool, wait, "paced (rpm)", Cause.PACED)
 
-    def _refresh(self, pool: Pool, now: float) -> None:
-        """Past the server's reset, the pool's full budget is back (less what is in flight)."""
+    def _refresh(self, pool: Pool, now: float, fresh: int = 0) -> None:
+        """Past the server's reset, the pool's full budget is back (less what is in flight).
+        ``fresh``: calls already counted in ``sent`` that belong to the new window."""
         reset_at = pool.requests_reset_at
         if reset_at and now >= reset_at and pool.requests_refilled < reset_at:
             pool.requests_refilled = reset_at
@@ -407,9 +431,8 @@ class KeyRing:
                 None if pool.requests_limit is None else pool.requests_limit - pool.in_flight
             )
             pool.snapshot = pool.hooked
-            # Re-align the count of calls started with the requests seen leaving, so that calls
-            # that never sent one (they failed first) do not count as unseen for ever.
-            pool.sent = pool.hooked + max(0, pool.in_flight - len(pool.outstanding))
+            pool.window_start = pool.sent - fresh
+            pool.window_reset = None
         reset_at = pool.tokens_reset_at
         if reset_at and now >= reset_at and pool.tokens_refilled < reset_at:
             pool.tokens_refilled = reset_at
@@ -511,9 +534,15 @@ class KeyRing:
                 pool.probing = False
                 pool.snapshot = mark
                 pool.requests_reset_at = reset_at
-                pool.requests_left = budget.requests_left - unseen
+                if pool.window_start is not None:
+                    if pool.window_reset is None:
+                        pool.window_reset = reset_at
+                    elif reset_at > pool.window_reset + NEW_WINDOW:  # a later window
+                        pool.window_start = pool.window_reset = None
+                pool.requests_left = pool.window_bound(budget.requests_left - unseen)
                 if pool.requests_left <= 0:
-                    self.cool_pool(pool, reset_at - now, "budget spent (RPM)", Cause.REQUESTS_SPENT)
+                    self.cool_pool(pool, 0.0, "budget spent (RPM)", Cause.REQUESTS_SPENT,
+                                   until=reset_at)
                 else:
                     freed = self._uncool_budget(pool)
         elif pool.probing:  # the server sends no budget headers: nothing to wait for
@@ -528,7 +557,8 @@ class KeyRing:
                 pool.tokens_reset_at = reset_at
                 pool.tokens_left = budget.tokens_left - (pool.tokens_sent - tokens_sent)
                 if pool.tokens_left < max(1.0, pool.avg_tokens):
-                    self.cool_pool(pool, reset_at - now, "budget spent (TPM)", Cause.TOKENS_SPENT)
+                    self.cool_pool(pool, 0.0, "budget spent (TPM)", Cause.TOKENS_SPENT,
+                                   until=reset_at)
         return freed
 
     def _uncool_budget(self, pool: Pool) -> bool:
@@ -541,11 +571,18 @@ class KeyRing:
         return freed
 
     def cool_pool(
-        self, pool: Pool, seconds: float, reason: str, cause: Cause = Cause.UNSPECIFIED
+        self,
+        pool: Pool,
+        seconds: float,
+        reason: str,
+        cause: Cause = Cause.UNSPECIFIED,
+        *,
+        until: float | None = None,
     ) -> None:
-        """Cool every key of ``pool``: they share the budget that is spent."""
+        """Cool every key of ``pool`` (until ``until``, when given): they share the budget
+        that is spent."""
         for member in pool.members:
-            self.cool(member, seconds, reason, cause)
+            self.cool(member, seconds, reason, cause, until=until)
 
     # -- cooling and disabling ---------------------------------------------------------------
     def cool(
@@ -556,11 +593,13 @@ class KeyRing:
         cause: Cause = Cause.UNSPECIFIED,
         *,
         forbidden: bool = False,
+        until: float | None = None,
     ) -> None:
-        """Cool ``state`` for ``seconds``; an already later deadline is kept."""
+        """Cool ``state`` for ``seconds`` (or until the clock reads ``until``); an already
+        later deadline is kept."""
         if state.where in (Where.DISABLED, Where.REMOVED):
             return
-        deadline = self.clock() + max(0.0, seconds)
+        deadline = until if until is not None else self.clock() + max(0.0, seconds)
         if state.where is Where.COOLING and state.cool_until >= deadline:
             return
         self._set_deadline(state, deadline, reason, cause, forbidden)
@@ -672,6 +711,7 @@ class KeyRing:
         state.cause = cause
         state.forbidden = forbidden
         self._pushes += 1
+        state.cooled = self._pushes  # this cooling's entry in the heap: older ones are stale
         heapq.heappush(self._cooling, (deadline, self._pushes, state))
         if len(self._cooling) > 2 * len(self._states) + 16:
             self._cooling = [e for e in self._cooling if self._is_current(e)]
@@ -679,13 +719,19 @@ class KeyRing:
 
     @staticmethod
     def _is_current(entry: tuple[float, int, KeyState]) -> bool:
-        deadline, _, state = entry
-        return state.where is Where.COOLING and state.cool_until == deadline
+        _, pushed, state = entry
+        return state.where is Where.COOLING and state.cooled == pushed
 
     def _drop_stale_cooling(self) -> None:
         cooling = self._cooling
         while cooling and not self._is_current(cooling[0]):
             heapq.heappop(cooling)
+
+    def promote_due(self) -> None:
+        """Make the keys whose cooldown is over ready now (choosing does so by itself)."""
+        cooling = self._cooling
+        if cooling and cooling[0][0] <= self.clock():
+            self._promote()
 
     def _promote(self) -> None:
         now = self.clock()

@@ -11,6 +11,7 @@ within a second); only made-up keys.
 
 from __future__ import annotations
 
+import contextvars
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -287,3 +288,137 @@ def test_an_answer_with_budget_left_frees_only_keys_held_for_the_budget(
     assert [seen[masked(k)]["state"] for k in (a, b)] == ["ready", "ready"]
     assert (seen[masked(c)]["state"], seen[masked(c)]["reason"]) == ("cooling", "set_ttl")
     assert seen[masked(c)]["left"] == 50
+
+
+# --------------------------------------------------------------------------- step by step
+
+
+class FakeClock:
+    """One clock for both stores: the memory ring reads it, and the Redis scripts are given
+    it instead of the server's time (``RedisBackend(clock=...)``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _verdicts(rng: Any) -> Verdict:
+    seconds = float(rng.choice([0.5, 2.0, 7.0, 30.0]))  # each step a sum of powers of 2
+    return rng.choice([
+        Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, seconds, "rate limited (429)",
+                rate_limited=True, pooled=True, cause=Cause.RATE_LIMITED),
+        Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, seconds, "server error (500)",
+                cause=Cause.SERVER_ERROR),
+        REVOKED,
+        Verdict(Fate.KEEP, Action.RAISE, reason="bad request (400)",
+                cause=Cause.NOT_A_KEY_PROBLEM),
+    ])
+
+
+def _outcome(manager: KeyManager, avoid: set[str]) -> tuple[Any, ...]:
+    """What a take gives: the key, or the error with what it says."""
+    states = {s for s in (manager._ring.find(k) for k in avoid) if s is not None}
+    try:
+        taken = take(manager, states or None)
+    except (AllKeysCoolingError, AllKeysDisabledError) as exc:
+        wait = round(getattr(exc, "retry_after", 0.0), 3)
+        return type(exc).__name__, exc.reasons, wait
+    return ("key", taken.key, taken)
+
+
+@pytest.mark.parametrize("seed", [*range(40), 153, 187, 189, 212])
+def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
+    """Random runs of what calls do — take a key (some to avoid), end it with a budget from
+    the headers, a 429 (with or without an organization), a 500, a 401, a 400, abandon it;
+    set_ttl; give a disabled key again; let time pass — applied to a memory manager and a
+    Redis manager on one fake clock.  After every step both must have handed out the same key
+    (or raised the same error with the same reasons and wait) and show the same stats().
+    Every time is a sum of powers of two, exact in a double and in the JSON Redis stores (14
+    digits): equal deadlines are equal in both stores."""
+    import random
+
+    pytest.importorskip("redis", reason='needs redis-py: pip install "stable-openai[redis]"')
+    from stable_openai.backends import RedisBackend
+
+    rng = random.Random(seed)
+    clock = FakeClock()
+    keys = made_up_keys(5, f"lockstep{seed}")
+    spec: list[str | Key] = [Key(keys[0], pool="team"), Key(keys[1], pool="team"), *keys[2:]]
+    memory = KeyManager.create(spec, clock=clock)
+    shared = KeyManager.create(spec, clock=clock, backend=RedisBackend(
+        redis_server.url, namespace=f"lock-{uuid.uuid4().hex[:12]}", clock=clock,
+        lease_seconds=1e6))  # leases expire in Redis only (a crashed worker): not here
+    held: list[tuple[Lease, Lease, Any, Any, contextvars.Context]] = []
+    trace: list[str] = []
+    try:
+        for step in range(120):
+            op = rng.choice(["take", "take", "take", "end", "end", "end", "time", "ttl",
+                             "again"])
+            where = f"seed {seed} step {step} ({op}); before: " + "; ".join(trace[-30:])
+            if op == "take":
+                avoid = set(rng.sample(keys, rng.choice([0, 0, 0, 1, 2])))
+                # Each call runs in a context of its own, as in a thread or a task of its own.
+                context = contextvars.copy_context()
+                one, two = _outcome(memory, avoid), context.run(_outcome, shared, avoid)
+                trace.append(f"take avoiding {sorted(keys.index(k) for k in avoid)}: "
+                             f"{keys.index(one[1]) if one[0] == 'key' else one}")
+                assert one[:2] == two[:2], where
+                if one[0] != "key":
+                    assert one == two, where
+                if one[0] == "key":
+                    marks = (one[2].owner.sending(one[2].state, 0.0),
+                             context.run(two[2].owner.sending, two[2].state, 0.0))
+                    held.append((one[2], two[2], *marks, context))
+            elif op == "end" and held:
+                one, two, mark_one, mark_two, context = held.pop(rng.randrange(len(held)))
+                how = rng.choice(["budget", "budget", "plain", "verdict", "abandon"])
+                trace.append(f"end {keys.index(one.key)}: {how}")
+                if how == "budget":
+                    budget = ServerBudget(requests_limit=10, requests_left=rng.randrange(0, 4),
+                                          requests_reset=float(rng.choice([0.5, 3.0, 12.0])))
+                    trace[-1] += f" left {budget.requests_left} reset {budget.requests_reset}"
+                    one.owner.answered(one.state, budget, 0.0, mark_one)
+                    context.run(two.owner.answered, two.state, budget, 0.0, mark_two)
+                if how == "plain":  # an answer without budget headers
+                    one.owner.answered(one.state, None, 0.0, mark_one)
+                    context.run(two.owner.answered, two.state, None, 0.0, mark_two)
+                if how in ("budget", "plain"):
+                    one.succeed()
+                    context.run(two.succeed)
+                elif how == "verdict":
+                    verdict = _verdicts(rng)
+                    error = None
+                    if verdict.cause is Cause.RATE_LIMITED and rng.random() < 0.5:
+                        error = rate_limited("2s", organization=rng.choice(["org-a", "org-b"]))
+                    trace[-1] += f" {verdict.reason} {verdict.seconds} {error is not None}"
+                    one.owner.answered(one.state, None, 0.0, mark_one)  # an error is an answer
+                    context.run(two.owner.answered, two.state, None, 0.0, mark_two)
+                    one.fail(verdict, error)
+                    context.run(two.fail, verdict, error)
+                else:
+                    one.abandon()
+                    context.run(two.abandon)
+            elif op == "time":
+                clock.now += rng.choice([0.25, 1.0, 3.0, 10.0])
+                trace.append(f"now {clock.now - 1000:g}")
+            elif op == "ttl":
+                key, ttl = rng.choice(keys), float(rng.choice([0, 0, 5, 40]))
+                trace.append(f"set_ttl {keys.index(key)} {ttl}")
+                assert memory.set_ttl(key, ttl) == shared.set_ttl(key, ttl), where
+            elif op == "again":
+                key = rng.choice(keys)
+                trace.append(f"add_keys {keys.index(key)}")
+                assert memory.add_keys([key]) == shared.add_keys([key]) == 0, where
+            seen_one, seen_two = rows(memory), rows(shared)
+            for row in (*seen_one.values(), *seen_two.values()):
+                if str(row["pool"]).startswith("own"):
+                    row["pool"] = "own"
+            assert seen_one == seen_two, where
+    finally:
+        for one, two, _, _, context in held:
+            one.abandon()
+            context.run(two.abandon)
+        memory.close()
+        shared.close()

@@ -109,10 +109,18 @@ class StateBackend(Protocol):
         ...
 
     def observe(
-        self, state: KeyState, budget: ServerBudget | None = None, tokens: float = 0.0
+        self,
+        state: KeyState,
+        budget: ServerBudget | None = None,
+        tokens: float = 0.0,
+        *,
+        sent: bool = False,
+        answered: bool = False,
     ) -> None:
-        """Note what a response on ``state`` said of its pool's budget, and the tokens its
-        requests cost, to be applied with the call's :meth:`report`.  No I/O."""
+        """Note, for the call's :meth:`report`, what happened on ``state`` meanwhile: its
+        request left (``sent``, as the pooled client's hook saw it), its answer arrived
+        (``answered``; ``budget`` is what the answer's headers said of the pool's budget),
+        and the tokens its requests cost.  No I/O."""
         ...
 
     def report(
@@ -125,6 +133,11 @@ class StateBackend(Protocol):
         """A call on ``state`` is over: release it, count ``outcome``, and apply ``verdict``
         (cool the key or its pool, or disable the key).  ``organization`` is the one a 429
         message named: the key's pool, if it has none yet."""
+        ...
+
+    def probe(self, state: KeyState) -> None:
+        """``state`` will be called through a client whose answers tell its pool's budget:
+        until the first one does, the pool sends only a few calls per key."""
         ...
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:

@@ -41,7 +41,13 @@ class MemoryBackend:
         return None
 
     def observe(
-        self, state: KeyState, budget: ServerBudget | None = None, tokens: float = 0.0
+        self,
+        state: KeyState,
+        budget: ServerBudget | None = None,
+        tokens: float = 0.0,
+        *,
+        sent: bool = False,
+        answered: bool = False,
     ) -> None:
         pass
 
@@ -52,6 +58,9 @@ class MemoryBackend:
         verdict: Verdict | None = None,
         organization: str | None = None,
     ) -> None:
+        pass
+
+    def probe(self, state: KeyState) -> None:
         pass
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:

@@ -173,12 +173,23 @@ def _text(value: float | int | None) -> str:
 class _Pending:
     """What an answer on a key said, and what its requests cost, for the call's report."""
 
-    __slots__ = ("budget", "lease", "tokens")
+    __slots__ = ("answered", "budget", "lease", "sent", "tokens")
 
     def __init__(self, lease: str = "") -> None:
         self.lease = lease
         self.budget: ServerBudget | None = None
         self.tokens = 0.0
+        self.sent = False  # its request left (the pooled client's hook saw it)
+        self.answered = False  # and its answer arrived
+
+    def note(
+        self, budget: ServerBudget | None, tokens: float, sent: bool, answered: bool
+    ) -> None:
+        if budget is not None:
+            self.budget = budget
+        self.tokens += tokens
+        self.sent = self.sent or sent
+        self.answered = self.answered or answered
 
 
 #: The calls this thread or task has in flight, by key.  A report must carry its own call's
@@ -239,6 +250,8 @@ class RedisBackend:
         loop, only time the loop was free to read the answer counts.
     :param retry_first: seconds before Redis is tried again after it failed; doubles up to
         ``retry_max``.
+    :param clock: for tests: the time the scripts use instead of the Redis server's (every
+        process sharing the namespace must then share this clock).
     """
 
     shared = True
@@ -254,6 +267,7 @@ class RedisBackend:
         timeout: float = 0.25,
         retry_first: float = 0.5,
         retry_max: float = 30.0,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not isinstance(url, str):
             raise TypeError(f"RedisBackend(url=...) must be a str, not {type(url).__name__}")
@@ -268,6 +282,9 @@ class RedisBackend:
         self.namespace = namespace
         hmac_key = namespace if secret is None else secret
         self._secret = hmac_key.encode() if isinstance(hmac_key, str) else hmac_key
+        if clock is not None and not callable(clock):
+            raise TypeError("RedisBackend(clock=...) must be a callable returning seconds")
+        self._clock = clock
         self._lease = _number("lease_seconds", lease_seconds, 0)
         ttl = max(1, int(_number("idle_ttl", idle_ttl, 0)))
         self._ttl = str(ttl)
@@ -505,7 +522,8 @@ class RedisBackend:
         and once Redis has answered, they are no longer lost."""
         with self._lock:
             lost = list(self._lost)[:256]
-        reply = yield name, self._keys(), [self._ttl, " ".join(lost), *args]
+        now = "" if self._clock is None else repr(self._clock())
+        reply = yield name, self._keys(), [self._ttl, now, " ".join(lost), *args]
         if lost:
             with self._lock:
                 self._lost.difference_update(lost)
@@ -593,7 +611,7 @@ class RedisBackend:
                 return int(reply[0]) == 1
             self._registered = (-1, 0.0)
             # Redis lost the keys (restarted): the lease is unknown there, the rest counts.
-            args = [args[0], "", *args[2:-2], "", ""]
+            args = [args[0], "", *args[2:-3], "", "", ""]
         return False
 
     def _control(self, *args: str) -> _Flow[Any]:
@@ -611,24 +629,26 @@ class RedisBackend:
         return await self._run_async(self._choose(avoid), loop_client)
 
     def observe(
-        self, state: KeyState, budget: ServerBudget | None = None, tokens: float = 0.0
+        self,
+        state: KeyState,
+        budget: ServerBudget | None = None,
+        tokens: float = 0.0,
+        *,
+        sent: bool = False,
+        answered: bool = False,
     ) -> None:
-        if budget is None and not tokens:
+        if budget is None and not tokens and not sent and not answered:
             return
         calls = _CALLS.get()
         call = calls.get(state) if calls else None
         if call is not None:
-            if budget is not None:
-                call.budget = budget
-            call.tokens += tokens
+            call.note(budget, tokens, sent, answered)
             return
         with self._lock:  # not from the call's own thread or task: the key's next report
             pending = self._pending.get(state)
             if pending is None:
                 pending = self._pending[state] = _Pending()
-            if budget is not None:
-                pending.budget = budget
-            pending.tokens += tokens
+            pending.note(budget, tokens, sent, answered)
 
     def report(
         self,
@@ -682,28 +702,41 @@ class RedisBackend:
         held, _, rest = lease.partition("|")
         mark, _, pool_then = rest.partition("|")
         args[1] = held
-        args += [_text(tokens), cause, pool_then, mark]
+        # A request that left and got no answer may still count at the server: its place
+        # stays among the unanswered ones until its pool has no call in flight (as the ring's).
+        unanswered = call is not None and call.sent and not call.answered
+        args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else ""]
+        self._send(lambda: self._report(args))
+
+    def _send(self, flow: Callable[[], _Flow[Any]]) -> None:
+        """Run a flow that tells Redis something: at once in a thread; on an event loop, as a
+        task of its own (the loop's next choice waits for it)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._run(self._report(args))
+            self._run(flow())
             return
         loop_client = self._loop_client(loop)
-        task = loop.create_task(self._report_async(args, loop_client))
+        task = loop.create_task(self._send_async(flow, loop_client))
         loop_client.reports.add(task)
         task.add_done_callback(loop_client.reports.discard)
 
-    async def _report_async(self, args: list[str], loop_client: _LoopClient) -> None:
+    async def _send_async(self, flow: Callable[[], _Flow[Any]], loop_client: _LoopClient) -> None:
         try:
-            await self._run_async(self._report(args), loop_client)
-        except asyncio.CancelledError:  # the loop is closing: report the blocking way
-            self._run(self._report(args))
+            await self._run_async(flow(), loop_client)
+        except asyncio.CancelledError:  # the loop is closing: send it the blocking way
+            self._run(flow())
             raise
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:
         fp = self._fps.get(state)
         if fp is not None and self.available():
             self._run(self._control("cooldown", fp, _text(float(seconds)), "set_ttl"))
+
+    def probe(self, state: KeyState) -> None:
+        fp = self._fps.get(state)
+        if fp is not None and self.available():
+            self._send(lambda: self._control("probe", fp))
 
     def enable(self, states: Collection[KeyState]) -> None:
         fps = [self._fps[state] for state in states if state in self._fps]

@@ -31,20 +31,15 @@ for i = 1, #batch, 2 do
 end
 local more = #batch == 64  -- the load set may hold more ready keys than were read
 if #due > 0 then
-  local fields = {}
-  for i, name in ipairs(due) do fields[i] = 'k:' .. split(name) end
-  need(fields)
-  for _, name in ipairs(due) do
-    local fp = split(name)
+  local fps = {}
+  for i, name in ipairs(due) do fps[i] = split(name) end
+  for _, fp in ipairs(promote(fps)) do
     local rec = key_rec(fp)
-    if rec and rec.where == 'cooling' then
-      local p = pool_rec(rec.pool)
-      if p then refresh(rec.pool, p, 0) end
-      make_ready(fp, rec)
-      ready[#ready + 1] = {member(fp, rec), tonumber(ZADDS[member(fp, rec)])}
-    else
-      zrem(name)
-    end
+    ready[#ready + 1] = {member(fp, rec), tonumber(ZADDS[member(fp, rec)])}
+  end
+  for _, name in ipairs(due) do
+    local rec = key_rec(split(name))
+    if not rec or rec.where == 'disabled' then zrem(name) end
   end
 end
 

@@ -3,13 +3,15 @@
 -- A namespace N lives in three Redis keys, all with the hash tag {N} (one Cluster slot), and
 -- every script declares the ones it uses:
 --   KEYS[1] {N}:state  HASH of JSON records, read and written in one HMGET and one HSET a call:
---     k:<fp>    one key: where (ready/cooling/disabled), untl (deadline, server time), reason
+--     k:<fp>    one key: where (ready/cooling/disabled), untl (deadline, server time), cseq
+--               (the order it began cooling in), reason
 --               (for people), cause (a CAUSE value: what the scripts compare), forbidden,
 --               n (calls in flight), weight, pool, fixed (pool given by the user), own (still
 --               in a pool of its own), rpm, tpm, calls, successes, rate_limits, failures
 --     p:<pool>  one pool: n (calls in flight); sent (calls chosen, ever); out {lease = {m =
---               the ``sent`` mark it was chosen at, e = expiry, f = fingerprint}}, the calls
---               in flight; gone {lease = when}, calls whose lease expired before they
+--               the ``sent`` mark it was chosen at, e = expiry, f = fingerprint, r = 1 once
+--               it ended with its request unanswered}}, the calls in flight and the
+--               unanswered ones; gone {lease = when}, calls whose lease expired before they
 --               reported; what the server said, brought up to date: limit, left, reset,
 --               refilled, snap (the ``sent`` mark of the freshest answer), wstart/wreset
 --               (``sent`` when the window began, and its end), tlimit, tleft, treset,
@@ -34,16 +36,21 @@
 -- Expiry: register.lua, which every process runs again every few minutes, refreshes the
 -- expiry of the three keys; a script that may create the load set anew gives it one at once.
 --
--- Every script gets ARGV[1] = the idle expiry (seconds), ARGV[2] = the leases whose choose
--- replies were lost (space-separated; '' for none); its own arguments start at ARGV[3].
+-- Every script gets ARGV[1] = the idle expiry (seconds), ARGV[2] = the time to use instead of
+-- the server's ('' in use; tests give one to drive both stores on one fake clock), ARGV[3] =
+-- the leases whose choose replies were lost (space-separated; '' for none).  ARGV[2] is taken
+-- out here: each script's own arguments start at ARGV[3].
 
 local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
 local TTL = tonumber(ARGV[1])
 -- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS and CAUSE come from the Python side: redis.py
 -- puts them before this file (_ring.py's constants, _cause.Cause's values).
 
-local T = redis.call('TIME')
-local NOW = tonumber(T[1]) + tonumber(T[2]) / 1e6
+local NOW = tonumber(table.remove(ARGV, 2))
+if not NOW then
+  local T = redis.call('TIME')
+  NOW = tonumber(T[1]) + tonumber(T[2]) / 1e6
+end
 local EPOCH = 1.7e9
 local COOLING_BASE = -1e15
 local LEVEL = 1e11
@@ -149,6 +156,7 @@ local function cool(fp, rec, deadline, reason, forbidden, cause)
   if rec.where == 'cooling' and rec.untl >= deadline then return end
   rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden =
     'cooling', deadline, reason, cause, forbidden
+  rec.cseq = next_seq()  -- keys due at once are made ready in the order they were cooled
   put('k:' .. fp, rec)
   zadd(member(fp, rec), cooling_score(deadline))
 end
@@ -248,12 +256,12 @@ local function move(fp, rec, name)
     new = new or new_pool()
     new.n = new.n + rec.n
     old.n = math.max(0, old.n - rec.n)
-    -- Its calls in flight join the pool's, as if chosen before any answer still to come.
+    -- Its calls in flight join the pool's, as if chosen before any answer still to come;
+    -- the old pool keeps them as unanswered until it has no call in flight (as the ring).
     for lease, call in pairs(old.out) do
-      if call.f == fp then
-        old.out[lease] = nil
-        call.m = 0
-        new.out[lease] = call
+      if call.f == fp and not call.r then
+        new.out[lease] = {m = 0, e = call.e, f = fp}
+        call.r = 1
       end
     end
   end
@@ -272,14 +280,19 @@ local function move(fp, rec, name)
 end
 
 -- A call is over (reported, or its lease expired): it is no longer in its pool's calls in
--- flight, wherever its key has moved since.  Returns whether it was still in flight.
-local function forget_call(fp, lease, pool)
+-- flight, wherever its key has moved since.  ``unanswered``: its request left and no answer
+-- came, so the server may still count it: its mark stays among the pool's unanswered ones
+-- until the pool has no call in flight (as the ring's ``outstanding``).  Returns whether it
+-- was still in flight.
+local function forget_call(fp, lease, pool, unanswered)
   local found = false
   for _, name in ipairs({pool, (key_rec(fp) or {}).pool}) do
     local p = pool_rec(name)
-    if p and p.out[lease] then
-      p.out[lease] = nil
+    local call = p and p.out[lease]
+    if call and not call.r then
+      if unanswered then call.r = 1 else p.out[lease] = nil end
       p.n = math.max(0, p.n - 1)
+      if p.n == 0 then p.out = {} end
       put('p:' .. name, p)
       found = true
       break
@@ -301,13 +314,13 @@ local function purge(pool)
   if not p then return end
   local expired = {}
   for lease, call in pairs(p.out) do
-    if call.e < NOW then expired[#expired + 1] = {lease, call.f} end
+    if call.e < NOW and not call.r then expired[#expired + 1] = {lease, call.f} end
   end
   for lease, when in pairs(p.gone) do
     if when < NOW - 600 then p.gone[lease] = nil; put('p:' .. pool, p) end
   end
   for _, item in ipairs(expired) do
-    forget_call(item[2], item[1], pool)
+    forget_call(item[2], item[1], pool, false)
     p.gone[item[1]] = NOW
   end
 end
@@ -330,8 +343,8 @@ local function forget_lost()
     if p then
       for lease in pairs(lost) do
         local call = p.out[lease]
-        if call then
-          forget_call(call.f, lease, pool)
+        if call and not call.r then
+          forget_call(call.f, lease, pool, false)
           local rec = key_rec(call.f)
           if rec then rec.calls = math.max(0, rec.calls - 1) end  -- never made
           lost[lease] = nil
@@ -347,7 +360,7 @@ end
 local function refresh(pool, p, fresh)
   local reset = p.reset or 0
   if reset > 0 and NOW >= reset and (p.refilled or 0) < reset then
-    p.refilled, p.snap, p.wstart, p.wreset = reset, p.sent, p.sent - fresh, nil
+    p.refilled, p.snap, p.wstart, p.wreset = reset, p.sent - fresh, p.sent - fresh, nil
     p.left = p.limit and (p.limit - p.n) or nil
     put('p:' .. pool, p)
   end
@@ -378,4 +391,29 @@ local function uncool_budget(pool)
       make_ready(fp, rec)
     end
   end
+end
+
+-- Make the cooling keys among ``fps`` ready, in the order they began cooling (as the ring's
+-- heap pops them), each pool brought up to date first.  Returns the keys made ready.
+local function promote(fps)
+  local fields = {}
+  for i, fp in ipairs(fps) do fields[i] = 'k:' .. fp end
+  need(fields)
+  local due = {}
+  for _, fp in ipairs(fps) do
+    local rec = key_rec(fp)
+    if rec and rec.where == 'cooling' and rec.untl <= NOW then due[#due + 1] = fp end
+  end
+  table.sort(due, function(a, b)
+    local x, y = key_rec(a), key_rec(b)
+    if x.untl ~= y.untl then return x.untl < y.untl end
+    return (x.cseq or 0) < (y.cseq or 0)
+  end)
+  for _, fp in ipairs(due) do
+    local rec = key_rec(fp)
+    local p = pool_rec(rec.pool)
+    if p then refresh(rec.pool, p, 0) end
+    make_ready(fp, rec)
+  end
+  return due
 end

@@ -1,9 +1,10 @@
 -- What KeyManager's own methods do to shared keys, and what stats() reads.
 -- ARGV[3] the operation, then its arguments:
 --   cooldown fp seconds reason  cool exactly this long (0: ready now); not a disabled key
+--   probe fp                     limit the key's pool to a few calls until an answer tells it
 --   enable fp...                 make disabled keys ready again
 --   snapshot fp...               the state and counters of each key, as cjson
--- Returns 1 for cooldown/enable, or json for snapshot.
+-- Returns 1 for cooldown/probe/enable, or json for snapshot.
 
 local op = ARGV[3]
 forget_lost()
@@ -19,8 +20,21 @@ if op == 'cooldown' then
   else
     rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden =
       'cooling', NOW + seconds, reason, CAUSE.set_by_user, 0
+    rec.cseq = next_seq()
     put('k:' .. fp, rec)
     zadd(member(fp, rec), cooling_score(rec.untl))
+  end
+  flush()
+  return 1
+elseif op == 'probe' then
+  -- The key will be called through a client whose answers tell the budget: until the first
+  -- one does, its pool sends only a few calls per key instead of a burst (as KeyRing.probe).
+  local rec = key_rec(ARGV[4])
+  if not rec then return 0 end
+  local p = pool_rec(rec.pool)
+  if p and not p.left and not p.snap and p.probing ~= 1 then
+    p.probing, p.left = 1, PROBE_CALLS * #members(rec.pool) - p.n
+    put('p:' .. rec.pool, p)
   end
   flush()
   return 1
@@ -40,14 +54,12 @@ elseif op == 'snapshot' then
     if rec then pools[rec.pool] = true end
   end
   for pool in pairs(pools) do purge(pool) end
-  for i = 4, #ARGV do  -- keys whose cooldown is over are ready, and their pool refreshed
+  local due = {}
+  for i = 4, #ARGV do
     local rec = key_rec(ARGV[i])
-    if rec and rec.where == 'cooling' and rec.untl <= NOW then
-      local p = pool_rec(rec.pool)
-      if p then refresh(rec.pool, p, 0) end
-      make_ready(ARGV[i], rec)
-    end
+    if rec and rec.where == 'cooling' and rec.untl <= NOW then due[#due + 1] = ARGV[i] end
   end
+  promote(due)
   local rows = {}
   for i = 4, #ARGV do
     local rec = key_rec(ARGV[i])

@@ -30,13 +30,6 @@ for i = 3, #ARGV, 9 do
     put('k:' .. fp, rec)
     place(fp, rec)
     new = new + 1
-    -- Until an answer tells the pool's budget, it sends only a few calls per key, not a
-    -- burst from every worker (as the ring's KeyRing.probe).
-    local p = pool_rec(name) or new_pool()
-    if p.probing ~= 0 and not p.snap and (p.probing == 1 or not p.left) then
-      p.probing, p.left = 1, (p.left or 0) + PROBE_CALLS
-    end
-    put('p:' .. name, p)
   else
     rec.weight, rec.rpm, rec.tpm = weight, rpm, tpm
     put('k:' .. fp, rec)

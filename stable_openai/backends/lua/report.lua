@@ -7,7 +7,8 @@
 -- sent): requests limit, left and reset (s), tokens limit, left and reset (s), ARGV[18] the
 -- tokens the call's requests cost (for tpm pacing), ARGV[19] the cause of the fate (a CAUSE
 -- value; the reason in ARGV[8] is only for people), ARGV[20] the pool the call was chosen
--- in and ARGV[21] its ``sent`` mark ('' without a lease).
+-- in and ARGV[21] its ``sent`` mark ('' without a lease), ARGV[22] '1' when its request
+-- left and got no answer.
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -23,19 +24,19 @@ if not rec then
   return {-1}
 end
 
--- Release the lease.  A report is applied once: one that is neither in flight nor among the
--- leases that expired unreported was applied already (sent again after its reply was lost).
+-- A report is applied once: one whose lease is neither in flight nor among the leases that
+-- expired unreported was applied already (sent again after its reply was lost).
+local in_flight = false
 if lease ~= '' then
-  local gone_from = nil
-  if not forget_call(fp, lease, pool_then) then
-    for _, name in ipairs({pool_then, rec.pool}) do
-      local p = pool_rec(name)
-      if p and p.gone[lease] then gone_from = name; p.gone[lease] = nil; put('p:' .. name, p) end
-    end
-    if not gone_from then
-      flush()
-      return {0}
-    end
+  local gone = false
+  for _, name in ipairs({pool_then, rec.pool}) do
+    local p = pool_rec(name)
+    if p and p.out[lease] and not p.out[lease].r then in_flight = true end
+    if p and p.gone[lease] then gone = true; p.gone[lease] = nil; put('p:' .. name, p) end
+  end
+  if not (in_flight or gone) then
+    flush()
+    return {0}
   end
 end
 
@@ -55,6 +56,10 @@ purge(pool)
 -- answer counts, unless it shows a new window; one from a window already refilled is stale.
 local rlimit, rleft, rreset = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local tlimit, tleft, treset = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
+if mark_then and pool_then ~= pool and pool_then ~= p.was then
+  -- chosen in another pool before its key joined this one: its place here is unknown
+  rlimit, rleft, rreset, tlimit, tleft, treset = nil, nil, nil, nil, nil, nil
+end
 if rlimit then p.limit = rlimit end
 if outcome == 'succeeded' and p.probing == 1 then
   -- The budget is told now (below), or the server does not tell it: either way, no more probing.
@@ -66,7 +71,7 @@ if outcome == 'succeeded' and p.probing == 1 then
 end
 if tlimit then p.tlimit = tlimit end
 if (rleft and rreset) or (tleft and treset) then
-  local mark, unseen = p.sent, math.max(0, p.n)
+  local mark, unseen = p.sent, math.max(0, p.n - 1)
   if mark_then and (pool_then == pool or pool_then == p.was) then
     mark = mark_then
     unseen = p.sent - mark
@@ -110,6 +115,9 @@ if (rleft and rreset) or (tleft and treset) then
     end
   end
 end
+
+-- Release the lease (an expired one was released when it expired).
+if in_flight then forget_call(fp, lease, pool_then, ARGV[22] == '1') end
 
 if outcome == 'succeeded' then
   rec.successes = rec.successes + 1
