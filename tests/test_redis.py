@@ -946,7 +946,7 @@ def test_every_script_touches_only_the_keys_it_declares() -> None:
     calls = 0
     for name in ("common", "choose", "report", "register", "control"):
         text = folder.joinpath(f"{name}.lua").read_text("utf-8")
-        for match in re.finditer(r"redis\.call\('(\w+)'(?:,\s*([^,)]+))?", text):
+        for match in re.finditer(r"(?:redis\.call|chunked)\('(\w+)'(?:,\s*([^,)]+))?", text):
             calls += 1
             command, first = match.group(1), match.group(2)
             assert command == "TIME" or first in ("STATE", "LOAD", "RING", "key"), match.group(0)

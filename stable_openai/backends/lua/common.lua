@@ -59,19 +59,28 @@ local LEVEL = 1e11
 local REC, DIRTY = {}, {}
 local ZADDS, ZREMS = {}, {}
 
+-- redis.call(command, key, ...) with ``args`` in chunks (Lua's stack is not unbounded):
+-- the replies, one list.
+local function chunked(command, key, args)
+  local replies = {}
+  for first = 1, #args, 1000 do
+    local reply = redis.call(command, key, unpack(args, first, math.min(#args, first + 999)))
+    if type(reply) == 'table' then
+      for _, value in ipairs(reply) do replies[#replies + 1] = value end
+    end
+  end
+  return replies
+end
+
 local function need(fields)
   local missing = {}
   for _, field in ipairs(fields) do
     if REC[field] == nil then missing[#missing + 1] = field end
   end
   if #missing == 0 then return end
-  for first = 1, #missing, 1000 do
-    local chunk = {}
-    for i = first, math.min(#missing, first + 999) do chunk[#chunk + 1] = missing[i] end
-    local values = redis.call('HMGET', STATE, unpack(chunk))
-    for i, field in ipairs(chunk) do
-      REC[field] = values[i] and cjson.decode(values[i]) or false
-    end
+  local values = chunked('HMGET', STATE, missing)
+  for i, field in ipairs(missing) do
+    REC[field] = values[i] and cjson.decode(values[i]) or false
   end
 end
 
@@ -108,21 +117,13 @@ local function flush()
       dels[#dels + 1] = field
     end
   end
-  for first = 1, #sets, 1000 do
-    redis.call('HSET', STATE, unpack(sets, first, math.min(#sets, first + 999)))
-  end
-  for first = 1, #dels, 1000 do
-    redis.call('HDEL', STATE, unpack(dels, first, math.min(#dels, first + 999)))
-  end
+  chunked('HSET', STATE, sets)
+  chunked('HDEL', STATE, dels)
   local adds, rems = {}, {}
   for name, score in pairs(ZADDS) do adds[#adds + 1] = score; adds[#adds + 1] = name end
   for name in pairs(ZREMS) do rems[#rems + 1] = name end
-  for first = 1, #adds, 1000 do
-    redis.call('ZADD', LOAD, unpack(adds, first, math.min(#adds, first + 999)))
-  end
-  for first = 1, #rems, 1000 do
-    redis.call('ZREM', LOAD, unpack(rems, first, math.min(#rems, first + 999)))
-  end
+  chunked('ZADD', LOAD, adds)
+  chunked('ZREM', LOAD, rems)
   REC, DIRTY, ZADDS, ZREMS = {}, {}, {}, {}
 end
 

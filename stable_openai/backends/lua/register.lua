@@ -50,9 +50,7 @@ for i = 3, #ARGV, 9 do
   if ARGV[i + 5] ~= '' then disable(fp, rec, ARGV[i + 5], cause) end
   if ARGV[i + 6] ~= '' then cool(fp, rec, NOW + tonumber(ARGV[i + 6]), ARGV[i + 7], 0, cause) end
 end
-for first = 1, #fps, 1000 do
-  redis.call('SADD', RING, unpack(fps, first, math.min(#fps, first + 999)))
-end
+chunked('SADD', RING, fps)
 flush()
 for _, key in ipairs({STATE, LOAD, RING}) do touch(key) end
 return new
