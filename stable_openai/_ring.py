@@ -16,7 +16,6 @@ lock around every method.
 
 from __future__ import annotations
 
-import bisect
 import enum
 import heapq
 import math
@@ -27,13 +26,10 @@ from collections.abc import Callable, Iterable, Iterator
 from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
+from ._model import FREED, Budget, Spent
 from ._policy import Fate, Verdict
 
 __all__ = [
-    "MAX_RESET",
-    "NEW_WINDOW",
-    "PROBE_CALLS",
-    "PROBE_WAIT",
     "KeyRing",
     "KeyState",
     "Pool",
@@ -42,17 +38,6 @@ __all__ = [
     "mask",
     "normalize_keys",
 ]
-
-#: A learned budget is trusted for at most this long without a fresh response.
-MAX_RESET = 3600.0
-#: An answer whose reset is this much later than the one known is from a new window.
-NEW_WINDOW = 0.1
-#: How long a pool whose budget is spent waits when it does not know the reset yet: about
-#: the time an answer needs to come back and tell.
-PROBE_WAIT = 0.05
-#: Calls per key a pool sends before an answer has told its budget.
-PROBE_CALLS = 2
-
 
 #: Where a request stood when it left: its pool, and that pool's request and token counts.
 Marks = tuple["Pool", int, float]
@@ -67,71 +52,27 @@ class Where(enum.Enum):
     REMOVED = "removed"
 
 
-class Pool:
-    """Keys sharing one budget, and what is known of that budget."""
+class Pool(Budget):
+    """Keys sharing one budget: its members, its calls in flight, its client-side pacing,
+    and (from :class:`~stable_openai._model.Budget`) what is known of the server's budget."""
 
     __slots__ = (
-        "avg_tokens",
-        "hooked",
         "in_flight",
         "learned",
         "members",
         "name",
-        "outstanding",
-        "probing",
         "request_bucket",
-        "requests_left",
-        "requests_limit",
-        "requests_refilled",
-        "requests_reset_at",
-        "sent",
-        "snapshot",
         "token_bucket",
-        "tokens_in_flight",
-        "tokens_left",
-        "tokens_limit",
-        "tokens_refilled",
-        "tokens_reset_at",
-        "tokens_sent",
-        "window_reset",
-        "window_start",
     )
 
     def __init__(self, name: str, learned: bool = False) -> None:
+        super().__init__()
         self.name = name
         self.learned = learned  # named after what the server said, not after one key
         self.members: list[KeyState] = []
         self.in_flight = 0
-        self.tokens_in_flight = 0.0
-        self.avg_tokens = 0.0  # a moving average of the tokens a request costs
         self.request_bucket: Bucket | None = None  # client-side pacing (Key.rpm)
         self.token_bucket: Bucket | None = None  # client-side pacing (Key.tpm)
-        # What the server's headers said, brought up to date with what was sent since:
-        self.sent = 0  # calls started on the pool, ever
-        self.tokens_sent = 0.0  # tokens of the requests sent, ever
-        self.hooked = 0  # requests seen leaving by the pooled client's hook, ever
-        self.outstanding: list[int] = []  # ``hooked`` marks of requests not answered yet
-        self.snapshot = -1  # ``hooked`` mark of the request behind the freshest headers
-        self.probing = False  # a few calls go out first, to learn the budget from their answers
-        self.requests_left: float | None = None
-        self.requests_limit: int | None = None
-        self.requests_reset_at = 0.0
-        self.requests_refilled = 0.0  # the reset already refilled: answers before it are stale
-        self.tokens_left: float | None = None
-        self.tokens_limit: int | None = None
-        self.tokens_reset_at = 0.0
-        self.tokens_refilled = 0.0
-        # A window that began at a refill admits its limit less the calls started since
-        # ``window_start`` (answers may come out of order; this count never does), until an
-        # answer shows a later window than the first one it saw (``window_reset``).
-        self.window_start: int | None = None
-        self.window_reset: float | None = None
-
-    def window_bound(self, left: float) -> float:
-        """``left``, or less: at most what is left of a window that began at a refill."""
-        if self.window_start is None or self.requests_limit is None:
-            return left
-        return min(left, self.requests_limit - (self.sent - self.window_start))
 
     def __repr__(self) -> str:
         return f"<Pool {self.name} keys={len(self.members)} in_flight={self.in_flight}>"
@@ -347,16 +288,8 @@ class KeyRing:
             return
         pool = state.pool
         pool.in_flight -= 1
-        if not pool.in_flight:  # no call in flight, so nothing unanswered (heals lost answers)
-            pool.tokens_in_flight = 0.0
-            pool.outstanding.clear()
-            # Calls that never sent a request (they failed first) no longer count as started
-            # but unseen: with none in flight, the calls started are the requests seen leaving.
-            never_sent = pool.sent - pool.hooked
-            if never_sent > 0:
-                pool.sent -= never_sent
-                if pool.window_start is not None:
-                    pool.window_start -= never_sent
+        if not pool.in_flight:
+            pool.drained()
 
     def take(self, state: KeyState) -> None:
         """Mark ``state`` in flight, for a key chosen elsewhere (by a shared backend), as
@@ -402,18 +335,9 @@ class KeyRing:
 
     # -- budgets -----------------------------------------------------------------------------
     def _spend_request(self, pool: Pool) -> None:
-        """A call leaves ``pool``: cool the pool if that spends its budget."""
+        """A call leaves ``pool``: cool the pool if that spends its budget, or its pacing."""
         now = self.clock()
-        if pool.requests_left is not None:
-            self._refresh(pool, now, fresh=1)
-            if pool.requests_left is not None:
-                pool.requests_left = pool.window_bound(pool.requests_left - 1)
-                if pool.requests_left <= 0:
-                    # Until the server's reset, or until an answer says when that is.
-                    reset_at = pool.requests_reset_at
-                    until = reset_at if reset_at > now else now + PROBE_WAIT
-                    self.cool_pool(pool, 0.0, "budget spent (RPM)", Cause.REQUESTS_SPENT,
-                                   until=until)
+        self._apply(pool, pool.spend_request(now, pool.in_flight))
         bucket = pool.request_bucket
         if bucket is not None:
             bucket.take(1.0, now)
@@ -421,43 +345,20 @@ class KeyRing:
             if wait > 0:
                 self.cool_pool(pool, wait, "paced (rpm)", Cause.PACED)
 
-    def _refresh(self, pool: Pool, now: float, fresh: int = 0) -> None:
-        """Past the server's reset, the pool's full budget is back (less what is in flight).
-        ``fresh``: calls already counted in ``sent`` that belong to the new window."""
-        reset_at = pool.requests_reset_at
-        if reset_at and now >= reset_at and pool.requests_refilled < reset_at:
-            pool.requests_refilled = reset_at
-            pool.requests_left = (
-                None if pool.requests_limit is None else pool.requests_limit - pool.in_flight
-            )
-            pool.snapshot = pool.hooked
-            pool.window_start = pool.sent - fresh
-            pool.window_reset = None
-        reset_at = pool.tokens_reset_at
-        if reset_at and now >= reset_at and pool.tokens_refilled < reset_at:
-            pool.tokens_refilled = reset_at
-            pool.tokens_left = (
-                None if pool.tokens_limit is None else pool.tokens_limit - pool.tokens_in_flight
-            )
+    def _apply(self, pool: Pool, decision: Spent | str | None) -> bool:
+        """Do to ``pool``'s keys what its budget decided.  ``True`` if keys became ready."""
+        if isinstance(decision, Spent):
+            self.cool_pool(pool, 0.0, decision.reason, decision.cause, until=decision.until)
+        elif decision == FREED:
+            return self._uncool_budget(pool)
+        return False
 
     def spend_tokens(self, state: KeyState, tokens: float) -> Marks:
         """A request of about ``tokens`` tokens is being sent on ``state``.  Returns its marks
         (calls started, tokens sent) for :meth:`learn` to place its answer."""
         pool = state.pool
         now = self.clock()
-        pool.tokens_in_flight += tokens
-        pool.tokens_sent += tokens
-        pool.hooked += 1
-        pool.outstanding.append(pool.hooked)
-        pool.avg_tokens = tokens if not pool.avg_tokens else 0.8 * pool.avg_tokens + 0.2 * tokens
-        if pool.tokens_left is not None:
-            self._refresh(pool, now)
-            if pool.tokens_left is not None:
-                pool.tokens_left -= tokens
-                if pool.tokens_left < pool.avg_tokens:
-                    reset_at = pool.tokens_reset_at
-                    wait = reset_at - now if reset_at > now else PROBE_WAIT
-                    self.cool_pool(pool, wait, "budget spent (TPM)", Cause.TOKENS_SPENT)
+        self._apply(pool, pool.send(tokens, now, pool.in_flight))
         bucket = pool.token_bucket
         if bucket is not None:
             bucket.take(tokens, now)
@@ -470,9 +371,7 @@ class KeyRing:
         """``state`` will be called through a client whose answers tell the budget: until the
         first one does, its pool sends only a few calls instead of a burst."""
         pool = state.pool
-        if pool.requests_left is None and pool.snapshot < 0 and not pool.probing:
-            pool.probing = True
-            pool.requests_left = float(PROBE_CALLS * len(pool.members)) - pool.in_flight
+        pool.probe(len(pool.members), pool.in_flight)
 
     def correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
         """The server counted ``actual`` tokens for a request estimated at ``estimated``."""
@@ -483,25 +382,15 @@ class KeyRing:
     def answered(self, state: KeyState, tokens: float, marks: Marks | None = None) -> None:
         """The server answered a request of ``tokens`` tokens: they are no longer in flight."""
         pool = state.pool
-        pool.tokens_in_flight = max(0.0, pool.tokens_in_flight - tokens)
         if marks is None:
-            return
-        outstanding = pool.outstanding
-        if marks[0] is pool:
-            index = bisect.bisect_left(outstanding, marks[1])
-            if index < len(outstanding) and outstanding[index] == marks[1]:
-                del outstanding[index]
-        elif outstanding and outstanding[0] == 0:  # sent before its key joined this pool
-            del outstanding[0]
+            pool.answered(tokens, None)
+        else:  # mark 0: sent before its key joined this pool
+            pool.answered(tokens, marks[1] if marks[0] is pool else 0)
 
     def learn(self, state: KeyState, budget: ServerBudget, marks: Marks | None = None) -> bool:
-        """Take in what a successful response's headers say about ``state``'s pool.
-
-        The remainders count the requests the server admitted up to this one; what the pool
-        sent after it (``marks`` says where it stood) is taken off.  Only the freshest
-        answer counts, unless it shows a new window.  A pool whose budget is spent cools
-        until the server's reset.  Returns whether keys became ready.
-        """
+        """Take in what a successful response's headers say about ``state``'s pool (see
+        :meth:`~stable_openai._model.Budget.learn`); a pool whose budget is spent cools until
+        the server's reset.  Returns whether keys became ready."""
         if state.where is Where.REMOVED:
             return False
         if budget.organization:
@@ -510,55 +399,12 @@ class KeyRing:
                 name = f"{name}/{budget.project}"
             self.join_pool(state, name)
         pool = state.pool
-        now = self.clock()
         if marks is not None and marks[0] is not pool:
             return False  # sent before its key joined this pool: its place here is unknown
         _, mark, tokens_sent = marks if marks is not None else (pool, pool.hooked, pool.tokens_sent)
-        # Not in the server's count: every call started after this request left, and — as
-        # requests may overtake each other on the way — those that left before it and are
-        # still unanswered.
-        # (Calls started on another pool before their key joined this one hook here without
-        # having been counted as started: hence the max.)
-        started = max(pool.sent, pool.hooked)
-        unseen = started - mark + bisect.bisect_left(pool.outstanding, mark)
-        if budget.requests_limit is not None:
-            pool.requests_limit = budget.requests_limit
-        if budget.tokens_limit is not None:
-            pool.tokens_limit = budget.tokens_limit
         freed = False
-        if budget.requests_left is not None and budget.requests_reset is not None:
-            reset_at = now + min(budget.requests_reset, MAX_RESET)
-            if reset_at <= pool.requests_refilled + NEW_WINDOW:
-                pass  # an answer from a window already over and refilled: stale
-            elif mark >= pool.snapshot or reset_at > pool.requests_reset_at + NEW_WINDOW:
-                pool.probing = False
-                pool.snapshot = mark
-                pool.requests_reset_at = reset_at
-                if pool.window_start is not None:
-                    if pool.window_reset is None:
-                        pool.window_reset = reset_at
-                    elif reset_at > pool.window_reset + NEW_WINDOW:  # a later window
-                        pool.window_start = pool.window_reset = None
-                pool.requests_left = pool.window_bound(budget.requests_left - unseen)
-                if pool.requests_left <= 0:
-                    self.cool_pool(pool, 0.0, "budget spent (RPM)", Cause.REQUESTS_SPENT,
-                                   until=reset_at)
-                else:
-                    freed = self._uncool_budget(pool)
-        elif pool.probing:  # the server sends no budget headers: nothing to wait for
-            pool.probing = False
-            pool.requests_left = None
-            freed = self._uncool_budget(pool)
-        if budget.tokens_left is not None and budget.tokens_reset is not None:
-            reset_at = now + min(budget.tokens_reset, MAX_RESET)
-            if reset_at <= pool.tokens_refilled + NEW_WINDOW:
-                pass  # stale, as above
-            elif mark >= pool.snapshot or reset_at > pool.tokens_reset_at + NEW_WINDOW:
-                pool.tokens_reset_at = reset_at
-                pool.tokens_left = budget.tokens_left - (pool.tokens_sent - tokens_sent)
-                if pool.tokens_left < max(1.0, pool.avg_tokens):
-                    self.cool_pool(pool, 0.0, "budget spent (TPM)", Cause.TOKENS_SPENT,
-                                   until=reset_at)
+        for decision in pool.learn(budget, mark, tokens_sent, self.clock()):
+            freed = self._apply(pool, decision) or freed
         return freed
 
     def _uncool_budget(self, pool: Pool) -> bool:
@@ -740,5 +586,5 @@ class KeyRing:
             entry = heapq.heappop(cooling)
             if self._is_current(entry):
                 state = entry[2]
-                self._refresh(state.pool, now)
+                state.pool.refresh(now, state.pool.in_flight)
                 self._make_ready(state)

@@ -87,7 +87,7 @@ if chosen then
   p.out[lease] = {m = sent, e = NOW + lease_seconds, f = chosen}
   put('p:' .. pool, p)
 
-  -- Spend one request of the pool's budget: what the server said is left, and its pacing.
+  -- Spend one request of the pool's budget (as _model.Budget.spend_request), and its pacing.
   refresh(pool, p, 1)
   local reset = p.reset or 0
   if p.left then

@@ -44,7 +44,7 @@
 local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
 local TTL = tonumber(ARGV[1])
 -- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS and CAUSE come from the Python side: redis.py
--- puts them before this file (_ring.py's constants, _cause.Cause's values).
+-- puts them before this file (_model.py's constants, _cause.Cause's values).
 
 local NOW = tonumber(table.remove(ARGV, 2))
 if not NOW then
@@ -283,7 +283,7 @@ end
 -- A call is over (reported, or its lease expired): it is no longer in its pool's calls in
 -- flight, wherever its key has moved since.  ``unanswered``: its request left and no answer
 -- came, so the server may still count it: its mark stays among the pool's unanswered ones
--- until the pool has no call in flight (as the ring's ``outstanding``).  Returns whether it
+-- until the pool has no call in flight (as _model.Budget.outstanding).  Returns whether it
 -- was still in flight.
 local function forget_call(fp, lease, pool, unanswered)
   local found = false
@@ -355,14 +355,14 @@ local function forget_lost()
   end
 end
 
--- Past the server's reset, a pool's full budget is back, less the calls in flight (as the
--- ring's KeyRing._refresh).  ``fresh``: calls already counted in ``sent`` that belong to the
+-- Past the server's reset, a pool's full budget is back, less the calls in flight (as
+-- _model.Budget.refresh).  ``fresh``: calls already counted in ``sent`` that belong to the
 -- new window.
 local function refresh(pool, p, fresh)
   local reset = p.reset or 0
   if reset > 0 and NOW >= reset and (p.refilled or 0) < reset then
     p.refilled, p.snap, p.wstart, p.wreset = reset, p.sent - fresh, p.sent - fresh, nil
-    p.left = p.limit and (p.limit - p.n) or nil
+    p.left = p.limit and (p.limit - (p.n - fresh)) or nil  -- fresh calls spend theirs after
     put('p:' .. pool, p)
   end
   local treset = p.treset or 0

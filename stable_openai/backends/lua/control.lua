@@ -28,7 +28,7 @@ if op == 'cooldown' then
   return 1
 elseif op == 'probe' then
   -- The key will be called through a client whose answers tell the budget: until the first
-  -- one does, its pool sends only a few calls per key instead of a burst (as KeyRing.probe).
+  -- one does, its pool sends only a few calls per key instead of a burst (as _model.Budget.probe).
   local rec = key_rec(ARGV[4])
   if not rec then return 0 end
   local p = pool_rec(rec.pool)

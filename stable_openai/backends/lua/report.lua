@@ -50,7 +50,7 @@ if not p then p = pace(pool, rec.rpm, rec.tpm) end
 put('p:' .. pool, p)
 purge(pool)
 
--- What the server said is left (as the ring's KeyRing.learn).  Its remainders count the
+-- What the server said is left (as _model.Budget.learn).  Its remainders count the
 -- requests admitted up to this one: not those chosen after it, nor — as requests overtake
 -- each other on the way — those chosen before it and still unanswered.  Only the freshest
 -- answer counts, unless it shows a new window; one from a window already refilled is stale.

@@ -1,0 +1,247 @@
+"""What is decided about a pool's budget, apart from where the pool's keys and state live.
+
+A :class:`Budget` is what one pool knows of its budget on the server — learned from the
+``x-ratelimit-*`` headers, spent by the calls it starts — and its methods are the rules: the
+budget refills at the server's reset, a call spends one request, an answer tells what is
+left.  They are pure: they read and write the budget's own fields only, take the time and the
+pool's calls in flight as arguments, and *return* what must happen to the pool's keys (a
+:class:`Spent`: cool them until a deadline; or ``FREED``: keys held for a spent request
+budget may go) instead of doing it.  The key ring applies those decisions to its keys.
+
+The Redis scripts run the same rules on the same fields, for atomicity across processes
+(``backends/lua/common.lua``: ``refresh``, ``window_bound``; ``choose.lua``: spending a
+request; ``report.lua``: learning from an answer), with the constants below generated into
+them.  ``tests/test_store_scenarios.py`` drives both stores step by step and requires the same
+answers.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Final, NamedTuple
+
+from ._budget import ServerBudget
+from ._cause import Cause
+
+__all__ = [
+    "FREED",
+    "MAX_RESET",
+    "NEW_WINDOW",
+    "PROBE_CALLS",
+    "PROBE_WAIT",
+    "Budget",
+    "Spent",
+]
+
+#: A learned budget is trusted for at most this long without a fresh response.
+MAX_RESET = 3600.0
+#: An answer whose reset is this much later than the one known is from a new window.
+NEW_WINDOW = 0.1
+#: How long a pool whose budget is spent waits when it does not know the reset yet: about
+#: the time an answer needs to come back and tell.
+PROBE_WAIT = 0.05
+#: Calls per key a pool sends before an answer has told its budget.
+PROBE_CALLS = 2
+
+
+class Spent(NamedTuple):
+    """A budget is spent: cool the pool's keys until ``until`` (on the clock of ``now``)."""
+
+    until: float
+    reason: str
+    cause: Cause
+
+
+#: An answer shows request budget left: keys held only for a spent one may be used again.
+FREED: Final = "freed"
+
+
+class Budget:
+    """What a pool knows of its server budget, brought up to date with what it sent since."""
+
+    __slots__ = (
+        "avg_tokens",
+        "hooked",
+        "outstanding",
+        "probing",
+        "requests_left",
+        "requests_limit",
+        "requests_refilled",
+        "requests_reset_at",
+        "sent",
+        "snapshot",
+        "tokens_in_flight",
+        "tokens_left",
+        "tokens_limit",
+        "tokens_refilled",
+        "tokens_reset_at",
+        "tokens_sent",
+        "window_reset",
+        "window_start",
+    )
+
+    def __init__(self) -> None:
+        self.sent = 0  # calls started on the pool, ever
+        self.hooked = 0  # requests seen leaving by the pooled client's hook, ever
+        self.outstanding: list[int] = []  # ``hooked`` marks of requests not answered yet
+        self.snapshot = -1  # ``hooked`` mark of the request behind the freshest headers
+        self.probing = False  # a few calls go out first, to learn the budget from their answers
+        self.requests_left: float | None = None
+        self.requests_limit: int | None = None
+        self.requests_reset_at = 0.0
+        self.requests_refilled = 0.0  # the reset already refilled: answers before it are stale
+        self.tokens_in_flight = 0.0
+        self.tokens_sent = 0.0  # tokens of the requests sent, ever
+        self.avg_tokens = 0.0  # a moving average of the tokens a request costs
+        self.tokens_left: float | None = None
+        self.tokens_limit: int | None = None
+        self.tokens_reset_at = 0.0
+        self.tokens_refilled = 0.0
+        # A window that began at a refill admits its limit less the calls started since
+        # ``window_start`` (answers may come out of order; this count never does), until an
+        # answer shows a later window than the first one it saw (``window_reset``).
+        self.window_start: int | None = None
+        self.window_reset: float | None = None
+
+    def window_bound(self, left: float) -> float:
+        """``left``, or less: at most what is left of a window that began at a refill."""
+        if self.window_start is None or self.requests_limit is None:
+            return left
+        return min(left, self.requests_limit - (self.sent - self.window_start))
+
+    def refresh(self, now: float, in_flight: int, fresh: int = 0) -> None:
+        """Past the server's reset, the full budget is back, less the ``in_flight`` calls.
+        ``fresh``: calls already counted in ``sent`` that belong to the new window."""
+        reset_at = self.requests_reset_at
+        if reset_at and now >= reset_at and self.requests_refilled < reset_at:
+            self.requests_refilled = reset_at
+            self.requests_left = (  # the fresh calls spend their request after this
+                None if self.requests_limit is None else self.requests_limit - (in_flight - fresh)
+            )
+            self.snapshot = self.hooked
+            self.window_start = self.sent - fresh
+            self.window_reset = None
+        reset_at = self.tokens_reset_at
+        if reset_at and now >= reset_at and self.tokens_refilled < reset_at:
+            self.tokens_refilled = reset_at
+            self.tokens_left = (
+                None if self.tokens_limit is None else self.tokens_limit - self.tokens_in_flight
+            )
+
+    def spend_request(self, now: float, in_flight: int) -> Spent | None:
+        """A call started (counted in ``sent`` and ``in_flight`` already): it spends one
+        request of what is left."""
+        if self.requests_left is None:
+            return None
+        self.refresh(now, in_flight, fresh=1)
+        if self.requests_left is None:
+            return None
+        self.requests_left = self.window_bound(self.requests_left - 1)
+        if self.requests_left > 0:
+            return None
+        # Until the server's reset, or until an answer says when that is.
+        reset_at = self.requests_reset_at
+        until = reset_at if reset_at > now else now + PROBE_WAIT
+        return Spent(until, "budget spent (RPM)", Cause.REQUESTS_SPENT)
+
+    def send(self, tokens: float, now: float, in_flight: int) -> Spent | None:
+        """A request of about ``tokens`` tokens leaves (the pooled client's hook): it is
+        unanswered until :meth:`answered`, and spends its tokens."""
+        self.tokens_in_flight += tokens
+        self.tokens_sent += tokens
+        self.hooked += 1
+        self.outstanding.append(self.hooked)
+        self.avg_tokens = tokens if not self.avg_tokens else 0.8 * self.avg_tokens + 0.2 * tokens
+        if self.tokens_left is None:
+            return None
+        self.refresh(now, in_flight)
+        if self.tokens_left is None:
+            return None
+        self.tokens_left -= tokens
+        if self.tokens_left >= self.avg_tokens:
+            return None
+        reset_at = self.tokens_reset_at
+        until = reset_at if reset_at > now else now + PROBE_WAIT
+        return Spent(until, "budget spent (TPM)", Cause.TOKENS_SPENT)
+
+    def answered(self, tokens: float, mark: int | None) -> None:
+        """The request that left at ``mark`` (``0``: before its key joined this pool; ``None``:
+        unknown) was answered: it is no longer unanswered."""
+        self.tokens_in_flight = max(0.0, self.tokens_in_flight - tokens)
+        outstanding = self.outstanding
+        if mark is None:
+            return
+        index = bisect.bisect_left(outstanding, mark)
+        if index < len(outstanding) and outstanding[index] == mark:
+            del outstanding[index]
+
+    def drained(self) -> None:
+        """The pool has no call in flight: nothing is unanswered any more (heals lost answers),
+        and calls that never sent a request (they failed first) no longer count as started."""
+        self.tokens_in_flight = 0.0
+        self.outstanding.clear()
+        never_sent = self.sent - self.hooked
+        if never_sent > 0:
+            self.sent -= never_sent
+            if self.window_start is not None:
+                self.window_start -= never_sent
+
+    def probe(self, keys: int, in_flight: int) -> None:
+        """The pool's ``keys`` will be called through clients whose answers tell the budget:
+        until the first one does, only a few calls go out instead of a burst."""
+        if self.requests_left is None and self.snapshot < 0 and not self.probing:
+            self.probing = True
+            self.requests_left = float(PROBE_CALLS * keys) - in_flight
+
+    def learn(
+        self, budget: ServerBudget, mark: int, tokens_sent: float, now: float
+    ) -> list[Spent | str]:
+        """Take in what an answer's headers say: the request that left at ``mark`` (when
+        ``tokens_sent`` tokens had left) was answered with ``budget``.
+
+        The remainders count the requests the server admitted up to this one; what the pool
+        sent after it is taken off, and — as requests may overtake each other on the way —
+        those that left before it and are still unanswered.  Only the freshest answer counts,
+        unless it shows a new window.  Returns what the pool's keys must do: :class:`Spent`
+        and/or ``FREED``."""
+        # (Calls started on another pool before their key joined this one hook here without
+        # having been counted as started: hence the max.)
+        started = max(self.sent, self.hooked)
+        unseen = started - mark + bisect.bisect_left(self.outstanding, mark)
+        if budget.requests_limit is not None:
+            self.requests_limit = budget.requests_limit
+        if budget.tokens_limit is not None:
+            self.tokens_limit = budget.tokens_limit
+        decisions: list[Spent | str] = []
+        if budget.requests_left is not None and budget.requests_reset is not None:
+            reset_at = now + min(budget.requests_reset, MAX_RESET)
+            if reset_at <= self.requests_refilled + NEW_WINDOW:
+                pass  # an answer from a window already over and refilled: stale
+            elif mark >= self.snapshot or reset_at > self.requests_reset_at + NEW_WINDOW:
+                self.probing = False
+                self.snapshot = mark
+                self.requests_reset_at = reset_at
+                if self.window_start is not None:
+                    if self.window_reset is None:
+                        self.window_reset = reset_at
+                    elif reset_at > self.window_reset + NEW_WINDOW:  # a later window
+                        self.window_start = self.window_reset = None
+                self.requests_left = self.window_bound(budget.requests_left - unseen)
+                if self.requests_left <= 0:
+                    decisions.append(Spent(reset_at, "budget spent (RPM)", Cause.REQUESTS_SPENT))
+                else:
+                    decisions.append(FREED)
+        elif self.probing:  # the server sends no budget headers: nothing to wait for
+            self.probing = False
+            self.requests_left = None
+            decisions.append(FREED)
+        if budget.tokens_left is not None and budget.tokens_reset is not None:
+            reset_at = now + min(budget.tokens_reset, MAX_RESET)
+            if reset_at <= self.tokens_refilled + NEW_WINDOW:
+                pass  # stale, as above
+            elif mark >= self.snapshot or reset_at > self.tokens_reset_at + NEW_WINDOW:
+                self.tokens_reset_at = reset_at
+                self.tokens_left = budget.tokens_left - (self.tokens_sent - tokens_sent)
+                if self.tokens_left < max(1.0, self.avg_tokens):
+                    decisions.append(Spent(reset_at, "budget spent (TPM)", Cause.TOKENS_SPENT))
+        return decisions

@@ -1,0 +1,88 @@
+"""The budget rules alone: pure functions of a pool's budget, the time and its calls in flight,
+returning what must happen to the pool's keys (tests/test_store_scenarios.py checks that the
+memory ring and the Redis scripts apply them alike)."""
+
+from __future__ import annotations
+
+from stable_openai._budget import ServerBudget
+from stable_openai._cause import Cause
+from stable_openai._model import FREED, PROBE_CALLS, PROBE_WAIT, Budget, Spent
+
+
+def headers(left: int, reset: float, limit: int = 10) -> ServerBudget:
+    return ServerBudget(requests_limit=limit, requests_left=left, requests_reset=reset)
+
+
+def started(budget: Budget, now: float, in_flight: int) -> Spent | None:
+    """A call starts on the pool and its request leaves at once."""
+    budget.sent += 1
+    decision = budget.spend_request(now, in_flight)
+    budget.send(0.0, now, in_flight)
+    return decision
+
+
+def test_an_unknown_budget_decides_nothing() -> None:
+    budget = Budget()
+    assert started(budget, 0.0, 1) is None
+    assert budget.requests_left is None
+
+
+def test_an_answer_tells_what_is_left_less_what_left_after_it() -> None:
+    budget = Budget()
+    assert started(budget, 0.0, 1) is None  # mark 1
+    assert started(budget, 0.0, 2) is None  # mark 2, still unanswered
+    budget.answered(0.0, 1)
+    assert budget.learn(headers(left=3, reset=10.0), mark=1, tokens_sent=0.0, now=1.0) == [FREED]
+    assert budget.requests_left == 2  # the server counted call 1; call 2 left after it
+    assert started(budget, 1.0, 2) is None
+    assert started(budget, 1.0, 3) == Spent(11.0, "budget spent (RPM)", Cause.REQUESTS_SPENT)
+
+
+def test_a_spent_budget_with_no_known_reset_waits_for_an_answer() -> None:
+    budget = Budget()
+    budget.probe(keys=1, in_flight=0)
+    assert budget.probing and budget.requests_left == PROBE_CALLS
+    assert started(budget, 5.0, 1) is None
+    decision = started(budget, 5.0, 2)
+    assert decision is not None and decision.until == 5.0 + PROBE_WAIT
+
+
+def test_a_stale_answer_is_ignored_and_a_new_window_counts() -> None:
+    budget = Budget()
+    started(budget, 0.0, 1)
+    started(budget, 0.0, 2)
+    budget.answered(0.0, 2)
+    budget.learn(headers(left=5, reset=10.0), mark=2, tokens_sent=0.0, now=0.0)
+    assert budget.requests_left == 5 - 1  # call 1 left before it, unanswered: maybe not counted
+    budget.answered(0.0, 1)
+    # An older answer from the same window says less: it is not the freshest.
+    assert budget.learn(headers(left=1, reset=10.0), mark=1, tokens_sent=0.0, now=0.0) == []
+    assert budget.requests_left == 5 - 1
+    # An older answer that shows a later window counts.
+    budget.learn(headers(left=9, reset=30.0), mark=1, tokens_sent=0.0, now=0.0)
+    assert budget.requests_left == 9 - 1  # call 2 left after it
+
+
+def test_after_a_refill_the_window_admits_its_limit_less_the_calls_since() -> None:
+    budget = Budget()
+    started(budget, 0.0, 1)
+    budget.answered(0.0, 1)
+    budget.learn(headers(left=0, reset=1.0, limit=3), mark=1, tokens_sent=0.0, now=0.0)
+    budget.drained()
+    for in_flight in (1, 2):
+        assert started(budget, 2.0, in_flight) is None  # refilled at 1.0: 3, then 2, 1 left
+    # (The call that finds the refill is in flight, and counted once: not also as in flight.)
+    assert budget.window_start == 1 and budget.requests_left == 1
+    # An answer from the new window that says more cannot lift the bound.
+    budget.answered(0.0, 2)
+    budget.learn(headers(left=3, reset=3.0, limit=3), mark=2, tokens_sent=0.0, now=2.0)
+    assert budget.requests_left == 3 - 2
+
+
+def test_calls_that_never_sent_stop_counting_once_the_pool_drains() -> None:
+    budget = Budget()
+    budget.sent += 2  # two calls started; one fails before its request leaves
+    budget.send(0.0, 0.0, 2)
+    budget.answered(0.0, 1)
+    budget.drained()
+    assert (budget.sent, budget.hooked, budget.outstanding) == (1, 1, [])
