@@ -1,0 +1,107 @@
+"""What a 429 says about the limit it broke, read from its message.
+
+OpenAI's rate-limit 429s (and those of servers that copy them: Groq, many proxies) name the
+limit and give its numbers::
+
+    Rate limit reached for gpt-4o in organization org-XXX on tokens per min (TPM):
+    Limit 30000, Used 29937, Requested 385. Please try again in 644ms. ...
+
+:func:`read_rate_limit` turns that into a :class:`RateLimit`.  Its :attr:`RateLimit.refill`
+is the server's own rate, derived from its numbers and never from the words "per min": the
+limit is a bucket of ``Limit`` that refills continuously, and the request is admitted when
+``Used + Requested − Limit`` units have refilled, which takes "try again in" — so one unit
+refills in ``try_again / (Used + Requested − Limit)`` seconds (``../shared/RATE_LIMITS.md``
+§1; it holds for every published example, and for servers that quantize a limit into
+sub-windows or compress time, as the simulator does).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from ._policy import parse_duration
+
+__all__ = ["RateLimit", "read_rate_limit"]
+
+_SUBJECT = re.compile(
+    r"(?:Rate limit reached|Request too large) for (?:model )?`?(?P<model>[^`\s]+)`?"
+    r"(?: in organization `?(?P<organization>[^`\s]+)`?)?"
+    r"(?: in project `?(?P<project>[^`\s]+)`?)?"
+    r"(?: service tier `?[^`\s]+`?)?"
+    r" on (?P<kind>requests|tokens) per (?P<per>min|minute|day)",
+    re.IGNORECASE,
+)
+_NUMBER = r"(\d[\d,]*)"
+_LIMIT = re.compile(r"\bLimit:?\s*" + _NUMBER, re.IGNORECASE)
+_USED = re.compile(r"\bUsed:?\s*" + _NUMBER, re.IGNORECASE)
+_REQUESTED = re.compile(r"\bRequested:?\s*" + _NUMBER, re.IGNORECASE)
+_TRY_AGAIN = re.compile(r"try again in\s+(\S+?)\.?(?:\s|$)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """One limit a 429 names: which, its numbers, and when the request will be admitted."""
+
+    kind: Literal["requests", "tokens"]
+    daily: bool
+    """A per-day limit (RPD, TPD) rather than a per-minute one."""
+    model: str | None = None
+    organization: str | None = None
+    project: str | None = None
+    limit: int | None = None
+    used: int | None = None
+    requested: int | None = None
+    try_again: float | None = None
+    """Seconds until the request would be admitted, as the message says."""
+
+    @property
+    def refill(self) -> float | None:
+        """Seconds for one unit (a request, or a token) of the limit to refill: the
+        server's rate, from its own numbers.  ``None`` when the message lacks one of them."""
+        if None in (self.limit, self.used, self.requested, self.try_again):
+            return None
+        over = self.used + self.requested - self.limit  # type: ignore[operator]
+        if over <= 0 or not self.try_again:
+            return None
+        return self.try_again / over
+
+    @property
+    def window(self) -> float | None:
+        """Seconds for the whole limit to refill from empty (``Limit`` units)."""
+        refill = self.refill
+        return None if refill is None or self.limit is None else refill * self.limit
+
+
+def _count(pattern: re.Pattern[str], text: str) -> int | None:
+    match = pattern.search(text)
+    return int(match.group(1).replace(",", "")) if match else None
+
+
+def read_rate_limit(message: str) -> RateLimit | None:
+    """The limit a rate-limit 429's message names, or ``None`` when it names none (quota,
+    a body without numbers, another server's words)."""
+    if not isinstance(message, str):
+        return None
+    subject = _SUBJECT.search(message)
+    if subject is None:
+        return None
+    try_again = None
+    wait = _TRY_AGAIN.search(message)
+    if wait is not None:
+        try_again = parse_duration(wait.group(1))
+    kind: Literal["requests", "tokens"] = (
+        "requests" if subject.group("kind").lower() == "requests" else "tokens"
+    )
+    return RateLimit(
+        kind=kind,
+        daily=subject.group("per").lower() == "day",
+        model=subject.group("model"),
+        organization=subject.group("organization"),
+        project=subject.group("project"),
+        limit=_count(_LIMIT, message),
+        used=_count(_USED, message),
+        requested=_count(_REQUESTED, message),
+        try_again=try_again,
+    )

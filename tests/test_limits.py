@@ -1,0 +1,108 @@
+"""Reading a 429's message: which limit broke, its numbers, and the server's own rate.
+
+The messages are OpenAI's (and Groq's) as published (../shared/RATE_LIMITS.md §2); the rates
+are checked against the limits they come from."""
+
+from __future__ import annotations
+
+import pytest
+
+from stable_openai._limits import RateLimit, read_rate_limit
+
+TPM = ("Rate limit reached for gpt-4o in organization org-XXX on tokens per min (TPM): Limit "
+       "30000, Used 29937, Requested 385. Please try again in 644ms. Visit "
+       "https://platform.openai.com/account/rate-limits to learn more.")
+RPM = ("Rate limit reached for gpt-4o-mini in organization org-abc on requests per min (RPM): "
+       "Limit 3, Used 3, Requested 1. Please try again in 20s. Visit "
+       "https://platform.openai.com/account/rate-limits to learn more.")
+RPD = ("Rate limit reached for gpt-4o in organization org-abc on requests per day (RPD): Limit "
+       "50, Used 50, Requested 1. Please try again in 28m48s. Visit "
+       "https://platform.openai.com/account/rate-limits to learn more. You can increase your "
+       "rate limit by adding a payment method to your account at "
+       "https://platform.openai.com/account/billing.")
+GROQ = ("Rate limit reached for model `llama-3.3-70b-versatile` in organization `org_01abc` "
+        "service tier `on_demand` on tokens per day (TPD): Limit 100000, Used 98485, Requested "
+        "1940. Please try again in 6m7.2s. Need more tokens?")
+
+
+def test_a_tokens_per_minute_429_gives_the_servers_token_rate() -> None:
+    limit = read_rate_limit(TPM)
+    assert limit == RateLimit(kind="tokens", daily=False, model="gpt-4o", organization="org-XXX",
+                              limit=30000, used=29937, requested=385, try_again=0.644)
+    assert limit.refill == pytest.approx(0.644 / 322)  # 2 ms a token: 30000 a minute
+    assert limit.window == pytest.approx(60.0, rel=0.01)
+
+
+def test_a_requests_per_minute_429_gives_the_time_one_request_refills() -> None:
+    limit = read_rate_limit(RPM)
+    assert limit is not None and (limit.kind, limit.daily, limit.model) == (
+        "requests", False, "gpt-4o-mini")
+    assert limit.refill == pytest.approx(20.0)  # 3 a minute
+    assert limit.window == pytest.approx(60.0)
+
+
+def test_a_daily_429_says_so_and_its_rate_is_the_days() -> None:
+    limit = read_rate_limit(RPD)
+    assert limit is not None and limit.daily and limit.kind == "requests"
+    assert limit.try_again == 28 * 60 + 48
+    assert limit.window == pytest.approx(86400.0)  # 50 a day
+
+
+def test_groqs_429_names_its_model_in_backquotes() -> None:
+    limit = read_rate_limit(GROQ)
+    assert limit is not None
+    assert (limit.model, limit.organization, limit.kind, limit.daily) == (
+        "llama-3.3-70b-versatile", "org_01abc", "tokens", True)
+    assert limit.refill == pytest.approx(367.2 / 425)
+    assert limit.window == pytest.approx(86400.0, rel=0.001)
+
+
+def test_a_message_without_numbers_names_the_limit_but_no_rate() -> None:
+    old = ("Rate limit reached for 10KTPM-200RPM in organization org-a on tokens per min. "
+           "Limit: 10000 / min. Please try again in 6ms. Contact us ...")
+    limit = read_rate_limit(old)
+    assert limit is not None and limit.kind == "tokens" and limit.limit == 10000
+    assert limit.refill is None and limit.try_again == pytest.approx(0.006)
+
+
+def test_a_project_and_a_request_too_large_are_read() -> None:
+    limit = read_rate_limit(
+        "Request too large for gpt-4o in organization org-a in project proj_b on tokens per "
+        "min (TPM): Limit 30000, Requested 31538. The input or output tokens must be reduced.")
+    assert limit is not None and (limit.organization, limit.project) == ("org-a", "proj_b")
+    assert (limit.limit, limit.used, limit.requested, limit.refill) == (30000, None, 31538, None)
+
+
+@pytest.mark.parametrize("message", [
+    "You exceeded your current quota, please check your plan and billing details.",
+    "Rate limit exceeded: free-models-per-min. ",  # OpenRouter: no numbers
+    "Resource has been exhausted (e.g. check quota).",  # Gemini
+    "",
+])
+def test_messages_that_name_no_limit_give_none(message: str) -> None:
+    assert read_rate_limit(message) is None
+
+
+def test_the_simulators_429s_give_its_rate() -> None:
+    """The strict simulator's 429s (4 keys of 10 requests a 1-s window) carry OpenAI's words
+    with its compressed clock: the rate read is the simulator's, not 'per min'."""
+    import openai
+
+    from stable_openai.simulator import ProjectLimits, SimKey, Simulator, SimulatorConfig
+
+    sim = Simulator(SimulatorConfig(keys=(SimKey("sk-limits-test-key-000000000001", project="p"),),
+                                    projects={"p": ProjectLimits(rpm=10)}, window=1.0))
+    sim.start()
+    try:
+        client = openai.OpenAI(api_key="sk-limits-test-key-000000000001", base_url=sim.base_url,
+                               max_retries=0)
+        with pytest.raises(openai.RateLimitError) as caught:
+            for _ in range(20):
+                client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+        client.close()
+    finally:
+        sim.stop()
+    limit = read_rate_limit(caught.value.message)
+    assert limit is not None and limit.kind == "requests" and limit.limit == 10
+    assert limit.refill == pytest.approx(0.1, rel=0.05)  # 10 a second
