@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -895,6 +896,21 @@ return 1
 """
 
 
+def _wait_until_busy(port: int) -> None:
+    """Return once Redis runs the busy script: a PING on a fresh connection goes unanswered."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+            probe.settimeout(0.05)
+            probe.sendall(b"PING\r\n")
+            try:
+                probe.recv(16)
+            except socket.timeout:  # TimeoutError from Python 3.10
+                return
+        time.sleep(0.01)
+    raise AssertionError("Redis never got busy")
+
+
 @pytest.mark.redis
 def test_a_lease_whose_choose_reply_was_lost_is_released_at_the_next_call(
     redis_server: RedisServer, namespace: str,
@@ -917,9 +933,9 @@ def test_a_lease_whose_choose_reply_was_lost_is_released_at_the_next_call(
             return 1
 
         noop()  # registered
-        blocker = threading.Thread(target=busy.eval, args=(_BUSY, 0, "0.8"))
+        blocker = threading.Thread(target=busy.eval, args=(_BUSY, 0, "2"))
         blocker.start()
-        time.sleep(0.1)
+        _wait_until_busy(redis_server.port)
         assert noop() == 1  # its choose times out: the call is served from the ring
         blocker.join()
         records = [json.loads(value) for name, value in raw.hgetall(
@@ -952,3 +968,36 @@ def test_every_script_touches_only_the_keys_it_declares() -> None:
             assert command == "TIME" or first in ("STATE", "LOAD", "RING", "key"), match.group(0)
     assert calls > 10
     assert "KEYS[1], KEYS[2], KEYS[3]" in folder.joinpath("common.lua").read_text("utf-8")
+
+
+@pytest.mark.redis
+def test_a_stale_index_entry_never_hands_out_a_disabled_key(
+    redis_server: RedisServer, namespace: str,
+) -> None:
+    """The state hash and the load set expire and can be evicted apart: an entry of the load
+    set that no longer matches its key's record (here, a disabled key under a pool name it no
+    longer has, at the best score) is dropped, not trusted."""
+    from stable_openai._cause import Cause
+    from stable_openai._manager import lease
+    from stable_openai._policy import Action, Fate, Verdict
+
+    keys = made_up_keys(2, "stale")
+    backend = RedisBackend(redis_server.url, namespace=namespace)
+    manager = KeyManager.create(keys, backend=backend)
+    raw = redis_server.client()
+    try:
+        revoked = Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (test)",
+                          cause=Cause.REVOKED)
+        taken, _ = lease(manager, None, 1.0)
+        assert taken.key == keys[0]
+        taken.fail(revoked)
+        raw.zadd(f"{{{namespace}}}:load", {f"{backend.fingerprint(keys[0])}|gone-pool": 0})
+        for _ in range(4):
+            state, _ = manager._acquire(None, 1.0)
+            assert state.key == keys[1]
+            manager._owner.succeeded(state)
+        assert raw.zscore(f"{{{namespace}}}:load", f"{backend.fingerprint(keys[0])}|gone-pool") \
+            is None
+    finally:
+        raw.close()
+        manager.close()

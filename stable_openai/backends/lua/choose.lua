@@ -74,6 +74,15 @@ if chosen then
     flush()
     return {-1}
   end
+  if rec.where ~= 'ready' or rec.pool ~= chosen_pool then
+    -- A stale member (the state hash was lost and made anew, or an index outlived a move):
+    -- drop it, place the key as its record says, and ask again.
+    zrem(chosen .. '|' .. chosen_pool)
+    if rec.where == 'ready' then place(chosen, rec) end
+    if rec.where == 'cooling' then zadd(member(chosen, rec), cooling_score(rec.untl)) end
+    flush()
+    return {0, '0', cjson.encode({cooling = {}, disabled = {}, forbidden = false})}
+  end
   local pool = rec.pool
   local p = pool_rec(pool) or new_pool()
   purge(pool)
@@ -129,7 +138,8 @@ for _, fp in ipairs(fps) do
     return {-1}
   end
   purge(rec.pool)
-  if rec.where == 'ready' then  -- ready but not in the load set: put it back, and ask again
+  if rec.where == 'ready' or (rec.where == 'cooling' and rec.untl <= NOW) then
+    -- ready (or due) but not in the load set: put it back, and ask again
     make_ready(fp, rec)
     flush()
     touch(LOAD)

@@ -8,13 +8,18 @@
 
 local op = ARGV[3]
 forget_lost()
-local fields = {}
-for i = 4, #ARGV do fields[#fields + 1] = 'k:' .. ARGV[i] end
-need(fields)
+if op ~= 'cooldown' then
+  local fields = {}
+  for i = 4, #ARGV do fields[#fields + 1] = 'k:' .. ARGV[i] end
+  need(fields)
+end
 if op == 'cooldown' then
   local fp, seconds, reason = ARGV[4], tonumber(ARGV[5]), ARGV[6]
   local rec = key_rec(fp)
-  if not rec or rec.where == 'disabled' then return 0 end
+  if not rec or rec.where == 'disabled' then
+    flush()  -- what forget_lost() did
+    return 0
+  end
   if seconds <= 0 then
     if rec.where == 'cooling' then make_ready(fp, rec) end
   else
@@ -30,7 +35,10 @@ elseif op == 'probe' then
   -- The key will be called through a client whose answers tell the budget: until the first
   -- one does, its pool sends only a few calls per key instead of a burst (as _model.Budget.probe).
   local rec = key_rec(ARGV[4])
-  if not rec then return 0 end
+  if not rec then
+    flush()
+    return 0
+  end
   local p = pool_rec(rec.pool)
   if p and not p.left and not p.snap and p.probing ~= 1 then
     p.probing, p.left = 1, PROBE_CALLS * #members(rec.pool) - p.n

@@ -28,6 +28,10 @@ end
 -- expired unreported was applied already (sent again after its reply was lost).
 local in_flight = false
 if lease ~= '' then
+  -- A lease that expired unreported is released first (as gone): a report sent again after
+  -- this one then finds it neither in flight nor gone, and counts once.
+  purge(pool_then)
+  if rec.pool ~= pool_then then purge(rec.pool) end
   local gone = false
   for _, name in ipairs({pool_then, rec.pool}) do
     local p = pool_rec(name)
