@@ -21,14 +21,13 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ._policy import parse_duration
+from ._policy import try_again_in
 
 __all__ = ["RateLimit", "read_rate_limit"]
 
 _SUBJECT = re.compile(
     r"(?:Rate limit reached|Request too large) for (?:model )?`?(?P<model>[^`\s]+)`?"
-    r"(?: in organization `?(?P<organization>[^`\s]+)`?)?"
-    r"(?: in project `?(?P<project>[^`\s]+)`?)?"
+    r"(?: in (?:organization|project) `?[^`\s]+`?)*"  # the pool: see _budget.organization_in
     r"(?: service tier `?[^`\s]+`?)?"
     r" on (?P<kind>requests|tokens) per (?P<per>min|minute|day)",
     re.IGNORECASE,
@@ -37,7 +36,6 @@ _NUMBER = r"(\d[\d,]*)"
 _LIMIT = re.compile(r"\bLimit:?\s*" + _NUMBER, re.IGNORECASE)
 _USED = re.compile(r"\bUsed:?\s*" + _NUMBER, re.IGNORECASE)
 _REQUESTED = re.compile(r"\bRequested:?\s*" + _NUMBER, re.IGNORECASE)
-_TRY_AGAIN = re.compile(r"try again in\s+(\S+?)\.?(?:\s|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -48,8 +46,6 @@ class RateLimit:
     daily: bool
     """A per-day limit (RPD, TPD) rather than a per-minute one."""
     model: str | None = None
-    organization: str | None = None
-    project: str | None = None
     limit: int | None = None
     used: int | None = None
     requested: int | None = None
@@ -87,10 +83,6 @@ def read_rate_limit(message: str) -> RateLimit | None:
     subject = _SUBJECT.search(message)
     if subject is None:
         return None
-    try_again = None
-    wait = _TRY_AGAIN.search(message)
-    if wait is not None:
-        try_again = parse_duration(wait.group(1))
     kind: Literal["requests", "tokens"] = (
         "requests" if subject.group("kind").lower() == "requests" else "tokens"
     )
@@ -98,10 +90,8 @@ def read_rate_limit(message: str) -> RateLimit | None:
         kind=kind,
         daily=subject.group("per").lower() == "day",
         model=subject.group("model"),
-        organization=subject.group("organization"),
-        project=subject.group("project"),
         limit=_count(_LIMIT, message),
         used=_count(_USED, message),
         requested=_count(_REQUESTED, message),
-        try_again=try_again,
+        try_again=try_again_in(message),
     )

@@ -175,12 +175,14 @@ def retry_delay(
                 resets.append(reset)
     if resets:
         return min(max(resets), MAX_HINT_SECONDS)
+    value = try_again_in(message)
+    return None if value is None else min(value, MAX_HINT_SECONDS)
+
+
+def try_again_in(message: str) -> float | None:
+    """The seconds of a message's "try again in 644ms" (OpenAI's 429s), or ``None``."""
     match = _TRY_AGAIN.search(message)
-    if match:
-        value = parse_duration(match.group(1))
-        if value is not None:
-            return min(value, MAX_HINT_SECONDS)
-    return None
+    return parse_duration(match.group(1)) if match else None
 
 
 def _error_fields(exc: openai.APIStatusError) -> tuple[str, str, str]:

@@ -313,6 +313,7 @@ class RedisBackend:
         self._by_fp: dict[str, KeyState] = {}
         self._fingerprints: dict[str, str] = {}
         self._ring_id = ""
+        self._keys: list[str] = []  # the Redis keys every script declares (see bind)
         self._generation = 0  # bumped when the keys change or Redis failed: register again
         self._registered = (-1, 0.0)  # (generation, monotonic time) of the last registration
         self._merge = False  # register with what this process learned while Redis was down
@@ -363,10 +364,12 @@ class RedisBackend:
         self._by_fp = {fp: state for state, fp in fps.items()}
         digest = hashlib.sha256("\n".join(sorted(fps.values())).encode()).hexdigest()
         self._ring_id = digest[:16]
+        tag = "{" + self.namespace + "}"  # one hash tag: one Cluster slot
+        self._keys = [f"{tag}:state", f"{tag}:load", f"{tag}:ring:{self._ring_id}"]
         with self._lock:
             self._generation += 1
             for gone in [state for state in self._leases if state not in fps]:
-                del self._leases[gone]
+                del self._leases[gone]  # its calls' leases expire in Redis
 
     # -- health ------------------------------------------------------------------------------
     def available(self) -> bool:
@@ -513,18 +516,15 @@ class RedisBackend:
                 self._loops.pop(loop, None)
 
     # -- flows: the script calls of each operation, whoever runs them ------------------------
-    def _keys(self) -> list[str]:
-        """The Redis keys every script declares: one hash tag, one Cluster slot."""
-        tag = "{" + self.namespace + "}"
-        return [f"{tag}:state", f"{tag}:load", f"{tag}:ring:{self._ring_id}"]
-
     def _call(self, name: str, args: list[str]) -> Generator[_Request, Any, Any]:
         """One script call: its reply.  It carries the leases whose choose replies were lost,
         and once Redis has answered, they are no longer lost."""
-        with self._lock:
-            lost = list(self._lost)[:256]
+        lost: list[str] = []
+        if self._lost:
+            with self._lock:
+                lost = list(self._lost)[:256]
         now = "" if self._clock is None else repr(self._clock())
-        reply = yield name, self._keys(), [self._ttl, now, " ".join(lost), *args]
+        reply = yield name, self._keys, [self._ttl, now, " ".join(lost), *args]
         if lost:
             with self._lock:
                 self._lost.difference_update(lost)

@@ -152,14 +152,18 @@ end
 
 -- Cool a key until a deadline; an already later deadline is kept.  ``reason`` is for people;
 -- ``cause`` (a value of CAUSE) is what the scripts compare.
-local function cool(fp, rec, deadline, reason, forbidden, cause)
-  if rec.where == 'disabled' then return end
-  if rec.where == 'cooling' and rec.untl >= deadline then return end
+local function set_deadline(fp, rec, deadline, reason, forbidden, cause)
   rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden =
     'cooling', deadline, reason, cause, forbidden
   rec.cseq = next_seq()  -- keys due at once are made ready in the order they were cooled
   put('k:' .. fp, rec)
   zadd(member(fp, rec), cooling_score(deadline))
+end
+
+local function cool(fp, rec, deadline, reason, forbidden, cause)
+  if rec.where == 'disabled' then return end
+  if rec.where == 'cooling' and rec.untl >= deadline then return end
+  set_deadline(fp, rec, deadline, reason, forbidden, cause)
 end
 
 local function members(pool) return get('m:' .. pool) or {} end

@@ -23,11 +23,7 @@ if op == 'cooldown' then
   if seconds <= 0 then
     if rec.where == 'cooling' then make_ready(fp, rec) end
   else
-    rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden =
-      'cooling', NOW + seconds, reason, CAUSE.set_by_user, 0
-    rec.cseq = next_seq()
-    put('k:' .. fp, rec)
-    zadd(member(fp, rec), cooling_score(rec.untl))
+    set_deadline(fp, rec, NOW + seconds, reason, 0, CAUSE.set_by_user)
   end
   flush()
   return 1
