@@ -98,7 +98,7 @@ def worker(spec: dict[str, Any]) -> None:
     go = json.loads(sys.stdin.readline().split(" ", 1)[1])
     result = _harness.run_threads(wrapped, [(MODEL, spec["threads"])], go["start"],
                                   go["deadline"], spec["grace"])
-    result["shared"] = manager._shared is not None and manager.backend.available()
+    result["shared"] = manager.backend.shared and manager.backend.available()
     print("RESULT " + json.dumps(result), flush=True)
     manager.close()
     os._exit(0)  # threads still busy after the grace period must not keep the process alive
@@ -278,7 +278,7 @@ def overhead(redis_url: str, calls: int = 2_000, rounds: int = 3) -> dict[str, A
             _add(ours_stats, stats_delta(before, after))
             floor_us.append(_timed_us(pair, calls))
             _add(floor_stats, stats_delta(after, command_stats(meter)))
-    assert manager._shared is not None and backend.available(), "Redis failed"
+    assert backend.shared and backend.available(), "Redis failed"
     manager.close()
 
     timed = rounds * calls
