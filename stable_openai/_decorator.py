@@ -42,7 +42,11 @@ class _Options:
 def _first_lease(options: _Options) -> tuple[KeyManager, Lease | None]:
     """The manager of a call, and a lease at once if a key is ready.  Every driver starts
     here; only a call that must wait or fails makes a :class:`_Call`."""
-    manager = options.manager or KeyManager.current() or KeyManager()
+    manager = options.manager  # (not "or": a manager whose keys were all deleted is falsy)
+    if manager is None:
+        manager = KeyManager.current()
+        if manager is None:
+            manager = KeyManager()
     return manager, take_lease(manager)
 
 

@@ -288,7 +288,7 @@ class KeyRing:
             return
         pool = state.pool
         pool.in_flight -= 1
-        if not pool.in_flight:
+        if not pool.in_flight and pool.hooked:  # (no request seen leaving: nothing to heal)
             pool.drained()
 
     def take(self, state: KeyState) -> None:

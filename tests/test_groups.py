@@ -53,6 +53,25 @@ def test_create_does_not_make_a_singleton_either() -> None:
     assert len(group) == 1
 
 
+def test_a_group_whose_keys_were_all_deleted_is_still_the_group_its_function_uses() -> None:
+    """An empty manager is falsy (len 0): it must not be taken for "no manager given" and
+    swapped for the singleton."""
+    from stable_openai import NoKeysError
+
+    KeyManager(made_up_keys(2, "group-single"))
+    (key,) = made_up_keys(1, "group-emptied")
+    group = KeyManager.create([key])
+
+    @stable(manager=group, max_wait=0.1)
+    def which(api_key: str) -> str:
+        return api_key
+
+    assert which() == key
+    assert group.delete_key(key) and len(group) == 0
+    with pytest.raises(NoKeysError):
+        which()
+
+
 def test_create_validates_what_it_is_given() -> None:
     with pytest.raises(ValueError):
         KeyManager.create([])
