@@ -147,14 +147,13 @@ class Budget:
     def send(self, tokens: float, now: float, in_flight: int) -> Spent | None:
         """A request of about ``tokens`` tokens leaves (the pooled client's hook): it is
         unanswered until :meth:`answered`, and spends its tokens."""
+        if self.tokens_left is not None:  # a refill first: this request spends below, once
+            self.refresh(now, in_flight)
         self.tokens_in_flight += tokens
         self.tokens_sent += tokens
         self.hooked += 1
         self.outstanding.append(self.hooked)
         self.avg_tokens = tokens if not self.avg_tokens else 0.8 * self.avg_tokens + 0.2 * tokens
-        if self.tokens_left is None:
-            return None
-        self.refresh(now, in_flight)
         if self.tokens_left is None:
             return None
         self.tokens_left -= tokens

@@ -86,3 +86,17 @@ def test_calls_that_never_sent_stop_counting_once_the_pool_drains() -> None:
     budget.answered(0.0, 1)
     budget.drained()
     assert (budget.sent, budget.hooked, budget.outstanding) == (1, 1, [])
+
+
+def test_a_token_refill_counts_the_request_that_finds_it_once() -> None:
+    budget = Budget()
+    budget.sent += 1
+    budget.send(10.0, 0.0, 1)
+    budget.answered(10.0, 1)
+    tokens = ServerBudget(tokens_limit=100, tokens_left=0, tokens_reset=1.0)
+    assert budget.learn(tokens, mark=1, tokens_sent=10.0, now=0.0) == [
+        Spent(1.0, "budget spent (TPM)", Cause.TOKENS_SPENT)]
+    budget.drained()
+    budget.sent += 1
+    assert budget.send(10.0, 2.0, 1) is None
+    assert budget.tokens_left == 100 - 10  # refilled, less this request: not twice

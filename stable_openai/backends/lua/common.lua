@@ -372,7 +372,7 @@ local function refresh(pool, p, fresh)
   local treset = p.treset or 0
   if treset > 0 and NOW >= treset and (p.trefilled or 0) < treset then
     p.trefilled = treset
-    p.tleft = p.tlimit and (p.tlimit - p.n * (p.avg or 0)) or nil
+    p.tleft = p.tlimit and (p.tlimit - (p.n - fresh) * (p.avg or 0)) or nil
     put('p:' .. pool, p)
   end
 end
