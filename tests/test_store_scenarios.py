@@ -330,8 +330,9 @@ def _outcome(manager: KeyManager, avoid: set[str]) -> tuple[Any, ...]:
 
 @pytest.mark.parametrize("seed", [*range(40), 153, 187, 189, 212])
 def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
-    """Random runs of what calls do — take a key (some to avoid), end it with a budget from
-    the headers, a 429 (with or without an organization), a 500, a 401, a 400, abandon it;
+    """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its
+    pooled client is made), end it with a budget from the headers, an answer with none, a 429
+    (with or without an organization), a 500, a 401, a 400, abandon it;
     set_ttl; give a disabled key again; let time pass — applied to a memory manager and a
     Redis manager on one fake clock.  After every step both must have handed out the same key
     (or raised the same error with the same reasons and wait) and show the same stats().
@@ -368,12 +369,16 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                 if one[0] != "key":
                     assert one == two, where
                 if one[0] == "key":
+                    if rng.random() < 0.3:  # its pooled client is made now: probe its pool
+                        trace[-1] += " (probing)"
+                        one[2].owner.probing(one[2].state)
+                        context.run(two[2].owner.probing, two[2].state)
                     marks = (one[2].owner.sending(one[2].state, 0.0),
                              context.run(two[2].owner.sending, two[2].state, 0.0))
                     held.append((one[2], two[2], *marks, context))
             elif op == "end" and held:
                 one, two, mark_one, mark_two, context = held.pop(rng.randrange(len(held)))
-                how = rng.choice(["budget", "budget", "plain", "verdict", "abandon"])
+                how = rng.choice(["budget", "budget", "plain", "bare", "verdict", "abandon"])
                 trace.append(f"end {keys.index(one.key)}: {how}")
                 if how == "budget":
                     budget = ServerBudget(requests_limit=10, requests_left=rng.randrange(0, 4),
@@ -381,10 +386,13 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                     trace[-1] += f" left {budget.requests_left} reset {budget.requests_reset}"
                     one.owner.answered(one.state, budget, 0.0, mark_one)
                     context.run(two.owner.answered, two.state, budget, 0.0, mark_two)
-                if how == "plain":  # an answer without budget headers
+                if how == "plain":  # an answer, its headers not read (no pooled client)
                     one.owner.answered(one.state, None, 0.0, mark_one)
                     context.run(two.owner.answered, two.state, None, 0.0, mark_two)
-                if how in ("budget", "plain"):
+                if how == "bare":  # an answer whose headers say nothing of the budget
+                    one.owner.answered(one.state, ServerBudget(), 0.0, mark_one)
+                    context.run(two.owner.answered, two.state, ServerBudget(), 0.0, mark_two)
+                if how in ("budget", "plain", "bare"):
                     one.succeed()
                     context.run(two.succeed)
                 elif how == "verdict":

@@ -612,7 +612,7 @@ class RedisBackend:
                 return int(reply[0]) == 1
             self._registered = (-1, 0.0)
             # Redis lost the keys (restarted): the lease is unknown there, the rest counts.
-            args = [args[0], "", *args[2:-3], "", "", ""]
+            args = [args[0], "", *args[2:-4], "", "", "", args[-1]]
         return False
 
     def _control(self, *args: str) -> _Flow[Any]:
@@ -706,7 +706,8 @@ class RedisBackend:
         # A request that left and got no answer may still count at the server: its place
         # stays among the unanswered ones until its pool has no call in flight (as the ring's).
         unanswered = call is not None and call.sent and not call.answered
-        args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else ""]
+        args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else "",
+                 "1" if budget is not None else ""]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

@@ -8,7 +8,8 @@
 -- tokens the call's requests cost (for tpm pacing), ARGV[19] the cause of the fate (a CAUSE
 -- value; the reason in ARGV[8] is only for people), ARGV[20] the pool the call was chosen
 -- in and ARGV[21] its ``sent`` mark ('' without a lease), ARGV[22] '1' when its request
--- left and got no answer.
+-- left and got no answer, ARGV[23] '1' when a successful answer's headers were read (even
+-- if none was about the budget).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -60,18 +61,16 @@ purge(pool)
 -- answer counts, unless it shows a new window; one from a window already refilled is stale.
 local rlimit, rleft, rreset = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local tlimit, tleft, treset = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
+local told = ARGV[23] == '1'
 if mark_then and pool_then ~= pool and pool_then ~= p.was then
   -- chosen in another pool before its key joined this one: its place here is unknown
-  rlimit, rleft, rreset, tlimit, tleft, treset = nil, nil, nil, nil, nil, nil
+  rlimit, rleft, rreset, tlimit, tleft, treset, told = nil, nil, nil, nil, nil, nil, false
 end
 if rlimit then p.limit = rlimit end
-if outcome == 'succeeded' and p.probing == 1 then
-  -- The budget is told now (below), or the server does not tell it: either way, no more probing.
-  p.probing = 0
-  if not (rleft and rreset) then
-    p.left = nil
-    uncool_budget(pool)
-  end
+if told and p.probing == 1 and not (rleft and rreset) then
+  -- The server does not tell the request budget: nothing to wait for, no more probing.
+  p.probing, p.left = 0, nil
+  uncool_budget(pool)
 end
 if tlimit then p.tlimit = tlimit end
 if (rleft and rreset) or (tleft and treset) then
@@ -97,7 +96,7 @@ if (rleft and rreset) or (tleft and treset) then
         p.wstart, p.wreset = nil, nil
       end
       local left = window_bound(p, rleft - unseen)
-      p.left, p.reset, p.snap = left, reset, mark
+      p.left, p.reset, p.snap, p.probing = left, reset, mark, 0
       if left <= 0 then
         cool_pool(pool, reset, 'budget spent (RPM)', CAUSE.requests_spent)
       else
