@@ -328,6 +328,42 @@ def _outcome(manager: KeyManager, avoid: set[str]) -> tuple[Any, ...]:
     return ("key", taken.key, taken)
 
 
+def _on_one_clock(
+    spec: Sequence[str | Key], clock: FakeClock, redis_server: RedisServer
+) -> tuple[KeyManager, KeyManager]:
+    """A memory manager and a Redis manager of the same keys, both on ``clock``."""
+    pytest.importorskip("redis", reason='needs redis-py: pip install "stable-openai[redis]"')
+    from stable_openai.backends import RedisBackend
+
+    memory = KeyManager.create(spec, clock=clock)
+    shared = KeyManager.create(spec, clock=clock, backend=RedisBackend(
+        redis_server.url, namespace=f"lock-{uuid.uuid4().hex[:12]}", clock=clock,
+        lease_seconds=1e6))  # leases expire in Redis only (a crashed worker): not here
+    return memory, shared
+
+
+def test_many_keys_due_at_once_take_their_turn_after_the_ready_ones(
+    redis_server: RedisServer,
+) -> None:
+    """More keys come off cooling at once than Redis reads in one batch: both stores still
+    hand out the ready keys of the lowest load first, then the keys just made ready."""
+    clock = FakeClock()
+    keys = made_up_keys(40, "due")
+    memory, shared = _on_one_clock(keys, clock, redis_server)
+    try:
+        for manager in (memory, shared):
+            for key in keys[:36]:
+                assert manager.set_ttl(key, 1.0)
+        held = [take(memory), take(shared)]  # keys[36]: one call in flight
+        assert [taken.key for taken in held] == [keys[36]] * 2
+        clock.now += 2.0  # the 36 are due
+        order = [[take(manager).key for _ in range(6)] for manager in (memory, shared)]
+        assert order[0] == order[1] == [keys[37], keys[38], keys[39], *keys[:3]]
+    finally:
+        memory.close()
+        shared.close()
+
+
 @pytest.mark.parametrize("seed", [*range(40), 153, 187, 189, 212])
 def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
     """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its
@@ -340,17 +376,11 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
     digits): equal deadlines are equal in both stores."""
     import random
 
-    pytest.importorskip("redis", reason='needs redis-py: pip install "stable-openai[redis]"')
-    from stable_openai.backends import RedisBackend
-
     rng = random.Random(seed)
     clock = FakeClock()
     keys = made_up_keys(5, f"lockstep{seed}")
     spec: list[str | Key] = [Key(keys[0], pool="team"), Key(keys[1], pool="team"), *keys[2:]]
-    memory = KeyManager.create(spec, clock=clock)
-    shared = KeyManager.create(spec, clock=clock, backend=RedisBackend(
-        redis_server.url, namespace=f"lock-{uuid.uuid4().hex[:12]}", clock=clock,
-        lease_seconds=1e6))  # leases expire in Redis only (a crashed worker): not here
+    memory, shared = _on_one_clock(spec, clock, redis_server)
     held: list[tuple[Lease, Lease, Any, Any, contextvars.Context]] = []
     trace: list[str] = []
     try:

@@ -41,6 +41,20 @@ if #due > 0 then
     local rec = key_rec(split(name))
     if not rec or rec.where == 'disabled' then zrem(name) end
   end
+  if more then
+    -- The batch was all or mostly cooling keys: the keys made ready just now come after the
+    -- ready keys of their load (as in the ring), so read those too before choosing.
+    local listed = {}
+    for _, item in ipairs(ready) do listed[item[1]] = true end
+    local page = redis.call('ZRANGE', LOAD, 0, '+inf', 'BYSCORE', 'LIMIT', 0, 32, 'WITHSCORES')
+    for i = 1, #page, 2 do
+      if not listed[page[i]] and not ZADDS[page[i]] then
+        ready[#ready + 1] = {page[i], tonumber(page[i + 1])}
+      end
+    end
+    seen = #page / 2
+    more = #page == 64
+  end
 end
 
 local chosen, fallback, chosen_pool
