@@ -29,6 +29,7 @@ __all__ = [
     "NEW_WINDOW",
     "PROBE_CALLS",
     "PROBE_WAIT",
+    "UNANSWERED_FOR",
     "Budget",
     "Spent",
 ]
@@ -42,6 +43,9 @@ NEW_WINDOW = 0.1
 PROBE_WAIT = 0.05
 #: Calls per key a pool sends before an answer has told its budget.
 PROBE_CALLS = 2
+#: A request that left this long ago and got no answer no longer counts as one the server
+#: may not have counted yet: by now it has, or never will.
+UNANSWERED_FOR = 60.0
 
 
 class Spent(NamedTuple):
@@ -83,7 +87,8 @@ class Budget:
     def __init__(self) -> None:
         self.sent = 0  # calls started on the pool, ever
         self.hooked = 0  # requests seen leaving by the pooled client's hook, ever
-        self.outstanding: list[int] = []  # ``hooked`` marks of requests not answered yet
+        # (``hooked`` mark, when it left) of the requests not answered yet
+        self.outstanding: list[tuple[int, float]] = []
         self.snapshot = -1  # ``hooked`` mark of the request behind the freshest headers
         self.probing = False  # a few calls go out first, to learn the budget from their answers
         self.requests_left: float | None = None
@@ -152,7 +157,7 @@ class Budget:
         self.tokens_in_flight += tokens
         self.tokens_sent += tokens
         self.hooked += 1
-        self.outstanding.append(self.hooked)
+        self.outstanding.append((self.hooked, now))
         self.avg_tokens = tokens if not self.avg_tokens else 0.8 * self.avg_tokens + 0.2 * tokens
         if self.tokens_left is None:
             return None
@@ -170,8 +175,8 @@ class Budget:
         outstanding = self.outstanding
         if mark is None:
             return
-        index = bisect.bisect_left(outstanding, mark)
-        if index < len(outstanding) and outstanding[index] == mark:
+        index = bisect.bisect_left(outstanding, (mark,))
+        if index < len(outstanding) and outstanding[index][0] == mark:
             del outstanding[index]
 
     def drained(self) -> None:
@@ -206,7 +211,10 @@ class Budget:
         # (Calls started on another pool before their key joined this one hook here without
         # having been counted as started: hence the max.)
         started = max(self.sent, self.hooked)
-        unseen = started - mark + bisect.bisect_left(self.outstanding, mark)
+        since = now - UNANSWERED_FOR
+        if any(left_at <= since for _, left_at in self.outstanding):  # counted, or never
+            self.outstanding = [entry for entry in self.outstanding if entry[1] > since]
+        unseen = started - mark + bisect.bisect_left(self.outstanding, (mark,))
         if budget.requests_limit is not None:
             self.requests_limit = budget.requests_limit
         if budget.tokens_limit is not None:

@@ -232,7 +232,7 @@ class KeyRing:
         new.in_flight += state.in_flight
         # Its calls in flight may reach the server after the pool's answers were counted:
         # hold them as unanswered requests older than any of the pool's own.
-        new.outstanding[0:0] = [0] * state.in_flight
+        new.outstanding[0:0] = [(0, self.clock())] * state.in_flight
         state.pool = new
         self._pace(new, state.spec)
         if not old.members:

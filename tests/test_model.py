@@ -100,3 +100,16 @@ def test_a_token_refill_counts_the_request_that_finds_it_once() -> None:
     budget.sent += 1
     assert budget.send(10.0, 2.0, 1) is None
     assert budget.tokens_left == 100 - 10  # refilled, less this request: not twice
+
+
+def test_a_request_unanswered_for_long_no_longer_counts_as_unseen() -> None:
+    from stable_openai._model import UNANSWERED_FOR
+
+    budget = Budget()
+    started(budget, 0.0, 1)  # mark 1: left at 0, never answered (a timeout, a cancel)
+    later = UNANSWERED_FOR + 1.0
+    started(budget, later, 2)  # mark 2
+    budget.answered(0.0, 2)
+    budget.learn(headers(left=5, reset=10.0), mark=2, tokens_sent=0.0, now=later)
+    assert budget.requests_left == 5  # request 1 is counted by now, or never will be
+    assert budget.outstanding == []

@@ -364,6 +364,49 @@ def test_many_keys_due_at_once_take_their_turn_after_the_ready_ones(
         shared.close()
 
 
+def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
+    redis_server: RedisServer,
+) -> None:
+    """A request that left and never got an answer (its call was abandoned) counts as one the
+    server may not have counted yet — until UNANSWERED_FOR has passed: then an answer's
+    remainder is trusted whole, in both stores, though the pool never drained."""
+    from stable_openai._model import UNANSWERED_FOR
+
+    clock = FakeClock()
+    a, b = made_up_keys(2, "unanswered")
+    spec = [Key(a, pool="team"), Key(b, pool="team")]
+    memory, shared = _on_one_clock(spec, clock, redis_server)
+    try:
+        for manager in (memory, shared):
+            context = contextvars.copy_context()
+
+            def sent(manager: KeyManager = manager) -> tuple[Lease, Any]:
+                taken = take(manager)
+                return taken, taken.owner.sending(taken.state, 0.0)
+
+            first, _ = context.run(sent)  # leaves, then is abandoned: never answered
+            context.run(first.abandon)
+            other = contextvars.copy_context()
+            still, _ = other.run(sent)  # stays in flight: the pool never drains
+            clock.now += UNANSWERED_FOR + 1.0
+            third = contextvars.copy_context()
+            answer, mark = third.run(sent)
+            budget = ServerBudget(requests_limit=10, requests_left=5, requests_reset=30.0)
+            third.run(answer.owner.answered, answer.state, budget, 0.0, mark)
+            third.run(answer.succeed)
+            granted = 0
+            with pytest.raises(AllKeysCoolingError):
+                while True:
+                    context.run(take, manager)
+                    granted += 1
+            assert granted == 5, manager.backend  # 5 left: the two old requests were counted
+            clock.now -= UNANSWERED_FOR + 1.0
+            other.run(still.abandon)
+    finally:
+        memory.close()
+        shared.close()
+
+
 @pytest.mark.parametrize("seed", [*range(40), 153, 187, 189, 212])
 def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
     """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its

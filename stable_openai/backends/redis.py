@@ -55,7 +55,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._budget import ServerBudget
 from .._cause import Cause
-from .._model import MAX_RESET, NEW_WINDOW, PROBE_CALLS, PROBE_WAIT
+from .._model import MAX_RESET, NEW_WINDOW, PROBE_CALLS, PROBE_WAIT, UNANSWERED_FOR
 from .._policy import Fate, Verdict
 from .._ring import KeyRing, KeyState, Where
 from ._base import Outcome, Pick, SharedKeyState, StorageError
@@ -97,6 +97,7 @@ def _constants() -> str:
         f"local NEW_WINDOW = {NEW_WINDOW!r}\n"
         f"local PROBE = {PROBE_WAIT!r}\n"
         f"local PROBE_CALLS = {PROBE_CALLS!r}\n"
+        f"local UNANSWERED = {UNANSWERED_FOR!r}\n"
         f"local CAUSE = {{{causes}}}\n"
     )
 

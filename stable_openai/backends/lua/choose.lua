@@ -107,7 +107,7 @@ if chosen then
   p.n = p.n + 1
   p.sent = p.sent + 1
   local sent = p.sent
-  p.out[lease] = {m = sent, e = NOW + lease_seconds, f = chosen}
+  p.out[lease] = {m = sent, e = NOW + lease_seconds, f = chosen, t = NOW}
   put('p:' .. pool, p)
 
   -- Spend one request of the pool's budget (as _model.Budget.spend_request), and its pacing.

@@ -43,7 +43,7 @@
 
 local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
 local TTL = tonumber(ARGV[1])
--- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS and CAUSE come from the Python side: redis.py
+-- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS, UNANSWERED and CAUSE come from the Python side: redis.py
 -- puts them before this file (_model.py's constants, _cause.Cause's values).
 
 local NOW = tonumber(table.remove(ARGV, 2))
@@ -265,7 +265,7 @@ local function move(fp, rec, name)
     -- the old pool keeps them as unanswered until it has no call in flight (as the ring).
     for lease, call in pairs(old.out) do
       if call.f == fp and not call.r then
-        new.out[lease] = {m = 0, e = call.e, f = fp}
+        new.out[lease] = {m = 0, e = call.e, f = fp, t = NOW}
         call.r = 1
       end
     end
@@ -320,6 +320,10 @@ local function purge(pool)
   local expired = {}
   for lease, call in pairs(p.out) do
     if call.e < NOW and not call.r then expired[#expired + 1] = {lease, call.f} end
+    if call.r and (call.t or 0) <= NOW - UNANSWERED then  -- counted by now, or never
+      p.out[lease] = nil
+      put('p:' .. pool, p)
+    end
   end
   for lease, when in pairs(p.gone) do
     if when < NOW - 600 then p.gone[lease] = nil; put('p:' .. pool, p) end

@@ -78,8 +78,8 @@ if (rleft and rreset) or (tleft and treset) then
   if mark_then and (pool_then == pool or pool_then == p.was) then
     mark = mark_then
     unseen = p.sent - mark
-    for _, call in pairs(p.out) do
-      if call.m < mark then unseen = unseen + 1 end
+    for _, call in pairs(p.out) do  -- (one that left long ago is counted by now, or never)
+      if call.m < mark and (call.t or 0) > NOW - UNANSWERED then unseen = unseen + 1 end
     end
   end
   local snap = p.snap or -1
