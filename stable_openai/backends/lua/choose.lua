@@ -15,7 +15,7 @@ for i = 5, #ARGV do avoid[ARGV[i]] = true end
 local function split(name) return string.match(name, '^([^|]+)|(.*)$') end
 
 -- Cooling keys come first in the load set, soonest first: those that are due are made ready
--- (up to a batch a call), then the ready keys are read in order.
+-- (all of them), then the ready keys are read in order.
 local due_below = tonumber(cooling_score(NOW))
 local batch = redis.call('ZRANGE', LOAD, '-inf', '+inf', 'BYSCORE', 'LIMIT', 0, 32,
                          'WITHSCORES')
@@ -30,6 +30,11 @@ for i = 1, #batch, 2 do
   end
 end
 local more = #batch == 64  -- the load set may hold more ready keys than were read
+if more and #due == 32 then
+  -- Every key read is due, and more may be: make them all ready at once, in the order they
+  -- began cooling (as the ring does), not only those a batch read by fingerprint.
+  due = redis.call('ZRANGE', LOAD, '-inf', string.format('%.0f', due_below), 'BYSCORE')
+end
 if #due > 0 then
   local fps = {}
   for i, name in ipairs(due) do fps[i] = split(name) end
