@@ -14,6 +14,21 @@ for i = 5, #ARGV do avoid[ARGV[i]] = true end
 
 local function split(name) return string.match(name, '^([^|]+)|(.*)$') end
 
+-- Append to ``ready`` the next 32 ready keys of the load set from ``offset`` that are not in
+-- it yet nor placed anew by this script; returns how many were read.
+local function read_ready(ready, offset)
+  local listed = {}
+  for _, item in ipairs(ready) do listed[item[1]] = true end
+  local page = redis.call('ZRANGE', LOAD, 0, '+inf', 'BYSCORE', 'LIMIT', offset, 32,
+                          'WITHSCORES')
+  for i = 1, #page, 2 do
+    if not listed[page[i]] and not ZADDS[page[i]] then
+      ready[#ready + 1] = {page[i], tonumber(page[i + 1])}
+    end
+  end
+  return #page / 2
+end
+
 -- Cooling keys come first in the load set, soonest first: those that are due are made ready
 -- (all of them), then the ready keys are read in order.
 local due_below = tonumber(cooling_score(NOW))
@@ -49,16 +64,8 @@ if #due > 0 then
   if more then
     -- The batch was all or mostly cooling keys: the keys made ready just now come after the
     -- ready keys of their load (as in the ring), so read those too before choosing.
-    local listed = {}
-    for _, item in ipairs(ready) do listed[item[1]] = true end
-    local page = redis.call('ZRANGE', LOAD, 0, '+inf', 'BYSCORE', 'LIMIT', 0, 32, 'WITHSCORES')
-    for i = 1, #page, 2 do
-      if not listed[page[i]] and not ZADDS[page[i]] then
-        ready[#ready + 1] = {page[i], tonumber(page[i + 1])}
-      end
-    end
-    seen = #page / 2
-    more = #page == 64
+    seen = read_ready(ready, 0)
+    more = seen == 32
   end
 end
 
@@ -74,14 +81,10 @@ while true do
   end
   if chosen or not more then break end
   -- None of this ring's, or all to avoid: read on.
-  local page = redis.call('ZRANGE', LOAD, 0, '+inf', 'BYSCORE', 'LIMIT', seen, 32,
-                          'WITHSCORES')
   ready = {}
-  for i = 1, #page, 2 do
-    if not ZADDS[page[i]] then ready[#ready + 1] = {page[i], tonumber(page[i + 1])} end
-  end
-  seen = seen + #page / 2
-  more = #page == 64
+  local read = read_ready(ready, seen)
+  seen = seen + read
+  more = read == 32
 end
 chosen = chosen or fallback
 
@@ -147,9 +150,7 @@ if #fps == 0 then
   flush()
   return {-1}
 end
-local fields = {}
-for i, fp in ipairs(fps) do fields[i] = 'k:' .. fp end
-need(fields)
+need_keys(fps)
 for _, fp in ipairs(fps) do
   local rec = key_rec(fp)
   if not rec then

@@ -43,8 +43,8 @@
 
 local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
 local TTL = tonumber(ARGV[1])
--- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS, UNANSWERED and CAUSE come from the Python side: redis.py
--- puts them before this file (_model.py's constants, _cause.Cause's values).
+-- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS, UNANSWERED and CAUSE come from the Python
+-- side: redis.py puts them before this file (_model.py's constants, _cause.Cause's values).
 
 local NOW = tonumber(table.remove(ARGV, 2))
 if not NOW then
@@ -95,6 +95,14 @@ local function put(field, value)
 end
 
 local function key_rec(fp) return get('k:' .. fp) end
+
+-- Read the records of the keys ``fps`` (a list of fingerprints) in one go; returns ``fps``.
+local function need_keys(fps)
+  local fields = {}
+  for i, fp in ipairs(fps) do fields[i] = 'k:' .. fp end
+  need(fields)
+  return fps
+end
 local function pool_rec(name) return get('p:' .. name) end
 local function member(fp, rec) return fp .. '|' .. rec.pool end
 
@@ -168,12 +176,7 @@ end
 
 local function members(pool) return get('m:' .. pool) or {} end
 
-local function member_recs(pool)
-  local fps, fields = members(pool), {}
-  for i, fp in ipairs(fps) do fields[i] = 'k:' .. fp end
-  need(fields)
-  return fps
-end
+local function member_recs(pool) return need_keys(members(pool)) end
 
 -- Cool every key of a pool: they share the budget that is spent.
 local function cool_pool(pool, deadline, reason, cause)
@@ -289,27 +292,31 @@ end
 -- came, so the server may still count it: its mark stays among the pool's unanswered ones
 -- until the pool has no call in flight (as _model.Budget.outstanding).  Returns whether it
 -- was still in flight.
-local function forget_call(fp, lease, pool, unanswered)
-  local found = false
+-- The pool whose calls in flight hold ``lease`` (chosen in ``pool``; its key ``fp`` may have
+-- moved since), and that pool's record; nil when it is not in flight.
+local function find_call(fp, lease, pool)
   for _, name in ipairs({pool, (key_rec(fp) or {}).pool}) do
     local p = pool_rec(name)
     local call = p and p.out[lease]
-    if call and not call.r then
-      if unanswered then call.r = 1 else p.out[lease] = nil end
-      p.n = math.max(0, p.n - 1)
-      if p.n == 0 then p.out = {} end
-      put('p:' .. name, p)
-      found = true
-      break
-    end
+    if call and not call.r then return name, p end
   end
+  return nil, nil
+end
+
+local function forget_call(fp, lease, pool, unanswered)
+  local name, p = find_call(fp, lease, pool)
+  if not name then return false end
+  if unanswered then p.out[lease].r = 1 else p.out[lease] = nil end
+  p.n = math.max(0, p.n - 1)
+  if p.n == 0 then p.out = {} end
+  put('p:' .. name, p)
   local rec = key_rec(fp)
-  if found and rec then
+  if rec then
     rec.n = math.max(0, rec.n - 1)
     put('k:' .. fp, rec)
     if rec.where == 'ready' then place(fp, rec) end
   end
-  return found
+  return true
 end
 
 -- Release the leases of a pool that expired (their worker died or froze): a late report of
@@ -339,12 +346,9 @@ local function forget_lost()
   if ARGV[2] == '' then return end
   local lost = {}
   for lease in string.gmatch(ARGV[2], '%S+') do lost[lease] = true end
-  local fields = {}
-  for _, fp in ipairs(redis.call('SMEMBERS', RING)) do fields[#fields + 1] = 'k:' .. fp end
-  need(fields)
   local pools = {}
-  for _, field in ipairs(fields) do
-    local rec = REC[field]
+  for _, fp in ipairs(need_keys(redis.call('SMEMBERS', RING))) do
+    local rec = key_rec(fp)
     if rec then pools[rec.pool] = true end
   end
   for pool in pairs(pools) do
@@ -405,9 +409,7 @@ end
 -- Make the cooling keys among ``fps`` ready, in the order they began cooling (as the ring's
 -- heap pops them), each pool brought up to date first.  Returns the keys made ready.
 local function promote(fps)
-  local fields = {}
-  for i, fp in ipairs(fps) do fields[i] = 'k:' .. fp end
-  need(fields)
+  need_keys(fps)
   local due = {}
   for _, fp in ipairs(fps) do
     local rec = key_rec(fp)

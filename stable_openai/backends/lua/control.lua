@@ -8,10 +8,10 @@
 
 local op = ARGV[3]
 forget_lost()
-if op ~= 'cooldown' then
-  local fields = {}
-  for i = 4, #ARGV do fields[#fields + 1] = 'k:' .. ARGV[i] end
-  need(fields)
+if op ~= 'cooldown' then  -- (not unpack: ten thousand keys would overflow Lua's stack)
+  local fps = {}
+  for i = 4, #ARGV do fps[#fps + 1] = ARGV[i] end
+  need_keys(fps)
 end
 if op == 'cooldown' then
   local fp, seconds, reason = ARGV[4], tonumber(ARGV[5]), ARGV[6]

@@ -8,12 +8,9 @@
 -- Returns the number of keys that were new here.
 
 forget_lost()
-local fields, fps = {}, {}
-for i = 3, #ARGV, 9 do
-  fps[#fps + 1] = ARGV[i]
-  fields[#fields + 1] = 'k:' .. ARGV[i]
-end
-need(fields)
+local fps = {}
+for i = 3, #ARGV, 9 do fps[#fps + 1] = ARGV[i] end
+need_keys(fps)
 local new = 0
 for i = 3, #ARGV, 9 do
   local fp, weight, pool = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]

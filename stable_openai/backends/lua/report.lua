@@ -33,10 +33,10 @@ if lease ~= '' then
   -- this one then finds it neither in flight nor gone, and counts once.
   purge(pool_then)
   if rec.pool ~= pool_then then purge(rec.pool) end
+  in_flight = find_call(fp, lease, pool_then) ~= nil
   local gone = false
   for _, name in ipairs({pool_then, rec.pool}) do
     local p = pool_rec(name)
-    if p and p.out[lease] and not p.out[lease].r then in_flight = true end
     if p and p.gone[lease] then gone = true; p.gone[lease] = nil; put('p:' .. name, p) end
   end
   if not (in_flight or gone) then
