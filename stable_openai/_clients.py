@@ -43,10 +43,7 @@ class _Hooks:
         extensions = response.request.extensions
         estimated = extensions.get("stable_openai_tokens", 0.0)
         budget = read_headers(response.headers) if response.status_code < 400 else None
-        # The server has counted this request: its tokens are no longer in flight.
-        self.reports.answered(
-            self.state, budget, estimated, extensions.get("stable_openai_marks")
-        )
+        self.reports.answered(self.state, budget, extensions.get("stable_openai_marks"))
         if read and estimated and self.reports.wants_usage(self.state):
             actual = usage_tokens(response.content)
             if actual is not None:

@@ -28,13 +28,12 @@ class KeyReports(Protocol):
     """What a pooled client's hooks tell about the requests they see on one key."""
 
     def sending(self, state: KeyState, tokens: float) -> Marks:
-        """A request of about ``tokens`` tokens leaves on ``state``; returns where its pool
-        stood, for :meth:`answered` to place the answer."""
+        """A request of about ``tokens`` tokens leaves on ``state`` (they count towards its
+        call's cost, reported when the call ends); returns where its pool stood, for
+        :meth:`answered` to place the answer."""
         ...
 
-    def answered(
-        self, state: KeyState, budget: ServerBudget | None, tokens: float, marks: Marks | None
-    ) -> None:
+    def answered(self, state: KeyState, budget: ServerBudget | None, marks: Marks | None) -> None:
         """The server answered that request (``budget``: what a success's headers said)."""
         ...
 

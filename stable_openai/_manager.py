@@ -12,6 +12,7 @@ does, and decides alone whenever the backend cannot be reached.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
@@ -480,9 +481,10 @@ class KeyManager:
         )
 
     def _abandon(self, state: KeyState) -> None:
+        tokens = _call_tokens(state)
         with self._lock:
-            self._ring.release(state)
-        self._backend.report(state, "abandoned")
+            self._ring.end(state, tokens)
+        self._backend.report(state, "abandoned", tokens=tokens)
 
     def _give_back(self, state: KeyState) -> None:
         with self._lock:
@@ -495,11 +497,14 @@ class KeyManager:
         organization = None
         if verdict.pooled and exc is not None:
             organization = organization_in(str(getattr(exc, "message", "")))
+        tokens = _call_tokens(state)
         with self._lock:
-            self._ring.fail(state, rate_limited=verdict.rate_limited)
+            self._ring.fail(
+                state, rate_limited=verdict.rate_limited, tokens=tokens, organization=organization
+            )
             first_disable = self._ring.apply_verdict(state, verdict, organization)
         outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
-        self._backend.report(state, outcome, verdict, organization)
+        self._backend.report(state, outcome, verdict, organization, tokens)
         if first_disable:
             logger.warning("API key %s disabled: %s", state.masked, verdict.reason)
         elif verdict.fate is Fate.COOL:
@@ -508,14 +513,13 @@ class KeyManager:
             )
 
     def _learn(
-        self, state: KeyState, budget: ServerBudget | None, tokens: float = 0.0,
-        marks: Marks | None = None,
+        self, state: KeyState, budget: ServerBudget | None, marks: Marks | None = None
     ) -> None:
-        """A response arrived on ``state`` for a request of ``tokens`` tokens, sent when the
-        pool stood at ``marks``; a successful one carries the pool's budget in its headers."""
+        """A response arrived on ``state`` for a request sent when the pool stood at
+        ``marks``; a successful one carries the pool's budget in its headers."""
         self._backend.observe(state, budget, answered=True)
         with self._lock:
-            self._ring.answered(state, tokens, marks)
+            self._ring.answered(state, marks)
             if budget is not None and self._ring.learn(state, budget, marks):
                 self._notify()
 
@@ -524,15 +528,11 @@ class KeyManager:
             self._ring.probe(state)
         self._backend.probe(state)
 
-    def _spend_tokens(self, state: KeyState, tokens: float) -> Marks:
-        self._backend.observe(state, tokens=tokens, sent=True)
+    def _sending(self, state: KeyState, tokens: float) -> Marks:
+        _add_call_tokens(state, tokens)
+        self._backend.observe(state, sent=True)
         with self._lock:
-            return self._ring.spend_tokens(state, tokens)
-
-    def _correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
-        self._backend.observe(state, tokens=actual - estimated)
-        with self._lock:
-            self._ring.correct_tokens(state, estimated, actual)
+            return self._ring.sent(state)
 
 
 class _Owner:
@@ -547,9 +547,10 @@ class _Owner:
     def succeeded(self, state: KeyState) -> None:
         # The path of nearly every call: _succeed's work done here, one call less.
         manager = self._manager
+        tokens = _call_tokens(state)
         with manager._lock:
-            manager._ring.succeed(state)
-        manager._backend.report(state, "succeeded")
+            manager._ring.succeed(state, tokens)
+        manager._backend.report(state, "succeeded", tokens=tokens)
 
     def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None:
         self._manager._fail(state, verdict, error)
@@ -561,21 +562,42 @@ class _Owner:
         self._manager._give_back(state)
 
     def sending(self, state: KeyState, tokens: float) -> Marks:
-        return self._manager._spend_tokens(state, tokens)
+        return self._manager._sending(state, tokens)
 
-    def answered(
-        self, state: KeyState, budget: ServerBudget | None, tokens: float, marks: Marks | None
-    ) -> None:
-        self._manager._learn(state, budget, tokens, marks)
+    def answered(self, state: KeyState, budget: ServerBudget | None, marks: Marks | None) -> None:
+        self._manager._learn(state, budget, marks)
 
     def corrected(self, state: KeyState, estimated: float, actual: float) -> None:
-        self._manager._correct_tokens(state, estimated, actual)
+        _add_call_tokens(state, actual - estimated)
 
     def probing(self, state: KeyState) -> None:
         self._manager._probe(state)
 
     def wants_usage(self, state: KeyState) -> bool:
         return state.pool.token_bucket is not None
+
+
+#: The tokens the requests of this thread's or task's calls cost so far, by key: the pooled
+#: client's hooks (which run in the thread or task of the call) add to them, and the call's end
+#: hands them to the ring and the backend, so that both stores take in a call's tokens at one
+#: moment.  Never mutated: each change sets a new mapping, so tasks never share one.
+_CALL_TOKENS: contextvars.ContextVar[Mapping[KeyState, float] | None] = contextvars.ContextVar(
+    "stable_openai_call_tokens", default=None
+)
+
+
+def _add_call_tokens(state: KeyState, tokens: float) -> None:
+    calls = _CALL_TOKENS.get() or {}
+    _CALL_TOKENS.set({**calls, state: calls.get(state, 0.0) + tokens})
+
+
+def _call_tokens(state: KeyState) -> float:
+    """The tokens of this thread's or task's call on ``state``, which is ending."""
+    calls = _CALL_TOKENS.get()
+    if not calls or state not in calls:
+        return 0.0
+    _CALL_TOKENS.set({key: value for key, value in calls.items() if key is not state})
+    return calls[state]
 
 
 def take_lease(manager: KeyManager, avoid: set[KeyState] | None = None) -> Lease | None:

@@ -18,6 +18,7 @@ answers.
 from __future__ import annotations
 
 import bisect
+import math
 from typing import Final, NamedTuple
 
 from ._budget import ServerBudget
@@ -74,12 +75,10 @@ class Budget:
         "requests_reset_at",
         "sent",
         "snapshot",
-        "tokens_in_flight",
         "tokens_left",
         "tokens_limit",
         "tokens_refilled",
         "tokens_reset_at",
-        "tokens_sent",
         "window_reset",
         "window_start",
     )
@@ -95,9 +94,10 @@ class Budget:
         self.requests_limit: int | None = None
         self.requests_reset_at = 0.0
         self.requests_refilled = 0.0  # the reset already refilled: answers before it are stale
-        self.tokens_in_flight = 0.0
-        self.tokens_sent = 0.0  # tokens of the requests sent, ever
-        self.avg_tokens = 0.0  # a moving average of the tokens a request costs
+        # A moving average of the tokens a call's requests cost: each call is counted at that
+        # much when it starts (its size is known only when it ends, and not at all to a
+        # shared store until then), and corrected by the next answer's headers.
+        self.avg_tokens = 0.0
         self.tokens_left: float | None = None
         self.tokens_limit: int | None = None
         self.tokens_reset_at = 0.0
@@ -130,48 +130,51 @@ class Budget:
         if reset_at and now >= reset_at and self.tokens_refilled < reset_at:
             self.tokens_refilled = reset_at
             self.tokens_left = (
-                None if self.tokens_limit is None else self.tokens_limit - self.tokens_in_flight
+                None
+                if self.tokens_limit is None
+                else self.tokens_limit - (in_flight - fresh) * self.avg_tokens
             )
 
-    def spend_request(self, now: float, in_flight: int) -> Spent | None:
+    def spend_request(self, now: float, in_flight: int) -> list[Spent]:
         """A call started (counted in ``sent`` and ``in_flight`` already): it spends one
-        request of what is left."""
-        if self.requests_left is None:
-            return None
+        request of what is left, and a call's worth of tokens (``avg_tokens``)."""
+        if self.requests_left is None and self.tokens_left is None:
+            return []
         self.refresh(now, in_flight, fresh=1)
-        if self.requests_left is None:
-            return None
-        self.requests_left = self.window_bound(self.requests_left - 1)
-        if self.requests_left > 0:
-            return None
-        # Until the server's reset, or until an answer says when that is.
-        reset_at = self.requests_reset_at
-        until = reset_at if reset_at > now else now + PROBE_WAIT
-        return Spent(until, "budget spent (RPM)", Cause.REQUESTS_SPENT)
+        spent = []
+        if self.requests_left is not None:
+            self.requests_left = self.window_bound(self.requests_left - 1)
+            if self.requests_left <= 0:
+                # Until the server's reset, or until an answer says when that is.
+                reset_at = self.requests_reset_at
+                until = reset_at if reset_at > now else now + PROBE_WAIT
+                spent.append(Spent(until, "budget spent (RPM)", Cause.REQUESTS_SPENT))
+        if self.tokens_left is not None:
+            self.tokens_left -= self.avg_tokens
+            if self.tokens_left < max(1.0, self.avg_tokens):
+                reset_at = self.tokens_reset_at
+                until = reset_at if reset_at > now else now + PROBE_WAIT
+                spent.append(Spent(until, "budget spent (TPM)", Cause.TOKENS_SPENT))
+        return spent
 
-    def send(self, tokens: float, now: float, in_flight: int) -> Spent | None:
-        """A request of about ``tokens`` tokens leaves (the pooled client's hook): it is
-        unanswered until :meth:`answered`, and spends its tokens."""
-        if self.tokens_left is not None:  # a refill first: this request spends below, once
-            self.refresh(now, in_flight)
-        self.tokens_in_flight += tokens
-        self.tokens_sent += tokens
+    def send(self, now: float) -> int:
+        """A request leaves (the pooled client's hook saw it): it is unanswered until
+        :meth:`answered`.  Returns its mark."""
         self.hooked += 1
         self.outstanding.append((self.hooked, now))
-        self.avg_tokens = tokens if not self.avg_tokens else 0.8 * self.avg_tokens + 0.2 * tokens
-        if self.tokens_left is None:
-            return None
-        self.tokens_left -= tokens
-        if self.tokens_left >= self.avg_tokens:
-            return None
-        reset_at = self.tokens_reset_at
-        until = reset_at if reset_at > now else now + PROBE_WAIT
-        return Spent(until, "budget spent (TPM)", Cause.TOKENS_SPENT)
+        return self.hooked
 
-    def answered(self, tokens: float, mark: int | None) -> None:
+    def cost(self, tokens: float) -> None:
+        """A call ended whose requests cost ``tokens`` tokens (estimated when they left,
+        corrected by the answers' ``usage``): the next calls are counted at the new average."""
+        if tokens > 0:  # in whole tokens: sums of them are exact in both stores
+            avg = self.avg_tokens
+            moved = tokens if not avg else 0.8 * avg + 0.2 * tokens
+            self.avg_tokens = float(math.floor(moved + 0.5))
+
+    def answered(self, mark: int | None) -> None:
         """The request that left at ``mark`` (``0``: before its key joined this pool; ``None``:
         unknown) was answered: it is no longer unanswered."""
-        self.tokens_in_flight = max(0.0, self.tokens_in_flight - tokens)
         outstanding = self.outstanding
         if mark is None:
             return
@@ -182,7 +185,6 @@ class Budget:
     def drained(self) -> None:
         """The pool has no call in flight: nothing is unanswered any more (heals lost answers),
         and calls that never sent a request (they failed first) no longer count as started."""
-        self.tokens_in_flight = 0.0
         self.outstanding.clear()
         never_sent = self.sent - self.hooked
         if never_sent > 0:
@@ -197,11 +199,9 @@ class Budget:
             self.probing = True
             self.requests_left = float(PROBE_CALLS * keys) - in_flight
 
-    def learn(
-        self, budget: ServerBudget, mark: int, tokens_sent: float, now: float
-    ) -> list[Spent | str]:
-        """Take in what an answer's headers say: the request that left at ``mark`` (when
-        ``tokens_sent`` tokens had left) was answered with ``budget``.
+    def learn(self, budget: ServerBudget, mark: int, now: float) -> list[Spent | str]:
+        """Take in what an answer's headers say: the request that left at ``mark`` was
+        answered with ``budget``.
 
         The remainders count the requests the server admitted up to this one; what the pool
         sent after it is taken off, and — as requests may overtake each other on the way —
@@ -220,11 +220,12 @@ class Budget:
         if budget.tokens_limit is not None:
             self.tokens_limit = budget.tokens_limit
         decisions: list[Spent | str] = []
+        snapshot = self.snapshot  # the freshest answer before this one, for both budgets
         if budget.requests_left is not None and budget.requests_reset is not None:
             reset_at = now + min(budget.requests_reset, MAX_RESET)
             if reset_at <= self.requests_refilled + NEW_WINDOW:
                 pass  # an answer from a window already over and refilled: stale
-            elif mark >= self.snapshot or reset_at > self.requests_reset_at + NEW_WINDOW:
+            elif mark >= snapshot or reset_at > self.requests_reset_at + NEW_WINDOW:
                 self.probing = False
                 self.snapshot = mark
                 self.requests_reset_at = reset_at
@@ -246,9 +247,9 @@ class Budget:
             reset_at = now + min(budget.tokens_reset, MAX_RESET)
             if reset_at <= self.tokens_refilled + NEW_WINDOW:
                 pass  # stale, as above
-            elif mark >= self.snapshot or reset_at > self.tokens_reset_at + NEW_WINDOW:
+            elif mark >= snapshot or reset_at > self.tokens_reset_at + NEW_WINDOW:
                 self.tokens_reset_at = reset_at
-                self.tokens_left = budget.tokens_left - (self.tokens_sent - tokens_sent)
+                self.tokens_left = budget.tokens_left - unseen * self.avg_tokens
                 if self.tokens_left < max(1.0, self.avg_tokens):
                     decisions.append(Spent(reset_at, "budget spent (TPM)", Cause.TOKENS_SPENT))
         return decisions

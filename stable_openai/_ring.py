@@ -39,8 +39,8 @@ __all__ = [
     "normalize_keys",
 ]
 
-#: Where a request stood when it left: its pool, and that pool's request and token counts.
-Marks = tuple["Pool", int, float]
+#: Where a request stood when it left: its pool, and its mark there (``Budget.send``).
+Marks = tuple["Pool", int]
 
 
 class Where(enum.Enum):
@@ -314,7 +314,11 @@ class KeyRing:
         pool = state.pool
         pool.in_flight += 1
         pool.sent += 1
-        if pool.requests_left is not None or pool.request_bucket is not None:
+        if (
+            pool.requests_left is not None
+            or pool.tokens_left is not None
+            or pool.request_bucket is not None
+        ):
             self._spend_request(pool)
 
     def give_back(self, state: KeyState) -> None:
@@ -322,22 +326,53 @@ class KeyRing:
         state.calls -= 1
         self.release(state)
 
-    def succeed(self, state: KeyState) -> None:
+    def succeed(self, state: KeyState, tokens: float = 0.0) -> None:
+        """A call on ``state`` succeeded; its requests cost ``tokens`` tokens."""
         state.successes += 1
-        self.release(state)
+        self.end(state, tokens)
 
-    def fail(self, state: KeyState, *, rate_limited: bool = False) -> None:
+    def fail(
+        self,
+        state: KeyState,
+        *,
+        rate_limited: bool = False,
+        tokens: float = 0.0,
+        organization: str | None = None,
+    ) -> None:
+        """A call on ``state`` failed; ``organization``: the one its 429 named, which becomes
+        the key's pool (and takes in the call's tokens) if it has none yet."""
         if rate_limited:
             state.rate_limits += 1
         else:
             state.failures += 1
         self.release(state)
+        self.join_named(state, organization)
+        self._cost(state, tokens)
+
+    def end(self, state: KeyState, tokens: float = 0.0) -> None:
+        """A call on ``state`` is over (succeeded, failed or abandoned); its requests cost
+        ``tokens`` tokens, which its pool's average and token pacing take in."""
+        self.release(state)
+        self._cost(state, tokens)
+
+    def _cost(self, state: KeyState, tokens: float) -> None:
+        if tokens and state.where is not Where.REMOVED:
+            pool = state.pool
+            pool.cost(tokens)
+            bucket = pool.token_bucket
+            if bucket is not None:
+                now = self.clock()
+                bucket.take(tokens, now)
+                wait = bucket.ready_in(now, pool.avg_tokens)
+                if wait > 0:
+                    self.cool_pool(pool, wait, "paced (tpm)", Cause.PACED)
 
     # -- budgets -----------------------------------------------------------------------------
     def _spend_request(self, pool: Pool) -> None:
         """A call leaves ``pool``: cool the pool if that spends its budget, or its pacing."""
         now = self.clock()
-        self._apply(pool, pool.spend_request(now, pool.in_flight))
+        for spent in pool.spend_request(now, pool.in_flight):
+            self._apply(pool, spent)
         bucket = pool.request_bucket
         if bucket is not None:
             bucket.take(1.0, now)
@@ -353,19 +388,11 @@ class KeyRing:
             return self._uncool_budget(pool)
         return False
 
-    def spend_tokens(self, state: KeyState, tokens: float) -> Marks:
-        """A request of about ``tokens`` tokens is being sent on ``state``.  Returns its marks
-        (calls started, tokens sent) for :meth:`learn` to place its answer."""
+    def sent(self, state: KeyState) -> Marks:
+        """A request leaves on ``state`` (the pooled client's hook saw it).  Returns its marks
+        for :meth:`learn` to place its answer."""
         pool = state.pool
-        now = self.clock()
-        self._apply(pool, pool.send(tokens, now, pool.in_flight))
-        bucket = pool.token_bucket
-        if bucket is not None:
-            bucket.take(tokens, now)
-            wait = bucket.ready_in(now, pool.avg_tokens)
-            if wait > 0:
-                self.cool_pool(pool, wait, "paced (tpm)", Cause.PACED)
-        return pool, pool.hooked, pool.tokens_sent
+        return pool, pool.send(self.clock())
 
     def probe(self, state: KeyState) -> None:
         """``state`` will be called through a client whose answers tell the budget: until the
@@ -373,19 +400,13 @@ class KeyRing:
         pool = state.pool
         pool.probe(len(pool.members), pool.in_flight)
 
-    def correct_tokens(self, state: KeyState, estimated: float, actual: float) -> None:
-        """The server counted ``actual`` tokens for a request estimated at ``estimated``."""
-        bucket = state.pool.token_bucket
-        if bucket is not None and actual != estimated:
-            bucket.take(actual - estimated, self.clock())
-
-    def answered(self, state: KeyState, tokens: float, marks: Marks | None = None) -> None:
-        """The server answered a request of ``tokens`` tokens: they are no longer in flight."""
+    def answered(self, state: KeyState, marks: Marks | None = None) -> None:
+        """The server answered a request that left on ``state`` at ``marks``."""
         pool = state.pool
         if marks is None:
-            pool.answered(tokens, None)
+            pool.answered(None)
         else:  # mark 0: sent before its key joined this pool
-            pool.answered(tokens, marks[1] if marks[0] is pool else 0)
+            pool.answered(marks[1] if marks[0] is pool else 0)
 
     def learn(self, state: KeyState, budget: ServerBudget, marks: Marks | None = None) -> bool:
         """Take in what a successful response's headers say about ``state``'s pool (see
@@ -401,9 +422,9 @@ class KeyRing:
         pool = state.pool
         if marks is not None and marks[0] is not pool:
             return False  # sent before its key joined this pool: its place here is unknown
-        _, mark, tokens_sent = marks if marks is not None else (pool, pool.hooked, pool.tokens_sent)
+        mark = marks[1] if marks is not None else pool.hooked
         freed = False
-        for decision in pool.learn(budget, mark, tokens_sent, self.clock()):
+        for decision in pool.learn(budget, mark, self.clock()):
             freed = self._apply(pool, decision) or freed
         return freed
 
@@ -470,14 +491,19 @@ class KeyRing:
         state.cause = cause
         return True
 
+    def join_named(self, state: KeyState, organization: str | None) -> None:
+        """``organization`` (named by a 429 message) becomes ``state``'s pool if it has none
+        yet (neither given nor learned)."""
+        if organization and not state.pool.learned:
+            self.join_pool(state, organization)
+
     def apply_verdict(
         self, state: KeyState, verdict: Verdict, organization: str | None = None
     ) -> bool:
         """Apply what a failure means to ``state`` (and its pool).  ``organization`` (named by
         a 429 message) becomes the key's pool if it has none yet.  ``True`` if this disabled
         the key (it was not disabled before)."""
-        if organization and not state.pool.learned:
-            self.join_pool(state, organization)
+        self.join_named(state, organization)
         if verdict.fate is Fate.COOL:
             if verdict.pooled:
                 self.cool_pool(state.pool, verdict.seconds, verdict.reason, verdict.cause)
@@ -525,7 +551,6 @@ class KeyRing:
                 state.in_flight = state.level = 0
         for pool in self._pools.values():
             pool.in_flight = 0
-            pool.tokens_in_flight = 0.0
             pool.outstanding.clear()
 
     # -- internals -----------------------------------------------------------------------------

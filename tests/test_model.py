@@ -14,11 +14,13 @@ def headers(left: int, reset: float, limit: int = 10) -> ServerBudget:
 
 
 def started(budget: Budget, now: float, in_flight: int) -> Spent | None:
-    """A call starts on the pool and its request leaves at once."""
+    """A call starts on the pool and its request leaves at once; what the call's start
+    decided (at most one budget is known in these tests)."""
     budget.sent += 1
-    decision = budget.spend_request(now, in_flight)
-    budget.send(0.0, now, in_flight)
-    return decision
+    decisions = budget.spend_request(now, in_flight)
+    budget.send(now)
+    assert len(decisions) <= 1
+    return decisions[0] if decisions else None
 
 
 def test_an_unknown_budget_decides_nothing() -> None:
@@ -31,8 +33,8 @@ def test_an_answer_tells_what_is_left_less_what_left_after_it() -> None:
     budget = Budget()
     assert started(budget, 0.0, 1) is None  # mark 1
     assert started(budget, 0.0, 2) is None  # mark 2, still unanswered
-    budget.answered(0.0, 1)
-    assert budget.learn(headers(left=3, reset=10.0), mark=1, tokens_sent=0.0, now=1.0) == [FREED]
+    budget.answered(1)
+    assert budget.learn(headers(left=3, reset=10.0), mark=1, now=1.0) == [FREED]
     assert budget.requests_left == 2  # the server counted call 1; call 2 left after it
     assert started(budget, 1.0, 2) is None
     assert started(budget, 1.0, 3) == Spent(11.0, "budget spent (RPM)", Cause.REQUESTS_SPENT)
@@ -51,55 +53,69 @@ def test_a_stale_answer_is_ignored_and_a_new_window_counts() -> None:
     budget = Budget()
     started(budget, 0.0, 1)
     started(budget, 0.0, 2)
-    budget.answered(0.0, 2)
-    budget.learn(headers(left=5, reset=10.0), mark=2, tokens_sent=0.0, now=0.0)
+    budget.answered(2)
+    budget.learn(headers(left=5, reset=10.0), mark=2, now=0.0)
     assert budget.requests_left == 5 - 1  # call 1 left before it, unanswered: maybe not counted
-    budget.answered(0.0, 1)
+    budget.answered(1)
     # An older answer from the same window says less: it is not the freshest.
-    assert budget.learn(headers(left=1, reset=10.0), mark=1, tokens_sent=0.0, now=0.0) == []
+    assert budget.learn(headers(left=1, reset=10.0), mark=1, now=0.0) == []
     assert budget.requests_left == 5 - 1
     # An older answer that shows a later window counts.
-    budget.learn(headers(left=9, reset=30.0), mark=1, tokens_sent=0.0, now=0.0)
+    budget.learn(headers(left=9, reset=30.0), mark=1, now=0.0)
     assert budget.requests_left == 9 - 1  # call 2 left after it
 
 
 def test_after_a_refill_the_window_admits_its_limit_less_the_calls_since() -> None:
     budget = Budget()
     started(budget, 0.0, 1)
-    budget.answered(0.0, 1)
-    budget.learn(headers(left=0, reset=1.0, limit=3), mark=1, tokens_sent=0.0, now=0.0)
+    budget.answered(1)
+    budget.learn(headers(left=0, reset=1.0, limit=3), mark=1, now=0.0)
     budget.drained()
     for in_flight in (1, 2):
         assert started(budget, 2.0, in_flight) is None  # refilled at 1.0: 3, then 2, 1 left
     # (The call that finds the refill is in flight, and counted once: not also as in flight.)
     assert budget.window_start == 1 and budget.requests_left == 1
     # An answer from the new window that says more cannot lift the bound.
-    budget.answered(0.0, 2)
-    budget.learn(headers(left=3, reset=3.0, limit=3), mark=2, tokens_sent=0.0, now=2.0)
+    budget.answered(2)
+    budget.learn(headers(left=3, reset=3.0, limit=3), mark=2, now=2.0)
     assert budget.requests_left == 3 - 2
 
 
 def test_calls_that_never_sent_stop_counting_once_the_pool_drains() -> None:
     budget = Budget()
     budget.sent += 2  # two calls started; one fails before its request leaves
-    budget.send(0.0, 0.0, 2)
-    budget.answered(0.0, 1)
+    budget.send(0.0)
+    budget.answered(1)
     budget.drained()
     assert (budget.sent, budget.hooked, budget.outstanding) == (1, 1, [])
 
 
-def test_a_token_refill_counts_the_request_that_finds_it_once() -> None:
+def test_tokens_count_a_call_at_the_average_until_its_end_tells_its_cost() -> None:
     budget = Budget()
-    budget.sent += 1
-    budget.send(10.0, 0.0, 1)
-    budget.answered(10.0, 1)
-    tokens = ServerBudget(tokens_limit=100, tokens_left=0, tokens_reset=1.0)
-    assert budget.learn(tokens, mark=1, tokens_sent=10.0, now=0.0) == [
-        Spent(1.0, "budget spent (TPM)", Cause.TOKENS_SPENT)]
-    budget.drained()
-    budget.sent += 1
-    assert budget.send(10.0, 2.0, 1) is None
-    assert budget.tokens_left == 100 - 10  # refilled, less this request: not twice
+    budget.cost(100.0)  # the first call's cost is the average
+    budget.cost(200.0)
+    assert budget.avg_tokens == 0.8 * 100 + 0.2 * 200
+    budget.cost(0.0)  # a call whose requests nobody saw says nothing of the average
+    assert budget.avg_tokens == 120.0
+
+
+def test_a_token_budget_is_spent_a_call_at_a_time_and_refilled_less_the_calls_in_flight() -> (
+    None
+):
+    budget = Budget()
+    budget.cost(100.0)
+    assert started(budget, 0.0, 1) is None  # mark 1; nothing known of the budget yet
+    started(budget, 0.0, 2)  # mark 2, unanswered
+    budget.answered(1)
+    tokens = ServerBudget(tokens_limit=1000, tokens_left=450, tokens_reset=1.0)
+    assert budget.learn(tokens, mark=1, now=0.0) == []
+    assert budget.tokens_left == 450 - 100  # call 2 left after the answer: one average call
+    assert started(budget, 0.0, 2) is None  # 250 left
+    assert started(budget, 0.0, 3) is None  # 150 left
+    assert started(budget, 0.0, 4) == Spent(1.0, "budget spent (TPM)", Cause.TOKENS_SPENT)
+    # After the reset, the full budget less the calls still in flight, then this one.
+    assert started(budget, 2.0, 2) is None
+    assert budget.tokens_left == 1000 - 1 * 100 - 100
 
 
 def test_a_request_unanswered_for_long_no_longer_counts_as_unseen() -> None:
@@ -109,7 +125,7 @@ def test_a_request_unanswered_for_long_no_longer_counts_as_unseen() -> None:
     started(budget, 0.0, 1)  # mark 1: left at 0, never answered (a timeout, a cancel)
     later = UNANSWERED_FOR + 1.0
     started(budget, later, 2)  # mark 2
-    budget.answered(0.0, 2)
-    budget.learn(headers(left=5, reset=10.0), mark=2, tokens_sent=0.0, now=later)
+    budget.answered(2)
+    budget.learn(headers(left=5, reset=10.0), mark=2, now=later)
     assert budget.requests_left == 5  # request 1 is counted by now, or never will be
     assert budget.outstanding == []

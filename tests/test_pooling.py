@@ -216,7 +216,7 @@ def test_budget_bookkeeping_returns_to_zero_after_faults_and_cancelled_calls() -
         asyncio.run(main())
         ring = KeyManager()._ring
         assert all(state.in_flight == 0 for state in ring)
-        assert all(pool.in_flight == 0 and pool.tokens_in_flight == 0 for pool in ring.pools())
+        assert all(pool.in_flight == 0 and not pool.outstanding for pool in ring.pools())
 
 
 # -- pacing ------------------------------------------------------------------------------------
@@ -233,23 +233,27 @@ def test_request_pacing_spaces_a_pool_to_its_rpm() -> None:
     assert ring.choose() is not None
 
 
-def test_token_pacing_charges_estimates_and_corrects_from_usage() -> None:
-    clock = FakeClock()
-    (key,) = made_up_keys(1)
-    ring = KeyRing([Key(key, tpm=6000)], clock=clock)  # 100 tokens a second
-    state = ring.choose()
-    assert state is not None
+def test_token_pacing_charges_a_call_its_cost_when_it_ends() -> None:
     body = b'{"messages": [{"role": "user", "content": "' + b"x" * 400 + b'"}], "max_tokens": 50}'
     assert estimate_tokens(body) == 150
-    ring.spend_tokens(state, 150)
-    ring.succeed(state)
-    assert ring.choose() is None  # 50 tokens of debt to repay, then the average to gather
-    ring.correct_tokens(state, 150, 30)  # it cost far less than estimated
-    clock.advance(0.01)
-    assert ring.next_ready_in() is not None
-    bucket = state.pool.token_bucket
-    assert isinstance(bucket, Bucket)
-    assert bucket.level > 0
+    levels = []
+    for cost in (150.0, 30.0):  # as estimated; as the answer's usage corrected it
+        clock = FakeClock()
+        (key,) = made_up_keys(1)
+        ring = KeyRing([Key(key, tpm=6000)], clock=clock)  # 100 tokens a second
+        state = ring.choose()
+        assert state is not None
+        ring.sent(state)
+        ring.succeed(state, cost)
+        bucket = state.pool.token_bucket
+        assert isinstance(bucket, Bucket)
+        levels.append(bucket.level)
+        if cost > 100:  # 50 tokens of debt to repay, then a full bucket (100) to gather
+            assert ring.choose() is None
+            assert ring.next_ready_in() == pytest.approx(1.5)
+        else:
+            assert ring.choose() is not None
+    assert levels == [100 - 150, 100 - 30]
 
 
 # -- fair waiting --------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from hypothesis.stateful import (
 
 from stable_openai._budget import ServerBudget
 from stable_openai._keys import Key
-from stable_openai._ring import KeyRing, KeyState, Where
+from stable_openai._ring import KeyRing, KeyState, Marks, Where
 
 KEYS = [f"sk-prop-{index:02d}-MADEUPKEY{index * 7919:010d}" for index in range(4)]
 
@@ -93,7 +93,7 @@ class RingMachine(RuleBasedStateMachine):
         self.handles: list[KeyState] = []  # one entry per choice not yet ended
         self.model: dict[KeyState, Model] = {}
         self.removed: list[KeyState] = []
-        self.marks: list[tuple[int, float]] = []  # what spend_tokens returned, for learn
+        self.marks: list[Marks] = []  # what sent() returned, for learn
 
     # -- helpers ---------------------------------------------------------------------------
     def _register(self) -> None:
@@ -240,8 +240,9 @@ class RingMachine(RuleBasedStateMachine):
     @rule(
         data=st.data(),
         how=st.sampled_from(["release", "succeed", "fail", "fail rate-limited", "give back"]),
+        tokens=st.sampled_from([0.0, 0.0, 1.0, 17.0, 250.0, 5000.0, 1e6, -40.0]),
     )
-    def end_call(self, data: st.DataObject, how: str) -> None:
+    def end_call(self, data: st.DataObject, how: str, tokens: float) -> None:
         orphans = [i for i, s in enumerate(self.handles) if s.where is Where.REMOVED]
         if orphans and data.draw(st.booleans()):  # often a call whose key has left the ring
             index = data.draw(st.sampled_from(orphans))
@@ -251,15 +252,15 @@ class RingMachine(RuleBasedStateMachine):
         model = self.model[state]
         before = self._snap()
         if how == "release":
-            self.ring.release(state)
+            self.ring.end(state, tokens)
         elif how == "succeed":
-            self.ring.succeed(state)
+            self.ring.succeed(state, tokens)
             model.successes += 1
         elif how == "fail":
-            self.ring.fail(state)
+            self.ring.fail(state, tokens=tokens)
             model.failures += 1
         elif how == "fail rate-limited":
-            self.ring.fail(state, rate_limited=True)
+            self.ring.fail(state, rate_limited=True, tokens=tokens)
             model.rate_limits += 1
         else:
             self.ring.give_back(state)
@@ -332,14 +333,14 @@ class RingMachine(RuleBasedStateMachine):
 
     # -- budgets -------------------------------------------------------------------------------
     @precondition(lambda self: self.model)
-    @rule(data=st.data(), tokens=st.sampled_from([0.0, 1.0, 17.0, 250.0, 5000.0, 1e6]))
-    def spend_tokens(self, data: st.DataObject, tokens: float) -> None:
+    @rule(data=st.data())
+    def send(self, data: st.DataObject) -> None:
         state = self._any_state(data)
         before = self._snap()
-        marks = self.ring.spend_tokens(state, tokens)
+        marks = self.ring.sent(state)
         self.marks.append(marks)
         if data.draw(st.booleans()):
-            self.ring.answered(state, tokens)
+            self.ring.answered(state, marks)
         self._transitions(before)
 
     @precondition(lambda self: self.model)
@@ -432,7 +433,6 @@ class RingMachine(RuleBasedStateMachine):
                 f"{[m.in_flight for m in pool.members]}"
             )
             assert pool.in_flight >= 0
-            assert pool.tokens_in_flight >= 0
         for state in ring._states.values():
             assert membership[state] == 1, f"{state!r} is in {membership[state]} pools"
             assert ring._pools.get(state.pool.name) is state.pool

@@ -12,6 +12,7 @@ within a second); only made-up keys.
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -99,7 +100,7 @@ def succeed_with_budget(taken: Lease, left: int, reset: float) -> None:
     """End ``taken`` with an answer whose headers say ``left`` of 10 requests, full again in
     ``reset`` seconds (what a pooled client's hooks report)."""
     budget = ServerBudget(requests_limit=10, requests_left=left, requests_reset=reset)
-    taken.owner.answered(taken.state, budget, 0.0, None)
+    taken.owner.answered(taken.state, budget, None)
     taken.succeed()
 
 
@@ -392,7 +393,7 @@ def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
             third = contextvars.copy_context()
             answer, mark = third.run(sent)
             budget = ServerBudget(requests_limit=10, requests_left=5, requests_reset=30.0)
-            third.run(answer.owner.answered, answer.state, budget, 0.0, mark)
+            third.run(answer.owner.answered, answer.state, budget, mark)
             third.run(answer.succeed)
             granted = 0
             with pytest.raises(AllKeysCoolingError):
@@ -407,24 +408,29 @@ def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
         shared.close()
 
 
-@pytest.mark.parametrize("seed", [*range(40), 153, 187, 189, 212])
+@pytest.mark.parametrize("seed", [*range(40), 87, 107, 109, 153, 187, 189, 212, 216])
 def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
     """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its
-    pooled client is made), end it with a budget from the headers, an answer with none, a 429
-    (with or without an organization), a 500, a 401, a 400, abandon it;
-    set_ttl; give a disabled key again; let time pass — applied to a memory manager and a
-    Redis manager on one fake clock.  After every step both must have handed out the same key
-    (or raised the same error with the same reasons and wait) and show the same stats().
-    Every time is a sum of powers of two, exact in a double and in the JSON Redis stores (14
-    digits): equal deadlines are equal in both stores."""
+    pooled client is made; its request of some tokens leaving), end it with a budget of
+    requests and tokens from the headers, an answer with none, a 429 (with or without an
+    organization), a 500, a 401, a 400, abandon it, its tokens corrected by the answer's
+    usage or not; set_ttl; give a disabled key again; let time pass — applied to a memory
+    manager and a Redis manager on one fake clock.  After every step both must have handed
+    out the same key (or raised the same error with the same reasons and wait) and show the
+    same stats().  Every time is a sum of powers of two, exact in a double and in the JSON
+    Redis stores (14 digits): equal deadlines are equal in both stores.  (So is the token
+    pacing of the key given ``tpm``: 128 tokens a second, calls of 128 or 256 tokens.)"""
     import random
 
     rng = random.Random(seed)
     clock = FakeClock()
     keys = made_up_keys(5, f"lockstep{seed}")
-    spec: list[str | Key] = [Key(keys[0], pool="team"), Key(keys[1], pool="team"), *keys[2:]]
+    spec: list[str | Key] = [
+        Key(keys[0], pool="team"), Key(keys[1], pool="team"), Key(keys[2], tpm=128 * 60),
+        *keys[3:],
+    ]
     memory, shared = _on_one_clock(spec, clock, redis_server)
-    held: list[tuple[Lease, Lease, Any, Any, contextvars.Context]] = []
+    held: list[tuple[Lease, Lease, Any, Any, contextvars.Context, contextvars.Context, float]] = []
     trace: list[str] = []
     try:
         for step in range(120):
@@ -434,8 +440,8 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
             if op == "take":
                 avoid = set(rng.sample(keys, rng.choice([0, 0, 0, 1, 2])))
                 # Each call runs in a context of its own, as in a thread or a task of its own.
-                context = contextvars.copy_context()
-                one, two = _outcome(memory, avoid), context.run(_outcome, shared, avoid)
+                mine, context = contextvars.copy_context(), contextvars.copy_context()
+                one, two = mine.run(_outcome, memory, avoid), context.run(_outcome, shared, avoid)
                 trace.append(f"take avoiding {sorted(keys.index(k) for k in avoid)}: "
                              f"{keys.index(one[1]) if one[0] == 'key' else one}")
                 assert one[:2] == two[:2], where
@@ -444,29 +450,42 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                 if one[0] == "key":
                     if rng.random() < 0.3:  # its pooled client is made now: probe its pool
                         trace[-1] += " (probing)"
-                        one[2].owner.probing(one[2].state)
+                        mine.run(one[2].owner.probing, one[2].state)
                         context.run(two[2].owner.probing, two[2].state)
-                    marks = (one[2].owner.sending(one[2].state, 0.0),
-                             context.run(two[2].owner.sending, two[2].state, 0.0))
-                    held.append((one[2], two[2], *marks, context))
+                    tokens = float(rng.choice([0, 128, 256]))
+                    trace[-1] += f" {tokens:g} tokens"
+                    marks = (mine.run(one[2].owner.sending, one[2].state, tokens),
+                             context.run(two[2].owner.sending, two[2].state, tokens))
+                    held.append((one[2], two[2], *marks, mine, context, tokens))
             elif op == "end" and held:
-                one, two, mark_one, mark_two, context = held.pop(rng.randrange(len(held)))
+                one, two, mark_one, mark_two, mine, context, tokens = held.pop(
+                    rng.randrange(len(held)))
                 how = rng.choice(["budget", "budget", "plain", "bare", "verdict", "abandon"])
                 trace.append(f"end {keys.index(one.key)}: {how}")
+                if tokens and rng.random() < 0.5:  # the answer's usage says what it cost
+                    actual = float(rng.choice([128, 256]))
+                    trace[-1] += f" cost {actual:g}"
+                    mine.run(one.owner.corrected, one.state, tokens, actual)
+                    context.run(two.owner.corrected, two.state, tokens, actual)
                 if how == "budget":
                     budget = ServerBudget(requests_limit=10, requests_left=rng.randrange(0, 4),
                                           requests_reset=float(rng.choice([0.5, 3.0, 12.0])))
-                    trace[-1] += f" left {budget.requests_left} reset {budget.requests_reset}"
-                    one.owner.answered(one.state, budget, 0.0, mark_one)
-                    context.run(two.owner.answered, two.state, budget, 0.0, mark_two)
+                    if rng.random() < 0.5:
+                        budget = dataclasses.replace(
+                            budget, tokens_limit=2048, tokens_left=rng.choice([0, 256, 1024]),
+                            tokens_reset=float(rng.choice([0.5, 3.0, 12.0])))
+                    trace[-1] += (f" left {budget.requests_left} reset {budget.requests_reset}"
+                                  f" tokens {budget.tokens_left} reset {budget.tokens_reset}")
+                    mine.run(one.owner.answered, one.state, budget, mark_one)
+                    context.run(two.owner.answered, two.state, budget, mark_two)
                 if how == "plain":  # an answer, its headers not read (no pooled client)
-                    one.owner.answered(one.state, None, 0.0, mark_one)
-                    context.run(two.owner.answered, two.state, None, 0.0, mark_two)
+                    mine.run(one.owner.answered, one.state, None, mark_one)
+                    context.run(two.owner.answered, two.state, None, mark_two)
                 if how == "bare":  # an answer whose headers say nothing of the budget
-                    one.owner.answered(one.state, ServerBudget(), 0.0, mark_one)
-                    context.run(two.owner.answered, two.state, ServerBudget(), 0.0, mark_two)
+                    mine.run(one.owner.answered, one.state, ServerBudget(), mark_one)
+                    context.run(two.owner.answered, two.state, ServerBudget(), mark_two)
                 if how in ("budget", "plain", "bare"):
-                    one.succeed()
+                    mine.run(one.succeed)
                     context.run(two.succeed)
                 elif how == "verdict":
                     verdict = _verdicts(rng)
@@ -474,12 +493,12 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                     if verdict.cause is Cause.RATE_LIMITED and rng.random() < 0.5:
                         error = rate_limited("2s", organization=rng.choice(["org-a", "org-b"]))
                     trace[-1] += f" {verdict.reason} {verdict.seconds} {error is not None}"
-                    one.owner.answered(one.state, None, 0.0, mark_one)  # an error is an answer
-                    context.run(two.owner.answered, two.state, None, 0.0, mark_two)
-                    one.fail(verdict, error)
+                    mine.run(one.owner.answered, one.state, None, mark_one)  # an answer too
+                    context.run(two.owner.answered, two.state, None, mark_two)
+                    mine.run(one.fail, verdict, error)
                     context.run(two.fail, verdict, error)
                 else:
-                    one.abandon()
+                    mine.run(one.abandon)
                     context.run(two.abandon)
             elif op == "time":
                 clock.now += rng.choice([0.25, 1.0, 3.0, 10.0])
@@ -496,10 +515,10 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
             for row in (*seen_one.values(), *seen_two.values()):
                 if str(row["pool"]).startswith("own"):
                     row["pool"] = "own"
-            assert seen_one == seen_two, where
+            assert seen_one == seen_two, f"{where}; then: {trace[-1] if trace else None}"
     finally:
-        for one, two, _, _, context in held:
-            one.abandon()
+        for one, two, _, _, mine, context, _ in held:
+            mine.run(one.abandon)
             context.run(two.abandon)
         memory.close()
         shared.close()

@@ -112,15 +112,14 @@ class StateBackend(Protocol):
         self,
         state: KeyState,
         budget: ServerBudget | None = None,
-        tokens: float = 0.0,
         *,
         sent: bool = False,
         answered: bool = False,
     ) -> None:
         """Note, for the call's :meth:`report`, what happened on ``state`` meanwhile: its
         request left (``sent``, as the pooled client's hook saw it), its answer arrived
-        (``answered``; ``budget`` is what the answer's headers said of the pool's budget),
-        and the tokens its requests cost.  No I/O."""
+        (``answered``; ``budget`` is what the answer's headers said of the pool's budget).
+        No I/O."""
         ...
 
     def report(
@@ -129,10 +128,12 @@ class StateBackend(Protocol):
         outcome: Outcome,
         verdict: Verdict | None = None,
         organization: str | None = None,
+        tokens: float = 0.0,
     ) -> None:
         """A call on ``state`` is over: release it, count ``outcome``, and apply ``verdict``
         (cool the key or its pool, or disable the key).  ``organization`` is the one a 429
-        message named: the key's pool, if it has none yet."""
+        message named: the key's pool, if it has none yet.  ``tokens``: what the call's
+        requests cost, for its pool's average call and token pacing."""
         ...
 
     def probe(self, state: KeyState) -> None:

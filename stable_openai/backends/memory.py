@@ -44,7 +44,6 @@ class MemoryBackend:
         self,
         state: KeyState,
         budget: ServerBudget | None = None,
-        tokens: float = 0.0,
         *,
         sent: bool = False,
         answered: bool = False,
@@ -57,6 +56,7 @@ class MemoryBackend:
         outcome: Outcome,
         verdict: Verdict | None = None,
         organization: str | None = None,
+        tokens: float = 0.0,
     ) -> None:
         pass
 

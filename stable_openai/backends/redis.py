@@ -173,23 +173,19 @@ def _text(value: float | int | None) -> str:
 
 
 class _Pending:
-    """What an answer on a key said, and what its requests cost, for the call's report."""
+    """What an answer on a key said, for the call's report."""
 
-    __slots__ = ("answered", "budget", "lease", "sent", "tokens")
+    __slots__ = ("answered", "budget", "lease", "sent")
 
     def __init__(self, lease: str = "") -> None:
         self.lease = lease
         self.budget: ServerBudget | None = None
-        self.tokens = 0.0
         self.sent = False  # its request left (the pooled client's hook saw it)
         self.answered = False  # and its answer arrived
 
-    def note(
-        self, budget: ServerBudget | None, tokens: float, sent: bool, answered: bool
-    ) -> None:
+    def note(self, budget: ServerBudget | None, sent: bool, answered: bool) -> None:
         if budget is not None:
             self.budget = budget
-        self.tokens += tokens
         self.sent = self.sent or sent
         self.answered = self.answered or answered
 
@@ -634,23 +630,22 @@ class RedisBackend:
         self,
         state: KeyState,
         budget: ServerBudget | None = None,
-        tokens: float = 0.0,
         *,
         sent: bool = False,
         answered: bool = False,
     ) -> None:
-        if budget is None and not tokens and not sent and not answered:
+        if budget is None and not sent and not answered:
             return
         calls = _CALLS.get()
         call = calls.get(state) if calls else None
         if call is not None:
-            call.note(budget, tokens, sent, answered)
+            call.note(budget, sent, answered)
             return
         with self._lock:  # not from the call's own thread or task: the key's next report
             pending = self._pending.get(state)
             if pending is None:
                 pending = self._pending[state] = _Pending()
-            pending.note(budget, tokens, sent, answered)
+            pending.note(budget, sent, answered)
 
     def report(
         self,
@@ -658,6 +653,7 @@ class RedisBackend:
         outcome: Outcome,
         verdict: Verdict | None = None,
         organization: str | None = None,
+        tokens: float = 0.0,
     ) -> None:
         fp = self._fps.get(state)
         calls = _CALLS.get() or {}
@@ -698,9 +694,6 @@ class RedisBackend:
                      _text(budget.tokens_left), _text(budget.tokens_reset)]
         else:
             args += [""] * 6
-        tokens = (call.tokens if call is not None else 0.0) + (
-            pending.tokens if pending is not None else 0.0
-        )
         held, _, rest = lease.partition("|")
         mark, _, pool_then = rest.partition("|")
         args[1] = held

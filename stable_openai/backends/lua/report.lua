@@ -133,12 +133,13 @@ elseif outcome == 'given_back' then
 end
 put('k:' .. fp, rec)
 
--- Tokens the call's requests cost: the pool's average request, and its tpm pacing.
+-- Tokens the call's requests cost: the pool's average call (as _model.Budget.cost, in whole
+-- tokens), and its tpm pacing.
 local tokens = tonumber(ARGV[18]) or 0
 if tokens ~= 0 then
   local avg = p.avg or 0
   if tokens > 0 then
-    avg = avg == 0 and tokens or 0.8 * avg + 0.2 * tokens
+    avg = math.floor((avg == 0 and tokens or 0.8 * avg + 0.2 * tokens) + 0.5)
     p.avg = avg
   end
   local wait = bucket_take(p, 't', tokens, avg)
