@@ -19,7 +19,6 @@ Anything the libraries print goes to stderr; only these lines go to stdout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -27,18 +26,9 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TextIO
 
 import _harness
-
-
-def _versions(*names: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for name in names:
-        with contextlib.suppress(PackageNotFoundError):
-            found[name] = version(name)
-    return found
 
 
 def _messages(text: str) -> list[Any]:
@@ -164,7 +154,7 @@ def _runner(spec: dict[str, Any]) -> tuple[Runner, dict[str, Any]]:
     kind: str = spec["kind"]
     if spec["mode"] not in MODES[kind]:
         raise ValueError(f"{kind} has no mode {spec['mode']!r}")
-    return SETUPS[kind](spec), {"versions": _versions(*VERSIONS[kind])}
+    return SETUPS[kind](spec), {"versions": _harness.versions(*VERSIONS[kind])}
 
 
 def _say(out: TextIO, tag: str, payload: dict[str, Any]) -> None:

@@ -18,11 +18,13 @@ returned, in seconds after the start; ``tokens`` is the request's cost when it s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Optional
 
 DEFAULT_MAX_TOKENS = 16
@@ -36,6 +38,15 @@ Call = Callable[[str, str, Optional[int]], Any]  # (model, text, max_tokens) -> 
 AsyncCall = Callable[[str, str, Optional[int]], Awaitable[Any]]
 Record = list[float]
 Workload = list[tuple[str, int]]
+
+
+def versions(*names: str) -> dict[str, str]:
+    """The installed version of each of ``names`` that is installed (for a run's record)."""
+    found: dict[str, str] = {}
+    for name in names:
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
 
 
 def prompt(i: int, sized: bool) -> tuple[str, int | None]:

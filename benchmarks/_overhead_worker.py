@@ -19,7 +19,6 @@ print goes to stderr.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -27,8 +26,9 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
+
+import _harness
 
 PILOT_SECONDS = 0.05  # the pilot grows until one run of it takes this long
 PILOT_RUNS = 3  # then runs this many times; the fastest sizes the samples
@@ -96,14 +96,6 @@ def load(kind: str) -> tuple[Any, Any]:
     return KeyManager, stable
 
 
-def versions(*names: str) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for name in names:
-        with contextlib.suppress(PackageNotFoundError):
-            found[name] = version(name)
-    return found
-
-
 def in_flight(manager: Any) -> int:
     """Calls ours still counts as running (0.1.1 keeps no such count)."""
     stats = getattr(manager, "stats", None)
@@ -122,7 +114,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
         return noop(api_key="sk-x")
 
     fixed = {int(k): int(v) for k, v in (spec.get("fixed") or {}).items()}
-    result: dict[str, Any] = {"versions": versions("stable-openai", "openai", "backoff"),
+    result: dict[str, Any] = {"versions": _harness.versions("stable-openai", "openai", "backoff"),
                               "python": sys.version.split()[0], "threads": {}}
     for threads in spec["threads"]:
         try:

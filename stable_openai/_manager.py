@@ -517,7 +517,7 @@ class KeyManager:
     ) -> None:
         """A response arrived on ``state`` for a request sent when the pool stood at
         ``marks``; a successful one carries the pool's budget in its headers."""
-        self._backend.observe(state, budget, answered=True)
+        self._backend.answered(state, budget)
         with self._lock:
             self._ring.answered(state, marks)
             if budget is not None and self._ring.learn(state, budget, marks):
@@ -530,7 +530,7 @@ class KeyManager:
 
     def _sending(self, state: KeyState, tokens: float) -> Marks:
         _add_call_tokens(state, tokens)
-        self._backend.observe(state, sent=True)
+        self._backend.sent(state)
         with self._lock:
             return self._ring.sent(state)
 

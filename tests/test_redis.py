@@ -764,7 +764,7 @@ def test_a_learned_budget_cools_the_pool_until_the_reset(redis_url: str) -> None
     backend = manager.backend
     pick = backend.choose(None)
     assert pick is not None and pick.state is not None
-    backend.observe(pick.state, ServerBudget(requests_limit=10, requests_left=1,
+    backend.answered(pick.state, ServerBudget(requests_limit=10, requests_left=1,
                                              requests_reset=30.0, organization="org-b"))
     backend.report(pick.state, "succeeded")
     assert backend.choose(None).state is pick.state  # type: ignore[union-attr]

@@ -80,7 +80,11 @@ class SharedKeyState:
 
 @runtime_checkable
 class StateBackend(Protocol):
-    """Where the state of the keys lives.  See the module docstring."""
+    """Where the state of the keys lives.  See the module docstring.
+
+    Every method but :attr:`shared` does, by default, what a store that shares nothing does:
+    nothing (``MemoryBackend`` is this protocol with its defaults).  A shared store overrides
+    them all."""
 
     @property
     def shared(self) -> bool:
@@ -91,69 +95,61 @@ class StateBackend(Protocol):
     def bind(self, ring: KeyRing) -> None:
         """Serve the keys of ``ring`` (again after they changed).  Called with the manager's
         lock held: no I/O here."""
-        ...
+        return None
 
     def available(self) -> bool:
         """Whether the backend chooses now: ``False`` when the ring is to choose (always, for
         a backend that shares nothing; while a broken store is left alone, for one that
         does)."""
-        ...
+        return False
 
     def choose(self, avoid: Collection[KeyState] | None) -> Pick | None:
         """Choose a key and mark it in flight, in one step.  Keys in ``avoid`` are chosen only
         when no other key is ready.  ``None`` when the store failed."""
-        ...
+        return None
 
     async def choose_async(self, avoid: Collection[KeyState] | None) -> Pick | None:
         """:meth:`choose` without blocking the event loop."""
-        ...
+        return None
 
-    def observe(
-        self,
-        state: KeyState,
-        budget: ServerBudget | None = None,
-        *,
-        sent: bool = False,
-        answered: bool = False,
-    ) -> None:
-        """Note, for the call's :meth:`report`, what happened on ``state`` meanwhile: its
-        request left (``sent``, as the pooled client's hook saw it), its answer arrived
-        (``answered``; ``budget`` is what the answer's headers said of the pool's budget).
-        No I/O."""
-        ...
+    def sent(self, state: KeyState) -> None:
+        """Note, for the call's :meth:`report`: its request left on ``state`` (the pooled
+        client's hook saw it).  No I/O."""
+        return None
+
+    def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
+        """Note, for the call's :meth:`report`: its answer arrived; ``budget`` is what the
+        answer's headers said of the pool's budget.  No I/O."""
+        return None
 
     def report(
-        self,
-        state: KeyState,
-        outcome: Outcome,
-        verdict: Verdict | None = None,
-        organization: str | None = None,
-        tokens: float = 0.0,
+        self, state: KeyState, outcome: Outcome, verdict: Verdict | None = None,
+        organization: str | None = None, tokens: float = 0.0,
     ) -> None:
         """A call on ``state`` is over: release it, count ``outcome``, and apply ``verdict``
         (cool the key or its pool, or disable the key).  ``organization`` is the one a 429
         message named: the key's pool, if it has none yet.  ``tokens``: what the call's
         requests cost, for its pool's average call and token pacing."""
-        ...
+        return None
 
     def probe(self, state: KeyState) -> None:
         """``state`` will be called through a client whose answers tell its pool's budget:
         until the first one does, the pool sends only a few calls per key."""
-        ...
+        return None
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:
         """Cool ``state`` for exactly ``seconds`` (0 makes it ready); not a disabled key."""
-        ...
+        return None
 
     def enable(self, states: Collection[KeyState]) -> None:
         """Make the disabled keys among ``states`` ready again (they were given again)."""
-        ...
+        return None
 
     def snapshot(self, states: Collection[KeyState]) -> Mapping[KeyState, SharedKeyState] | None:
         """The shared state of ``states``; ``None`` when there is none (memory) or the store
         failed."""
-        ...
+        return None
 
     def close(self) -> None:
         """Let go of connections."""
-        ...
+        return None

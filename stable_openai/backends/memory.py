@@ -10,67 +10,16 @@ method call per event and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
-
-from .._budget import ServerBudget
-from .._policy import Verdict
-from .._ring import KeyRing, KeyState
-from ._base import Outcome, Pick, SharedKeyState
+from ._base import StateBackend
 
 __all__ = ["MemoryBackend"]
 
 
-class MemoryBackend:
-    """Key state in this process only (the default: ``KeyManager(keys)``)."""
+class MemoryBackend(StateBackend):
+    """Key state in this process only (the default: ``KeyManager(keys)``).  Every method is
+    the protocol's default: it does nothing."""
 
     shared = False
 
     def __repr__(self) -> str:
         return "MemoryBackend()"
-
-    def bind(self, ring: KeyRing) -> None:
-        pass
-
-    def available(self) -> bool:
-        return False  # nothing to ask: the ring chooses
-
-    def choose(self, avoid: Collection[KeyState] | None) -> Pick | None:
-        return None
-
-    async def choose_async(self, avoid: Collection[KeyState] | None) -> Pick | None:
-        return None
-
-    def observe(
-        self,
-        state: KeyState,
-        budget: ServerBudget | None = None,
-        *,
-        sent: bool = False,
-        answered: bool = False,
-    ) -> None:
-        pass
-
-    def report(
-        self,
-        state: KeyState,
-        outcome: Outcome,
-        verdict: Verdict | None = None,
-        organization: str | None = None,
-        tokens: float = 0.0,
-    ) -> None:
-        pass
-
-    def probe(self, state: KeyState) -> None:
-        pass
-
-    def set_cooldown(self, state: KeyState, seconds: float) -> None:
-        pass
-
-    def enable(self, states: Collection[KeyState]) -> None:
-        pass
-
-    def snapshot(self, states: Collection[KeyState]) -> Mapping[KeyState, SharedKeyState] | None:
-        return None  # the ring is the state: KeyManager.stats() reads it directly
-
-    def close(self) -> None:
-        pass

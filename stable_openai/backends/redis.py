@@ -626,16 +626,16 @@ class RedisBackend:
             await asyncio.wait(list(loop_client.reports))
         return await self._run_async(self._choose(avoid), loop_client)
 
-    def observe(
-        self,
-        state: KeyState,
-        budget: ServerBudget | None = None,
-        *,
-        sent: bool = False,
+    def sent(self, state: KeyState) -> None:
+        self._note(state, None, sent=True)
+
+    def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
+        self._note(state, budget, answered=True)
+
+    def _note(
+        self, state: KeyState, budget: ServerBudget | None, sent: bool = False,
         answered: bool = False,
     ) -> None:
-        if budget is None and not sent and not answered:
-            return
         calls = _CALLS.get()
         call = calls.get(state) if calls else None
         if call is not None:
@@ -648,12 +648,8 @@ class RedisBackend:
             pending.note(budget, sent, answered)
 
     def report(
-        self,
-        state: KeyState,
-        outcome: Outcome,
-        verdict: Verdict | None = None,
-        organization: str | None = None,
-        tokens: float = 0.0,
+        self, state: KeyState, outcome: Outcome, verdict: Verdict | None = None,
+        organization: str | None = None, tokens: float = 0.0,
     ) -> None:
         fp = self._fps.get(state)
         calls = _CALLS.get() or {}
