@@ -547,10 +547,10 @@ class _Owner:
     def succeeded(self, state: KeyState) -> None:
         # The path of nearly every call: _succeed's work done here, one call less.
         manager = self._manager
-        tokens = _call_tokens(state)
+        tokens = _call_tokens(state) if _CALL_TOKENS.get() else 0.0
         with manager._lock:
             manager._ring.succeed(state, tokens)
-        manager._backend.report(state, "succeeded", tokens=tokens)
+        manager._backend.report(state, "succeeded", None, None, tokens)
 
     def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None:
         self._manager._fail(state, verdict, error)

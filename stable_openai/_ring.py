@@ -329,7 +329,9 @@ class KeyRing:
     def succeed(self, state: KeyState, tokens: float = 0.0) -> None:
         """A call on ``state`` succeeded; its requests cost ``tokens`` tokens."""
         state.successes += 1
-        self.end(state, tokens)
+        self.release(state)
+        if tokens:
+            self._cost(state, tokens)
 
     def fail(
         self,
@@ -347,16 +349,18 @@ class KeyRing:
             state.failures += 1
         self.release(state)
         self.join_named(state, organization)
-        self._cost(state, tokens)
+        if tokens:
+            self._cost(state, tokens)
 
     def end(self, state: KeyState, tokens: float = 0.0) -> None:
         """A call on ``state`` is over (succeeded, failed or abandoned); its requests cost
         ``tokens`` tokens, which its pool's average and token pacing take in."""
         self.release(state)
-        self._cost(state, tokens)
+        if tokens:
+            self._cost(state, tokens)
 
     def _cost(self, state: KeyState, tokens: float) -> None:
-        if tokens and state.where is not Where.REMOVED:
+        if state.where is not Where.REMOVED:
             pool = state.pool
             pool.cost(tokens)
             bucket = pool.token_bucket
