@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast, overload
 
 from ._clients import async_client, sync_client
 from ._lease import Lease
-from ._manager import KeyManager, lease, lease_async, take_lease
+from ._manager import KeyManager, first_lease, lease, lease_async, take_lease
 from ._policy import Action, Policy, classify
 from ._ring import KeyState
 
@@ -37,17 +37,6 @@ class _Options:
     max_backoff: float = 8.0
     policy: Policy = field(default_factory=Policy)
     manager: KeyManager | None = None
-
-
-def _first_lease(options: _Options) -> tuple[KeyManager, Lease | None]:
-    """The manager of a call, and a lease at once if a key is ready.  Every driver starts
-    here; only a call that must wait or fails makes a :class:`_Call`."""
-    manager = options.manager  # (not "or": a manager whose keys were all deleted is falsy)
-    if manager is None:
-        manager = KeyManager.current()
-        if manager is None:
-            manager = KeyManager()
-    return manager, take_lease(manager)
 
 
 class _Call:
@@ -188,7 +177,7 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
     def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        manager, taken = _first_lease(options)
+        manager, taken = first_lease(options.manager)
         call = None
         while True:
             if taken is None:
@@ -221,7 +210,7 @@ def _wrap_async(
     async def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        manager, taken = _first_lease(options)
+        manager, taken = first_lease(options.manager)
         call = None
         while True:
             if taken is None:
@@ -254,7 +243,7 @@ def _wrap_gen(
     def stream_with_key(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        manager, taken = _first_lease(options)
+        manager, taken = first_lease(options.manager)
         call = None
         while True:  # until the first item arrives, a failure is retried on another key
             if taken is None:
@@ -305,7 +294,7 @@ def _wrap_async_gen(
     async def stream_with_key(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func)
-        manager, taken = _first_lease(options)
+        manager, taken = first_lease(options.manager)
         call = None
         while True:
             if taken is None:

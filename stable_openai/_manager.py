@@ -32,7 +32,7 @@ from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
 from .backends import MemoryBackend, StateBackend, backend_from_url
 from .backends._base import Outcome, Pick, SharedKeyState
 
-__all__ = ["KeyManager", "KeyStats", "lease", "lease_async", "take_lease"]
+__all__ = ["KeyManager", "KeyStats", "first_lease", "lease", "lease_async", "take_lease"]
 
 logger = logging.getLogger("stable_openai")
 logger.addHandler(logging.NullHandler())  # the library's records reach only handlers you set
@@ -603,6 +603,17 @@ def _call_tokens(state: KeyState) -> float:
         return 0.0
     _CALL_TOKENS.set({key: value for key, value in calls.items() if key is not state})
     return calls[state]
+
+
+def first_lease(manager: KeyManager | None) -> tuple[KeyManager, Lease | None]:
+    """The manager of a call — ``manager``, else the singleton (built from the environment
+    if there is none yet) — and a lease at once if a key is ready.  Every call starts here;
+    only one that must wait or fails goes on to :func:`lease`."""
+    if manager is None:  # (not "or": a manager whose keys were all deleted is falsy)
+        manager = KeyManager._instance
+        if manager is None:
+            manager = KeyManager()
+    return manager, take_lease(manager)
 
 
 def take_lease(manager: KeyManager, avoid: set[KeyState] | None = None) -> Lease | None:
