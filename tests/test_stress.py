@@ -94,3 +94,29 @@ def test_64_threads_by_200_calls_over_8_keys_with_injected_failures(
     disabled = next(row for row in stats.values() if row["state"] == "disabled")
     assert disabled["calls"] <= THREADS  # the revoked key is dropped after its first failures
     assert sum(row["successes"] for row in stats.values()) == len(answers) - sum(kinds.values())
+
+
+@pytest.mark.parametrize("yields", [100, 0])
+def test_a_call_that_finds_the_lock_taken_gets_its_key_once_the_holder_lets_go(
+    monkeypatch: pytest.MonkeyPatch, yields: int
+) -> None:
+    """The hot path yields to the lock's holder a few times, then blocks (``yields`` 0: at
+    once); either way it takes the lock when the holder releases it, and only then."""
+    from stable_openai import _manager
+
+    monkeypatch.setattr(_manager, "_YIELDS", yields)
+    manager = KeyManager.create(made_up_keys(2, "contended"))
+    got: list[Any] = []
+    manager._lock.acquire()
+    try:
+        worker = threading.Thread(target=lambda: got.append(_manager.take_lease(manager)))
+        worker.start()
+        worker.join(0.2)
+        assert worker.is_alive() and not got  # waiting for the lock, not past it
+    finally:
+        manager._lock.release()
+    worker.join(10)
+    assert not worker.is_alive() and got and got[0] is not None
+    got[0].succeed()
+    assert all(row["in_flight"] == 0 for row in manager.stats())
+    manager.close()
