@@ -9,6 +9,7 @@ which is injectable.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import email.utils
 import enum
@@ -207,12 +208,35 @@ def _headers_of(exc: openai.APIStatusError) -> Mapping[str, str] | None:
     return headers if headers is not None else None
 
 
+#: Causes a retry on *another* key may cure, whatever the server says of retrying the request:
+#: the key is the problem, not the request.
+_KEY_CAUSES = frozenset({Cause.NO_QUOTA, Cause.REVOKED, Cause.FORBIDDEN})
+
+
 def classify(
     exc: BaseException,
     policy: Policy = Policy(),
     now_wall: Callable[[], float] = time.time,
 ) -> Verdict:
-    """Decide what a failure means for the key that was used and for the call."""
+    """Decide what a failure means for the key that was used and for the call.
+
+    A response with ``x-should-retry: false`` is not retried (as openai-python does not),
+    unless the failure is the key's own (no quota, revoked, forbidden): the key still
+    cools or is disabled as the failure says."""
+    verdict = _classify(exc, policy, now_wall)
+    if (
+        verdict.action is not Action.RAISE
+        and verdict.cause not in _KEY_CAUSES
+        and isinstance(exc, openai.APIStatusError)
+        and (_header(_headers_of(exc), "x-should-retry") or "").strip().lower() == "false"
+    ):
+        return dataclasses.replace(verdict, action=Action.RAISE)
+    return verdict
+
+
+def _classify(
+    exc: BaseException, policy: Policy, now_wall: Callable[[], float]
+) -> Verdict:
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         return Verdict(
             Fate.KEEP, Action.BACKOFF, reason="connection error", cause=Cause.CONNECTION_ERROR

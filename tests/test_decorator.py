@@ -646,3 +646,14 @@ def test_async_stream_is_retried_before_its_first_item_only() -> None:
     asyncio.run(main())
     assert row(A)["state"] == "cooling"
     assert sum(r["in_flight"] for r in KeyManager().stats()) == 0
+
+
+def test_x_should_retry_false_raises_after_one_request() -> None:
+    KeyManager(KEYS)
+    error = wire.status_error(
+        500, {"message": "boom", "type": "server_error"}, {"x-should-retry": "false"}
+    )
+    ask, used = failing_on({key: (lambda: error) for key in KEYS})
+    with pytest.raises(openai.InternalServerError):
+        stable(ask)("hi")
+    assert len(used) == 1  # as openai-python alone: one request

@@ -644,3 +644,45 @@ def test_parse_duration(text: str, expected: float | None) -> None:
         assert result is None
     else:
         assert result == pytest.approx(expected)
+
+
+# -- x-should-retry: false ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("status", "error", "cause"),
+    [
+        (500, {"message": "boom", "type": "server_error"}, Cause.SERVER_ERROR),
+        (429, {"message": "Rate limit reached", "code": "rate_limit_exceeded"},
+         Cause.RATE_LIMITED),
+    ],
+)
+def test_a_server_that_says_do_not_retry_is_not_retried_but_the_key_still_cools(
+    status: int, error: dict[str, str], cause: Cause
+) -> None:
+    import wire
+
+    plain = classify(wire.status_error(status, error))
+    told = classify(wire.status_error(status, error, {"x-should-retry": "false"}))
+    assert plain.action is not Action.RAISE
+    assert told.action is Action.RAISE
+    assert (told.fate, told.seconds, told.cause) == (plain.fate, plain.seconds, cause)
+    again = classify(wire.status_error(status, error, {"x-should-retry": "true"}))
+    assert again == plain
+
+
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [
+        (429, {"message": "You exceeded your current quota", "code": "insufficient_quota",
+               "type": "insufficient_quota"}),
+        (401, {"message": "Incorrect API key", "code": "invalid_api_key"}),
+        (403, {"message": "unsupported_country_region_territory", "code": "forbidden"}),
+    ],
+)
+def test_a_key_of_its_own_problem_is_still_rotated_away_from_when_told_not_to_retry(
+    status: int, error: dict[str, str]
+) -> None:
+    import wire
+
+    told = classify(wire.status_error(status, error, {"x-should-retry": "false"}))
+    assert told == classify(wire.status_error(status, error))
+    assert told.action is Action.RETRY_ELSEWHERE
