@@ -19,12 +19,12 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import ClassVar, TypedDict
 
 from ._budget import ServerBudget, organization_in
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError
-from ._keys import Key, KeyLike, normalize_keys
+from ._keys import Key, KeyLike, mask, normalize_keys
 from ._lease import Lease
 from ._policy import Fate, Verdict
 from ._ring import KeyRing, KeyState, Marks, Where
@@ -223,8 +223,7 @@ class KeyManager:
 
         ``False`` if the key is unknown or disabled (give it to ``add_keys`` to enable it)."""
         _check_key_arg(key)
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl != ttl:
-            raise TypeError("ttl must be a number of seconds")
+        _check_ttl(ttl)
         with self._lock:
             state = self._ring.find(key.strip())
             if state is None or state.where is Where.DISABLED:
@@ -253,13 +252,17 @@ class KeyManager:
         return min(left.values()) if left else 0.0
 
     @property
-    def data(self) -> dict[str, float]:
-        """Each key and the seconds of cooldown it has left (``inf`` when disabled)."""
+    def data(self) -> MutableMapping[str, float]:
+        """Each key and the seconds of cooldown it has left (``inf`` when disabled).
+
+        As stable-openai 0.1.1's ``data`` dict, writes take effect: ``data[key] = ttl`` is
+        :meth:`set_ttl` (adding the key first if it is new), ``del data[key]`` is
+        :meth:`delete_key`.  Reads are of the moment ``data`` was read."""
         with self._lock:
             left = {s: self._ring.seconds_left(s) for s in self._ring}
         for state, row in self._shared_rows(left).items():
             left[state] = row.seconds_left
-        return {state.key: seconds for state, seconds in left.items()}
+        return _KeyData(self, {state.key: seconds for state, seconds in left.items()})
 
     # -- additions ---------------------------------------------------------------------------
     def add_keys(self, api_keys: Iterable[KeyLike]) -> int:
@@ -667,6 +670,52 @@ async def lease_async(
     return Lease(manager._owner, state), waited
 
 
+class _KeyData(MutableMapping[str, float]):
+    """:attr:`KeyManager.data`: a snapshot of each key's cooldown whose writes go to the
+    manager.  Never shows a key whole in an error."""
+
+    __slots__ = ("_manager", "_seconds")
+
+    def __init__(self, manager: KeyManager, seconds: dict[str, float]) -> None:
+        self._manager = manager
+        self._seconds = seconds
+
+    def __getitem__(self, key: str) -> float:
+        try:
+            return self._seconds[key]
+        except (KeyError, TypeError):
+            raise KeyError(f"no such key: {_masked(key)}") from None
+
+    def __setitem__(self, key: str, ttl: float) -> None:
+        _check_key_arg(key)
+        _check_ttl(ttl)  # before a new key is added: a bad write changes nothing
+        if key.strip() not in self._seconds:
+            self._manager.add_keys([key])
+        if not self._manager.set_ttl(key, ttl):
+            raise ValueError(f"{_masked(key)} is disabled: give it to add_keys() to enable it")
+        self._seconds[key.strip()] = float(max(0.0, ttl))
+
+    def __delitem__(self, key: str) -> None:
+        _check_key_arg(key)
+        if not self._manager.delete_key(key):
+            raise KeyError(f"no such key: {_masked(key)}")
+        self._seconds.pop(key.strip(), None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._seconds)
+
+    def __len__(self) -> int:
+        return len(self._seconds)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{_masked(k)!r}: {v:g}" for k, v in self._seconds.items())
+        return "{" + rows + "}"
+
+
+def _masked(key: object) -> str:
+    return mask(key) if isinstance(key, str) else type(key).__name__
+
+
 def _pool_label(state: KeyState) -> str:
     """The pool's name if it is shared or learned; else the key's own, masked."""
     pool = state.pool
@@ -689,6 +738,11 @@ def _build_backend(backend: object) -> StateBackend | None:
 def _check_clock(clock: object) -> None:
     if clock is not None and not callable(clock):
         raise TypeError("clock must be a callable returning seconds, like time.monotonic")
+
+
+def _check_ttl(ttl: object) -> None:
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl != ttl:
+        raise TypeError("ttl must be a number of seconds")
 
 
 def _check_key_arg(key: object) -> None:

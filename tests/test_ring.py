@@ -978,3 +978,28 @@ def test_each_way_of_holding_a_key_records_its_cause(clock: FakeClock) -> None:
     assert (c.cause, c.reason, c.forbidden) == (None, "", False)
     ring.add([b.spec])  # given again: enabled
     assert (b.where, b.cause) == (Where.READY, None)
+
+
+def test_writes_to_data_take_effect_as_in_0_1_1() -> None:
+    """0.1.1's ``data`` was its live dict: ``data[key] = ttl`` cooled a key (or added one),
+    ``del data[key]`` removed it.  Here they do the same, and say what was wrong otherwise."""
+    from wire import made_up_keys
+
+    a, b, c = made_up_keys(3, "data")
+    manager = KeyManager([a, b])
+    data = manager.data
+    data[a] = 30
+    assert manager.data[a] == pytest.approx(30, abs=1)
+    assert data[a] == 30.0
+    data[c] = 0  # a new key, as 0.1.1's dict took it
+    assert sorted(manager.data) == sorted([a, b, c])
+    del data[b]
+    assert sorted(manager.data) == sorted([a, c]) and b not in data
+    with pytest.raises(TypeError, match="ttl must be a number"):
+        data[b] = "soon"  # type: ignore[assignment]
+    assert b not in manager.data  # a bad write adds nothing
+    for missing in (lambda: data[b], lambda: data.__delitem__(b)):
+        with pytest.raises(KeyError) as info:
+            missing()
+        assert b not in str(info.value) and b[-4:] in str(info.value)  # masked, never whole
+    assert a not in repr(data) and a[-4:] in repr(data)
