@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from typing import TextIO
 
 import openai
 
+from ._keys import split_keys
 from ._policy import Fate, classify
 from ._ring import mask, normalize_keys
 
@@ -62,8 +62,10 @@ def _read_keys(args: argparse.Namespace) -> list[str]:
             if line:
                 raw.append(line)
     if not raw:
-        env = os.environ.get("OPENAI_API_KEYS") or os.environ.get("OPENAI_API_KEY") or ""
-        raw = [part for part in re.split(r"[\s,]+", env) if part]
+        for name in ("OPENAI_API_KEYS", "OPENAI_API_KEY"):
+            raw = split_keys(os.environ.get(name, ""), name)
+            if raw:
+                break
     return [key.key for key in normalize_keys(raw, "keys")]
 
 

@@ -7,13 +7,15 @@ position of the bad entry and never its value.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Union
 
-__all__ = ["Key", "KeyLike", "fingerprint", "mask", "normalize_keys"]
+__all__ = ["Key", "KeyLike", "fingerprint", "mask", "normalize_keys", "split_keys"]
 
 
 def mask(key: str) -> str:
@@ -140,4 +142,40 @@ def normalize_keys(api_keys: object, name: str = "api_keys") -> list[Key]:
             keys.append(key)
     if not keys:
         raise ValueError(f"{name} is empty: give at least one API key")
+    return keys
+
+
+_QUOTES = "\"'"
+
+
+def split_keys(raw: str, name: str = "OPENAI_API_KEYS") -> list[str]:
+    """The keys of an environment variable as people write them: separated by commas,
+    semicolons or white space, or a JSON list; the whole value or each key in quotes (a
+    docker ``--env-file`` keeps them).  A malformed JSON list is an error that shows no key."""
+    text = raw.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in _QUOTES:
+        text = text[1:-1].strip()
+    parts: list[object]
+    if text.startswith("["):
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            raise ValueError(f"{name} starts with '[' but is not a JSON list of strings") from None
+        if not isinstance(parsed, list):
+            raise ValueError(f"{name} must be a JSON list of strings")
+        parts = parsed
+    else:
+        parts = list(re.split(r"[\s,;]+", text))
+    keys = []
+    for part in parts:
+        if not isinstance(part, str):
+            raise ValueError(f"{name}: every key of its JSON list must be a string")
+        key = part.strip().strip(_QUOTES).strip()
+        if any(mark in key for mark in "[]{}\"'"):
+            raise ValueError(
+                f"{name}: a key has brackets or quotes in it; write the keys separated by "
+                "commas, or as a JSON list of strings"
+            )
+        if key:
+            keys.append(key)
     return keys

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import os
-import re
 import threading
 import time
 import weakref
@@ -24,7 +23,7 @@ from typing import ClassVar, TypedDict
 
 from ._budget import ServerBudget, organization_in
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError
-from ._keys import Key, KeyLike, mask, normalize_keys
+from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
 from ._policy import Fate, Verdict
 from ._ring import KeyRing, KeyState, Marks, Where
@@ -39,7 +38,8 @@ logger.addHandler(logging.NullHandler())  # the library's records reach only han
 
 _ENV_HELP = (
     "no API keys configured: call KeyManager([key1, key2, ...]) at start-up, or set "
-    "OPENAI_API_KEYS (comma- or space-separated) or OPENAI_API_KEY"
+    "OPENAI_API_KEYS (separated by commas, semicolons or spaces, or a JSON list) or "
+    "OPENAI_API_KEY"
 )
 
 #: Every KeyManager alive (the singleton and those of ``KeyManager.create``): a fork must
@@ -69,8 +69,7 @@ class KeyStats(TypedDict):
 
 def _keys_from_env() -> list[Key]:
     for name in ("OPENAI_API_KEYS", "OPENAI_API_KEY"):
-        raw = os.environ.get(name, "")
-        keys = [part for part in re.split(r"[\s,]+", raw) if part]
+        keys = split_keys(os.environ.get(name, ""), name)
         if keys:
             return normalize_keys(keys, name)
     raise NoKeysError(_ENV_HELP)

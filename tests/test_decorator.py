@@ -122,6 +122,34 @@ def test_without_keys_the_error_says_how_to_configure(monkeypatch: pytest.Monkey
         ask("x")
 
 
+@pytest.mark.parametrize(
+    "written",
+    [
+        "{a},{b}", "{a}, {b}", "{a} {b}", "{a};{b}", "{a}; {b}", " {a}\n{b} ",
+        '["{a}", "{b}"]', "'[\"{a}\", \"{b}\"]'", '"{a},{b}"', "'{a} {b}'", '"{a}","{b}"',
+    ],
+)
+def test_keys_from_the_environment_are_read_as_people_write_them(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    """Separated by commas, semicolons or spaces, a JSON list, quoted whole or key by key
+    (docker --env-file keeps quotes): quotes and brackets are never taken for key text."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEYS", written.format(a=A, b=B))
+    assert sorted(KeyManager().data) == sorted([A, B])
+
+
+@pytest.mark.parametrize("written", ['["{a}", ', '[1, 2]', '{{"key": "{a}"}}'])
+def test_a_malformed_key_list_in_the_environment_says_so_without_showing_a_key(
+    monkeypatch: pytest.MonkeyPatch, written: str
+) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEYS", written.format(a=A))
+    with pytest.raises(ValueError, match="OPENAI_API_KEYS") as info:
+        KeyManager()
+    assert A not in str(info.value)
+
+
 # -- the failure table --------------------------------------------------------------------------
 def test_rate_limited_key_is_cooled_for_the_server_delay_and_the_call_moves_on() -> None:
     KeyManager([A, B])
