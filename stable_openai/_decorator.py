@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast, overload
 
+from ._cause import Cause
 from ._clients import async_client, sync_client
 from ._lease import Lease
 from ._manager import KeyManager, first_lease, lease, lease_async, take_lease
@@ -37,6 +38,10 @@ class _Options:
     max_backoff: float = 8.0
     policy: Policy = field(default_factory=Policy)
     manager: KeyManager | None = None
+
+
+#: Failures that take their key out of the rotation for long: not the call's attempts.
+_KEY_OUT = frozenset({Cause.REVOKED, Cause.NO_QUOTA, Cause.FORBIDDEN})
 
 
 class _Call:
@@ -80,9 +85,11 @@ class _Call:
         verdict = classify(exc, options.policy)
         taken.fail(verdict, exc)
         self.last = exc
-        if not verdict.rate_limited:
+        if not verdict.rate_limited and verdict.cause not in _KEY_OUT:
             # A rate limit is rotation at work, not a failed attempt: it cools its key (so it
-            # cannot spin) and is bounded by the wait budget instead.
+            # cannot spin) and is bounded by the wait budget instead.  A key that turns out
+            # dead (revoked, no quota, forbidden) leaves the rotation for long: each takes
+            # one key out, so they are bounded by the keys, and good keys after them are tried.
             self.attempts += 1
         if not retry or verdict.action is Action.RAISE or self.attempts >= options.attempts:
             return None
@@ -397,7 +404,9 @@ def stable(
     generator for streaming.
 
     :param attempts: failed calls at most, across all keys, before the last error is raised;
-        rate-limited calls do not count (they cool their key and are bounded by ``max_wait``).
+        rate-limited calls do not count (they cool their key and are bounded by ``max_wait``),
+        nor do calls that find their key dead (revoked, no quota, forbidden: each takes one
+        key out of the rotation).
     :param max_wait: seconds a call may spend waiting for a key or backing off, in total.
     :param cooldown: seconds to cool a rate-limited key when the server gives no delay.
     :param quota_cooldown: seconds to bench a key whose quota is empty.

@@ -685,3 +685,17 @@ def test_x_should_retry_false_raises_after_one_request() -> None:
     with pytest.raises(openai.InternalServerError):
         stable(ask)("hi")
     assert len(used) == 1  # as openai-python alone: one request
+
+
+def test_dead_keys_do_not_use_up_the_calls_attempts() -> None:
+    """Twelve revoked or empty keys before two good ones: the first call still succeeds
+    with attempts=3 — each dead key leaves the rotation, and is not a failed attempt."""
+    dead = made_up_keys(12, "dead")
+    good = made_up_keys(2, "good")
+    KeyManager([*dead, *good])
+    failures = {
+        key: (wire.revoked if index % 2 else wire.no_quota) for index, key in enumerate(dead)
+    }
+    ask, used = failing_on(failures)
+    assert stable(attempts=3)(ask)("hi") == "echo: hi"
+    assert used[-1] in good and set(used[:-1]) <= set(dead)
