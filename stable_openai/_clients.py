@@ -132,11 +132,18 @@ def async_client(lease: Lease) -> openai.AsyncOpenAI:
     return client
 
 
+def _ours(state: KeyState) -> bool:
+    """Whether the pooled clients' connections are the library's to close: not when the
+    user gave ``http_client`` in ``client_options`` (it is theirs, and may serve them)."""
+    return "http_client" not in state.spec.client_options
+
+
 def close_clients(states: list[KeyState]) -> None:
-    """Close the pooled sync clients of ``states``; drop their async ones (see aclose)."""
+    """Close the pooled sync clients of ``states``; drop their async ones (see aclose).  A
+    client on the user's own ``http_client`` is dropped, not closed."""
     for state in states:
         client = state.clients.pop("sync", None)
-        if isinstance(client, openai.OpenAI):
+        if isinstance(client, openai.OpenAI) and _ours(state):
             client.close()
         state.clients.pop("async", None)
 
@@ -149,6 +156,6 @@ async def aclose_clients(states: list[KeyState]) -> None:
         per_loop = state.clients.get("async")
         if isinstance(per_loop, weakref.WeakKeyDictionary):
             client = per_loop.pop(loop, None)
-            if isinstance(client, openai.AsyncOpenAI):
+            if isinstance(client, openai.AsyncOpenAI) and _ours(state):
                 await client.close()
     close_clients([s for s in states if "sync" in s.clients])

@@ -376,3 +376,48 @@ def _no_stray_clients() -> Iterator[None]:
             client = state.clients.pop("sync", None)
             if isinstance(client, openai.OpenAI):
                 client.close()
+
+
+def test_close_leaves_the_users_own_http_client_open() -> None:
+    """A key given ``client_options={"http_client": ...}`` is called through the user's
+    client, which the user may use elsewhere: close() and aclose() drop the pooled clients
+    on it without closing it; the library's own pooled clients are closed."""
+    own_key, plain_key = made_up_keys(2, "own-http")
+    with simulator([SimKey(own_key, project="a"), SimKey(plain_key, project="b")]) as sim:
+        mine = openai.DefaultHttpxClient()
+        mine_async = openai.DefaultAsyncHttpxClient()
+        manager = KeyManager([
+            Key(own_key, base_url=sim.base_url, client_options={"http_client": mine}),
+            Key(plain_key, base_url=sim.base_url),
+        ])
+
+        @stable
+        def ask(client: openai.OpenAI) -> str:
+            reply = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+            return str(reply.choices[0].message.content)
+
+        for _ in range(4):  # both keys are used, each through its pooled client
+            ask()
+        ours = [s.clients["sync"] for s in manager._ring if s.key == plain_key][0]
+        manager.close()
+        assert not mine.is_closed
+        assert ours._client.is_closed  # type: ignore[attr-defined]
+        mine.close()
+
+        async def main() -> None:
+            manager = KeyManager.create([
+                Key(own_key, base_url=sim.base_url, client_options={"http_client": mine_async})
+            ])
+
+            @stable(manager=manager)
+            async def ask_async(client: openai.AsyncOpenAI) -> None:
+                await client.models.list()
+
+            await ask_async()
+            await manager.aclose()
+            assert not mine_async.is_closed
+            await mine_async.aclose()
+
+        asyncio.run(main())
