@@ -1,7 +1,7 @@
 """``@stable``: one retry flow, with thin drivers for sync, async and streaming functions.
 
-:class:`_Call` holds everything one decorated call knows — attempts made, time waited, the
-last failure, keys to avoid — and decides after each failure whether to retry, after how
+:class:`_Call` holds everything one decorated call knows — attempts made, when it first
+failed, the last failure, keys to avoid — and decides after each failure whether to retry, after how
 long, or to raise.  The four drivers below differ only in how they wait (``time.sleep`` or
 ``asyncio.sleep``, a condition or a future) and how they call (return, await, iterate).
 """
@@ -49,9 +49,9 @@ class _Call:
     driver follows.  A driver asks it for a lease, makes its attempt, and tells it how the
     attempt ended; it decides whether to retry, after how long, or to raise."""
 
-    # Class-level defaults: a call that succeeds at once only ever sets two attributes.
+    # Class-level defaults: a call that succeeds at once never makes a _Call at all.
     attempts = 0
-    waited = 0.0
+    limited = 0  # rate-limited tries
     last: BaseException | None = None
     avoid: set[KeyState] | None = None
     backoffs = 0
@@ -59,23 +59,24 @@ class _Call:
     def __init__(self, options: _Options, manager: KeyManager) -> None:
         self.options = options
         self.manager = manager
+        # Made at the call's first failure: from here, waiting, backing off and the tries
+        # themselves all spend ``max_wait``.
+        self.began = time.monotonic()
+
+    def left(self) -> float:
+        """Seconds of ``max_wait`` left (negative once spent)."""
+        return self.options.max_wait - (time.monotonic() - self.began)
 
     def acquire(self) -> Lease:
         """A lease: at once when a key is ready, else waiting in turn (blocking)."""
         taken = take_lease(self.manager, self.avoid)
         if taken is None:
-            taken, waited = lease(
-                self.manager, self.avoid, self.options.max_wait - self.waited, self.last
-            )
-            self.waited += waited
+            taken, _ = lease(self.manager, self.avoid, self.left(), self.last)
         return taken
 
     async def acquire_async(self) -> Lease:
         """:meth:`acquire` for coroutines."""
-        taken, waited = await lease_async(
-            self.manager, self.avoid, self.options.max_wait - self.waited, self.last
-        )
-        self.waited += waited
+        taken, _ = await lease_async(self.manager, self.avoid, self.left(), self.last)
         return taken
 
     def failed(self, taken: Lease, exc: Exception, *, retry: bool = True) -> float | None:
@@ -85,11 +86,19 @@ class _Call:
         verdict = classify(exc, options.policy)
         taken.fail(verdict, exc)
         self.last = exc
-        if not verdict.rate_limited and verdict.cause not in _KEY_OUT:
-            # A rate limit is rotation at work, not a failed attempt: it cools its key (so it
-            # cannot spin) and is bounded by the wait budget instead.  A key that turns out
-            # dead (revoked, no quota, forbidden) leaves the rotation for long: each takes
-            # one key out, so they are bounded by the keys, and good keys after them are tried.
+        if verdict.rate_limited:
+            # A rate limit is rotation at work, not a failed attempt: it cools its key and
+            # the call moves on at once to a ready key, or waits within max_wait.  Keys that
+            # keep answering 429 with no wait would keep it moving for ever: so many tries.
+            self.limited += 1
+            if self.limited >= _rate_limited_tries(options.attempts, len(self.manager)):
+                return None
+            if self.left() <= 0:
+                return None
+        elif verdict.cause not in _KEY_OUT:
+            # A key that turns out dead (revoked, no quota, forbidden) leaves the rotation
+            # for long: each takes one key out, so they are bounded by the keys, and good keys
+            # after them are tried.
             self.attempts += 1
         if not retry or verdict.action is Action.RAISE or self.attempts >= options.attempts:
             return None
@@ -102,10 +111,15 @@ class _Call:
         ceiling = min(options.max_backoff, options.backoff * 2.0**self.backoffs)
         self.backoffs += 1
         delay = ceiling * (0.5 + random.random() / 2)  # "equal jitter"
-        if delay > options.max_wait - self.waited:
+        if delay > self.left():
             return None
-        self.waited += delay
         return delay
+
+
+def _rate_limited_tries(attempts: int, keys: int) -> int:
+    """How many tries of one call may be rate limited: three for each of its ``attempts``,
+    two on each key, or ten, whichever is most."""
+    return max(3 * attempts, 2 * keys, 10)
 
 
 def _injected(func: Callable[..., Any]) -> tuple[bool, bool]:
@@ -404,10 +418,13 @@ def stable(
     generator for streaming.
 
     :param attempts: failed calls at most, across all keys, before the last error is raised;
-        rate-limited calls do not count (they cool their key and are bounded by ``max_wait``),
+        rate-limited calls do not count (they cool their key; a call makes at most three
+        rate-limited tries per attempt, two per key or ten, whichever is most, within
+        ``max_wait``),
         nor do calls that find their key dead (revoked, no quota, forbidden: each takes one
         key out of the rotation).
-    :param max_wait: seconds a call may spend waiting for a key or backing off, in total.
+    :param max_wait: seconds a call may spend retrying, counted from its first failure:
+        waiting for a key, backing off, and the tries themselves.
     :param cooldown: seconds to cool a rate-limited key when the server gives no delay.
     :param quota_cooldown: seconds to bench a key whose quota is empty.
     :param forbidden_cooldown: seconds to bench a key that got 403.

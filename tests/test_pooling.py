@@ -400,7 +400,7 @@ def test_close_leaves_the_users_own_http_client_open() -> None:
 
         for _ in range(4):  # both keys are used, each through its pooled client
             ask()
-        ours = [s.clients["sync"] for s in manager._ring if s.key == plain_key][0]
+        ours = next(s.clients["sync"] for s in manager._ring if s.key == plain_key)
         manager.close()
         assert not mine.is_closed
         assert ours._client.is_closed  # type: ignore[attr-defined]
