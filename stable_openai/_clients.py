@@ -10,6 +10,7 @@ in tokens, and each response's ``x-ratelimit-*`` and ``openai-organization`` hea
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import weakref
 from typing import Any
@@ -71,6 +72,17 @@ def _options(state: KeyState) -> dict[str, Any]:
 #: while the others wait for it, rather than every thread building one and all but one
 #: being thrown away.
 _building = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A child forked while another thread built a client would find ``_building`` taken
+    for ever (its holder is not in the child): a fresh lock."""
+    global _building
+    _building = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def sync_client(lease: Lease) -> openai.OpenAI:

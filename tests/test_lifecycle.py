@@ -78,3 +78,47 @@ def test_a_forked_child_gets_a_working_lock_and_a_consistent_ring(make: str) -> 
     done = run(FORKS.replace("MAKE", make))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["child", "0", "parent", "True"]
+
+
+FORK_WHILE_BUILDING = textwrap.dedent(
+    """
+    import os, threading
+    import openai
+    from stable_openai import Key, KeyManager, stable
+    from stable_openai import _clients
+    from stable_openai.simulator import SimKey, Simulator, SimulatorConfig
+
+    key = "sk-fork-build-MADEUP0000000001"
+    with Simulator(SimulatorConfig(keys=(SimKey(key),))) as sim:
+        KeyManager([Key(key, base_url=sim.base_url)])
+
+        @stable
+        def ask(client):
+            return client.models.list().data[0].id
+
+        # Another thread is building a pooled client (holds the lock) when we fork.
+        holding, release = threading.Event(), threading.Event()
+
+        def builder():
+            with _clients._building:
+                holding.set()
+                release.wait()
+
+        thread = threading.Thread(target=builder)
+        thread.start()
+        holding.wait()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if ask() else 3)
+        release.set()
+        thread.join()
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status), "parent", bool(ask()))
+    """
+)
+
+
+def test_a_child_forked_while_a_pooled_client_is_being_built_can_build_its_own() -> None:
+    done = run(FORK_WHILE_BUILDING)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["child", "0", "parent", "True"]
