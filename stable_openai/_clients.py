@@ -13,6 +13,7 @@ import asyncio
 import os
 import threading
 import weakref
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import openai
@@ -123,6 +124,13 @@ def async_client(lease: Lease) -> openai.AsyncOpenAI:
     per_loop = state.clients.setdefault("async", weakref.WeakKeyDictionary())  # type: ignore[assignment]
     client = per_loop.get(loop)
     if client is None:
+        # Each client holds its loop, so the weak map never lets go of one by itself: the
+        # clients of loops that are closed (each asyncio.run() ends with one) go now.
+        closers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]]
+        closers = state.clients.setdefault("closers", {})  # type: ignore[assignment]
+        for closed in [other for other in per_loop if other.is_closed()]:
+            del per_loop[closed]
+            closers.pop(closed, None)
         hooks = _Hooks(reports, state)
 
         async def on_request(request: Any) -> None:
@@ -139,9 +147,34 @@ def async_client(lease: Lease) -> openai.AsyncOpenAI:
             options["http_client"] = openai.DefaultAsyncHttpxClient(
                 event_hooks={"request": [on_request], "response": [on_response]}
             )
-        client = per_loop.setdefault(loop, openai.AsyncOpenAI(**options))
+        client = per_loop.get(loop)
+        if client is None:
+            client = per_loop[loop] = openai.AsyncOpenAI(**options)
+            if _ours(state):
+                closers[loop] = _close_with_loop(client)
         reports.probing(state)
     return client
+
+
+async def _closer(client: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+def _close_with_loop(client: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
+    """Close ``client`` when its event loop shuts down (``asyncio.run()`` ends by closing
+    the async generators it still has): its connections are the loop's, and can be closed
+    only on it.  The generator is started here, without awaiting, so that the loop knows
+    it; the caller keeps it (the loop holds it weakly).  A loop closed without that
+    shutdown leaves the client to the garbage collector."""
+    closer = _closer(client)
+    try:
+        closer.asend(None).send(None)
+    except StopIteration:
+        pass  # it stands at its yield: the loop will close it
+    return closer
 
 
 def _ours(state: KeyState) -> bool:
@@ -158,6 +191,7 @@ def close_clients(states: list[KeyState]) -> None:
         if isinstance(client, openai.OpenAI) and _ours(state):
             client.close()
         state.clients.pop("async", None)
+        state.clients.pop("closers", None)  # each closes its client on its loop, if running
 
 
 async def aclose_clients(states: list[KeyState]) -> None:

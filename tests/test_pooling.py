@@ -421,3 +421,31 @@ def test_close_leaves_the_users_own_http_client_open() -> None:
             await mine_async.aclose()
 
         asyncio.run(main())
+
+
+def test_asyncio_run_again_and_again_does_not_keep_a_loop_and_client_each_time() -> None:
+    """Each asyncio.run() ends with its loop closed, and the loop's pooled async clients
+    closed with it; they are then let go (they held their loops alive, and their sockets,
+    until then)."""
+    import gc
+    import os
+
+    (key,) = made_up_keys(1, "runs")
+    with simulator([SimKey(key, project="a")]) as sim:
+        KeyManager([Key(key, base_url=sim.base_url)])
+
+        @stable
+        async def ask(client: openai.AsyncOpenAI) -> str:
+            return (await client.models.list()).data[0].id
+
+        def descriptors() -> int:
+            return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+
+        asyncio.run(ask())
+        before = descriptors()
+        for _ in range(20):
+            asyncio.run(ask())
+        gc.collect()  # (an unclosed socket would be an error here: warnings are errors)
+        alive = [o for o in gc.get_objects() if isinstance(o, openai.AsyncOpenAI)]
+        assert len(alive) <= 2  # the last loop's, at most one more
+        assert descriptors() - before <= 6  # 20 runs kept 40 before
