@@ -10,6 +10,7 @@ in tokens, and each response's ``x-ratelimit-*`` and ``openai-organization`` hea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import weakref
@@ -170,10 +171,8 @@ def _close_with_loop(client: openai.AsyncOpenAI) -> AsyncGenerator[None, None]:
     it; the caller keeps it (the loop holds it weakly).  A loop closed without that
     shutdown leaves the client to the garbage collector."""
     closer = _closer(client)
-    try:
+    with contextlib.suppress(StopIteration):  # raised when it stands at its yield
         closer.asend(None).send(None)
-    except StopIteration:
-        pass  # it stands at its yield: the loop will close it
     return closer
 
 
