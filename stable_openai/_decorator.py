@@ -9,6 +9,7 @@ long, or to raise.  The four drivers below differ only in how they wait (``time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import math
@@ -38,6 +39,9 @@ class _Options:
     max_backoff: float = 8.0
     policy: Policy = field(default_factory=Policy)
     manager: KeyManager | None = None
+    callers_client: bool = False
+    """The function takes ``api_key`` and ``client``: a ``client`` its caller passes is the
+    caller's own (as with stable-openai 0.1.1), and then only ``api_key`` is injected."""
 
 
 #: Failures that take their key out of the rotation for long: not the call's attempts.
@@ -148,9 +152,11 @@ def _injected(func: Callable[..., Any]) -> tuple[bool, bool]:
     return wants_key, wants_client
 
 
-def _reject_own_key(kwargs: dict[str, Any], func: Callable[..., Any]) -> None:
+def _reject_own_key(
+    kwargs: dict[str, Any], func: Callable[..., Any], options: _Options
+) -> None:
     for name in ("api_key", "client"):
-        if name in kwargs:
+        if name in kwargs and not (name == "client" and options.callers_client):
             raise TypeError(
                 f"{getattr(func, '__qualname__', 'the function')}() got {name} from the "
                 "caller; @stable chooses the key itself, so do not pass it"
@@ -163,7 +169,8 @@ Invoke = Callable[[Lease, tuple[Any, ...], dict[str, Any]], Any]
 def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
              is_async: bool) -> Invoke:
     """How the drivers call ``func`` with a lease: its key as ``api_key``, its pooled client
-    as ``client``, or both."""
+    as ``client``, or both — unless the caller gave ``client`` to a function that takes
+    ``api_key`` too: that client is the caller's, and only the key is given."""
     if not wants_client:
         def with_key(taken: Lease, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             return func(*args, **kwargs, api_key=taken.key)
@@ -171,7 +178,13 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
         return with_key
     make = async_client if is_async else sync_client
 
+    client_at = _positional_index(func, "client") if wants_key else None
+
     def with_client(taken: Lease, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if wants_key and (
+            "client" in kwargs or (client_at is not None and len(args) > client_at)
+        ):
+            return func(*args, **kwargs, api_key=taken.key)
         extra: dict[str, Any] = {"client": make(taken)}
         if wants_key:
             extra["api_key"] = taken.key
@@ -180,10 +193,26 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
     return with_client
 
 
+def _positional_index(func: Callable[..., Any], name: str) -> int | None:
+    """Where ``name`` stands among the parameters a caller may pass by position."""
+    try:
+        parameters = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for index, param in enumerate(parameters):
+        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            return None
+        if param.name == name:
+            return index
+    return None
+
+
 def _wrap(func: Callable[..., Any], options: _Options) -> Callable[..., Any]:
     wants_key, wants_client = _injected(func)
     is_async = inspect.isasyncgenfunction(func) or inspect.iscoroutinefunction(func)
     invoke = _invoker(func, wants_key, wants_client, is_async)
+    if wants_key and wants_client:
+        options = dataclasses.replace(options, callers_client=True)
     if inspect.isasyncgenfunction(func):
         return _wrap_async_gen(func, options, invoke)
     if inspect.isgeneratorfunction(func):
@@ -197,7 +226,7 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
     @functools.wraps(func)
     def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs or "client" in kwargs:
-            _reject_own_key(kwargs, func)
+            _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
         call = None
         while True:
@@ -230,7 +259,7 @@ def _wrap_async(
     @functools.wraps(func)
     async def call_with_key(*args: Any, **kwargs: Any) -> Any:
         if "api_key" in kwargs or "client" in kwargs:
-            _reject_own_key(kwargs, func)
+            _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
         call = None
         while True:
@@ -263,7 +292,7 @@ def _wrap_gen(
     @functools.wraps(func)
     def stream_with_key(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         if "api_key" in kwargs or "client" in kwargs:
-            _reject_own_key(kwargs, func)
+            _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
         call = None
         while True:  # until the first item arrives, a failure is retried on another key
@@ -314,7 +343,7 @@ def _wrap_async_gen(
     @functools.wraps(func)
     async def stream_with_key(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         if "api_key" in kwargs or "client" in kwargs:
-            _reject_own_key(kwargs, func)
+            _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
         call = None
         while True:

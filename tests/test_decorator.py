@@ -735,3 +735,23 @@ def test_keys_that_keep_answering_429_end_the_call_within_max_wait(retry_after: 
     # About max_wait, not the six seconds the bound on tries allows (generous: a busy machine).
     assert time.monotonic() - began < 2 + 0.2 + 1 + 1.5
     assert len(used) <= 3 * 10  # the default attempts: three rate-limited tries each, at most
+
+
+def test_a_function_taking_api_key_keeps_its_callers_own_client() -> None:
+    """A 0.1.1 function ``save(prompt, client, api_key)`` whose ``client`` is the caller's
+    own object (a database, say): it gets that object, by position or keyword, and a key."""
+    KeyManager([A, B])
+    mine = object()
+    seen: list[tuple[Any, str]] = []
+
+    @stable
+    def save(prompt: str, client: Any, api_key: str) -> str:
+        seen.append((client, api_key))
+        return prompt
+
+    assert save("one", mine) == "one"
+    assert save("two", client=mine) == "two"
+    assert [client for client, _ in seen] == [mine, mine]
+    assert all(key in (A, B) for _, key in seen)
+    with pytest.raises(TypeError, match="chooses the key itself"):
+        save("three", mine, api_key=A)  # the key is still the library's
