@@ -15,6 +15,7 @@ import inspect
 import math
 import random
 import time
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast, overload
@@ -207,24 +208,55 @@ def _positional_index(func: Callable[..., Any], name: str) -> int | None:
     return None
 
 
-def _wrap(func: Callable[..., Any], options: _Options) -> Callable[..., Any]:
+#: What a function returns when it is a coroutine function, a generator or an async generator
+#: that the decorator could not tell from its definition (a lambda or ``functools.partial``
+#: returning one): the kind of driver the call needs.
+_LATE: dict[type, str] = {
+    types.CoroutineType: "async", types.GeneratorType: "gen", types.AsyncGeneratorType: "agen",
+}
+
+
+def _kind(func: Callable[..., Any]) -> str:
+    """The driver ``func`` needs, from its definition: also an object whose ``__call__`` is
+    an ``async def`` or a generator."""
+    call = None if inspect.isroutine(func) else inspect.getattr_static(type(func), "__call__", None)
+    for candidate in (func, call):
+        if candidate is None:
+            continue
+        if inspect.isasyncgenfunction(candidate):
+            return "agen"
+        if inspect.isgeneratorfunction(candidate):
+            return "gen"
+        if inspect.iscoroutinefunction(candidate):
+            return "async"
+    return "sync"
+
+
+def _wrap(
+    func: Callable[..., Any], options: _Options, kind: str | None = None
+) -> Callable[..., Any]:
     wants_key, wants_client = _injected(func)
-    is_async = inspect.isasyncgenfunction(func) or inspect.iscoroutinefunction(func)
-    invoke = _invoker(func, wants_key, wants_client, is_async)
+    kind = kind or _kind(func)
+    invoke = _invoker(func, wants_key, wants_client, kind in ("async", "agen"))
     if wants_key and wants_client:
         options = dataclasses.replace(options, callers_client=True)
-    if inspect.isasyncgenfunction(func):
+    if kind == "agen":
         return _wrap_async_gen(func, options, invoke)
-    if inspect.isgeneratorfunction(func):
+    if kind == "gen":
         return _wrap_gen(func, options, invoke)
-    if inspect.iscoroutinefunction(func):
+    if kind == "async":
         return _wrap_async(func, options, invoke)
     return _wrap_sync(func, options, invoke)
 
 
 def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> Callable[..., Any]:
+    late: Callable[..., Any] | None = None  # the driver a coroutine or generator result needs
+
     @functools.wraps(func)
     def call_with_key(*args: Any, **kwargs: Any) -> Any:
+        nonlocal late
+        if late is not None:
+            return late(*args, **kwargs)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
@@ -247,6 +279,14 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
             except BaseException:  # KeyboardInterrupt, SystemExit, ...
                 taken.abandon()
                 raise
+            kind = _LATE.get(type(result))
+            if kind is not None:
+                # Not run yet: nothing was sent.  This call, and the next, go to the driver
+                # that awaits or iterates it, where failures rotate keys as they should.
+                result.close()
+                taken.give_back()
+                late = _wrap(func, options, kind)
+                return late(*args, **kwargs)
             taken.succeed()
             return result
 

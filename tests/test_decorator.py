@@ -755,3 +755,44 @@ def test_a_function_taking_api_key_keeps_its_callers_own_client() -> None:
     assert all(key in (A, B) for _, key in seen)
     with pytest.raises(TypeError, match="chooses the key itself"):
         save("three", mine, api_key=A)  # the key is still the library's
+
+
+def test_coroutines_and_generators_from_any_callable_get_the_right_driver() -> None:
+    """An object with ``async def __call__``, and a lambda or ``functools.partial`` returning
+    a coroutine or a generator, are awaited or iterated by the decorator — with rotation on
+    a 401 — instead of handing back an un-awaited coroutine."""
+    import asyncio
+    import functools
+
+    KeyManager([A, B])
+    used: list[str] = []
+
+    async def answer(prompt: str, api_key: str) -> str:
+        used.append(api_key)
+        if api_key == A:
+            raise wire.revoked()
+        return f"echo: {prompt}"
+
+    def stream(prompt: str, api_key: str) -> Iterator[str]:
+        used.append(api_key)
+        if api_key == A:
+            raise wire.revoked()
+        yield prompt
+
+    class Answerer:
+        async def __call__(self, prompt: str, api_key: str) -> str:
+            return await answer(prompt, api_key)
+
+    for made in (
+        Answerer(),
+        lambda prompt, api_key: answer(prompt, api_key),
+        functools.partial(answer),
+    ):
+        KeyManager([A, B])  # A enabled again
+        ask = stable(made)
+        assert asyncio.run(ask("hi")) == "echo: hi"
+        assert asyncio.run(ask("again")) == "echo: again"  # later calls go straight there
+    for made_gen in (lambda prompt, api_key: stream(prompt, api_key), functools.partial(stream)):
+        KeyManager([A, B])
+        assert list(stable(made_gen)("hi")) == ["hi"]
+    assert B in used
