@@ -164,6 +164,20 @@ def _reject_own_key(
             )
 
 
+def _require_asyncio(func: Callable[..., Any]) -> None:
+    """Async calls wait and build their clients on asyncio: refuse at once, and say why,
+    under another event loop (trio, or anyio on trio) rather than fail only once a call
+    must wait."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"{getattr(func, '__qualname__', 'this function')}() runs without an asyncio "
+            "event loop: @stable's async functions need asyncio (asyncio.run(), or anyio on "
+            "its asyncio backend); trio is not supported"
+        ) from None
+
+
 Invoke = Callable[[Lease, tuple[Any, ...], dict[str, Any]], Any]
 
 
@@ -298,6 +312,7 @@ def _wrap_async(
 ) -> Callable[..., Any]:
     @functools.wraps(func)
     async def call_with_key(*args: Any, **kwargs: Any) -> Any:
+        _require_asyncio(func)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
@@ -382,6 +397,7 @@ def _wrap_async_gen(
 ) -> Callable[..., Any]:
     @functools.wraps(func)
     async def stream_with_key(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        _require_asyncio(func)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)

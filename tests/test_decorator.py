@@ -796,3 +796,24 @@ def test_coroutines_and_generators_from_any_callable_get_the_right_driver() -> N
         KeyManager([A, B])
         assert list(stable(made_gen)("hi")) == ["hi"]
     assert B in used
+
+
+def test_an_async_call_outside_asyncio_is_refused_at_once_with_a_clear_error() -> None:
+    """Under trio (or anyio on trio) there is no asyncio loop: the call says so at once,
+    before taking a key, instead of failing only once it must wait."""
+    KeyManager([A])
+
+    @stable
+    async def ask(api_key: str) -> str:
+        return api_key
+
+    @stable
+    async def stream(api_key: str) -> AsyncIterator[str]:
+        yield api_key
+
+    coroutine = ask()
+    with pytest.raises(RuntimeError, match="need asyncio"):
+        coroutine.send(None)  # driven by hand, as a non-asyncio loop would: no asyncio loop
+    with pytest.raises(RuntimeError, match="need asyncio"):
+        stream().__anext__().send(None)
+    assert row(A)["calls"] == 0
