@@ -33,6 +33,8 @@ class Cause(enum.Enum):
     """``KeyManager.set_ttl()``."""
     TOO_LARGE = "too_large"
     """429 "Request too large": no key of that project will take the request."""
+    MODEL_NOT_FOUND = "model_not_found"
+    """404 ``model_not_found``: the key's project cannot use the model (another's may)."""
     SERVER_ERROR = "server_error"
     """408, 409 or 5xx."""
     CONNECTION_ERROR = "connection_error"

@@ -46,7 +46,9 @@ class _Options:
 
 
 #: Failures that take their key out of the rotation for long: not the call's attempts.
-_KEY_OUT = frozenset({Cause.REVOKED, Cause.NO_QUOTA, Cause.FORBIDDEN})
+_KEY_OUT = frozenset({
+    Cause.REVOKED, Cause.NO_QUOTA, Cause.FORBIDDEN, Cause.TOO_LARGE, Cause.MODEL_NOT_FOUND,
+})
 
 
 class _Call:
@@ -59,6 +61,7 @@ class _Call:
     limited = 0  # rate-limited tries
     last: BaseException | None = None
     avoid: set[KeyState] | None = None
+    tried: set[KeyState] | None = None  # keys of the pools a request did not suit
     backoffs = 0
 
     def __init__(self, options: _Options, manager: KeyManager) -> None:
@@ -77,11 +80,19 @@ class _Call:
         taken = take_lease(self.manager, self.avoid)
         if taken is None:
             taken, _ = lease(self.manager, self.avoid, self.left(), self.last)
-        return taken
+        return self._untried(taken)
 
     async def acquire_async(self) -> Lease:
         """:meth:`acquire` for coroutines."""
         taken, _ = await lease_async(self.manager, self.avoid, self.left(), self.last)
+        return self._untried(taken)
+
+    def _untried(self, taken: Lease) -> Lease:
+        """``taken``, unless its pool already said the request does not suit it: then no
+        other pool is ready, and the call raises what that pool said."""
+        if self.tried and taken.state in self.tried and self.last is not None:
+            taken.give_back()
+            raise self.last
         return taken
 
     def failed(self, taken: Lease, exc: Exception, *, retry: bool = True) -> float | None:
@@ -108,6 +119,11 @@ class _Call:
         if not retry or verdict.action is Action.RAISE or self.attempts >= options.attempts:
             return None
         if verdict.action is Action.RETRY_ELSEWHERE:
+            return 0.0
+        if verdict.action is Action.OTHER_POOL:
+            pool = list(taken.state.pool.members) or [taken.state]
+            self.tried = (self.tried or set()) | set(pool)
+            self.avoid = (self.avoid or set()) | set(pool)
             return 0.0
         # Transient (5xx, timeouts, connection errors): back off, then prefer another key.
         if self.avoid is None:

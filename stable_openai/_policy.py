@@ -53,6 +53,9 @@ class Action(enum.Enum):
     """What happens to the call that failed."""
 
     RETRY_ELSEWHERE = "retry elsewhere"
+    OTHER_POOL = "other pool"
+    """The request may suit another project's key: try it on a pool the call has not tried
+    yet; raise when none is left."""
     BACKOFF = "backoff"
     RAISE = "raise"
 
@@ -210,7 +213,9 @@ def _headers_of(exc: openai.APIStatusError) -> Mapping[str, str] | None:
 
 #: Causes a retry on *another* key may cure, whatever the server says of retrying the request:
 #: the key is the problem, not the request.
-_KEY_CAUSES = frozenset({Cause.NO_QUOTA, Cause.REVOKED, Cause.FORBIDDEN})
+_KEY_CAUSES = frozenset({
+    Cause.NO_QUOTA, Cause.REVOKED, Cause.FORBIDDEN, Cause.TOO_LARGE, Cause.MODEL_NOT_FOUND,
+})
 
 
 def classify(
@@ -251,9 +256,10 @@ def _classify(
                 Fate.COOL, Action.RETRY_ELSEWHERE, policy.quota_cooldown,
                 "no quota (429 insufficient_quota)", pooled=True, cause=Cause.NO_QUOTA,
             )
-        if "request too large" in message.lower():
+        if "request too large" in message.lower():  # for this project's limit: another's?
             return Verdict(
-                Fate.KEEP, Action.RAISE, reason="request too large (429)", cause=Cause.TOO_LARGE
+                Fate.KEEP, Action.OTHER_POOL, reason="request too large (429)",
+                cause=Cause.TOO_LARGE,
             )
         delay = retry_delay(_headers_of(exc), message, now_wall)
         return Verdict(
@@ -271,6 +277,11 @@ def _classify(
             Fate.COOL, Action.RETRY_ELSEWHERE, policy.forbidden_cooldown,
             f"forbidden (403 {code or kind or 'forbidden'})", forbidden=True,
             cause=Cause.FORBIDDEN,
+        )
+    if status == 404 and code == "model_not_found":  # model access is per project
+        return Verdict(
+            Fate.KEEP, Action.OTHER_POOL, reason="model not found (404)",
+            cause=Cause.MODEL_NOT_FOUND,
         )
     if status in (408, 409) or status >= 500:
         return Verdict(

@@ -230,14 +230,30 @@ def test_keys_whose_429s_name_one_organization_are_cooled_together() -> None:
     assert 45 < row(B)["seconds_left"] <= 50
 
 
-def test_request_too_large_is_raised_at_once_and_the_key_untouched() -> None:
+def test_request_too_large_everywhere_is_raised_after_one_try_per_pool_keys_untouched() -> None:
     KeyManager([A, B])
     error = wire.too_large()
     ask, used = failing_on({A: lambda: error, B: lambda: error})
     with pytest.raises(openai.RateLimitError) as caught:
         stable(ask)("hi")
     assert caught.value is error
-    assert len(used) == 1
+    assert sorted(used) == sorted([A, B])  # each key's project once: its limit may be larger
+    assert all(r["state"] == "ready" for r in KeyManager().stats())
+
+
+@pytest.mark.parametrize("error", [wire.too_large, wire.model_not_found])
+def test_a_request_one_project_cannot_take_goes_to_another_projects_key(
+    error: Callable[[], BaseException],
+) -> None:
+    """A 429 "Request too large" (a low TPM limit) or a 404 model_not_found (model access)
+    belongs to the key's project: the call moves to a key of another project — not to the
+    failing key's pool-mates, which would answer the same — and no key is penalised."""
+    from stable_openai import Key
+
+    KeyManager([Key(A, pool="team"), Key(B, pool="team"), C])
+    ask, used = failing_on({A: error, B: error})
+    assert stable(ask)("hi") == "echo: hi"
+    assert used[-1] == C and len(used) == 2  # A or B, then C
     assert all(r["state"] == "ready" for r in KeyManager().stats())
 
 

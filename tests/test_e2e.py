@@ -174,7 +174,7 @@ def test_429_rate_limit_cools_the_key_and_the_call_succeeds_on_another_project(
     assert sum(r["in_flight"] for r in KeyManager().stats()) == 0
 
 
-def test_429_request_too_large_is_raised_at_once_and_cools_no_key(
+def test_429_request_too_large_for_every_project_is_raised_and_cools_no_key(
     start_simulator: StartSimulator, clients: Clients
 ) -> None:
     k = keys_named("a", "b")
@@ -192,8 +192,8 @@ def test_429_request_too_large_is_raised_at_once_and_cools_no_key(
         ask("x" * 2000)
 
     assert info.value.status_code == 429
-    assert totals(sim)["requests"] == 1
-    assert totals(sim)["too_large"] == 1
+    assert totals(sim)["requests"] == 2  # once on each project: one may have had a larger limit
+    assert totals(sim)["too_large"] == 2
     for stats in KeyManager().stats():
         assert stats["state"] == "ready"
         assert stats["rate_limits"] == 0

@@ -278,15 +278,24 @@ def test_429_without_any_hint_uses_default_policy_cooldown(client: openai.OpenAI
     assert verdict.fate is Fate.COOL
 
 
-def test_429_request_too_large_is_raised_not_retried(client: openai.OpenAI) -> None:
+def test_429_request_too_large_goes_to_another_project_and_cools_nothing(
+    client: openai.OpenAI,
+) -> None:
     exc = make_error(client, 429, BODIES["too_large"], {"retry-after": "1"})
     assert isinstance(exc, openai.RateLimitError)
     assert exc.code == "rate_limit_exceeded"
     verdict = classify(exc, POLICY, now_wall=fixed_now)
     assert verdict.fate is Fate.KEEP
-    assert verdict.action is Action.RAISE
+    assert verdict.action is Action.OTHER_POOL  # its limit is this project's
     assert verdict.rate_limited is False
     assert verdict.cause is Cause.TOO_LARGE
+
+
+def test_404_model_not_found_goes_to_another_project(client: openai.OpenAI) -> None:
+    exc = make_error(client, 404, BODIES["model_not_found_404"])
+    verdict = classify(exc, POLICY, now_wall=fixed_now)
+    assert (verdict.fate, verdict.action) == (Fate.KEEP, Action.OTHER_POOL)
+    assert verdict.cause is Cause.MODEL_NOT_FOUND
 
 
 @pytest.mark.parametrize(
@@ -371,7 +380,6 @@ def test_connection_errors_back_off(make: Any) -> None:
     ("status", "body_name", "exc_class"),
     [
         (400, "bad_request_400", openai.BadRequestError),
-        (404, "model_not_found_404", openai.NotFoundError),
         (422, "unprocessable_422", openai.UnprocessableEntityError),
     ],
 )

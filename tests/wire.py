@@ -72,6 +72,13 @@ def too_large() -> openai.APIStatusError:
     )
 
 
+def model_not_found() -> openai.APIStatusError:
+    return status_error(404, {
+        "message": "The model `gpt-4o` does not exist or you do not have access to it.",
+        "type": "invalid_request_error", "code": "model_not_found",
+    })
+
+
 def no_quota() -> openai.APIStatusError:
     return status_error(
         429,
