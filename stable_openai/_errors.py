@@ -46,6 +46,21 @@ class AllKeysDisabledError(StableOpenAIError):
         )
 
 
+def duration(seconds: float) -> str:
+    """``seconds`` as people read them: ``12.4s``, ``0.05s``, ``2m30s``, ``1h``, ``24h``."""
+    if seconds != seconds or seconds == float("inf"):
+        return "never"
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.3g}s" if seconds >= 0.001 else "0s"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{value}{unit}" for value, unit in ((hours, "h"), (minutes, "m"), (secs, "s"))
+             if value]
+    return "".join(parts)
+
+
 class AllKeysCoolingError(StableOpenAIError):
     """Every usable key is cooling for longer than the call may wait.
 
@@ -58,5 +73,5 @@ class AllKeysCoolingError(StableOpenAIError):
         why = ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items()))
         super().__init__(
             f"all {cooling} usable API key(s) are cooling ({why}); the first is ready in "
-            f"{self.retry_after:.3g}s, beyond this call's wait budget"
+            f"{duration(self.retry_after)}, beyond this call's wait budget"
         )

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from typing import ClassVar, TypedDict
 
 from ._budget import ServerBudget, organization_in
-from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError
+from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, duration
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
 from ._policy import Fate, Verdict
@@ -511,7 +511,8 @@ class KeyManager:
             logger.warning("API key %s disabled: %s", state.masked, verdict.reason)
         elif verdict.fate is Fate.COOL:
             logger.debug(
-                "API key %s cooling %.3gs: %s", state.masked, verdict.seconds, verdict.reason
+                "API key %s cooling %s: %s", state.masked, duration(verdict.seconds),
+                verdict.reason,
             )
 
     def _learn(

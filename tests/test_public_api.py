@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 import stable_openai
 import stable_openai.simulator
 
@@ -93,3 +95,23 @@ def test_star_import_gives_exactly_all() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == STABLE_OPENAI_ALL
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0.05, "0.05s"), (12.43, "12.4s"), (59.4, "59.4s"), (90, "1m30s"), (3600, "1h"),
+     (3661, "1h1m1s"), (86400, "24h"), (float("inf"), "never"), (0.0, "0s")],
+)
+def test_durations_in_messages_are_written_as_people_read_them(
+    seconds: float, shown: str
+) -> None:
+    from stable_openai._errors import duration
+
+    assert duration(seconds) == shown
+
+
+def test_a_cooling_error_says_its_wait_in_hours_not_in_exponents() -> None:
+    from stable_openai import AllKeysCoolingError
+
+    error = AllKeysCoolingError(3600.0, 2, {"no quota (429 insufficient_quota)": 2})
+    assert "ready in 1h," in str(error) and "e+" not in str(error)
