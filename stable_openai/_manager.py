@@ -174,7 +174,7 @@ class KeyManager:
             instance = KeyManager._instance
             KeyManager._instance = None
         if instance is not None:
-            instance._backend.close()
+            instance.close()
 
     @classmethod
     def create(
@@ -236,11 +236,14 @@ class KeyManager:
         """Remove ``key`` from the ring.  ``False`` if it was not there."""
         _check_key_arg(key)
         with self._lock:
+            state = self._ring.find(key.strip())
             removed = self._ring.remove(key.strip())
             if removed:
                 self._backend.bind(self._ring)
             self._notify()
-            return removed
+        if state is not None:
+            _retire([state])
+        return removed
 
     def get_min_ttl(self) -> float:
         """Seconds until the first key is ready: 0 if one is ready now."""
@@ -345,11 +348,13 @@ class KeyManager:
     def _reconfigure(self, keys: list[Key]) -> None:
         with self._lock:
             known = [s for s in map(self._ring.find, (k.key for k in keys)) if s is not None]
+            before = list(self._ring)
             self._ring.reconfigure(keys)
             self._backend.bind(self._ring)
             self._notify()
         if known:
             self._backend.enable(known)
+        _retire([state for state in before if state.where is Where.REMOVED])
 
     def _notify(self) -> None:
         """The keys changed: wake the first queued caller.  Call with the lock held."""
@@ -710,6 +715,14 @@ class _KeyData(MutableMapping[str, float]):
     def __repr__(self) -> str:
         rows = ", ".join(f"{_masked(k)!r}: {v:g}" for k, v in self._seconds.items())
         return "{" + rows + "}"
+
+
+def _retire(states: list[KeyState]) -> None:
+    """Close the pooled clients of keys that left the ring — not of one a call is still
+    using (it would fail): that client goes with its last call."""
+    from ._clients import close_clients
+
+    close_clients([state for state in states if state.clients and not state.in_flight])
 
 
 def _masked(key: object) -> str:

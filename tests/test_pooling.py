@@ -449,3 +449,27 @@ def test_asyncio_run_again_and_again_does_not_keep_a_loop_and_client_each_time()
         alive = [o for o in gc.get_objects() if isinstance(o, openai.AsyncOpenAI)]
         assert len(alive) <= 2  # the last loop's, at most one more
         assert descriptors() - before <= 6  # 20 runs kept 40 before
+
+
+def test_keys_that_leave_close_their_pooled_clients() -> None:
+    """delete_key(), a reconfiguration without the key, and KeyManager.reset() close the
+    pooled clients of the keys that leave (they were dropped unclosed: ResourceWarning)."""
+    first, second, third = made_up_keys(3, "leave")
+    with simulator([SimKey(k, project=k[-4:]) for k in (first, second, third)]) as sim:
+        KeyManager([Key(k, base_url=sim.base_url) for k in (first, second, third)])
+
+        @stable
+        def ask(client: openai.OpenAI) -> str:
+            return client.models.list().data[0].id
+
+        for _ in range(6):
+            ask()
+        clients = {s.key: s.clients["sync"] for s in KeyManager()._ring}
+        assert len(clients) == 3
+        KeyManager().delete_key(first)
+        assert clients[first]._client.is_closed  # type: ignore[attr-defined]
+        KeyManager([Key(third, base_url=sim.base_url)])  # second leaves
+        assert clients[second]._client.is_closed  # type: ignore[attr-defined]
+        assert not clients[third]._client.is_closed  # type: ignore[attr-defined]
+        KeyManager.reset()
+        assert clients[third]._client.is_closed  # type: ignore[attr-defined]
