@@ -271,12 +271,43 @@ def _wrap(
     if wants_key and wants_client:
         options = dataclasses.replace(options, callers_client=True)
     if kind == "agen":
-        return _wrap_async_gen(func, options, invoke)
-    if kind == "gen":
-        return _wrap_gen(func, options, invoke)
-    if kind == "async":
-        return _wrap_async(func, options, invoke)
-    return _wrap_sync(func, options, invoke)
+        wrapper = _wrap_async_gen(func, options, invoke)
+    elif kind == "gen":
+        wrapper = _wrap_gen(func, options, invoke)
+    elif kind == "async":
+        wrapper = _wrap_async(func, options, invoke)
+    else:
+        wrapper = _wrap_sync(func, options, invoke)
+    signature = _callers_signature(func, wants_key, wants_client)
+    if signature is not None:
+        wrapper.__signature__ = signature  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _callers_signature(
+    func: Callable[..., Any], wants_key: bool, wants_client: bool
+) -> inspect.Signature | None:
+    """The decorated function's signature as its callers see it: without the ``api_key`` and
+    ``client`` the decorator passes (a ``client`` the caller may still pass, to a function
+    that takes ``api_key`` too, becomes optional)."""
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+    parameters = []
+    for param in signature.parameters.values():
+        if param.name == "api_key" and wants_key:
+            continue
+        if param.name == "client" and wants_client:
+            if not wants_key:
+                continue
+            if param.default is param.empty:
+                param = param.replace(default=None)
+        parameters.append(param)
+    try:
+        return signature.replace(parameters=parameters)
+    except ValueError:  # an optional client before required parameters: leave it as it was
+        return None
 
 
 def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> Callable[..., Any]:

@@ -56,7 +56,29 @@ def test_bare_and_called_forms_keep_name_doc_and_signature() -> None:
     for decorated in (stable(ask), stable()(ask), stable(attempts=3)(ask)):
         assert decorated.__name__ == "ask"
         assert decorated.__doc__ == "Ask."
-        assert inspect.signature(decorated) == inspect.signature(ask)
+        # As its callers see it: without the api_key the decorator passes.
+        assert str(inspect.signature(decorated)) == "(prompt: 'str') -> 'str'"
+        inspect.signature(decorated).bind("hi")
+
+
+def test_the_signature_leaves_out_what_the_decorator_passes() -> None:
+    def pooled(prompt: str, client: Any) -> str:
+        return prompt
+
+    def both(prompt: str, client: Any, api_key: str) -> str:
+        return prompt
+
+    def loose(prompt: str, **kwargs: Any) -> str:
+        return prompt
+
+    def shown(func: Any) -> list[str]:
+        return [str(param) for param in inspect.signature(stable(func)).parameters.values()]
+
+    # (Annotations are strings here: from __future__ import annotations.)
+    assert shown(pooled) == ["prompt: 'str'"]
+    # A caller may pass its own client to a function that takes api_key too.
+    assert shown(both) == ["prompt: 'str'", "client: 'Any' = None"]
+    assert shown(loose) == ["prompt: 'str'", "**kwargs: 'Any'"]
 
 
 def test_function_without_api_key_is_a_type_error_that_says_what_to_add() -> None:
