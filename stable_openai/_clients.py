@@ -184,13 +184,31 @@ def _ours(state: KeyState) -> bool:
 
 def close_clients(states: list[KeyState]) -> None:
     """Close the pooled sync clients of ``states``; drop their async ones (see aclose).  A
-    client on the user's own ``http_client`` is dropped, not closed."""
+    client on the user's own ``http_client`` is dropped, not closed.  One that calls may be
+    using (its key has calls in flight) is closed when the key has none: closed under them,
+    their requests would fail, or wait for a read timeout on a dead socket.  New calls get
+    a new client either way."""
     for state in states:
         client = state.clients.pop("sync", None)
         if isinstance(client, openai.OpenAI) and _ours(state):
-            client.close()
+            if state.in_flight:
+                state.clients.setdefault("retired", []).append(client)  # type: ignore[attr-defined]
+            else:
+                client.close()
         state.clients.pop("async", None)
         state.clients.pop("closers", None)  # each closes its client on its loop, if running
+    for state in states:
+        close_retired(state)
+
+
+def close_retired(state: KeyState) -> None:
+    """Close the clients :func:`close_clients` retired from ``state`` while calls used them,
+    once it has no call in flight (the end of every call on a key that has some asks)."""
+    if state.in_flight:
+        return
+    retired = state.clients.pop("retired", None)
+    for client in retired or ():  # type: ignore[attr-defined]
+        client.close()
 
 
 async def aclose_clients(states: list[KeyState]) -> None:

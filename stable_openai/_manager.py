@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from typing import ClassVar, TypedDict
 
 from ._budget import ServerBudget, organization_in
+from ._clients import close_retired
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, duration
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
@@ -492,6 +493,8 @@ class KeyManager:
         with self._lock:
             self._ring.end(state, tokens)
         self._backend.report(state, "abandoned", tokens=tokens)
+        if "retired" in state.clients:
+            close_retired(state)
 
     def _give_back(self, state: KeyState) -> None:
         with self._lock:
@@ -512,6 +515,8 @@ class KeyManager:
             first_disable = self._ring.apply_verdict(state, verdict, organization)
         outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
         self._backend.report(state, outcome, verdict, organization, tokens)
+        if "retired" in state.clients:
+            close_retired(state)
         if first_disable:
             logger.warning("API key %s disabled: %s", state.masked, verdict.reason)
         elif verdict.fate is Fate.COOL:
@@ -564,6 +569,8 @@ class _Owner:
         finally:
             lock.release()
         manager._backend.report(state, "succeeded", None, None, tokens)
+        if "retired" in state.clients:
+            close_retired(state)
 
     def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None:
         self._manager._fail(state, verdict, error)

@@ -473,3 +473,45 @@ def test_keys_that_leave_close_their_pooled_clients() -> None:
         assert not clients[third]._client.is_closed  # type: ignore[attr-defined]
         KeyManager.reset()
         assert clients[third]._client.is_closed  # type: ignore[attr-defined]
+
+
+def test_close_during_traffic_fails_no_call_and_closes_every_client_it_let_go() -> None:
+    """close() from one thread while eight others call through pooled clients: no call
+    fails ('client has been closed') or hangs on a socket closed under it; a client calls
+    were using is closed once its key has none in flight, and new calls get new clients."""
+    keys = made_up_keys(2, "busy")
+    config = SimulatorConfig(
+        keys=tuple(SimKey(k, project=k[-4:]) for k in keys), window=1.0, latency=0.05
+    )
+    with Simulator(config) as sim:
+        KeyManager([Key(k, base_url=sim.base_url) for k in keys])
+        seen: list[openai.OpenAI] = []
+        errors: list[BaseException] = []
+
+        @stable
+        def ask(client: openai.OpenAI) -> str:
+            seen.append(client)
+            return client.models.list().data[0].id
+
+        def worker() -> None:
+            for _ in range(6):
+                try:
+                    ask()
+                except BaseException as exc:  # the test reports it
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for _ in range(3):
+            time.sleep(0.08)
+            KeyManager().close()
+        for thread in threads:
+            thread.join(30)
+        assert not any(thread.is_alive() for thread in threads)
+        assert errors == []
+        current = {id(s.clients.get("sync")) for s in KeyManager()._ring}
+        let_go = {id(c): c for c in seen if id(c) not in current}
+        assert len(let_go) >= 2  # close() did let clients go while calls were using them
+        assert all(c._client.is_closed for c in let_go.values())  # type: ignore[attr-defined]
+        KeyManager().close()
