@@ -40,6 +40,15 @@ class Bucket:
         self.level = self.capacity
         self.stamp = now
 
+    def set_rate(self, per_minute: float) -> None:
+        """Refill at ``per_minute / 60`` per second from now on (the level is kept, within
+        the new capacity)."""
+        rate = per_minute / 60.0
+        if rate != self.rate:
+            self.rate = rate
+            self.capacity = max(1.0, rate)
+            self.level = min(self.level, self.capacity)
+
     def _refill(self, now: float) -> None:
         if now > self.stamp:
             self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)

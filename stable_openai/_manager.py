@@ -273,11 +273,13 @@ class KeyManager:
         keys = normalize_keys(api_keys)
         with self._lock:
             known = [s for s in map(self._ring.find, (k.key for k in keys)) if s is not None]
+            specs = [s.spec for s in known]
             added = self._ring.add(keys)
             self._backend.bind(self._ring)
             self._notify()
         if known:
             self._backend.enable(known)
+        _renew_clients(known, specs)
         return len(added)
 
     def stats(self) -> list[KeyStats]:
@@ -349,6 +351,7 @@ class KeyManager:
     def _reconfigure(self, keys: list[Key]) -> None:
         with self._lock:
             known = [s for s in map(self._ring.find, (k.key for k in keys)) if s is not None]
+            specs = [s.spec for s in known]
             before = list(self._ring)
             self._ring.reconfigure(keys)
             self._backend.bind(self._ring)
@@ -356,6 +359,7 @@ class KeyManager:
         if known:
             self._backend.enable(known)
         _retire([state for state in before if state.where is Where.REMOVED])
+        _renew_clients(known, specs)
 
     def _notify(self) -> None:
         """The keys changed: wake the first queued caller.  Call with the lock held."""
@@ -730,6 +734,14 @@ def _retire(states: list[KeyState]) -> None:
     from ._clients import close_clients
 
     close_clients([state for state in states if state.clients and not state.in_flight])
+
+
+def _renew_clients(states: list[KeyState], specs: list[Key]) -> None:
+    """Keys given again with other settings (``base_url``, ``client_options``, ...): their
+    next calls build pooled clients with them; the old ones close when no call uses them."""
+    from ._clients import close_clients
+
+    close_clients([state for state, spec in zip(states, specs) if state.spec is not spec])
 
 
 def _masked(key: object) -> str:

@@ -16,6 +16,7 @@ lock around every method.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import heapq
 import math
@@ -179,9 +180,32 @@ class KeyRing:
                 self._buckets[0][state] = None
                 self._low = 0
                 added.append(state)
-            elif state.where is DISABLED:
-                self._make_ready(state)
+            else:
+                if spec != state.spec and spec != Key(spec.key):  # a bare key keeps its own
+                    self._respec(state, spec)
+                if state.where is DISABLED:
+                    self._make_ready(state)
         return added
+
+    def _respec(self, state: KeyState, spec: Key) -> None:
+        """A key given again with other settings takes them: its weight, the pool it was
+        given, its pacing (its clients are the manager's to renew).  A pool it was given
+        stays when the new settings name none (as in the Redis scripts)."""
+        if spec.pool is None and state.spec.pool is not None:
+            spec = dataclasses.replace(spec, pool=state.spec.pool)
+        state.spec = spec
+        weight = float(spec.weight)
+        if weight != state.weight:
+            ready = state.where is READY
+            if ready:
+                self._leave(state)
+            state.weight = weight
+            state.level = state.in_flight if weight == 1.0 else int(state.in_flight / weight)
+            if ready:
+                self._make_ready(state)
+        if spec.pool is not None and spec.pool != state.pool.name:
+            self._move(state, spec.pool)
+        self._pace(state.pool, spec, retune=True)
 
     def reconfigure(self, keys: Iterable[KeyLike]) -> None:
         """Make the ring hold exactly ``keys``: present keys keep their state, others leave."""
@@ -211,17 +235,32 @@ class KeyRing:
             pool = self._pools[name] = Pool(name, learned)
         return pool
 
-    def _pace(self, pool: Pool, spec: Key) -> None:
+    def _pace(self, pool: Pool, spec: Key, retune: bool = False) -> None:
+        """Pace ``pool`` as ``spec`` asks where it is not paced yet — and, ``retune`` (the
+        key was given again), at the new rate where it is (as ``pace()`` in the Redis
+        scripts, which every configuration runs)."""
         now = self.clock()
-        if spec.rpm is not None and pool.request_bucket is None:
-            pool.request_bucket = Bucket(spec.rpm, now)
-        if spec.tpm is not None and pool.token_bucket is None:
-            pool.token_bucket = Bucket(spec.tpm, now)
+        if spec.rpm is not None:
+            if pool.request_bucket is None:
+                pool.request_bucket = Bucket(spec.rpm, now)
+            elif retune:
+                pool.request_bucket.set_rate(spec.rpm)
+        if spec.tpm is not None:
+            if pool.token_bucket is None:
+                pool.token_bucket = Bucket(spec.tpm, now)
+            elif retune:
+                pool.token_bucket.set_rate(spec.tpm)
 
     def join_pool(self, state: KeyState, name: str) -> None:
         """Move ``state`` into the pool the server says it belongs to."""
+        if state.pool.name == name or state.spec.pool is not None or state.where is REMOVED:
+            return
+        self._move(state, name)
+
+    def _move(self, state: KeyState, name: str) -> None:
+        """Move ``state``, with its calls in flight, into the pool ``name``."""
         old = state.pool
-        if old.name == name or state.spec.pool is not None or state.where is REMOVED:
+        if old.name == name or state.where is REMOVED:
             return
         if name not in self._pools and old.members == [state]:
             # The key's own pool gets the server's name, keeping what it counted so far.

@@ -515,3 +515,26 @@ def test_close_during_traffic_fails_no_call_and_closes_every_client_it_let_go() 
         assert len(let_go) >= 2  # close() did let clients go while calls were using them
         assert all(c._client.is_closed for c in let_go.values())  # type: ignore[attr-defined]
         KeyManager().close()
+
+
+def test_a_key_given_again_with_another_base_url_calls_there() -> None:
+    """KeyManager([Key(k, base_url=new)]) and add_keys() with new settings for a key already
+    present: the next calls go to the new endpoint (they kept going to the old one)."""
+    (key,) = made_up_keys(1, "moved")
+    with simulator([SimKey(key, project="a")]) as old, simulator(
+        [SimKey(key, project="a")]
+    ) as new:
+        KeyManager([Key(key, base_url=old.base_url)])
+
+        @stable
+        def ask(client: openai.OpenAI) -> str:
+            return client.models.list().data[0].id
+
+        ask()
+        KeyManager([Key(key, base_url=new.base_url)])
+        ask()
+        KeyManager().add_keys([Key(key, base_url=old.base_url)])
+        ask()
+        served = [sim.stats()["totals"]["requests"] for sim in (old, new)]
+        assert served == [2, 1]
+        KeyManager().close()

@@ -175,6 +175,20 @@ def test_a_rate_limit_cools_the_keys_pool_and_the_others_go_on(
     assert round(info.value.retry_after) == 30
 
 
+def test_keys_given_again_with_other_settings_take_them(make_manager: MakeManager) -> None:
+    """A pool and a pace given to keys already present apply (they were ignored)."""
+    a, b, c = made_up_keys(3, "respec")
+    manager = make_manager([a, b, c])
+    manager.add_keys([Key(a, pool="team"), Key(b, pool="team", rpm=60)])
+    seen = rows(manager)
+    assert [seen[masked(k)]["pool"] for k in (a, b)] == ["team", "team"]
+    taken = take(manager)
+    assert taken.key in (a, b)  # least recently used first: a, b, then c
+    taken.fail(RATE_LIMITED, None)  # cools its pool: a and b, now pool-mates
+    seen = rows(manager)
+    assert [seen[masked(k)]["state"] for k in (a, b, c)] == ["cooling", "cooling", "ready"]
+
+
 def test_a_429_naming_an_organization_puts_its_keys_in_one_pool(
     make_manager: MakeManager,
 ) -> None:

@@ -215,16 +215,22 @@ local function new_pool()
   return {n = 0, sent = 0, out = {}, gone = {}}
 end
 
--- A pool's record, made if it does not exist, and paced for a key that has rpm/tpm, unless
--- it is paced already.
-local function pace(pool, rpm, tpm)
+-- A pool's record, made if it does not exist, and paced for a key that has rpm/tpm where it
+-- is not paced yet — and, ``retune`` (the key was given again with another rpm/tpm), at the
+-- new rate where it is (as KeyRing._pace).
+local function pace(pool, rpm, tpm, retune)
   local p = pool_rec(pool)
   if not p then p = new_pool() end
   for prefix, per_minute in pairs({r = rpm, t = tpm}) do
-    if type(per_minute) == 'number' and not p[prefix] then
+    if type(per_minute) == 'number' then
       local rate = per_minute / 60
       local cap = math.max(1, rate)
-      p[prefix] = {rate = rate, cap = cap, level = cap, stamp = NOW}
+      local b = p[prefix]
+      if not b then
+        p[prefix] = {rate = rate, cap = cap, level = cap, stamp = NOW}
+      elseif retune and b.rate ~= rate then  -- given again at another rate (Bucket.set_rate)
+        b.rate, b.cap, b.level = rate, cap, math.min(b.level, cap)
+      end
     end
   end
   put('p:' .. pool, p)

@@ -16,6 +16,7 @@ for i = 3, #ARGV, 9 do
   local fp, weight, pool = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local rpm, tpm = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
   local rec = key_rec(fp)
+  local retune = false
   if not rec then
     local name = pool ~= '' and pool or ('key:' .. fp)
     rec = {where = 'ready', untl = 0, reason = '', cause = '', forbidden = 0, n = 0,
@@ -28,6 +29,7 @@ for i = 3, #ARGV, 9 do
     place(fp, rec)
     new = new + 1
   else
+    retune = rec.rpm ~= rpm or rec.tpm ~= tpm
     rec.weight, rec.rpm, rec.tpm = weight, rpm, tpm
     put('k:' .. fp, rec)
     if pool ~= '' then
@@ -42,7 +44,7 @@ for i = 3, #ARGV, 9 do
       zadd(member(fp, rec), cooling_score(rec.untl))
     end
   end
-  pace(rec.pool, rpm, tpm)
+  pace(rec.pool, rpm, tpm, retune)
   local cause = ARGV[i + 8]
   if ARGV[i + 5] ~= '' then disable(fp, rec, ARGV[i + 5], cause) end
   if ARGV[i + 6] ~= '' then cool(fp, rec, NOW + tonumber(ARGV[i + 6]), ARGV[i + 7], 0, cause) end
