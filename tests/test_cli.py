@@ -6,6 +6,7 @@ The simulator runs in the test process (for ``check``) or in the child (``demo``
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import selectors
@@ -300,3 +301,18 @@ def test_simulate_without_keys_exits_2() -> None:
     assert done.returncode == 2
     assert "no keys configured" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["check"], ["simulate"]])
+def test_help_is_plain_text_for_users(command: list[str]) -> None:
+    """No reStructuredText backticks, no notes meant for the library's developers."""
+    from stable_openai.__main__ import build_parser
+
+    parser = build_parser()
+    target = parser
+    if command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        target = sub.choices[command[0]]
+    text = target.format_help()
+    assert "``" not in text
+    assert "add_arguments" not in text and "python -m stable_openai.simulator._cli" not in text
