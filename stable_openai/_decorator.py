@@ -580,7 +580,15 @@ def stable(
         manager=manager,
     )
     if func is None:
-        return lambda f: _wrap(f, options)
+        return lambda f: _decorate(f, options)
+    return _decorate(func, options)
+
+
+def _decorate(func: Any, options: _Options) -> Any:
+    """``func`` decorated; above ``@staticmethod`` or ``@classmethod``, the function inside,
+    wrapped and given back the same kind (else a static method became an instance method)."""
+    if isinstance(func, (staticmethod, classmethod)):
+        return type(func)(_decorate(func.__func__, options))
     if not callable(func):
         raise TypeError(
             f"@stable decorates a function, not {type(func).__name__}; "

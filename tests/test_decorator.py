@@ -855,3 +855,23 @@ def test_an_async_call_outside_asyncio_is_refused_at_once_with_a_clear_error() -
     with pytest.raises(RuntimeError, match="need asyncio"):
         stream().__anext__().send(None)
     assert row(A)["calls"] == 0
+
+
+def test_stable_above_staticmethod_and_classmethod_keeps_them_what_they_are() -> None:
+    KeyManager([A])
+
+    class Service:
+        prefix = "svc"
+
+        @stable
+        @staticmethod
+        def plain(prompt: str, api_key: str) -> str:
+            return f"{prompt}:{api_key == A}"
+
+        @stable(attempts=2)
+        @classmethod
+        def named(cls, prompt: str, api_key: str) -> str:
+            return f"{cls.prefix}:{prompt}:{api_key == A}"
+
+    assert Service().plain("hi") == Service.plain("hi") == "hi:True"
+    assert Service().named("hi") == Service.named("hi") == "svc:hi:True"
