@@ -74,13 +74,15 @@ def _options(state: KeyState) -> dict[str, Any]:
 #: while the others wait for it, rather than every thread building one and all but one
 #: being thrown away.
 _building = threading.Lock()
+_pruning = threading.Lock()  # the per-loop maps of async clients, while closed loops go
 
 
 def _after_fork_in_child() -> None:
     """A child forked while another thread built a client would find ``_building`` taken
     for ever (its holder is not in the child): a fresh lock."""
-    global _building
+    global _building, _pruning
     _building = threading.Lock()
+    _pruning = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
@@ -127,11 +129,12 @@ def async_client(lease: Lease) -> openai.AsyncOpenAI:
     if client is None:
         # Each client holds its loop, so the weak map never lets go of one by itself: the
         # clients of loops that are closed (each asyncio.run() ends with one) go now.
-        closers: dict[asyncio.AbstractEventLoop, AsyncGenerator[None, None]]
+        closers: dict[asyncio.AbstractEventLoop, list[AsyncGenerator[None, None]]]
         closers = state.clients.setdefault("closers", {})  # type: ignore[assignment]
-        for closed in [other for other in per_loop if other.is_closed()]:
-            del per_loop[closed]
-            closers.pop(closed, None)
+        with _pruning:  # (loops of other threads add theirs meanwhile)
+            for closed in [other for other in list(per_loop) if other.is_closed()]:
+                per_loop.pop(closed, None)
+                closers.pop(closed, None)
         hooks = _Hooks(reports, state)
 
         async def on_request(request: Any) -> None:
@@ -152,7 +155,9 @@ def async_client(lease: Lease) -> openai.AsyncOpenAI:
         if client is None:
             client = per_loop[loop] = openai.AsyncOpenAI(**options)
             if _ours(state):
-                closers[loop] = _close_with_loop(client)
+                # Kept until the loop closes them all: a client close() let go may still
+                # serve calls on this loop.
+                closers.setdefault(loop, []).append(_close_with_loop(client))
         reports.probing(state)
     return client
 
@@ -195,8 +200,9 @@ def close_clients(states: list[KeyState]) -> None:
                 state.clients.setdefault("retired", []).append(client)  # type: ignore[attr-defined]
             else:
                 client.close()
+        # New calls get new async clients; the old ones close with their loops (their
+        # closers stay: dropped, they would close the clients under calls still using them).
         state.clients.pop("async", None)
-        state.clients.pop("closers", None)  # each closes its client on its loop, if running
     for state in states:
         close_retired(state)
 

@@ -59,6 +59,7 @@ class _Call:
     # Class-level defaults: a call that succeeds at once never makes a _Call at all.
     attempts = 0
     limited = 0  # rate-limited tries
+    dead = 0  # tries that found their key dead (or its project unable to take the request)
     last: BaseException | None = None
     avoid: set[KeyState] | None = None
     tried: set[KeyState] | None = None  # keys of the pools a request did not suit
@@ -111,10 +112,14 @@ class _Call:
                 return None
             if self.left() <= 0:
                 return None
-        elif verdict.cause not in _KEY_OUT:
+        elif verdict.cause in _KEY_OUT:
             # A key that turns out dead (revoked, no quota, forbidden) leaves the rotation
-            # for long: each takes one key out, so they are bounded by the keys, and good keys
-            # after them are tried.
+            # for long: each takes one key out, so good keys after them are tried — at most
+            # once per key, within max_wait (a cooldown of 0 brings a key straight back).
+            self.dead += 1
+            if self.dead > len(self.manager) or self.left() <= 0:
+                return None
+        else:
             self.attempts += 1
         if not retry or verdict.action is Action.RAISE or self.attempts >= options.attempts:
             return None
@@ -209,13 +214,17 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
         return with_key
     make = async_client if is_async else sync_client
 
-    client_at = _positional_index(func, "client") if wants_key else None
+    callers = _callers_signature(func, wants_key, wants_client) if wants_key else None
+    client_at = _positional_index(callers, "client") if callers is not None else None
 
     def with_client(taken: Lease, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if wants_key and (
-            "client" in kwargs or (client_at is not None and len(args) > client_at)
-        ):
-            return func(*args, **kwargs, api_key=taken.key)
+        if wants_key and callers is not None:
+            if client_at is not None and len(args) > client_at:  # by position: theirs
+                bound = callers.bind(*args, **kwargs)
+                return func(**bound.arguments, api_key=taken.key)
+            if kwargs.get("client") is not None:  # by keyword: theirs (None: not given)
+                return func(*args, **kwargs, api_key=taken.key)
+            kwargs = {name: value for name, value in kwargs.items() if name != "client"}
         extra: dict[str, Any] = {"client": make(taken)}
         if wants_key:
             extra["api_key"] = taken.key
@@ -224,26 +233,26 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
     return with_client
 
 
-def _positional_index(func: Callable[..., Any], name: str) -> int | None:
-    """Where ``name`` stands among the parameters a caller may pass by position."""
-    try:
-        parameters = list(inspect.signature(func).parameters.values())
-    except (TypeError, ValueError):
-        return None
-    for index, param in enumerate(parameters):
-        if param.kind not in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+def _positional_index(signature: inspect.Signature, name: str) -> int | None:
+    """Where ``name`` stands among the parameters a caller may pass by position (``None``
+    when it cannot be, or when a parameter before it is positional-only: then the call
+    cannot be made by keywords)."""
+    for index, param in enumerate(signature.parameters.values()):
+        if param.kind is param.POSITIONAL_ONLY:
+            return None
+        if param.kind is not param.POSITIONAL_OR_KEYWORD:
             return None
         if param.name == name:
             return index
     return None
 
 
-#: What a function returns when it is a coroutine function, a generator or an async generator
-#: that the decorator could not tell from its definition (a lambda or ``functools.partial``
-#: returning one): the kind of driver the call needs.
-_LATE: dict[type, str] = {
-    types.CoroutineType: "async", types.GeneratorType: "gen", types.AsyncGeneratorType: "agen",
-}
+#: What a function returns when it is a coroutine function or an async generator function
+#: that the decorator could not tell from its definition (a lambda returning a coroutine):
+#: the kind of driver the call needs.
+_LATE: dict[type, str] = {types.CoroutineType: "async", types.AsyncGeneratorType: "agen"}
+# (Not a generator: a plain function may well return one after sending its request.  A
+# ``functools.partial`` of a generator function is known when decorating.)
 
 
 def _kind(func: Callable[..., Any]) -> str:
@@ -344,8 +353,11 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
             if kind is not None:
                 # Not run yet: nothing was sent.  This call, and the next, go to the driver
                 # that awaits or iterates it, where failures rotate keys as they should.
-                result.close()
-                taken.give_back()
+                try:
+                    if kind == "async":
+                        result.close()  # (an async generator not started needs nothing)
+                finally:
+                    taken.give_back()
                 late = _wrap(func, options, kind)
                 return late(*args, **kwargs)
             taken.succeed()

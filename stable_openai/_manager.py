@@ -504,6 +504,8 @@ class KeyManager:
         with self._lock:
             self._ring.give_back(state)
         self._backend.report(state, "given_back")
+        if "retired" in state.clients:
+            close_retired(state)
 
     def _fail(self, state: KeyState, verdict: Verdict, exc: BaseException | None = None) -> None:
         """Record a failed call and apply the verdict to its key (and its pool)."""
@@ -729,11 +731,11 @@ class _KeyData(MutableMapping[str, float]):
 
 
 def _retire(states: list[KeyState]) -> None:
-    """Close the pooled clients of keys that left the ring — not of one a call is still
-    using (it would fail): that client goes with its last call."""
+    """Close the pooled clients of keys that left the ring (one a call is still using is
+    closed when its last call ends)."""
     from ._clients import close_clients
 
-    close_clients([state for state in states if state.clients and not state.in_flight])
+    close_clients([state for state in states if state.clients])
 
 
 def _renew_clients(states: list[KeyState], specs: list[Key]) -> None:

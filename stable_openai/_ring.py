@@ -191,8 +191,9 @@ class KeyRing:
         """A key given again with other settings takes them: its weight, the pool it was
         given, its pacing (its clients are the manager's to renew).  A pool it was given
         stays when the new settings name none (as in the Redis scripts)."""
-        if spec.pool is None and state.spec.pool is not None:
-            spec = dataclasses.replace(spec, pool=state.spec.pool)
+        old = state.spec
+        if spec.pool is None and old.pool is not None:
+            spec = dataclasses.replace(spec, pool=old.pool)
         state.spec = spec
         weight = float(spec.weight)
         if weight != state.weight:
@@ -205,7 +206,7 @@ class KeyRing:
                 self._make_ready(state)
         if spec.pool is not None and spec.pool != state.pool.name:
             self._move(state, spec.pool)
-        self._pace(state.pool, spec, retune=True)
+        self._pace(state.pool, spec, retune=(spec.rpm, spec.tpm) != (old.rpm, old.tpm))
 
     def reconfigure(self, keys: Iterable[KeyLike]) -> None:
         """Make the ring hold exactly ``keys``: present keys keep their state, others leave."""

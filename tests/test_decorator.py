@@ -796,9 +796,10 @@ def test_a_function_taking_api_key_keeps_its_callers_own_client() -> None:
 
 
 def test_coroutines_and_generators_from_any_callable_get_the_right_driver() -> None:
-    """An object with ``async def __call__``, and a lambda or ``functools.partial`` returning
-    a coroutine or a generator, are awaited or iterated by the decorator — with rotation on
-    a 401 — instead of handing back an un-awaited coroutine."""
+    """An object with ``async def __call__``, a lambda or ``functools.partial`` returning a
+    coroutine, a partial of a generator function and a lambda returning an async generator
+    are awaited or iterated by the decorator — with rotation on a 401 — instead of handing
+    back an un-awaited coroutine."""
     import asyncio
     import functools
 
@@ -830,10 +831,40 @@ def test_coroutines_and_generators_from_any_callable_get_the_right_driver() -> N
         ask = stable(made)
         assert asyncio.run(ask("hi")) == "echo: hi"
         assert asyncio.run(ask("again")) == "echo: again"  # later calls go straight there
-    for made_gen in (lambda prompt, api_key: stream(prompt, api_key), functools.partial(stream)):
-        KeyManager([A, B])
-        assert list(stable(made_gen)("hi")) == ["hi"]
+    KeyManager([A, B])
+    assert list(stable(functools.partial(stream))("hi")) == ["hi"]  # known when decorating
+
+    async def astream(prompt: str, api_key: str) -> AsyncIterator[str]:
+        used.append(api_key)
+        if api_key == A:
+            raise wire.revoked()
+        yield prompt
+
+    async def collect(stream: Any) -> list[str]:
+        return [item async for item in stream]
+
+    KeyManager([A, B])
+    late = stable(lambda prompt, api_key: astream(prompt, api_key))
+    assert asyncio.run(collect(late("hi"))) == ["hi"]
+    assert asyncio.run(collect(late("again"))) == ["again"]
     assert B in used
+    assert all(row["in_flight"] == 0 for row in KeyManager().stats())
+
+
+def test_a_function_returning_a_generator_after_its_request_is_called_once() -> None:
+    """A plain function may return a generator (over an answer it already got): that is its
+    value, not a call still to be made."""
+    KeyManager([A])
+    sent: list[str] = []
+
+    @stable
+    def words(text: str, api_key: str) -> Iterator[str]:
+        sent.append(api_key)
+        return (word for word in text.split())
+
+    assert list(words("a b")) == ["a", "b"]
+    assert list(words("c")) == ["c"]
+    assert len(sent) == 2
 
 
 def test_an_async_call_outside_asyncio_is_refused_at_once_with_a_clear_error() -> None:
@@ -875,3 +906,25 @@ def test_stable_above_staticmethod_and_classmethod_keeps_them_what_they_are() ->
 
     assert Service().plain("hi") == Service.plain("hi") == "hi:True"
     assert Service().named("hi") == Service.named("hi") == "svc:hi:True"
+
+
+def test_dead_keys_that_come_straight_back_cannot_keep_a_call_going() -> None:
+    """forbidden_cooldown=0: a key that answers 403 is ready again at once.  The call still
+    ends: at most one dead try per key."""
+    KeyManager([A, B])
+    ask, used = failing_on({A: wire.forbidden, B: wire.forbidden})
+    with pytest.raises(openai.PermissionDeniedError):
+        stable(forbidden_cooldown=0, max_wait=1)(ask)("hi")
+    assert len(used) <= 3
+
+
+def test_a_callers_client_by_position_lands_on_client_whatever_the_order() -> None:
+    KeyManager([A])
+    mine = object()
+
+    @stable
+    def save(prompt: str, api_key: str, client: Any) -> tuple[Any, bool]:
+        return client, api_key == A
+
+    assert save("one", mine) == (mine, True)
+    assert save("two", client=mine) == (mine, True)

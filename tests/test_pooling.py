@@ -538,3 +538,25 @@ def test_a_key_given_again_with_another_base_url_calls_there() -> None:
         served = [sim.stats()["totals"]["requests"] for sim in (old, new)]
         assert served == [2, 1]
         KeyManager().close()
+
+
+def test_close_while_async_calls_are_in_flight_fails_none_of_them() -> None:
+    """close() lets the running loop's async clients go without closing them under calls
+    still using them: they close when their loop shuts down."""
+    (key,) = made_up_keys(1, "abusy")
+    config = SimulatorConfig(keys=(SimKey(key, project="a"),), window=1.0, latency=0.1)
+    with Simulator(config) as sim:
+        manager = KeyManager([Key(key, base_url=sim.base_url)])
+
+        @stable
+        async def ask(client: openai.AsyncOpenAI) -> str:
+            return (await client.models.list()).data[0].id
+
+        async def main() -> list[Any]:
+            calls = [asyncio.ensure_future(ask()) for _ in range(6)]
+            await asyncio.sleep(0.03)  # their requests are out
+            manager.close()
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(main())
+        assert all(isinstance(result, str) for result in results), results
