@@ -126,9 +126,17 @@ class _Call:
         if verdict.action is Action.RETRY_ELSEWHERE:
             return 0.0
         if verdict.action is Action.OTHER_POOL:
-            pool = list(taken.state.pool.members) or [taken.state]
-            self.tried = (self.tried or set()) | set(pool)
-            self.avoid = (self.avoid or set()) | set(pool)
+            state = taken.state
+            # Its project's keys would answer the same: those of a pool given by the user or
+            # learned as organization/project.  A pool known only by its organization (from
+            # a 429) may span projects: then only this key.
+            same = (
+                list(state.pool.members)
+                if state.spec.pool is not None or "/" in state.pool.name
+                else []
+            ) or [state]
+            self.tried = (self.tried or set()) | set(same)
+            self.avoid = (self.avoid or set()) | set(same)
             return 0.0
         # Transient (5xx, timeouts, connection errors): back off, then prefer another key.
         if self.avoid is None:

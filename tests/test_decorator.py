@@ -928,3 +928,21 @@ def test_a_callers_client_by_position_lands_on_client_whatever_the_order() -> No
 
     assert save("one", mine) == (mine, True)
     assert save("two", client=mine) == (mine, True)
+
+
+def test_a_pool_known_only_by_its_organization_is_not_taken_for_one_project() -> None:
+    """Keys a 429's organization put in one pool may be of several projects: a model one
+    of them cannot use (404) moves the call to the other key, not out of the pool."""
+    KeyManager([A, B])
+    calls: Counter[str] = Counter()
+
+    def ask(prompt: str, api_key: str) -> str:
+        calls[api_key] += 1
+        if calls[api_key] == 1:
+            raise wire.rate_limited("10ms", {"retry-after-ms": "10"}, organization="org-two")
+        if api_key == A:
+            raise wire.model_not_found()
+        return "ok"
+
+    assert stable(ask)("hi") == "ok"
+    assert {row["pool"] for row in KeyManager().stats()} == {"org-two"}
