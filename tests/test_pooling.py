@@ -476,21 +476,28 @@ def test_keys_that_leave_close_their_pooled_clients() -> None:
 
 
 def test_close_during_traffic_fails_no_call_and_closes_every_client_it_let_go() -> None:
-    """close() from one thread while eight others call through pooled clients: no call
-    fails ('client has been closed') or hangs on a socket closed under it; a client calls
-    were using is closed once its key has none in flight, and new calls get new clients."""
+    """close() from one thread while others call through pooled clients: no call fails
+    ('client has been closed') or hangs on a socket closed under it; the client a call was
+    holding when close() ran is closed once its key has no call in flight, and new calls
+    get a new client."""
     keys = made_up_keys(2, "busy")
     config = SimulatorConfig(
-        keys=tuple(SimKey(k, project=k[-4:]) for k in keys), window=1.0, latency=0.05
+        keys=tuple(SimKey(k, project=k[-4:]) for k in keys), window=1.0, latency=0.02
     )
     with Simulator(config) as sim:
         KeyManager([Key(k, base_url=sim.base_url) for k in keys])
         seen: list[openai.OpenAI] = []
         errors: list[BaseException] = []
+        inside, gate = threading.Event(), threading.Event()
+        held: list[openai.OpenAI] = []
 
         @stable
         def ask(client: openai.OpenAI) -> str:
             seen.append(client)
+            if not inside.is_set():  # the first call holds its client across close()
+                held.append(client)
+                inside.set()
+                gate.wait(10)
             return client.models.list().data[0].id
 
         def worker() -> None:
@@ -503,18 +510,20 @@ def test_close_during_traffic_fails_no_call_and_closes_every_client_it_let_go() 
         threads = [threading.Thread(target=worker) for _ in range(8)]
         for thread in threads:
             thread.start()
-        for _ in range(3):
-            time.sleep(0.08)
-            KeyManager().close()
+        assert inside.wait(10)
+        KeyManager().close()  # while that call holds its client, and others run
+        gate.set()
+        time.sleep(0.05)
+        KeyManager().close()
         for thread in threads:
             thread.join(30)
         assert not any(thread.is_alive() for thread in threads)
         assert errors == []
         current = {id(s.clients.get("sync")) for s in KeyManager()._ring}
         let_go = {id(c): c for c in seen if id(c) not in current}
-        assert len(let_go) >= 2  # close() did let clients go while calls were using them
+        assert id(held[0]) in let_go  # close() let it go while a call used it ...
         assert all(c._client.is_closed for c in let_go.values())  # type: ignore[attr-defined]
-        KeyManager().close()
+        KeyManager().close()  # ... and every client it let go is closed by now
 
 
 def test_a_key_given_again_with_another_base_url_calls_there() -> None:
