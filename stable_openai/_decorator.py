@@ -211,7 +211,7 @@ Invoke = Callable[[Lease, tuple[Any, ...], dict[str, Any]], Any]
 
 
 def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
-             is_async: bool) -> Invoke:
+             is_async: bool, callers: inspect.Signature | None = None) -> Invoke:
     """How the drivers call ``func`` with a lease: its key as ``api_key``, its pooled client
     as ``client``, or both — unless the caller gave ``client`` to a function that takes
     ``api_key`` too: that client is the caller's, and only the key is given."""
@@ -222,7 +222,8 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
         return with_key
     make = async_client if is_async else sync_client
 
-    callers = _callers_signature(func, wants_key, wants_client) if wants_key else None
+    if not wants_key:
+        callers = None  # a client from the caller is refused (the key is the library's)
     client_at = _positional_index(callers, "client") if callers is not None else None
 
     def with_client(taken: Lease, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -230,9 +231,10 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
             if client_at is not None and len(args) > client_at:  # by position: theirs
                 bound = callers.bind(*args, **kwargs)
                 return func(**bound.arguments, api_key=taken.key)
-            if kwargs.get("client") is not None:  # by keyword: theirs (None: not given)
-                return func(*args, **kwargs, api_key=taken.key)
-            kwargs = {name: value for name, value in kwargs.items() if name != "client"}
+            if "client" in kwargs:
+                if kwargs["client"] is not None:  # by keyword: theirs (None: not given)
+                    return func(*args, **kwargs, api_key=taken.key)
+                kwargs = {name: value for name, value in kwargs.items() if name != "client"}
         extra: dict[str, Any] = {"client": make(taken)}
         if wants_key:
             extra["api_key"] = taken.key
@@ -284,7 +286,8 @@ def _wrap(
 ) -> Callable[..., Any]:
     wants_key, wants_client = _injected(func)
     kind = kind or _kind(func)
-    invoke = _invoker(func, wants_key, wants_client, kind in ("async", "agen"))
+    signature = _callers_signature(func, wants_key, wants_client)
+    invoke = _invoker(func, wants_key, wants_client, kind in ("async", "agen"), signature)
     if wants_key and wants_client:
         options = dataclasses.replace(options, callers_client=True)
     if kind == "agen":
@@ -295,7 +298,6 @@ def _wrap(
         wrapper = _wrap_async(func, options, invoke)
     else:
         wrapper = _wrap_sync(func, options, invoke)
-    signature = _callers_signature(func, wants_key, wants_client)
     if signature is not None:
         wrapper.__signature__ = signature  # type: ignore[attr-defined]
     return wrapper
