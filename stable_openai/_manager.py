@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMappin
 from typing import ClassVar, TypedDict
 
 from ._budget import ServerBudget, organization_in
-from ._clients import close_retired
+from ._clients import aclose_clients, close_clients, close_retired
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, duration
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
@@ -320,8 +320,6 @@ class KeyManager:
     def close(self) -> None:
         """Close the pooled clients (``client`` parameters) and the backend's connections;
         new ones are made on next use."""
-        from ._clients import close_clients
-
         with self._lock:
             states = list(self._ring)
         close_clients(states)
@@ -330,8 +328,6 @@ class KeyManager:
     async def aclose(self) -> None:
         """Close the pooled clients, with the async ones of the running event loop: await it
         before your loop ends (``asyncio.run`` closes the loop, not the connections)."""
-        from ._clients import aclose_clients
-
         with self._lock:
             states = list(self._ring)
         await aclose_clients(states)
@@ -733,16 +729,12 @@ class _KeyData(MutableMapping[str, float]):
 def _retire(states: list[KeyState]) -> None:
     """Close the pooled clients of keys that left the ring (one a call is still using is
     closed when its last call ends)."""
-    from ._clients import close_clients
-
     close_clients([state for state in states if state.clients])
 
 
 def _renew_clients(states: list[KeyState], specs: list[Key]) -> None:
     """Keys given again with other settings (``base_url``, ``client_options``, ...): their
     next calls build pooled clients with them; the old ones close when no call uses them."""
-    from ._clients import close_clients
-
     close_clients([state for state, spec in zip(states, specs) if state.spec is not spec])
 
 
