@@ -20,11 +20,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast, overload
 
-from ._cause import Cause
 from ._clients import async_client, sync_client
 from ._lease import Lease
 from ._manager import KeyManager, first_lease, lease, lease_async, take_lease
-from ._policy import Action, Policy, classify
+from ._policy import KEY_CAUSES, Action, Policy, classify
 from ._ring import KeyState
 
 __all__ = ["stable"]
@@ -43,12 +42,6 @@ class _Options:
     callers_client: bool = False
     """The function takes ``api_key`` and ``client``: a ``client`` its caller passes is the
     caller's own (as with stable-openai 0.1.1), and then only ``api_key`` is injected."""
-
-
-#: Failures that take their key out of the rotation for long: not the call's attempts.
-_KEY_OUT = frozenset({
-    Cause.REVOKED, Cause.NO_QUOTA, Cause.FORBIDDEN, Cause.TOO_LARGE, Cause.MODEL_NOT_FOUND,
-})
 
 
 class _Call:
@@ -112,7 +105,7 @@ class _Call:
                 return None
             if self.left() <= 0:
                 return None
-        elif verdict.cause in _KEY_OUT:
+        elif verdict.cause in KEY_CAUSES:
             # A key that turns out dead (revoked, no quota, forbidden) leaves the rotation
             # for long: each takes one key out, so good keys after them are tried — at most
             # once per key, within max_wait (a cooldown of 0 brings a key straight back).

@@ -243,7 +243,7 @@ class KeyManager:
                 self._backend.bind(self._ring)
             self._notify()
         if state is not None:
-            _retire([state])
+            close_clients([state])  # (one a call still uses closes after it)
         return removed
 
     def get_min_ttl(self) -> float:
@@ -354,7 +354,7 @@ class KeyManager:
             self._notify()
         if known:
             self._backend.enable(known)
-        _retire([state for state in before if state.where is Where.REMOVED])
+        close_clients([state for state in before if state.where is Where.REMOVED])
         _renew_clients(known, specs)
 
     def _notify(self) -> None:
@@ -724,12 +724,6 @@ class _KeyData(MutableMapping[str, float]):
     def __repr__(self) -> str:
         rows = ", ".join(f"{_masked(k)!r}: {v:g}" for k, v in self._seconds.items())
         return "{" + rows + "}"
-
-
-def _retire(states: list[KeyState]) -> None:
-    """Close the pooled clients of keys that left the ring (one a call is still using is
-    closed when its last call ends)."""
-    close_clients([state for state in states if state.clients])
 
 
 def _renew_clients(states: list[KeyState], specs: list[Key]) -> None:

@@ -25,6 +25,7 @@ import openai
 from ._cause import Cause
 
 __all__ = [
+    "KEY_CAUSES",
     "Action",
     "Fate",
     "Policy",
@@ -211,9 +212,10 @@ def _headers_of(exc: openai.APIStatusError) -> Mapping[str, str] | None:
     return headers if headers is not None else None
 
 
-#: Causes a retry on *another* key may cure, whatever the server says of retrying the request:
-#: the key is the problem, not the request.
-_KEY_CAUSES = frozenset({
+#: Failures of the key (or its project), not of the request: a retry on *another* key may
+#: cure them, whatever the server says of retrying the request, and a call does not count
+#: them as its attempts (each takes its key out of the rotation for long).
+KEY_CAUSES = frozenset({
     Cause.NO_QUOTA, Cause.REVOKED, Cause.FORBIDDEN, Cause.TOO_LARGE, Cause.MODEL_NOT_FOUND,
 })
 
@@ -231,7 +233,7 @@ def classify(
     verdict = _classify(exc, policy, now_wall)
     if (
         verdict.action is not Action.RAISE
-        and verdict.cause not in _KEY_CAUSES
+        and verdict.cause not in KEY_CAUSES
         and isinstance(exc, openai.APIStatusError)
         and (_header(_headers_of(exc), "x-should-retry") or "").strip().lower() == "false"
     ):
