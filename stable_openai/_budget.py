@@ -78,6 +78,13 @@ class ServerBudget:
     organization: str | None = None
     project: str | None = None
 
+    @property
+    def pool(self) -> str | None:
+        """The pool the response names: ``organization/project``, or the organization."""
+        if not self.organization:
+            return None
+        return f"{self.organization}/{self.project}" if self.project else self.organization
+
 
 def _int(value: str | None) -> int | None:
     if value is None:

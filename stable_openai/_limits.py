@@ -21,9 +21,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from ._budget import ServerBudget
 from ._policy import try_again_in
 
-__all__ = ["RateLimit", "read_rate_limit"]
+__all__ = ["RateLimit", "pace_of", "read_rate_limit"]
 
 _SUBJECT = re.compile(
     r"(?:Rate limit reached|Request too large) for (?:model )?`?(?P<model>[^`\s]+)`?"
@@ -95,3 +96,38 @@ def read_rate_limit(message: str) -> RateLimit | None:
         requested=_count(_REQUESTED, message),
         try_again=try_again_in(message),
     )
+
+
+def pace_of(message: str, budget: ServerBudget | None = None) -> tuple[bool, float | None]:
+    """What a rate-limit 429 teaches the pace of its pool: whether it does at all (not a 429
+    of a per-day limit, which the cooldown until the server's time covers, nor one whose
+    headers show budget left), and the rate of requests a second its message's numbers give,
+    when they can be trusted.
+
+    They are OpenAI's refilling bucket's: exact there, but from a server that counts in
+    windows they say when *its window* ends, not its rate.  ``budget``, the 429's own
+    ``x-ratelimit-*`` headers, tells the two apart: a bucket that just refused a request is
+    full, so it is empty again (its reset) only after about ``Limit`` refills; a window is
+    over as soon as the request is admitted."""
+    if (
+        budget is not None
+        and budget.requests_left
+        and (budget.tokens_left is None or budget.tokens_left > 0)
+    ):
+        return False, None  # its own headers show budget left: no limit was reached
+    limit = read_rate_limit(message)
+    if limit is None:
+        return True, None
+    if limit.daily:
+        return False, None
+    refill = limit.refill if limit.kind == "requests" else None
+    if not refill:
+        return True, None
+    if (
+        budget is not None
+        and budget.requests_reset is not None
+        and budget.requests_limit
+        and budget.requests_reset < 0.5 * budget.requests_limit * refill
+    ):
+        return True, None  # a window's end, not a rate
+    return True, 1.0 / refill

@@ -21,12 +21,13 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import ClassVar, TypedDict
 
-from ._budget import ServerBudget, organization_in
+from ._budget import ServerBudget, organization_in, read_headers
 from ._clients import aclose_clients, close_clients, close_retired
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, duration
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
-from ._policy import Fate, Verdict
+from ._limits import pace_of
+from ._policy import Fate, Verdict, headers_of
 from ._ring import KeyRing, KeyState, Marks, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
 from .backends import MemoryBackend, StateBackend, backend_from_url
@@ -507,16 +508,25 @@ class KeyManager:
         """Record a failed call and apply the verdict to its key (and its pool)."""
         first_disable = False
         organization = None
+        paces, told = False, None
         if verdict.pooled and exc is not None:
-            organization = organization_in(str(getattr(exc, "message", "")))
+            message = str(getattr(exc, "message", ""))
+            headers = headers_of(exc)
+            said = None if headers is None else read_headers(headers)
+            organization = (said and said.pool) or organization_in(message)
+            if verdict.rate_limited:
+                paces, told = pace_of(message, said)
         tokens = _call_tokens(state)
         with self._lock:
             self._ring.fail(
-                state, rate_limited=verdict.rate_limited, tokens=tokens, organization=organization
+                state, rate_limited=verdict.rate_limited, tokens=tokens,
+                organization=organization, paces=paces, told=told, cooled=verdict.seconds,
             )
             first_disable = self._ring.apply_verdict(state, verdict, organization)
         outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
-        self._backend.report(state, outcome, verdict, organization, tokens)
+        self._backend.report(
+            state, outcome, verdict, organization, tokens, paces=paces, told=told
+        )
         if "retired" in state.clients:
             close_retired(state)
         if first_disable:

@@ -28,6 +28,8 @@ __all__ = [
     "FREED",
     "MAX_RESET",
     "NEW_WINDOW",
+    "PACE_BACKOFF",
+    "PACE_GAIN",
     "PROBE_CALLS",
     "PROBE_WAIT",
     "UNANSWERED_FOR",
@@ -47,6 +49,11 @@ PROBE_CALLS = 2
 #: A request that left this long ago and got no answer no longer counts as one the server
 #: may not have counted yet: by now it has, or never will.
 UNANSWERED_FOR = 60.0
+#: After a 429, a pool is paced at this share of the rate the server showed it admits ...
+PACE_BACKOFF = 0.97
+#: ... and each call that succeeds raises the pace by this share, to find a higher limit
+#: (3 % back in about 60 calls: a pool that keeps to its limit meets a 429 that rarely).
+PACE_GAIN = 0.0005
 
 
 class Spent(NamedTuple):
@@ -65,9 +72,16 @@ class Budget:
     """What a pool knows of its server budget, brought up to date with what it sent since."""
 
     __slots__ = (
+        "admitted",
         "avg_tokens",
+        "closing",
         "hooked",
+        "idle",
+        "limited_at",
         "outstanding",
+        "pace",
+        "pace_level",
+        "pace_stamp",
         "probing",
         "requests_left",
         "requests_limit",
@@ -75,10 +89,12 @@ class Budget:
         "requests_reset_at",
         "sent",
         "snapshot",
+        "stale",
         "tokens_left",
         "tokens_limit",
         "tokens_refilled",
         "tokens_reset_at",
+        "told",
         "window_reset",
         "window_start",
     )
@@ -107,6 +123,17 @@ class Budget:
         # answer shows a later window than the first one it saw (``window_reset``).
         self.window_start: int | None = None
         self.window_reset: float | None = None
+        # The pace learned from 429s (calls a second; ``None`` before the first that told a
+        # rate), spent as a bucket of one call: ``pace_level`` calls, at ``pace_stamp``.
+        self.pace: float | None = None
+        self.pace_level = 0.0
+        self.pace_stamp = 0.0
+        self.limited_at: float | None = None  # when the last 429 came back
+        self.admitted = 0  # calls that succeeded since (and those in flight then)
+        self.idle = 0.0  # seconds since then that the pace would have allowed calls, unused
+        self.stale = 0  # calls in flight at that 429 that have not ended yet
+        self.closing: float | None = None  # the span before it, to measure once they have
+        self.told: float | None = None  # the rate that 429's numbers gave
 
     def window_bound(self, left: float) -> float:
         """``left``, or less: at most what is left of a window that began at a refill."""
@@ -137,11 +164,24 @@ class Budget:
 
     def spend_request(self, now: float, in_flight: int) -> list[Spent]:
         """A call started (counted in ``sent`` and ``in_flight`` already): it spends one
-        request of what is left, and a call's worth of tokens (``avg_tokens``)."""
-        if self.requests_left is None and self.tokens_left is None:
-            return []
-        self.refresh(now, in_flight, fresh=1)
+        request of what is left, a call's worth of tokens (``avg_tokens``), and its place in
+        the pace learned from 429s."""
         spent = []
+        pace = self.pace
+        if pace is not None:
+            level = self.pace_level
+            if now > self.pace_stamp:
+                level += (now - self.pace_stamp) * pace
+                self.pace_stamp = now
+                if level > 1.0:  # the pool was not busy: that time says nothing of its limit
+                    self.idle += (level - 1.0) / pace
+                    level = 1.0
+            level -= 1.0
+            self.pace_level = level
+            spent.append(Spent(now + (1.0 - level) / pace, "paced (429s)", Cause.PACED))
+        if self.requests_left is None and self.tokens_left is None:
+            return spent
+        self.refresh(now, in_flight, fresh=1)
         if self.requests_left is not None:
             self.requests_left = self.window_bound(self.requests_left - 1)
             if self.requests_left <= 0:
@@ -253,3 +293,64 @@ class Budget:
                 if self.tokens_left < max(1.0, self.avg_tokens):
                     decisions.append(Spent(reset_at, "budget spent (TPM)", Cause.TOKENS_SPENT))
         return decisions
+
+    def limited(self, now: float, in_flight: int, told: float | None, cooled: float) -> None:
+        """A call on the pool was rate limited (429) and the pool cools for ``cooled``
+        seconds; ``in_flight``: the pool's calls still in flight; ``told``: the rate the 429's
+        own numbers give (calls a second), if any.
+
+        The pool is paced a little below the larger of ``told`` and the rate the server
+        admitted between its previous 429 and this one (the calls that succeeded, over the
+        time the pool was busy).  The numbers of a 429 are exact for OpenAI's refilling
+        buckets but far too low for a server that counts in windows; what was admitted
+        between two 429s holds for every limiter, and for a server that says no number at
+        all.  Each success then raises the pace a little (:meth:`admit`), so a pace found too
+        low rises, and a pace too high meets the next 429, which measures again.
+
+        The calls in flight at a 429 were sent before it: their 429s are of the same excess
+        and teach nothing more (they are ``stale``), and their successes were admitted before
+        it, so the span is measured once they have all ended."""
+        since = self.limited_at
+        if self.stale and since is not None and now < since + UNANSWERED_FOR:
+            self._over()  # (after a minute, one of them was never reported: go on)
+            return
+        if self.closing is not None:  # the span before is still to measure: now, then
+            self._close()
+        self.closing = None if since is None else now - since - self.idle
+        self.told = told
+        if told is not None:
+            self.pace = PACE_BACKOFF * told
+        self.pace_level, self.pace_stamp = 1.0, now + cooled  # one call, once it has cooled
+        self.limited_at, self.idle, self.stale = now, 0.0, in_flight
+        if not in_flight:
+            self._close()
+
+    def _over(self) -> None:
+        """One of the calls in flight at the last 429 ended: once all have, the span is
+        measured."""
+        self.stale -= 1
+        if not self.stale:
+            self._close()
+
+    def _close(self) -> None:
+        """Measure the span that ended at the last 429 (if one did), and begin the next."""
+        span = self.closing
+        if span is not None and span > 0 and self.admitted > 0:
+            measured = self.admitted / span
+            told = self.told
+            self.pace = PACE_BACKOFF * (told if told is not None and told > measured else measured)
+        self.closing = None
+        self.admitted = 0
+
+    def admit(self) -> None:
+        """A call on the pool succeeded."""
+        self.admitted += 1
+        if self.pace is not None:
+            self.pace *= 1.0 + PACE_GAIN
+        if self.stale:
+            self._over()
+
+    def ended(self) -> None:
+        """A call on the pool ended without a success nor a 429 that :meth:`limited` saw."""
+        if self.stale:
+            self._over()

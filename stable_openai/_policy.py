@@ -31,6 +31,7 @@ __all__ = [
     "Policy",
     "Verdict",
     "classify",
+    "headers_of",
     "parse_duration",
     "retry_delay",
 ]
@@ -206,7 +207,8 @@ def _error_fields(exc: openai.APIStatusError) -> tuple[str, str, str]:
     return code, kind, message or str(exc.message or "")
 
 
-def _headers_of(exc: openai.APIStatusError) -> Mapping[str, str] | None:
+def headers_of(exc: BaseException) -> Mapping[str, str] | None:
+    """The headers of the response an error carries, if it carries one."""
     response = getattr(exc, "response", None)
     headers = getattr(response, "headers", None)
     return headers if headers is not None else None
@@ -235,7 +237,7 @@ def classify(
         verdict.action is not Action.RAISE
         and verdict.cause not in KEY_CAUSES
         and isinstance(exc, openai.APIStatusError)
-        and (_header(_headers_of(exc), "x-should-retry") or "").strip().lower() == "false"
+        and (_header(headers_of(exc), "x-should-retry") or "").strip().lower() == "false"
     ):
         return dataclasses.replace(verdict, action=Action.RAISE)
     return verdict
@@ -263,7 +265,7 @@ def _classify(
                 Fate.KEEP, Action.OTHER_POOL, reason="request too large (429)",
                 cause=Cause.TOO_LARGE,
             )
-        delay = retry_delay(_headers_of(exc), message, now_wall)
+        delay = retry_delay(headers_of(exc), message, now_wall)
         return Verdict(
             Fate.COOL, Action.RETRY_ELSEWHERE,
             policy.cooldown if delay is None else max(delay, MIN_RATE_LIMIT_COOLDOWN),

@@ -363,6 +363,7 @@ class KeyRing:
             pool.requests_left is not None
             or pool.tokens_left is not None
             or pool.request_bucket is not None
+            or pool.pace is not None
         ):
             self._spend_request(pool)
 
@@ -370,11 +371,15 @@ class KeyRing:
         """Undo :meth:`choose` for a key that was only handed out (``get_key()``), not called."""
         state.calls -= 1
         self.release(state)
+        if state.where is not REMOVED:
+            state.pool.ended()
 
     def succeed(self, state: KeyState, tokens: float = 0.0) -> None:
         """A call on ``state`` succeeded; its requests cost ``tokens`` tokens."""
         state.successes += 1
         self.release(state)
+        if state.where is not REMOVED:
+            state.pool.admit()
         if tokens:
             self._cost(state, tokens)
 
@@ -385,15 +390,27 @@ class KeyRing:
         rate_limited: bool = False,
         tokens: float = 0.0,
         organization: str | None = None,
+        paces: bool = False,
+        told: float | None = None,
+        cooled: float = 0.0,
     ) -> None:
-        """A call on ``state`` failed; ``organization``: the one its 429 named, which becomes
-        the key's pool (and takes in the call's tokens) if it has none yet."""
+        """A call on ``state`` failed; ``organization``: the pool its 429 named, which becomes
+        the key's pool (and takes in the call's tokens) if it has none yet.  ``paces``: a 429
+        of a per-minute limit, from which the pool learns its pace (``told``: the rate its
+        numbers give, calls a second; ``cooled``: the seconds the 429 cools the pool; see
+        :meth:`~stable_openai._model.Budget.limited`)."""
         if rate_limited:
             state.rate_limits += 1
         else:
             state.failures += 1
         self.release(state)
         self.join_named(state, organization)
+        if state.where is not REMOVED:
+            pool = state.pool
+            if paces:
+                pool.limited(self.clock(), pool.in_flight, told, cooled)
+            else:
+                pool.ended()
         if tokens:
             self._cost(state, tokens)
 
@@ -401,6 +418,8 @@ class KeyRing:
         """A call on ``state`` is over (succeeded, failed or abandoned); its requests cost
         ``tokens`` tokens, which its pool's average and token pacing take in."""
         self.release(state)
+        if state.where is not REMOVED:
+            state.pool.ended()
         if tokens:
             self._cost(state, tokens)
 
@@ -463,11 +482,8 @@ class KeyRing:
         the server's reset.  Returns whether keys became ready."""
         if state.where is REMOVED:
             return False
-        if budget.organization:
-            name = budget.organization
-            if budget.project:
-                name = f"{name}/{budget.project}"
-            self.join_pool(state, name)
+        if budget.pool:
+            self.join_pool(state, budget.pool)
         pool = state.pool
         if marks is not None and marks[0] is not pool:
             return False  # sent before its key joined this pool: its place here is unknown

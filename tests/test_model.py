@@ -4,9 +4,20 @@ memory ring and the Redis scripts apply them alike)."""
 
 from __future__ import annotations
 
+import pytest
+
 from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
-from stable_openai._model import FREED, PROBE_CALLS, PROBE_WAIT, Budget, Spent
+from stable_openai._model import (
+    FREED,
+    PACE_BACKOFF,
+    PACE_GAIN,
+    PROBE_CALLS,
+    PROBE_WAIT,
+    UNANSWERED_FOR,
+    Budget,
+    Spent,
+)
 
 
 def headers(left: int, reset: float, limit: int = 10) -> ServerBudget:
@@ -129,3 +140,97 @@ def test_a_request_unanswered_for_long_no_longer_counts_as_unseen() -> None:
     budget.learn(headers(left=5, reset=10.0), mark=2, now=later)
     assert budget.requests_left == 5  # request 1 is counted by now, or never will be
     assert budget.outstanding == []
+
+
+# --------------------------------------------------------------------------- pace from 429s
+
+
+def paced_until(budget: Budget, now: float) -> float | None:
+    """A call starts at ``now``: until when the pace learned from 429s then holds the pool."""
+    budget.sent += 1
+    for spent in budget.spend_request(now, 1):
+        if spent.cause is Cause.PACED:
+            return spent.until
+    return None
+
+
+def test_no_pace_before_a_429_and_a_429_with_a_rate_paces_at_once_a_little_below_it() -> None:
+    budget = Budget()
+    assert paced_until(budget, 0.0) is None
+    budget.limited(1.0, in_flight=0, told=10.0, cooled=0.5)  # OpenAI's numbers: 10/s
+    assert budget.pace == PACE_BACKOFF * 10.0
+    # The pace starts once the 429's cooldown is over, one call at a time, never a burst.
+    gap = 1.0 / budget.pace
+    assert paced_until(budget, 1.5) == 1.5 + gap
+    assert paced_until(budget, 1.5 + gap) == pytest.approx(1.5 + 2 * gap)
+    assert paced_until(budget, 5.0) == 5.0 + gap  # unused time is not saved up
+
+
+def test_the_rate_admitted_between_two_429s_paces_the_pool_once_their_calls_ended() -> None:
+    budget = Budget()
+    budget.limited(0.0, in_flight=2, told=None, cooled=1.0)  # no numbers: a window's end
+    assert budget.pace is None and budget.stale == 2
+    budget.limited(0.01, in_flight=1, told=None, cooled=1.0)  # sent before it: the same excess
+    budget.admit()  # the last call of that volley was admitted before the 429
+    assert budget.stale == 0 and budget.admitted == 0  # the first span had no start: unmeasured
+    for _ in range(10):  # the next window admits 10 ...
+        budget.admit()
+    budget.limited(1.0, in_flight=1, told=None, cooled=1.0)  # ... and a 429 comes at its end
+    assert budget.pace is None  # measured once the call in flight ends ...
+    budget.admit()  # ... which the server admitted before the 429
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 11 / 1.0)
+
+
+def test_the_rate_a_429_gives_is_kept_when_the_pool_admitted_less_and_raised_when_more() -> None:
+    budget = Budget()
+    budget.limited(0.0, in_flight=0, told=10.0, cooled=0.0)
+    for _ in range(5):
+        budget.admit()
+    budget.limited(1.0, in_flight=0, told=10.0, cooled=0.0)  # 5/s admitted: told is higher
+    assert budget.pace == PACE_BACKOFF * 10.0
+    for _ in range(30):
+        budget.admit()
+    budget.limited(2.0, in_flight=0, told=10.0, cooled=0.0)  # 30/s admitted: the numbers lie
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 30.0)
+
+
+def test_each_success_raises_the_pace_a_little() -> None:
+    budget = Budget()
+    budget.limited(0.0, in_flight=0, told=10.0, cooled=0.0)
+    for _ in range(100):
+        budget.admit()
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 10.0 * (1 + PACE_GAIN) ** 100)
+
+
+def test_time_the_pool_was_not_busy_does_not_count_in_the_rate_it_admitted() -> None:
+    budget = Budget()
+    budget.limited(0.0, in_flight=0, told=10.0, cooled=0.0)
+    gap = 1.0 / budget.pace  # type: ignore[operator]
+    paced_until(budget, 0.0)
+    paced_until(budget, 60.0)  # a minute without calls: all but one call's gap unused
+    idle = budget.idle
+    assert idle == pytest.approx(60.0 - gap)
+    for _ in range(15):
+        budget.admit()
+    budget.limited(61.0, in_flight=0, told=None, cooled=0.0)  # no numbers this time
+    # 15 calls over the second (and a bit) the pool was busy, not over 61 s.
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 15 / (61.0 - idle))
+
+
+def test_other_endings_of_the_calls_in_flight_close_the_span_too() -> None:
+    budget = Budget()
+    budget.limited(0.0, in_flight=0, told=None, cooled=0.0)
+    for _ in range(4):
+        budget.admit()
+    budget.limited(2.0, in_flight=2, told=None, cooled=0.0)
+    budget.ended()  # abandoned
+    assert budget.pace is None
+    budget.ended()  # a 500
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 2.0)
+
+
+def test_a_429_a_minute_after_the_last_is_fresh_though_a_call_never_ended() -> None:
+    budget = Budget()
+    budget.limited(0.0, in_flight=1, told=10.0, cooled=0.0)  # its call in flight never ends
+    budget.limited(UNANSWERED_FOR + 1.0, in_flight=0, told=5.0, cooled=0.0)
+    assert budget.pace == PACE_BACKOFF * 5.0 and budget.stale == 0

@@ -40,16 +40,20 @@ _ORGS = itertools.count(1)
 
 
 def rate_limited(
-    delay: str = "20s", headers: dict[str, str] | None = None, organization: str | None = None
+    delay: str = "20s",
+    headers: dict[str, str] | None = None,
+    organization: str | None = None,
+    numbers: str = "Limit 3, Used 3, Requested 1",
 ) -> openai.APIStatusError:
     """A 429 rate limit; its message names ``organization`` (by default a new one each time,
-    so that keys are not taken for one pool unless a test says so)."""
+    so that keys are not taken for one pool unless a test says so) and gives ``numbers``
+    (with ``delay``, the rate the limit refills at: here one request per ``delay``)."""
     organization = organization or f"org-wire{next(_ORGS):06d}"
     return status_error(
         429,
         {
             "message": f"Rate limit reached for gpt-4o-mini in organization {organization} on "
-            f"requests per min (RPM): Limit 3, Used 3, Requested 1. Please try again in {delay}. "
+            f"requests per min (RPM): {numbers}. Please try again in {delay}. "
             "Visit https://platform.openai.com/account/rate-limits to learn more.",
             "type": "requests",
             "param": None,

@@ -55,7 +55,15 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._budget import ServerBudget
 from .._cause import Cause
-from .._model import MAX_RESET, NEW_WINDOW, PROBE_CALLS, PROBE_WAIT, UNANSWERED_FOR
+from .._model import (
+    MAX_RESET,
+    NEW_WINDOW,
+    PACE_BACKOFF,
+    PACE_GAIN,
+    PROBE_CALLS,
+    PROBE_WAIT,
+    UNANSWERED_FOR,
+)
 from .._policy import Fate, Verdict
 from .._ring import KeyRing, KeyState, Where
 from ._base import Outcome, Pick, SharedKeyState, StorageError
@@ -98,6 +106,8 @@ def _constants() -> str:
         f"local PROBE = {PROBE_WAIT!r}\n"
         f"local PROBE_CALLS = {PROBE_CALLS!r}\n"
         f"local UNANSWERED = {UNANSWERED_FOR!r}\n"
+        f"local PACE_BACKOFF = {PACE_BACKOFF!r}\n"
+        f"local PACE_GAIN = {PACE_GAIN!r}\n"
         f"local CAUSE = {{{causes}}}\n"
     )
 
@@ -649,7 +659,8 @@ class RedisBackend:
 
     def report(
         self, state: KeyState, outcome: Outcome, verdict: Verdict | None = None,
-        organization: str | None = None, tokens: float = 0.0,
+        organization: str | None = None, tokens: float = 0.0, *,
+        paces: bool = False, told: float | None = None,
     ) -> None:
         fp = self._fps.get(state)
         calls = _CALLS.get() or {}
@@ -679,10 +690,8 @@ class RedisBackend:
         if budget is None and pending is not None:
             budget = pending.budget
         join, mode = organization or "", "own"
-        if budget is not None and budget.organization:
-            join, mode = budget.organization, "any"
-            if budget.project:
-                join = f"{join}/{budget.project}"
+        if budget is not None and budget.pool:
+            join, mode = budget.pool, "any"
         args = [fp, lease, outcome, fate, _text(seconds), reason, forbidden, join, mode]
         if budget is not None:
             args += [_text(budget.requests_limit), _text(budget.requests_left),
@@ -697,7 +706,7 @@ class RedisBackend:
         # stays among the unanswered ones until its pool has no call in flight (as the ring's).
         unanswered = call is not None and call.sent and not call.answered
         args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else "",
-                 "1" if budget is not None else ""]
+                 "1" if budget is not None else "", "1" if paces else "", _text(told)]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

@@ -119,6 +119,7 @@ if chosen then
   put('p:' .. pool, p)
 
   -- Spend one request of the pool's budget (as _model.Budget.spend_request), and its pacing.
+  pace_spend(pool, p)
   refresh(pool, p, 1)
   local reset = p.reset or 0
   if p.left then

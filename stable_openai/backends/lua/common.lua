@@ -18,7 +18,9 @@
 --               trefilled, avg (tokens a request costs), probing (1 until an answer told the
 --               budget), was (its name before the server named it), held (1 while keys may
 --               be cooling for its spent request budget); r/t {rate, cap, level,
---               stamp} (client-side pacing of requests and tokens)
+--               stamp} (client-side pacing of requests and tokens); the pace learned from
+--               429s (strings of 17 digits): pace, plevel, pstamp, lat (the last 429), idle,
+--               closing, told; and adm, stale (counts)
 --     m:<pool>  the fingerprints of the pool's keys (a JSON array)
 --     seq       a counter: the least-recently-used order
 --   KEYS[2] {N}:load   ZSET "<fp>|<pool>" -> score.  Ready keys score level * 1e11 + seq
@@ -213,6 +215,74 @@ end
 
 local function new_pool()
   return {n = 0, sent = 0, out = {}, gone = {}}
+end
+
+-- The pace a pool learned from its 429s (as _model.Budget: spend_request, limited, admit,
+-- ended).  Its numbers are kept as strings of 17 digits: JSON here keeps 14, and both stores
+-- must compute the same deadlines.
+local function exact(x) return x and string.format('%.17g', x) or nil end
+local function num(text) return text and tonumber(text) or nil end
+
+-- A call starts on the pool: it takes its place in the pace, which cools the pool until the
+-- next call's.
+local function pace_spend(pool, p)
+  local rate = num(p.pace)
+  if not rate then return end
+  local level, stamp = num(p.plevel) or 0, num(p.pstamp) or 0
+  if NOW > stamp then
+    level = level + (NOW - stamp) * rate
+    p.pstamp = exact(NOW)
+    if level > 1 then  -- the pool was not busy: that time says nothing of its limit
+      p.idle = exact((num(p.idle) or 0) + (level - 1) / rate)
+      level = 1
+    end
+  end
+  level = level - 1
+  p.plevel = exact(level)
+  put('p:' .. pool, p)
+  cool_pool(pool, NOW + (1 - level) / rate, 'paced (429s)', CAUSE.paced)
+end
+
+-- Measure the span that ended at the last 429 (if one did), and begin the next.
+local function pace_close(p)
+  local span, admitted = num(p.closing), p.adm or 0
+  if span and span > 0 and admitted > 0 then
+    local measured = admitted / span
+    local told = num(p.told)
+    p.pace = exact(PACE_BACKOFF * ((told and told > measured) and told or measured))
+  end
+  p.closing, p.adm = nil, 0
+end
+
+-- One of the calls in flight at the last 429 ended: once all have, the span is measured.
+local function pace_over(p)
+  p.stale = p.stale - 1
+  if p.stale == 0 then pace_close(p) end
+end
+
+-- A call on the pool was rate limited; ``in_flight``: the pool's calls still in flight;
+-- ``told``: the rate the 429's numbers give (nil if none); ``cooled``: the seconds it cools.
+local function pace_limited(p, in_flight, told, cooled)
+  local since = num(p.lat)
+  if (p.stale or 0) > 0 and since and NOW < since + UNANSWERED then
+    pace_over(p)
+    return
+  end
+  if p.closing then pace_close(p) end
+  p.closing = since and exact(NOW - since - (num(p.idle) or 0)) or nil
+  p.told = exact(told)
+  if told then p.pace = exact(PACE_BACKOFF * told) end
+  p.plevel, p.pstamp = exact(1), exact(NOW + cooled)
+  p.lat, p.idle, p.stale = exact(NOW), exact(0), in_flight
+  if in_flight == 0 then pace_close(p) end
+end
+
+-- A call on the pool succeeded.
+local function pace_admit(p)
+  p.adm = (p.adm or 0) + 1
+  local rate = num(p.pace)
+  if rate then p.pace = exact(rate * (1 + PACE_GAIN)) end
+  if (p.stale or 0) > 0 then pace_over(p) end
 end
 
 -- A pool's record, made if it does not exist, and paced for a key that has rpm/tpm where it

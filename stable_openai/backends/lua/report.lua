@@ -9,7 +9,8 @@
 -- value; the reason in ARGV[8] is only for people), ARGV[20] the pool the call was chosen
 -- in and ARGV[21] its ``sent`` mark ('' without a lease), ARGV[22] '1' when its request
 -- left and got no answer, ARGV[23] '1' when a successful answer's headers were read (even
--- if none was about the budget).
+-- if none was about the budget), ARGV[24] '1' when a 429 of a per-minute limit teaches the
+-- pool's pace, ARGV[25] the rate its numbers give ('' if none).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -132,6 +133,16 @@ elseif outcome == 'given_back' then
   rec.calls = rec.calls - 1
 end
 put('k:' .. fp, rec)
+
+-- What the outcome teaches the pool's pace (as KeyRing.succeed/fail/end).
+if outcome == 'succeeded' then
+  pace_admit(p)
+elseif outcome == 'rate_limited' and ARGV[24] == '1' then
+  pace_limited(p, p.n, tonumber(ARGV[25]), math.max(0, tonumber(ARGV[7]) or 0))
+elseif (p.stale or 0) > 0 then
+  pace_over(p)
+end
+put('p:' .. pool, p)
 
 -- Tokens the call's requests cost: the pool's average call (as _model.Budget.cost, in whole
 -- tokens), and its tpm pacing.
