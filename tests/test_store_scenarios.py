@@ -209,6 +209,46 @@ def test_a_429_naming_an_organization_puts_its_keys_in_one_pool(
     assert seen[masked(c)]["pool"].startswith("own")
 
 
+def test_429s_whose_headers_name_two_projects_of_one_organization_make_two_pools(
+    make_manager: MakeManager,
+) -> None:
+    """Limits are per project: the keys of two projects are two pools though their 429s name
+    one organization (a success's headers name the project too)."""
+    a, b, c = made_up_keys(3, "projects")
+    manager = make_manager([a, b, c])
+    for key, project in ((a, "proj_one"), (b, "proj_two"), (c, "proj_one")):
+        taken = take(manager)
+        assert taken.key == key
+        headers = {"openai-organization": "org-one", "openai-project": project}
+        taken.fail(RATE_LIMITED, rate_limited("30s", headers, organization="org-one"))
+    seen = rows(manager)
+    assert [seen[masked(k)]["pool"] for k in (a, b, c)] == [
+        "org-one/proj_one", "org-one/proj_two", "org-one/proj_one"]
+
+
+def test_a_pool_is_paced_from_its_429s_and_the_others_are_not(
+    make_manager: MakeManager,
+) -> None:
+    """A 429 whose numbers give one request per 20 s paces its pool: after the 429's own
+    cooldown, one call, then the next 20 s (a little more) later; another pool is free."""
+    a, b = made_up_keys(2, "paced")
+    manager = make_manager([Key(a, pool="one"), Key(b, pool="two")])
+    first = take(manager)
+    assert first.key == a
+    first.fail(dataclasses.replace(RATE_LIMITED, seconds=0.0), rate_limited("20s"))
+    other = take(manager)
+    assert other.key == b
+    other.succeed()
+    again = take(manager)
+    assert again.key == a  # its cooldown (0 s) is over: one call goes ...
+    again.succeed()
+    seen = rows(manager)
+    assert seen[masked(a)]["reason"] == "paced (429s)"  # ... and the next in 20 s / 0.97
+    assert seen[masked(a)]["left"] == 21
+    assert seen[masked(b)]["state"] == "ready"
+    assert take(manager).key == b
+
+
 def test_a_revoked_key_is_disabled_until_given_again(make_manager: MakeManager) -> None:
     a, b = made_up_keys(2, "revoked")
     manager = make_manager([a, b])
