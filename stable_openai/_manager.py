@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import replace
 from typing import ClassVar, TypedDict
 
 from ._budget import ServerBudget, organization_in, read_headers
@@ -518,11 +519,15 @@ class KeyManager:
                 paces, told = pace_of(message, said)
         tokens = _call_tokens(state)
         with self._lock:
-            self._ring.fail(
+            seconds = self._ring.fail(
                 state, rate_limited=verdict.rate_limited, tokens=tokens,
                 organization=organization, paces=paces, told=told, cooled=verdict.seconds,
+                hinted=verdict.hinted,
             )
-            first_disable = self._ring.apply_verdict(state, verdict, organization)
+            first_disable = self._ring.apply_verdict(
+                state, verdict if seconds == verdict.seconds else replace(verdict, seconds=seconds),
+                organization,
+            )
         outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
         self._backend.report(
             state, outcome, verdict, organization, tokens, paces=paces, told=told
@@ -533,7 +538,7 @@ class KeyManager:
             logger.warning("API key %s disabled: %s", state.masked, verdict.reason)
         elif verdict.fate is Fate.COOL:
             logger.debug(
-                "API key %s cooling %s: %s", state.masked, duration(verdict.seconds),
+                "API key %s cooling %s: %s", state.masked, duration(seconds),
                 verdict.reason,
             )
 

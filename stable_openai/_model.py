@@ -25,6 +25,7 @@ from ._budget import ServerBudget
 from ._cause import Cause
 
 __all__ = [
+    "BLIND_FIRST",
     "FREED",
     "MAX_RESET",
     "NEW_WINDOW",
@@ -32,6 +33,7 @@ __all__ = [
     "PACE_GAIN",
     "PROBE_CALLS",
     "PROBE_WAIT",
+    "SAME_DEADLINE",
     "UNANSWERED_FOR",
     "Budget",
     "Spent",
@@ -49,8 +51,15 @@ PROBE_CALLS = 2
 #: A request that left this long ago and got no answer no longer counts as one the server
 #: may not have counted yet: by now it has, or never will.
 UNANSWERED_FOR = 60.0
+#: Deadlines this close are one: a key cooling until one is not cooled again until the other
+#: (Redis keeps a deadline to 14 digits, and both stores must keep the same reason).
+SAME_DEADLINE = 1e-6
 #: After a 429, a pool is paced at this share of the rate the server showed it admits ...
 PACE_BACKOFF = 0.97
+#: A 429 that says no delay cools its pool for one call of its pace (or this many seconds,
+#: before it has one), twice that after another such 429 with no success between, and so on
+#: up to the policy's ``cooldown``: the server's limit is found by feedback.
+BLIND_FIRST = 1.0
 #: ... and each call that succeeds raises the pace by this share, to find a higher limit
 #: (3 % back in about 60 calls: a pool that keeps to its limit meets a 429 that rarely).
 PACE_GAIN = 0.0005
@@ -75,6 +84,7 @@ class Budget:
         "admitted",
         "avg_tokens",
         "closing",
+        "hintless",
         "hooked",
         "idle",
         "limited_at",
@@ -134,6 +144,7 @@ class Budget:
         self.stale = 0  # calls in flight at that 429 that have not ended yet
         self.closing: float | None = None  # the span before it, to measure once they have
         self.told: float | None = None  # the rate that 429's numbers gave
+        self.hintless = 0  # 429s that said no delay since the last success
 
     def window_bound(self, left: float) -> float:
         """``left``, or less: at most what is left of a window that began at a refill."""
@@ -294,10 +305,13 @@ class Budget:
                     decisions.append(Spent(reset_at, "budget spent (TPM)", Cause.TOKENS_SPENT))
         return decisions
 
-    def limited(self, now: float, in_flight: int, told: float | None, cooled: float) -> None:
-        """A call on the pool was rate limited (429) and the pool cools for ``cooled``
-        seconds; ``in_flight``: the pool's calls still in flight; ``told``: the rate the 429's
-        own numbers give (calls a second), if any.
+    def limited(
+        self, now: float, in_flight: int, told: float | None, cooled: float, hinted: bool = True
+    ) -> float:
+        """A call on the pool was rate limited (429) and the pool cools for ``cooled`` seconds
+        (``hinted``: the server said so; else that is the longest it backs off for):
+        returns how long it cools.  ``in_flight``: the pool's calls still in flight;
+        ``told``: the rate the 429's own numbers give (calls a second), if any.
 
         The pool is paced a little below the larger of ``told`` and the rate the server
         admitted between its previous 429 and this one (the calls that succeeded, over the
@@ -311,9 +325,15 @@ class Budget:
         and teach nothing more (they are ``stale``), and their successes were admitted before
         it, so the span is measured once they have all ended."""
         since = self.limited_at
-        if self.stale and since is not None and now < since + UNANSWERED_FOR:
+        stale = self.stale > 0 and since is not None and now < since + UNANSWERED_FOR
+        if not hinted:  # a backoff from the pace, doubled by each fresh 429 without a success
+            if not stale:
+                self.hintless += 1
+            first = BLIND_FIRST if self.pace is None else 1.0 / self.pace
+            cooled = min(cooled, first * 2.0 ** max(0, self.hintless - 1))
+        if stale:
             self._over()  # (after a minute, one of them was never reported: go on)
-            return
+            return cooled
         if self.closing is not None:  # the span before is still to measure: now, then
             self._close()
         self.closing = None if since is None else now - since - self.idle
@@ -324,6 +344,7 @@ class Budget:
         self.limited_at, self.idle, self.stale = now, 0.0, in_flight
         if not in_flight:
             self._close()
+        return cooled
 
     def _over(self) -> None:
         """One of the calls in flight at the last 429 ended: once all have, the span is
@@ -345,6 +366,7 @@ class Budget:
     def admit(self) -> None:
         """A call on the pool succeeded."""
         self.admitted += 1
+        self.hintless = 0
         if self.pace is not None:
             self.pace *= 1.0 + PACE_GAIN
         if self.stale:

@@ -88,6 +88,10 @@ class Verdict:
     pooled: bool = False
     """The failure belongs to the budget the key shares with its pool: cool the pool."""
     cause: Cause = Cause.UNSPECIFIED
+    hinted: bool = True
+    """The server said how long to wait: ``seconds`` is its delay.  A rate limit it did not
+    say that of is backed off from its pool's pace instead, ``seconds`` at most
+    (``_model.Budget.limited``)."""
 
 
 RAISE_UNCHANGED = Verdict(
@@ -270,6 +274,7 @@ def _classify(
             Fate.COOL, Action.RETRY_ELSEWHERE,
             policy.cooldown if delay is None else max(delay, MIN_RATE_LIMIT_COOLDOWN),
             "rate limited (429)", rate_limited=True, pooled=True, cause=Cause.RATE_LIMITED,
+            hinted=delay is not None,
         )
     if status == 401:
         return Verdict(

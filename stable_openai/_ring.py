@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
-from ._model import FREED, Budget, Spent
+from ._model import FREED, SAME_DEADLINE, Budget, Spent
 from ._policy import Fate, Verdict
 
 __all__ = [
@@ -393,12 +393,14 @@ class KeyRing:
         paces: bool = False,
         told: float | None = None,
         cooled: float = 0.0,
-    ) -> None:
+        hinted: bool = True,
+    ) -> float:
         """A call on ``state`` failed; ``organization``: the pool its 429 named, which becomes
         the key's pool (and takes in the call's tokens) if it has none yet.  ``paces``: a 429
         of a per-minute limit, from which the pool learns its pace (``told``: the rate its
-        numbers give, calls a second; ``cooled``: the seconds the 429 cools the pool; see
-        :meth:`~stable_openai._model.Budget.limited`)."""
+        numbers give, calls a second; ``cooled``: the seconds the 429 cools the pool, or at
+        most, when not ``hinted`` by the server).  Returns the seconds the pool is to cool;
+        see :meth:`~stable_openai._model.Budget.limited`."""
         if rate_limited:
             state.rate_limits += 1
         else:
@@ -408,11 +410,12 @@ class KeyRing:
         if state.where is not REMOVED:
             pool = state.pool
             if paces:
-                pool.limited(self.clock(), pool.in_flight, told, cooled)
+                cooled = pool.limited(self.clock(), pool.in_flight, told, cooled, hinted)
             else:
                 pool.ended()
         if tokens:
             self._cost(state, tokens)
+        return cooled
 
     def end(self, state: KeyState, tokens: float = 0.0) -> None:
         """A call on ``state`` is over (succeeded, failed or abandoned); its requests cost
@@ -532,7 +535,7 @@ class KeyRing:
         if state.where in (DISABLED, REMOVED):
             return
         deadline = until if until is not None else self.clock() + max(0.0, seconds)
-        if state.where is COOLING and state.cool_until >= deadline:
+        if state.where is COOLING and state.cool_until >= deadline - SAME_DEADLINE:
             return
         self._set_deadline(state, deadline, reason, cause, forbidden)
 

@@ -9,6 +9,7 @@ import pytest
 from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._model import (
+    BLIND_FIRST,
     FREED,
     PACE_BACKOFF,
     PACE_GAIN,
@@ -234,3 +235,20 @@ def test_a_429_a_minute_after_the_last_is_fresh_though_a_call_never_ended() -> N
     budget.limited(0.0, in_flight=1, told=10.0, cooled=0.0)  # its call in flight never ends
     budget.limited(UNANSWERED_FOR + 1.0, in_flight=0, told=5.0, cooled=0.0)
     assert budget.pace == PACE_BACKOFF * 5.0 and budget.stale == 0
+
+
+def test_a_429_that_says_no_delay_backs_off_from_the_pace_doubling_until_a_success() -> None:
+    budget = Budget()
+    # No pace yet: the first backoff is BLIND_FIRST, the policy's cooldown at most.
+    assert budget.limited(0.0, in_flight=1, told=None, cooled=20.0, hinted=False) == BLIND_FIRST
+    # A 429 of a call in flight at that one: the same backoff, not doubled.
+    assert budget.limited(0.1, in_flight=0, told=None, cooled=20.0, hinted=False) == BLIND_FIRST
+    assert budget.limited(1.0, in_flight=0, told=None, cooled=20.0, hinted=False) == 2.0
+    assert budget.limited(3.0, in_flight=0, told=None, cooled=20.0, hinted=False) == 4.0
+    assert budget.limited(7.0, in_flight=0, told=None, cooled=5.0, hinted=False) == 5.0  # cap
+    budget.pace = 10.0
+    budget.admit()  # a success: back to one call of the pace
+    assert budget.limited(9.0, in_flight=0, told=None, cooled=20.0, hinted=False) == pytest.approx(
+        1 / (10.0 * (1 + PACE_GAIN)))
+    # A delay the server named is kept as it is.
+    assert budget.limited(9.5, in_flight=0, told=None, cooled=20.0) == 20.0

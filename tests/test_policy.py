@@ -269,12 +269,15 @@ def test_429_delay_source_priority(
     assert (verdict.fate, verdict.action) == (Fate.COOL, Action.RETRY_ELSEWHERE)
     assert verdict.rate_limited is True
     assert verdict.seconds == pytest.approx(expected)
+    assert verdict.hinted is (expected != POLICY.cooldown)  # else a backoff, at most that
 
 
-def test_429_without_any_hint_uses_default_policy_cooldown(client: openai.OpenAI) -> None:
+def test_429_without_any_hint_backs_off_at_most_the_policy_cooldown(
+    client: openai.OpenAI,
+) -> None:
     exc = make_error(client, 429, rate_limit_body("requests", None))
     verdict = classify(exc, now_wall=fixed_now)
-    assert verdict.seconds == Policy().cooldown
+    assert verdict.seconds == Policy().cooldown and not verdict.hinted
     assert verdict.fate is Fate.COOL
 
 

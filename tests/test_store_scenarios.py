@@ -364,6 +364,8 @@ def _verdicts(rng: Any) -> Verdict:
     return rng.choice([
         Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, seconds, "rate limited (429)",
                 rate_limited=True, pooled=True, cause=Cause.RATE_LIMITED),
+        Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, seconds, "rate limited (429)",  # no delay
+                rate_limited=True, pooled=True, cause=Cause.RATE_LIMITED, hinted=False),
         Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, seconds, "server error (500)",
                 cause=Cause.SERVER_ERROR),
         REVOKED,
@@ -545,7 +547,9 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                     verdict = _verdicts(rng)
                     error = None
                     if verdict.cause is Cause.RATE_LIMITED and rng.random() < 0.5:
-                        error = rate_limited("2s", organization=rng.choice(["org-a", "org-b"]))
+                        error = rate_limited(  # with numbers that give a rate, or none
+                            "2s", organization=rng.choice(["org-a", "org-b"]),
+                            numbers=rng.choice(["Limit 3, Used 3, Requested 1", "no numbers"]))
                     trace[-1] += f" {verdict.reason} {verdict.seconds} {error is not None}"
                     mine.run(one.owner.answered, one.state, None, mark_one)  # an answer too
                     context.run(two.owner.answered, two.state, None, mark_two)

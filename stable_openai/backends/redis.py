@@ -56,12 +56,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .._budget import ServerBudget
 from .._cause import Cause
 from .._model import (
+    BLIND_FIRST,
     MAX_RESET,
     NEW_WINDOW,
     PACE_BACKOFF,
     PACE_GAIN,
     PROBE_CALLS,
     PROBE_WAIT,
+    SAME_DEADLINE,
     UNANSWERED_FOR,
 )
 from .._policy import Fate, Verdict
@@ -108,6 +110,8 @@ def _constants() -> str:
         f"local UNANSWERED = {UNANSWERED_FOR!r}\n"
         f"local PACE_BACKOFF = {PACE_BACKOFF!r}\n"
         f"local PACE_GAIN = {PACE_GAIN!r}\n"
+        f"local BLIND_FIRST = {BLIND_FIRST!r}\n"
+        f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"
         f"local CAUSE = {{{causes}}}\n"
     )
 
@@ -706,7 +710,8 @@ class RedisBackend:
         # stays among the unanswered ones until its pool has no call in flight (as the ring's).
         unanswered = call is not None and call.sent and not call.answered
         args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else "",
-                 "1" if budget is not None else "", "1" if paces else "", _text(told)]
+                 "1" if budget is not None else "", "1" if paces else "", _text(told),
+                 "1" if verdict is None or verdict.hinted else "0"]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

@@ -20,7 +20,7 @@
 --               be cooling for its spent request budget); r/t {rate, cap, level,
 --               stamp} (client-side pacing of requests and tokens); the pace learned from
 --               429s (strings of 17 digits): pace, plevel, pstamp, lat (the last 429), idle,
---               closing, told; and adm, stale (counts)
+--               closing, told; and adm, stale, hintless (counts)
 --     m:<pool>  the fingerprints of the pool's keys (a JSON array)
 --     seq       a counter: the least-recently-used order
 --   KEYS[2] {N}:load   ZSET "<fp>|<pool>" -> score.  Ready keys score level * 1e11 + seq
@@ -172,7 +172,7 @@ end
 
 local function cool(fp, rec, deadline, reason, forbidden, cause)
   if rec.where == 'disabled' then return end
-  if rec.where == 'cooling' and rec.untl >= deadline then return end
+  if rec.where == 'cooling' and rec.untl >= deadline - SAME_DEADLINE then return end
   set_deadline(fp, rec, deadline, reason, forbidden, cause)
 end
 
@@ -261,12 +261,21 @@ local function pace_over(p)
 end
 
 -- A call on the pool was rate limited; ``in_flight``: the pool's calls still in flight;
--- ``told``: the rate the 429's numbers give (nil if none); ``cooled``: the seconds it cools.
-local function pace_limited(p, in_flight, told, cooled)
+-- ``told``: the rate the 429's numbers give (nil if none); ``cooled``: the seconds it cools
+-- (``hinted``: the server said so; else the longest it backs off for).  Returns the seconds
+-- the pool cools.
+local function pace_limited(p, in_flight, told, cooled, hinted)
   local since = num(p.lat)
-  if (p.stale or 0) > 0 and since and NOW < since + UNANSWERED then
+  local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
+  if not hinted then  -- a backoff from the pace, doubled by each fresh 429 without a success
+    if not stale then p.hintless = (p.hintless or 0) + 1 end
+    local rate = num(p.pace)
+    local first = rate and 1 / rate or BLIND_FIRST
+    cooled = math.min(cooled, first * 2 ^ math.max(0, (p.hintless or 0) - 1))
+  end
+  if stale then
     pace_over(p)
-    return
+    return cooled
   end
   if p.closing then pace_close(p) end
   p.closing = since and exact(NOW - since - (num(p.idle) or 0)) or nil
@@ -275,11 +284,13 @@ local function pace_limited(p, in_flight, told, cooled)
   p.plevel, p.pstamp = exact(1), exact(NOW + cooled)
   p.lat, p.idle, p.stale = exact(NOW), exact(0), in_flight
   if in_flight == 0 then pace_close(p) end
+  return cooled
 end
 
 -- A call on the pool succeeded.
 local function pace_admit(p)
   p.adm = (p.adm or 0) + 1
+  p.hintless = nil
   local rate = num(p.pace)
   if rate then p.pace = exact(rate * (1 + PACE_GAIN)) end
   if (p.stale or 0) > 0 then pace_over(p) end

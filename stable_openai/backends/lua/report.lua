@@ -10,7 +10,8 @@
 -- in and ARGV[21] its ``sent`` mark ('' without a lease), ARGV[22] '1' when its request
 -- left and got no answer, ARGV[23] '1' when a successful answer's headers were read (even
 -- if none was about the budget), ARGV[24] '1' when a 429 of a per-minute limit teaches the
--- pool's pace, ARGV[25] the rate its numbers give ('' if none).
+-- pool's pace, ARGV[25] the rate its numbers give ('' if none), ARGV[26] '0' when the 429
+-- named no delay (ARGV[7] is then the longest the pool backs off for).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -134,11 +135,13 @@ elseif outcome == 'given_back' then
 end
 put('k:' .. fp, rec)
 
--- What the outcome teaches the pool's pace (as KeyRing.succeed/fail/end).
+-- What the outcome teaches the pool's pace (as KeyRing.succeed/fail/end), and how long a
+-- 429 that named no delay cools it.
+local seconds = math.max(0, tonumber(ARGV[7]) or 0)
 if outcome == 'succeeded' then
   pace_admit(p)
 elseif outcome == 'rate_limited' and ARGV[24] == '1' then
-  pace_limited(p, p.n, tonumber(ARGV[25]), math.max(0, tonumber(ARGV[7]) or 0))
+  seconds = pace_limited(p, p.n, tonumber(ARGV[25]), seconds, ARGV[26] ~= '0')
 elseif (p.stale or 0) > 0 then
   pace_over(p)
 end
@@ -158,7 +161,6 @@ if tokens ~= 0 then
 end
 
 local disabled = 0
-local seconds = math.max(0, tonumber(ARGV[7]) or 0)
 if fate == 'cool' then
   cool(fp, rec, NOW + seconds, ARGV[8], tonumber(ARGV[9]), cause)
 elseif fate == 'cool_pool' then
