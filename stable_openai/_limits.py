@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from ._budget import ServerBudget
 from ._policy import try_again_in
 
-__all__ = ["RateLimit", "pace_of", "read_rate_limit"]
+__all__ = ["Lesson", "RateLimit", "pace_of", "read_rate_limit"]
 
 _SUBJECT = re.compile(
     r"(?:Rate limit reached|Request too large) for (?:model )?`?(?P<model>[^`\s]+)`?"
@@ -98,11 +98,22 @@ def read_rate_limit(message: str) -> RateLimit | None:
     )
 
 
-def pace_of(message: str, budget: ServerBudget | None = None) -> tuple[bool, float | None]:
+class Lesson(NamedTuple):
+    """What a rate-limit 429 teaches the pace of its pool (:func:`pace_of`)."""
+
+    paces: bool
+    """Whether it teaches it at all."""
+    told: float | None = None
+    """The rate of requests a second its numbers give, when they can be trusted."""
+    model: str | None = None
+    """The model whose limit it names, if it names one."""
+
+
+def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     """What a rate-limit 429 teaches the pace of its pool: whether it does at all (not a 429
     of a per-day limit, which the cooldown until the server's time covers, nor one whose
-    headers show budget left), and the rate of requests a second its message's numbers give,
-    when they can be trusted.
+    headers show budget left), the model it names, and the rate of requests a second its
+    message's numbers give, when they can be trusted.
 
     They are OpenAI's refilling bucket's: exact there, but from a server that counts in
     windows they say when *its window* ends, not its rate.  ``budget``, the 429's own
@@ -114,20 +125,20 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> tuple[bool, flo
         and budget.requests_left
         and (budget.tokens_left is None or budget.tokens_left > 0)
     ):
-        return False, None  # its own headers show budget left: no limit was reached
+        return Lesson(False)  # its own headers show budget left: no limit was reached
     limit = read_rate_limit(message)
     if limit is None:
-        return True, None
+        return Lesson(True)
     if limit.daily:
-        return False, None
+        return Lesson(False, None, limit.model)
     refill = limit.refill if limit.kind == "requests" else None
     if not refill:
-        return True, None
+        return Lesson(True, None, limit.model)
     if (
         budget is not None
         and budget.requests_reset is not None
         and budget.requests_limit
         and budget.requests_reset < 0.5 * budget.requests_limit * refill
     ):
-        return True, None  # a window's end, not a rate
-    return True, 1.0 / refill
+        return Lesson(True, None, limit.model)  # a window's end, not a rate
+    return Lesson(True, 1.0 / refill, limit.model)

@@ -27,7 +27,7 @@ from ._clients import aclose_clients, close_clients, close_retired
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, duration
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
-from ._limits import pace_of
+from ._limits import Lesson, pace_of
 from ._policy import Fate, Verdict, headers_of
 from ._ring import KeyRing, KeyState, Marks, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
@@ -509,29 +509,27 @@ class KeyManager:
         """Record a failed call and apply the verdict to its key (and its pool)."""
         first_disable = False
         organization = None
-        paces, told = False, None
+        lesson = NO_LESSON
         if verdict.pooled and exc is not None:
             message = str(getattr(exc, "message", ""))
             headers = headers_of(exc)
             said = None if headers is None else read_headers(headers)
             organization = (said and said.pool) or organization_in(message)
             if verdict.rate_limited:
-                paces, told = pace_of(message, said)
+                lesson = pace_of(message, said)
         tokens = _call_tokens(state)
         with self._lock:
             seconds = self._ring.fail(
                 state, rate_limited=verdict.rate_limited, tokens=tokens,
-                organization=organization, paces=paces, told=told, cooled=verdict.seconds,
-                hinted=verdict.hinted,
+                organization=organization, paces=lesson.paces, told=lesson.told,
+                cooled=verdict.seconds, hinted=verdict.hinted, model=lesson.model,
             )
             first_disable = self._ring.apply_verdict(
                 state, verdict if seconds == verdict.seconds else replace(verdict, seconds=seconds),
                 organization,
             )
         outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
-        self._backend.report(
-            state, outcome, verdict, organization, tokens, paces=paces, told=told
-        )
+        self._backend.report(state, outcome, verdict, organization, tokens, lesson=lesson)
         if "retired" in state.clients:
             close_retired(state)
         if first_disable:
@@ -563,6 +561,10 @@ class KeyManager:
         self._backend.sent(state)
         with self._lock:
             return self._ring.sent(state)
+
+
+#: What a failure that is no rate limit teaches a pool's pace: nothing.
+NO_LESSON = Lesson(False)
 
 
 class _Owner:

@@ -28,6 +28,7 @@ __all__ = [
     "BLIND_FIRST",
     "FREED",
     "MAX_RESET",
+    "MIXED",
     "NEW_WINDOW",
     "PACE_BACKOFF",
     "PACE_GAIN",
@@ -60,6 +61,10 @@ PACE_BACKOFF = 0.97
 #: before it has one), twice that after another such 429 with no success between, and so on
 #: up to the policy's ``cooldown``: the server's limit is found by feedback.
 BLIND_FIRST = 1.0
+#: The model a pool's pace is learned from, once its 429s have named two: a pace learned from
+#: one model's limit would hold the calls of the others (budgets are per pool, not yet per
+#: model), so such a pool is not paced from its 429s.
+MIXED = "*"
 #: ... and each call that succeeds raises the pace by this share, to find a higher limit
 #: (3 % back in about 60 calls: a pool that keeps to its limit meets a 429 that rarely).
 PACE_GAIN = 0.0005
@@ -91,6 +96,7 @@ class Budget:
         "outstanding",
         "pace",
         "pace_level",
+        "pace_model",
         "pace_stamp",
         "probing",
         "requests_left",
@@ -145,6 +151,7 @@ class Budget:
         self.closing: float | None = None  # the span before it, to measure once they have
         self.told: float | None = None  # the rate that 429's numbers gave
         self.hintless = 0  # 429s that said no delay since the last success
+        self.pace_model: str | None = None  # the model the 429s named (MIXED: several)
 
     def window_bound(self, left: float) -> float:
         """``left``, or less: at most what is left of a window that began at a refill."""
@@ -306,12 +313,19 @@ class Budget:
         return decisions
 
     def limited(
-        self, now: float, in_flight: int, told: float | None, cooled: float, hinted: bool = True
+        self,
+        now: float,
+        in_flight: int,
+        told: float | None,
+        cooled: float,
+        hinted: bool = True,
+        model: str | None = None,
     ) -> float:
         """A call on the pool was rate limited (429) and the pool cools for ``cooled`` seconds
         (``hinted``: the server said so; else that is the longest it backs off for):
         returns how long it cools.  ``in_flight``: the pool's calls still in flight;
-        ``told``: the rate the 429's own numbers give (calls a second), if any.
+        ``told``: the rate the 429's own numbers give (calls a second), if any; ``model``: the
+        model whose limit it names, if it names one.
 
         The pool is paced a little below the larger of ``told`` and the rate the server
         admitted between its previous 429 and this one (the calls that succeeded, over the
@@ -324,6 +338,11 @@ class Budget:
         The calls in flight at a 429 were sent before it: their 429s are of the same excess
         and teach nothing more (they are ``stale``), and their successes were admitted before
         it, so the span is measured once they have all ended."""
+        if model is not None and self.pace_model != model and self.pace_model != MIXED:
+            if self.pace_model is None:
+                self.pace_model = model
+            else:  # two models' limits: not paced from 429s any more (see MIXED)
+                self.pace_model, self.pace, self.stale, self.closing = MIXED, None, 0, None
         since = self.limited_at
         stale = self.stale > 0 and since is not None and now < since + UNANSWERED_FOR
         if not hinted:  # a backoff from the pace, doubled by each fresh 429 without a success
@@ -331,6 +350,8 @@ class Budget:
                 self.hintless += 1
             first = BLIND_FIRST if self.pace is None else 1.0 / self.pace
             cooled = min(cooled, first * 2.0 ** max(0, self.hintless - 1))
+        if self.pace_model == MIXED:
+            return cooled
         if stale:
             self._over()  # (after a minute, one of them was never reported: go on)
             return cooled

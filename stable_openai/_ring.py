@@ -394,12 +394,14 @@ class KeyRing:
         told: float | None = None,
         cooled: float = 0.0,
         hinted: bool = True,
+        model: str | None = None,
     ) -> float:
         """A call on ``state`` failed; ``organization``: the pool its 429 named, which becomes
         the key's pool (and takes in the call's tokens) if it has none yet.  ``paces``: a 429
         of a per-minute limit, from which the pool learns its pace (``told``: the rate its
         numbers give, calls a second; ``cooled``: the seconds the 429 cools the pool, or at
-        most, when not ``hinted`` by the server).  Returns the seconds the pool is to cool;
+        most, when not ``hinted`` by the server; ``model``: the one it names).  Returns the
+        seconds the pool is to cool;
         see :meth:`~stable_openai._model.Budget.limited`."""
         if rate_limited:
             state.rate_limits += 1
@@ -410,7 +412,7 @@ class KeyRing:
         if state.where is not REMOVED:
             pool = state.pool
             if paces:
-                cooled = pool.limited(self.clock(), pool.in_flight, told, cooled, hinted)
+                cooled = pool.limited(self.clock(), pool.in_flight, told, cooled, hinted, model)
             else:
                 pool.ended()
         if tokens:

@@ -112,10 +112,10 @@ def test_the_simulators_429s_give_its_rate() -> None:
 
 
 def test_a_429s_numbers_pace_its_pool_at_the_rate_they_give() -> None:
-    assert pace_of(RPM) == (True, pytest.approx(1 / 20.0))  # 3 a minute
+    assert pace_of(RPM) == (True, pytest.approx(1 / 20.0), "gpt-4o-mini")  # 3 a minute
     # The 429's own headers agree: the bucket that refused it is full, empty in a minute.
     full = ServerBudget(requests_limit=3, requests_left=0, requests_reset=60.0)
-    assert pace_of(RPM, full) == (True, pytest.approx(1 / 20.0))
+    assert pace_of(RPM, full) == (True, pytest.approx(1 / 20.0), "gpt-4o-mini")
 
 
 def test_numbers_that_say_when_a_window_ends_are_no_rate() -> None:
@@ -124,17 +124,18 @@ def test_numbers_that_say_when_a_window_ends_are_no_rate() -> None:
     # in those same 0.3 s, where a bucket would take 10 refills.
     message = RPM.replace("Limit 3, Used 3", "Limit 10, Used 10").replace("20s", "300ms")
     window = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.3)
-    assert pace_of(message, window) == (True, None)
+    assert pace_of(message, window) == (True, None, "gpt-4o-mini")
 
 
 def test_a_daily_429_and_a_429_whose_headers_show_budget_left_teach_no_pace() -> None:
-    assert pace_of(RPD) == (False, None)
+    assert pace_of(RPD) == (False, None, "gpt-4o")
     left = ServerBudget(requests_limit=3, requests_left=2, requests_reset=20.0)
-    assert pace_of(RPM, left) == (False, None)  # a 429 though the budget is not spent
+    assert pace_of(RPM, left) == (False, None, None)  # a 429 though the budget is not spent
     tokens_spent = ServerBudget(requests_limit=3, requests_left=2, requests_reset=20.0,
                                 tokens_limit=30000, tokens_left=0, tokens_reset=1.0)
-    assert pace_of(TPM, tokens_spent) == (True, None)  # a token limit: paced by what it admits
+    # A token limit: paced by what it admits.
+    assert pace_of(TPM, tokens_spent) == (True, None, "gpt-4o")
 
 
 def test_a_429_without_numbers_paces_by_what_the_pool_admits() -> None:
-    assert pace_of("Rate limit exceeded: free-models-per-min.") == (True, None)
+    assert pace_of("Rate limit exceeded: free-models-per-min.") == (True, None, None)

@@ -11,6 +11,7 @@ from stable_openai._cause import Cause
 from stable_openai._model import (
     BLIND_FIRST,
     FREED,
+    MIXED,
     PACE_BACKOFF,
     PACE_GAIN,
     PROBE_CALLS,
@@ -252,3 +253,18 @@ def test_a_429_that_says_no_delay_backs_off_from_the_pace_doubling_until_a_succe
         1 / (10.0 * (1 + PACE_GAIN)))
     # A delay the server named is kept as it is.
     assert budget.limited(9.5, in_flight=0, told=None, cooled=20.0) == 20.0
+
+
+def test_a_pool_whose_429s_name_two_models_is_not_paced_from_them() -> None:
+    """Budgets are per pool, not yet per model: a pace learned from one model's limit would
+    hold the other model's calls too."""
+    budget = Budget()
+    budget.limited(0.0, in_flight=0, told=2.0, cooled=0.5, model="gpt-4o")
+    assert budget.pace == PACE_BACKOFF * 2.0 and budget.pace_model == "gpt-4o"
+    budget.limited(1.0, in_flight=0, told=2.0, cooled=0.5, model="gpt-4o")  # the same model
+    assert budget.pace is not None
+    budget.limited(2.0, in_flight=0, told=10.0, cooled=0.1, model="gpt-4o-mini")
+    assert budget.pace is None and budget.pace_model == MIXED
+    budget.limited(3.0, in_flight=0, told=10.0, cooled=0.1, model="gpt-4o-mini")
+    assert budget.pace is None
+    assert paced_until(budget, 3.5) is None

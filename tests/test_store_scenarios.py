@@ -549,7 +549,8 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                     if verdict.cause is Cause.RATE_LIMITED and rng.random() < 0.5:
                         error = rate_limited(  # with numbers that give a rate, or none
                             "2s", organization=rng.choice(["org-a", "org-b"]),
-                            numbers=rng.choice(["Limit 3, Used 3, Requested 1", "no numbers"]))
+                            numbers=rng.choice(["Limit 3, Used 3, Requested 1", "no numbers"]),
+                            model=rng.choice(["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]))
                     trace[-1] += f" {verdict.reason} {verdict.seconds} {error is not None}"
                     mine.run(one.owner.answered, one.state, None, mark_one)  # an answer too
                     context.run(two.owner.answered, two.state, None, mark_two)

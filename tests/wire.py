@@ -44,6 +44,7 @@ def rate_limited(
     headers: dict[str, str] | None = None,
     organization: str | None = None,
     numbers: str = "Limit 3, Used 3, Requested 1",
+    model: str = "gpt-4o-mini",
 ) -> openai.APIStatusError:
     """A 429 rate limit; its message names ``organization`` (by default a new one each time,
     so that keys are not taken for one pool unless a test says so) and gives ``numbers``
@@ -52,7 +53,7 @@ def rate_limited(
     return status_error(
         429,
         {
-            "message": f"Rate limit reached for gpt-4o-mini in organization {organization} on "
+            "message": f"Rate limit reached for {model} in organization {organization} on "
             f"requests per min (RPM): {numbers}. Please try again in {delay}. "
             "Visit https://platform.openai.com/account/rate-limits to learn more.",
             "type": "requests",

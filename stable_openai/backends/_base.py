@@ -26,6 +26,7 @@ from typing import Literal, Protocol, runtime_checkable
 
 from .._budget import ServerBudget
 from .._errors import StableOpenAIError
+from .._limits import Lesson
 from .._policy import Verdict
 from .._ring import KeyRing, KeyState
 
@@ -125,14 +126,13 @@ class StateBackend(Protocol):
     def report(
         self, state: KeyState, outcome: Outcome, verdict: Verdict | None = None,
         organization: str | None = None, tokens: float = 0.0, *,
-        paces: bool = False, told: float | None = None,
+        lesson: Lesson | None = None,
     ) -> None:
         """A call on ``state`` is over: release it, count ``outcome``, and apply ``verdict``
         (cool the key or its pool, or disable the key).  ``organization`` is the pool a 429
         named: the key's pool, if it has none yet.  ``tokens``: what the call's requests
-        cost, for its pool's average call and token pacing.  ``paces``: a 429 of a per-minute
-        limit, from which the pool learns its pace; ``told``: the rate its numbers give
-        (calls a second; ``_model.Budget.limited``)."""
+        cost, for its pool's average call and token pacing.  ``lesson``: what a 429 teaches
+        the pool's pace (``_limits.pace_of``, ``_model.Budget.limited``)."""
         return None
 
     def probe(self, state: KeyState) -> None:

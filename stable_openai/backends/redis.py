@@ -55,9 +55,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._budget import ServerBudget
 from .._cause import Cause
+from .._limits import Lesson
 from .._model import (
     BLIND_FIRST,
     MAX_RESET,
+    MIXED,
     NEW_WINDOW,
     PACE_BACKOFF,
     PACE_GAIN,
@@ -112,6 +114,7 @@ def _constants() -> str:
         f"local PACE_GAIN = {PACE_GAIN!r}\n"
         f"local BLIND_FIRST = {BLIND_FIRST!r}\n"
         f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"
+        f"local MIXED = {MIXED!r}\n"
         f"local CAUSE = {{{causes}}}\n"
     )
 
@@ -664,7 +667,7 @@ class RedisBackend:
     def report(
         self, state: KeyState, outcome: Outcome, verdict: Verdict | None = None,
         organization: str | None = None, tokens: float = 0.0, *,
-        paces: bool = False, told: float | None = None,
+        lesson: Lesson | None = None,
     ) -> None:
         fp = self._fps.get(state)
         calls = _CALLS.get() or {}
@@ -710,8 +713,9 @@ class RedisBackend:
         # stays among the unanswered ones until its pool has no call in flight (as the ring's).
         unanswered = call is not None and call.sent and not call.answered
         args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else "",
-                 "1" if budget is not None else "", "1" if paces else "", _text(told),
-                 "1" if verdict is None or verdict.hinted else "0"]
+                 "1" if budget is not None else "", "1" if lesson and lesson.paces else "",
+                 _text(lesson and lesson.told), "1" if verdict is None or verdict.hinted else "0",
+                 (lesson and lesson.model) or ""]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

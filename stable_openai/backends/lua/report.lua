@@ -11,7 +11,8 @@
 -- left and got no answer, ARGV[23] '1' when a successful answer's headers were read (even
 -- if none was about the budget), ARGV[24] '1' when a 429 of a per-minute limit teaches the
 -- pool's pace, ARGV[25] the rate its numbers give ('' if none), ARGV[26] '0' when the 429
--- named no delay (ARGV[7] is then the longest the pool backs off for).
+-- named no delay (ARGV[7] is then the longest the pool backs off for), ARGV[27] the model
+-- whose limit it names ('' if none).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -141,7 +142,8 @@ local seconds = math.max(0, tonumber(ARGV[7]) or 0)
 if outcome == 'succeeded' then
   pace_admit(p)
 elseif outcome == 'rate_limited' and ARGV[24] == '1' then
-  seconds = pace_limited(p, p.n, tonumber(ARGV[25]), seconds, ARGV[26] ~= '0')
+  local model = ARGV[27] ~= '' and ARGV[27] or nil
+  seconds = pace_limited(p, p.n, tonumber(ARGV[25]), seconds, ARGV[26] ~= '0', model)
 elseif (p.stale or 0) > 0 then
   pace_over(p)
 end
