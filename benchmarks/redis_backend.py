@@ -4,10 +4,14 @@
 requests per 1-s window on the local simulator (20 ms latency): a real limit of 40 requests/s
 for all the workers together.  Each worker calls through ``@stable`` with the library's pooled
 clients (the function takes ``client``), so every answer's ``x-ratelimit-*`` headers reach the
-key state.  The simulator behaves as OpenAI documents (its default: refilling buckets, rejected
-requests counted).  Run once with each worker's state in its own process (memory, the default),
+key state — and, ``--mode api_key``, as the README's quick start does: the function takes
+``api_key`` (one ``openai.OpenAI`` per key), and only the 429s teach the pace.  The
+simulator behaves as OpenAI documents (its default: refilling buckets, rejected requests
+counted).  Run once with each worker's state in its own process (memory, the default),
 once shared through Redis, each from full buckets for ``--duration`` seconds:
 
+- *share*: successful calls that returned within the run ÷ (40/s × (run time + one window)),
+  what the server could admit (its buckets start full);
 - *ok/s ÷ limit*: successful calls that returned within the run, per second, over 40/s;
 - *429s/100 ok*: the 429s the simulator sent, per 100 successes;
 - *failed*: calls that raised or did not return the simulator's echo.
@@ -34,6 +38,7 @@ binary), unless ``--redis-url`` points at one already running (a namespace of it
 ``--cost-only`` skips the workers and measures the cost alone (a few seconds).
 
     python benchmarks/redis_backend.py [--duration 8] [--workers 4] [--threads 8]
+                                       [--mode pooled,api_key]
                                        [--redis-url redis://...] [--json] [--cost-only]
                                        [--cost-calls 2000] [--cost-rounds 3]
 """
@@ -91,7 +96,14 @@ def worker(spec: dict[str, Any]) -> None:
             model=model, messages=[{"role": "user", "content": text}])
         return answer.choices[0].message.content
 
-    wrapped = stable(max_wait=60)(ask)
+    clients = {key: openai.OpenAI(api_key=key, max_retries=0) for key in spec["keys"]}
+
+    def ask_with_key(model: str, text: str, max_tokens: int | None, api_key: str) -> Any:
+        answer = clients[api_key].chat.completions.create(
+            model=model, messages=[{"role": "user", "content": text}])
+        return answer.choices[0].message.content
+
+    wrapped = stable(max_wait=60)(ask if spec["mode"] == "pooled" else ask_with_key)
     with openai.OpenAI(api_key=spec["probe_key"], max_retries=0) as warm:  # imports, not timed
         warm.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     print("READY", flush=True)
@@ -135,11 +147,11 @@ def start_redis(binary: str) -> tuple[subprocess.Popen[bytes], str]:
 
 
 def run_mode(label: str, sim: Simulator, keys: list[str], probe: str, redis_url: str | None,
-             args: argparse.Namespace) -> dict[str, Any]:
+             args: argparse.Namespace, mode: str = "pooled") -> dict[str, Any]:
     """One timed run of ``args.workers`` processes; the figures of the table."""
     spec = {"keys": keys, "probe_key": probe, "redis_url": redis_url,
             "namespace": f"bench-{uuid.uuid4().hex[:8]}", "threads": args.threads,
-            "grace": args.grace}
+            "grace": args.grace, "mode": mode}
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_API_KEYS")}
     env["OPENAI_BASE_URL"] = sim.base_url
     workers = [
@@ -180,6 +192,8 @@ def run_mode(label: str, sim: Simulator, keys: list[str], probe: str, redis_url:
     limit = KEYS * RPM / WINDOW
     return {
         "backend": label,
+        "mode": mode,
+        "share": len(ok) / (limit * (args.duration + WINDOW)),
         "ok_per_limit": len(ok) / args.duration / limit,
         "limited_per_100": 100.0 * limited / max(1, len(ok)),
         "failed": failed,
@@ -348,7 +362,13 @@ def main() -> None:
                         help="measure the cost of the Redis backend only (no workers)")
     parser.add_argument("--cost-calls", type=int, default=2_000, help="timed calls per round")
     parser.add_argument("--cost-rounds", type=int, default=3)
+    parser.add_argument("--mode", default="pooled,api_key",
+                        help="comma-separated: pooled (the function takes client), api_key "
+                             "(it takes api_key and keeps one openai.OpenAI per key)")
     args = parser.parse_args()
+    modes = [mode.strip() for mode in args.mode.split(",") if mode.strip()]
+    if not modes or any(mode not in ("pooled", "api_key") for mode in modes):
+        parser.error("--mode takes pooled and/or api_key")
     if args.cost_calls < 1 or args.cost_rounds < 1:
         parser.error("--cost-calls and --cost-rounds must be at least 1")
     if args.worker:
@@ -372,10 +392,13 @@ def main() -> None:
     try:
         if not args.cost_only:
             with Simulator(config) as sim:
-                rows.append(run_mode("memory (each process its own)", sim, keys, probe, None,
-                                     args))
-                time.sleep(1.1)
-                rows.append(run_mode("redis (shared)", sim, keys, probe, redis_url, args))
+                for mode in modes:
+                    rows.append(run_mode("memory (each process its own)", sim, keys, probe,
+                                         None, args, mode))
+                    time.sleep(1.1)
+                    rows.append(run_mode("redis (shared)", sim, keys, probe, redis_url, args,
+                                         mode))
+                    time.sleep(1.1)
         cost = overhead(redis_url, args.cost_calls, args.cost_rounds)
     finally:
         if redis_process is not None:
@@ -388,9 +411,10 @@ def main() -> None:
         print(f"{args.workers} processes × {args.threads} threads, {KEYS} keys in {KEYS} "
               f"projects, rpm={RPM} per {WINDOW:g}-s window ({KEYS * RPM / WINDOW:g} requests/s "
               f"in all), {LATENCY * 1000:g} ms latency, {args.duration:g} s from full buckets; "
-              "pooled clients\n")
-        print("| backend | ok/s ÷ limit | 429s/100 ok | failed | p50 ms | p99 ms | notes |")
-        print("|---|---:|---:|---:|---:|---:|---|")
+              "share: successes ÷ (limit × (run time + one window))\n")
+        print("| mode | backend | share | ok/s ÷ limit | 429s/100 ok | failed | p50 ms | p99 ms "
+              "| notes |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         notes = []
         if row["unfinished"]:
@@ -399,7 +423,8 @@ def main() -> None:
             notes.append(f"errors: {row['errors']}")
         if row["backend"].startswith("redis") and not row["shared"]:
             notes.append("Redis was not answering at the end")
-        print(f"| {row['backend']} | {row['ok_per_limit']:.2f} | {row['limited_per_100']:.1f} | "
+        print(f"| {row['mode']} | {row['backend']} | {row['share']:.2f} | "
+              f"{row['ok_per_limit']:.2f} | {row['limited_per_100']:.1f} | "
               f"{row['failed']} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | "
               f"{'; '.join(notes)} |")
     print()
