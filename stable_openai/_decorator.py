@@ -236,6 +236,23 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
     return with_client
 
 
+def _noting_model(invoke: Invoke, signature: inspect.Signature) -> Invoke:
+    """``invoke``, which also tells the lease the model the call asks for — its ``model``
+    argument, as in the original README's ``completions_with_backoff(model, messages,
+    api_key)`` — so that a pool whose calls ask for several models is not paced from one
+    model's 429s."""
+    at = _positional_index(signature, "model")
+    default = signature.parameters["model"].default
+
+    def noting_model(taken: Lease, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        model = args[at] if at is not None and len(args) > at else kwargs.get("model", default)
+        if isinstance(model, str):
+            taken.model = model
+        return invoke(taken, args, kwargs)
+
+    return noting_model
+
+
 def _positional_index(signature: inspect.Signature, name: str) -> int | None:
     """Where ``name`` stands among the parameters a caller may pass by position (``None``
     when it cannot be, or when a parameter before it is positional-only: then the call
@@ -281,6 +298,8 @@ def _wrap(
     kind = kind or _kind(func)
     signature = _callers_signature(func, wants_key, wants_client)
     invoke = _invoker(func, wants_key, wants_client, kind in ("async", "agen"), signature)
+    if signature is not None and "model" in signature.parameters:
+        invoke = _noting_model(invoke, signature)
     if wants_key and wants_client:
         options = dataclasses.replace(options, callers_client=True)
     if kind == "agen":

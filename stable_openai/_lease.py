@@ -54,7 +54,9 @@ class KeyReports(Protocol):
 class Owner(KeyReports, Protocol):
     """The manager's side of a lease: how a call on a key ended."""
 
-    def succeeded(self, state: KeyState) -> None: ...
+    def succeeded(self, state: KeyState, model: str | None = None) -> None:
+        """The call on ``state`` succeeded; ``model``: the one it asked for, if known."""
+        ...
 
     def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None: ...
 
@@ -68,12 +70,13 @@ class Owner(KeyReports, Protocol):
 class Lease:
     """One attempt's key; end it once with :meth:`succeed`, :meth:`fail` or :meth:`abandon`."""
 
-    __slots__ = ("_ended", "key", "owner", "state")
+    __slots__ = ("_ended", "key", "model", "owner", "state")
 
     def __init__(self, owner: Owner, state: KeyState) -> None:
         self.owner = owner
         self.state = state
         self.key = state.key
+        self.model: str | None = None  # the model the call asks for, when the driver knows
         self._ended = False
 
     def __repr__(self) -> str:
@@ -84,7 +87,7 @@ class Lease:
         """The call got its answer."""
         if not self._ended:
             self._ended = True
-            self.owner.succeeded(self.state)
+            self.owner.succeeded(self.state, self.model)
 
     def fail(self, verdict: Verdict, error: BaseException | None = None) -> None:
         """The call failed; ``verdict`` (``_policy.classify``) says what that means for the

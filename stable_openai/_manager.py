@@ -576,7 +576,7 @@ class _Owner:
     def __init__(self, manager: KeyManager) -> None:
         self._manager = manager
 
-    def succeeded(self, state: KeyState) -> None:
+    def succeeded(self, state: KeyState, model: str | None = None) -> None:
         # The path of nearly every call: _succeed's work done here, one call less.
         manager = self._manager
         tokens = _call_tokens(state) if _CALL_TOKENS.get() else 0.0
@@ -584,10 +584,13 @@ class _Owner:
         if not lock.acquire(False):
             _take_contended(lock)
         try:
-            manager._ring.succeed(state, tokens)
+            manager._ring.succeed(state, tokens, model)
         finally:
             lock.release()
-        manager._backend.report(state, "succeeded", None, None, tokens)
+        manager._backend.report(
+            state, "succeeded", None, None, tokens,
+            lesson=None if model is None else Lesson(False, None, model),
+        )
         if "retired" in state.clients:
             close_retired(state)
 

@@ -61,9 +61,9 @@ PACE_BACKOFF = 0.97
 #: before it has one), twice that after another such 429 with no success between, and so on
 #: up to the policy's ``cooldown``: the server's limit is found by feedback.
 BLIND_FIRST = 1.0
-#: The model a pool's pace is learned from, once its 429s have named two: a pace learned from
-#: one model's limit would hold the calls of the others (budgets are per pool, not yet per
-#: model), so such a pool is not paced from its 429s.
+#: The model a pool's pace is learned from, once its calls or 429s have named two: a pace
+#: learned from one model's limit would hold the calls of the others (budgets are per pool,
+#: not yet per model), so such a pool is not paced from its 429s.
 MIXED = "*"
 #: ... and each call that succeeds raises the pace by this share, to find a higher limit
 #: (3 % back in about 60 calls: a pool that keeps to its limit meets a 429 that rarely).
@@ -151,7 +151,7 @@ class Budget:
         self.closing: float | None = None  # the span before it, to measure once they have
         self.told: float | None = None  # the rate that 429's numbers gave
         self.hintless = 0  # 429s that said no delay since the last success
-        self.pace_model: str | None = None  # the model the 429s named (MIXED: several)
+        self.pace_model: str | None = None  # the model its calls named (MIXED: several)
 
     def window_bound(self, left: float) -> float:
         """``left``, or less: at most what is left of a window that began at a refill."""
@@ -338,11 +338,8 @@ class Budget:
         The calls in flight at a 429 were sent before it: their 429s are of the same excess
         and teach nothing more (they are ``stale``), and their successes were admitted before
         it, so the span is measured once they have all ended."""
-        if model is not None and self.pace_model != model and self.pace_model != MIXED:
-            if self.pace_model is None:
-                self.pace_model = model
-            else:  # two models' limits: not paced from 429s any more (see MIXED)
-                self.pace_model, self.pace, self.stale, self.closing = MIXED, None, 0, None
+        if model is not None:
+            self._model(model)
         since = self.limited_at
         stale = self.stale > 0 and since is not None and now < since + UNANSWERED_FOR
         if not hinted:  # a backoff from the pace, doubled by each fresh 429 without a success
@@ -350,7 +347,9 @@ class Budget:
                 self.hintless += 1
             first = BLIND_FIRST if self.pace is None else 1.0 / self.pace
             cooled = min(cooled, first * 2.0 ** max(0, self.hintless - 1))
-        if self.pace_model == MIXED:
+        if self.pace_model == MIXED or self.snapshot >= 0:
+            # (Nor is a pool whose answers' headers tell its budget: they pace it better; and
+            # they may be of another model than the 429's.)
             return cooled
         if stale:
             self._over()  # (after a minute, one of them was never reported: go on)
@@ -384,8 +383,19 @@ class Budget:
         self.closing = None
         self.admitted = 0
 
-    def admit(self) -> None:
-        """A call on the pool succeeded."""
+    def _model(self, model: str) -> None:
+        """A call or a 429 named ``model``: the pool's first, or it serves two (MIXED)."""
+        known = self.pace_model
+        if known != model and known != MIXED:
+            if known is None:
+                self.pace_model = model
+            else:  # two models: not paced from 429s any more (see MIXED)
+                self.pace_model, self.pace, self.stale, self.closing = MIXED, None, 0, None
+
+    def admit(self, model: str | None = None) -> None:
+        """A call on the pool succeeded (``model``: the one it asked for, if known)."""
+        if model is not None and model != self.pace_model:
+            self._model(model)
         self.admitted += 1
         self.hintless = 0
         if self.pace is not None:

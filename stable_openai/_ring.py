@@ -374,12 +374,13 @@ class KeyRing:
         if state.where is not REMOVED:
             state.pool.ended()
 
-    def succeed(self, state: KeyState, tokens: float = 0.0) -> None:
-        """A call on ``state`` succeeded; its requests cost ``tokens`` tokens."""
+    def succeed(self, state: KeyState, tokens: float = 0.0, model: str | None = None) -> None:
+        """A call on ``state`` succeeded; its requests cost ``tokens`` tokens; ``model``: the
+        one it asked for, if known."""
         state.successes += 1
         self.release(state)
         if state.where is not REMOVED:
-            state.pool.admit()
+            state.pool.admit(model)
         if tokens:
             self._cost(state, tokens)
 

@@ -22,7 +22,7 @@ from stable_openai import (
     StableOpenAIError,
     stable,
 )
-from stable_openai._model import BLIND_FIRST
+from stable_openai._model import BLIND_FIRST, MIXED
 
 KEYS = made_up_keys(3)
 A, B, C = KEYS
@@ -947,3 +947,21 @@ def test_a_pool_known_only_by_its_organization_is_not_taken_for_one_project() ->
 
     assert stable(ask)("hi") == "ok"
     assert {row["pool"] for row in KeyManager().stats()} == {"org-two"}
+
+
+def test_the_model_argument_tells_the_pool_which_models_its_calls_ask_for() -> None:
+    """A pool whose calls ask for two models is not paced from one model's 429s (budgets
+    are per pool, not yet per model): the decorator reads a ``model`` argument."""
+    manager = KeyManager([A])
+
+    @stable
+    def ask(model: str, prompt: str, api_key: str) -> str:
+        return f"{model}: {prompt}"
+
+    pool = manager._ring.find(A).pool  # type: ignore[union-attr]
+    assert ask("gpt-4o-mini", "hi") == "gpt-4o-mini: hi"
+    assert pool.pace_model == "gpt-4o-mini"
+    assert ask(prompt="hi", model="gpt-4o-mini") == "gpt-4o-mini: hi"
+    assert pool.pace_model == "gpt-4o-mini"
+    assert ask("gpt-4o", "hi") == "gpt-4o: hi"
+    assert pool.pace_model == MIXED

@@ -541,6 +541,8 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                     mine.run(one.owner.answered, one.state, ServerBudget(), mark_one)
                     context.run(two.owner.answered, two.state, ServerBudget(), mark_two)
                 if how in ("budget", "plain", "bare"):
+                    # The model the call asked for, when its driver knows it.
+                    one.model = two.model = rng.choice([None, None, "gpt-4o-mini", "gpt-4o"])
                     mine.run(one.succeed)
                     context.run(two.succeed)
                 elif how == "verdict":

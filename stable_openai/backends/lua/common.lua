@@ -20,8 +20,8 @@
 --               be cooling for its spent request budget); r/t {rate, cap, level,
 --               stamp} (client-side pacing of requests and tokens); the pace learned from
 --               429s (strings of 17 digits): pace, plevel, pstamp, lat (the last 429), idle,
---               closing, told; adm, stale, hintless (counts); pmodel (the model its 429s
---               named, MIXED once they named two)
+--               closing, told; adm, stale, hintless (counts); pmodel (the model its calls
+--               and 429s named, MIXED once they named two)
 --     m:<pool>  the fingerprints of the pool's keys (a JSON array)
 --     seq       a counter: the least-recently-used order
 --   KEYS[2] {N}:load   ZSET "<fp>|<pool>" -> score.  Ready keys score level * 1e11 + seq
@@ -261,18 +261,23 @@ local function pace_over(p)
   if p.stale == 0 then pace_close(p) end
 end
 
+-- A call or a 429 named ``model``: the pool's first, or it serves two (_model.MIXED).
+local function pace_model(p, model)
+  if p.pmodel ~= model and p.pmodel ~= MIXED then
+    if not p.pmodel then
+      p.pmodel = model
+    else  -- two models: not paced from 429s any more
+      p.pmodel, p.pace, p.stale, p.closing = MIXED, nil, 0, nil
+    end
+  end
+end
+
 -- A call on the pool was rate limited; ``in_flight``: the pool's calls still in flight;
 -- ``told``: the rate the 429's numbers give (nil if none); ``cooled``: the seconds it cools
 -- (``hinted``: the server said so; else the longest it backs off for); ``model``: the one it
 -- names (nil if none).  Returns the seconds the pool cools.
 local function pace_limited(p, in_flight, told, cooled, hinted, model)
-  if model and p.pmodel ~= model and p.pmodel ~= MIXED then
-    if not p.pmodel then
-      p.pmodel = model
-    else  -- two models' limits: not paced from 429s any more (see _model.MIXED)
-      p.pmodel, p.pace, p.stale, p.closing = MIXED, nil, 0, nil
-    end
-  end
+  if model then pace_model(p, model) end
   local since = num(p.lat)
   local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
   if not hinted then  -- a backoff from the pace, doubled by each fresh 429 without a success
@@ -281,7 +286,7 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model)
     local first = rate and 1 / rate or BLIND_FIRST
     cooled = math.min(cooled, first * 2 ^ math.max(0, (p.hintless or 0) - 1))
   end
-  if p.pmodel == MIXED then return cooled end
+  if p.pmodel == MIXED or (p.snap or -1) >= 0 then return cooled end  -- (headers pace it)
   if stale then
     pace_over(p)
     return cooled
@@ -296,8 +301,9 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model)
   return cooled
 end
 
--- A call on the pool succeeded.
-local function pace_admit(p)
+-- A call on the pool succeeded (``model``: the one it asked for, nil if not known).
+local function pace_admit(p, model)
+  if model then pace_model(p, model) end
   p.adm = (p.adm or 0) + 1
   p.hintless = nil
   local rate = num(p.pace)

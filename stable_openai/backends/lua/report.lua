@@ -12,7 +12,7 @@
 -- if none was about the budget), ARGV[24] '1' when a 429 of a per-minute limit teaches the
 -- pool's pace, ARGV[25] the rate its numbers give ('' if none), ARGV[26] '0' when the 429
 -- named no delay (ARGV[7] is then the longest the pool backs off for), ARGV[27] the model
--- whose limit it names ('' if none).
+-- whose limit it names, or that a successful call asked for ('' if not known).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -139,10 +139,10 @@ put('k:' .. fp, rec)
 -- What the outcome teaches the pool's pace (as KeyRing.succeed/fail/end), and how long a
 -- 429 that named no delay cools it.
 local seconds = math.max(0, tonumber(ARGV[7]) or 0)
+local model = ARGV[27] ~= '' and ARGV[27] or nil
 if outcome == 'succeeded' then
-  pace_admit(p)
+  pace_admit(p, model)
 elseif outcome == 'rate_limited' and ARGV[24] == '1' then
-  local model = ARGV[27] ~= '' and ARGV[27] or nil
   seconds = pace_limited(p, p.n, tonumber(ARGV[25]), seconds, ARGV[26] ~= '0', model)
 elseif (p.stale or 0) > 0 then
   pace_over(p)
