@@ -327,13 +327,15 @@ class Budget:
         ``told``: the rate the 429's own numbers give (calls a second), if any; ``model``: the
         model whose limit it names, if it names one.
 
-        The pool is paced a little below the larger of ``told`` and the rate the server
-        admitted between its previous 429 and this one (the calls that succeeded, over the
-        time the pool was busy).  The numbers of a 429 are exact for OpenAI's refilling
-        buckets but far too low for a server that counts in windows; what was admitted
-        between two 429s holds for every limiter, and for a server that says no number at
-        all.  Each success then raises the pace a little (:meth:`admit`), so a pace found too
-        low rises, and a pace too high meets the next 429, which measures again.
+        The pool is paced a little below the rate the server admitted between its previous
+        429 and this one (the calls that succeeded, over the time the pool was busy), and
+        never above ``told``: what was admitted holds for every limiter, for a server that
+        says no number at all, and for a key that other processes share unseen (the numbers
+        are the key's, not this process's share of it); the numbers pace the pool at once,
+        before a span is measured (``pace_of`` takes them only from a refilling bucket: from
+        windows they say when the window ends).  Each success then raises the pace a little
+        (:meth:`admit`), so a pace found too low rises, and a pace too high meets the next
+        429, which measures again.
 
         The calls in flight at a 429 were sent before it: their 429s are of the same excess
         and teach nothing more (they are ``stale``), and their successes were admitted before
@@ -359,7 +361,9 @@ class Budget:
         self.closing = None if since is None else now - since - self.idle
         self.told = told
         if told is not None:
-            self.pace = PACE_BACKOFF * told
+            paced = PACE_BACKOFF * told
+            if self.pace is None or paced < self.pace:
+                self.pace = paced
         self.pace_level, self.pace_stamp = 1.0, now + cooled  # one call, once it has cooled
         self.limited_at, self.idle, self.stale = now, 0.0, in_flight
         if not in_flight:
@@ -379,7 +383,7 @@ class Budget:
         if span is not None and span > 0 and self.admitted > 0:
             measured = self.admitted / span
             told = self.told
-            self.pace = PACE_BACKOFF * (told if told is not None and told > measured else measured)
+            self.pace = PACE_BACKOFF * (told if told is not None and told < measured else measured)
         self.closing = None
         self.admitted = 0
 

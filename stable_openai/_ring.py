@@ -379,8 +379,9 @@ class KeyRing:
         one it asked for, if known."""
         state.successes += 1
         self.release(state)
-        if state.where is not REMOVED:
-            state.pool.admit(model)
+        pool = state.pool
+        if (pool.limited_at is not None or model is not None) and state.where is not REMOVED:
+            pool.admit(model)  # (before a 429 or a model, nothing to learn: the usual path)
         if tokens:
             self._cost(state, tokens)
 

@@ -250,7 +250,7 @@ local function pace_close(p)
   if span and span > 0 and admitted > 0 then
     local measured = admitted / span
     local told = num(p.told)
-    p.pace = exact(PACE_BACKOFF * ((told and told > measured) and told or measured))
+    p.pace = exact(PACE_BACKOFF * ((told and told < measured) and told or measured))
   end
   p.closing, p.adm = nil, 0
 end
@@ -294,7 +294,10 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model)
   if p.closing then pace_close(p) end
   p.closing = since and exact(NOW - since - (num(p.idle) or 0)) or nil
   p.told = exact(told)
-  if told then p.pace = exact(PACE_BACKOFF * told) end
+  if told then
+    local paced, pace = PACE_BACKOFF * told, num(p.pace)
+    if not pace or paced < pace then p.pace = exact(paced) end
+  end
   p.plevel, p.pstamp = exact(1), exact(NOW + cooled)
   p.lat, p.idle, p.stale = exact(NOW), exact(0), in_flight
   if in_flight == 0 then pace_close(p) end
@@ -303,6 +306,7 @@ end
 
 -- A call on the pool succeeded (``model``: the one it asked for, nil if not known).
 local function pace_admit(p, model)
+  if not (p.lat or model) then return end  -- before a 429 or a model: nothing to learn
   if model then pace_model(p, model) end
   p.adm = (p.adm or 0) + 1
   p.hintless = nil
