@@ -165,10 +165,7 @@ def retry_delay(
 
     In order: ``retry-after-ms``, ``retry-after`` (seconds or HTTP date), the
     ``x-ratelimit-reset-*`` header of a budget whose remainder is 0, "try again in …" in the
-    message.  ``None`` when the server said nothing usable.  A ``retry-after`` of whole
-    seconds is the delay rounded up to a second: the message's finer "try again in 200ms"
-    is taken when it rounds up to it (a key cooled a whole second for a 100-ms wait loses
-    ten of its calls at 10 a second).
+    message.  ``None`` when the server said nothing usable.
     """
     ms = _header(headers, "retry-after-ms")
     if ms is not None:
@@ -179,10 +176,6 @@ def retry_delay(
     if after is not None:
         value = _seconds_from_retry_after(after, now_wall)
         if value is not None:
-            if after.strip().isdigit():
-                finer = try_again_in(message)
-                if finer is not None and value - 1.0 < finer <= value:
-                    value = finer
             return min(value, MAX_HINT_SECONDS)
     resets = []
     for budget in ("requests", "tokens"):

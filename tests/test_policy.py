@@ -212,15 +212,6 @@ SOURCE_PRIORITY = [
         "20s", 7.0, id="retry-after seconds beats reset headers and message",
     ),
     pytest.param(
-        {"retry-after": "1", "x-ratelimit-remaining-requests": "0",
-         "x-ratelimit-reset-requests": "3s"},
-        "200ms", 0.2, id="whole-second retry-after refined by the message's finer delay",
-    ),
-    pytest.param(
-        {"retry-after": "1"}, "1.5s", 1.0,
-        id="retry-after kept when the message's delay does not round up to it",
-    ),
-    pytest.param(
         {
             "retry-after": http_date(42),
             "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s",
