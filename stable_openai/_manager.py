@@ -521,8 +521,8 @@ class KeyManager:
         with self._lock:
             seconds = self._ring.fail(
                 state, rate_limited=verdict.rate_limited, tokens=tokens,
-                organization=organization, paces=lesson.paces, told=lesson.told,
-                cooled=verdict.seconds, hinted=verdict.hinted, model=lesson.model,
+                organization=organization, lesson=lesson, cooled=verdict.seconds,
+                hinted=verdict.hinted,
             )
             first_disable = self._ring.apply_verdict(
                 state, verdict if seconds == verdict.seconds else replace(verdict, seconds=seconds),

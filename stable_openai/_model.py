@@ -57,6 +57,9 @@ UNANSWERED_FOR = 60.0
 SAME_DEADLINE = 1e-6
 #: After a 429, a pool is paced at this share of the rate the server showed it admits ...
 PACE_BACKOFF = 0.97
+#: ... and each call that succeeds raises the pace by this share, to find a higher limit
+#: (3 % back in about 60 calls: a pool that keeps to its limit meets a 429 that rarely).
+PACE_GAIN = 0.0005
 #: A 429 that says no delay cools its pool for one call of its pace (or this many seconds,
 #: before it has one), twice that after another such 429 with no success between, and so on
 #: up to the policy's ``cooldown``: the server's limit is found by feedback.
@@ -65,9 +68,6 @@ BLIND_FIRST = 1.0
 #: learned from one model's limit would hold the calls of the others (budgets are per pool,
 #: not yet per model), so such a pool is not paced from its 429s.
 MIXED = "*"
-#: ... and each call that succeeds raises the pace by this share, to find a higher limit
-#: (3 % back in about 60 calls: a pool that keeps to its limit meets a 429 that rarely).
-PACE_GAIN = 0.0005
 
 
 class Spent(NamedTuple):

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
+from ._limits import Lesson
 from ._model import FREED, SAME_DEADLINE, Budget, Spent
 from ._policy import Fate, Verdict
 
@@ -392,19 +393,15 @@ class KeyRing:
         rate_limited: bool = False,
         tokens: float = 0.0,
         organization: str | None = None,
-        paces: bool = False,
-        told: float | None = None,
+        lesson: Lesson | None = None,
         cooled: float = 0.0,
         hinted: bool = True,
-        model: str | None = None,
     ) -> float:
         """A call on ``state`` failed; ``organization``: the pool its 429 named, which becomes
-        the key's pool (and takes in the call's tokens) if it has none yet.  ``paces``: a 429
-        of a per-minute limit, from which the pool learns its pace (``told``: the rate its
-        numbers give, calls a second; ``cooled``: the seconds the 429 cools the pool, or at
-        most, when not ``hinted`` by the server; ``model``: the one it names).  Returns the
-        seconds the pool is to cool;
-        see :meth:`~stable_openai._model.Budget.limited`."""
+        the key's pool (and takes in the call's tokens) if it has none yet.  ``lesson``: what
+        a 429 teaches the pool's pace (``_limits.pace_of``); ``cooled``: the seconds the 429
+        cools the pool, or at most, when not ``hinted`` by the server.  Returns the seconds
+        the pool is to cool; see :meth:`~stable_openai._model.Budget.limited`."""
         if rate_limited:
             state.rate_limits += 1
         else:
@@ -413,8 +410,10 @@ class KeyRing:
         self.join_named(state, organization)
         if state.where is not REMOVED:
             pool = state.pool
-            if paces:
-                cooled = pool.limited(self.clock(), pool.in_flight, told, cooled, hinted, model)
+            if lesson is not None and lesson.paces:
+                cooled = pool.limited(
+                    self.clock(), pool.in_flight, lesson.told, cooled, hinted, lesson.model
+                )
             else:
                 pool.ended()
         if tokens:
