@@ -7,7 +7,13 @@ OpenAI, and an ``api_key`` parameter on that function.
 import importlib.metadata as _metadata
 
 from ._decorator import stable
-from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, StableOpenAIError
+from ._errors import (
+    AllKeysCoolingError,
+    AllKeysDisabledError,
+    CallTimeoutError,
+    NoKeysError,
+    StableOpenAIError,
+)
 from ._keys import Key
 from ._manager import KeyManager, KeyStats
 
@@ -19,6 +25,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was no
 __all__ = [
     "AllKeysCoolingError",
     "AllKeysDisabledError",
+    "CallTimeoutError",
     "Key",
     "KeyManager",
     "KeyStats",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast, overload
 
 from ._clients import async_client, sync_client
+from ._errors import CallTimeoutError
 from ._lease import Lease
 from ._manager import KeyManager, first_lease, lease, lease_async, take_lease
 from ._policy import KEY_CAUSES, Action, Policy, classify
@@ -39,6 +40,7 @@ class _Options:
     max_backoff: float = 8.0
     policy: Policy = field(default_factory=Policy)
     manager: KeyManager | None = None
+    timeout: float | None = None
     callers_client: bool = False
     """The function takes ``api_key`` and ``client``: a ``client`` its caller passes is the
     caller's own (as with stable-openai 0.1.1), and then only ``api_key`` is injected."""
@@ -57,17 +59,25 @@ class _Call:
     avoid: set[KeyState] | None = None
     tried: set[KeyState] | None = None  # keys of the pools a request did not suit
     backoffs = 0
+    out_of_time = False  # the last failure was not retried for want of time
 
-    def __init__(self, options: _Options, manager: KeyManager) -> None:
+    def __init__(
+        self, options: _Options, manager: KeyManager, deadline: float | None = None
+    ) -> None:
         self.options = options
         self.manager = manager
         # Made at the call's first failure: from here, waiting, backing off and the tries
         # themselves all spend ``max_wait``.
         self.began = time.monotonic()
+        self.deadline = deadline  # the call's ``timeout``, on the monotonic clock
 
     def left(self) -> float:
-        """Seconds of ``max_wait`` left (negative once spent)."""
-        return self.options.max_wait - (time.monotonic() - self.began)
+        """Seconds of ``max_wait`` left, or until the call's deadline if that is sooner
+        (negative once spent)."""
+        now = time.monotonic()
+        left = self.options.max_wait - (now - self.began)
+        deadline = self.deadline
+        return left if deadline is None else min(left, deadline - now)
 
     def acquire(self) -> Lease:
         """A lease: at once when a key is ready, else waiting in turn (blocking)."""
@@ -91,7 +101,23 @@ class _Call:
 
     def failed(self, taken: Lease, exc: Exception, *, retry: bool = True) -> float | None:
         """End ``taken`` with ``exc``.  Returns the seconds to wait before the next attempt,
-        or ``None`` when the call must raise ``exc``."""
+        or ``None`` when the call must raise ``exc``; raises :class:`CallTimeoutError` when it
+        would have tried again but its ``timeout`` is spent."""
+        self.out_of_time = False
+        delay = self._next(taken, exc, retry)
+        deadline = self.deadline
+        if deadline is not None and self.out_of_time and deadline - time.monotonic() <= max(
+            0.0, self.options.max_wait - (time.monotonic() - self.began)
+        ):
+            raise self.timed_out() from exc
+        return delay
+
+    def timed_out(self) -> CallTimeoutError:
+        """The error of a call whose ``timeout`` is spent."""
+        return _timed_out(self.options, self)
+
+    def _next(self, taken: Lease, exc: Exception, retry: bool) -> float | None:
+        """:meth:`failed`, but for the call's ``timeout``."""
         options = self.options
         verdict = classify(exc, options.policy)
         taken.fail(verdict, exc)
@@ -104,20 +130,24 @@ class _Call:
             if self.limited >= _rate_limited_tries(options.attempts, len(self.manager)):
                 return None
             if self.left() <= 0:
+                self.out_of_time = retry
                 return None
         elif verdict.cause in KEY_CAUSES:
             # A key that turns out dead (revoked, no quota, forbidden) leaves the rotation
             # for long: each takes one key out, so good keys after them are tried — at most
             # once per key, within max_wait (a cooldown of 0 brings a key straight back).
             self.dead += 1
-            if self.dead > len(self.manager) or self.left() <= 0:
+            if self.dead > len(self.manager):
+                return None
+            if self.left() <= 0:
+                self.out_of_time = retry
                 return None
         else:
             self.attempts += 1
         if not retry or verdict.action is Action.RAISE or self.attempts >= options.attempts:
             return None
         if verdict.action is Action.RETRY_ELSEWHERE:
-            return 0.0
+            return self._now_if_in_time()
         if verdict.action is Action.OTHER_POOL:
             state = taken.state
             # Its project's keys would answer the same: those of a pool given by the user or
@@ -130,7 +160,7 @@ class _Call:
             ) or [state]
             self.tried = (self.tried or set()) | set(same)
             self.avoid = (self.avoid or set()) | set(same)
-            return 0.0
+            return self._now_if_in_time()
         # Transient (5xx, timeouts, connection errors): back off, then prefer another key.
         if self.avoid is None:
             self.avoid = set()
@@ -139,8 +169,16 @@ class _Call:
         self.backoffs += 1
         delay = ceiling * (0.5 + random.random() / 2)  # "equal jitter"
         if delay > self.left():
+            self.out_of_time = True
             return None
         return delay
+
+    def _now_if_in_time(self) -> float | None:
+        """Try again at once (``0.0``), unless the call's deadline has passed."""
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.out_of_time = True
+            return None
+        return 0.0
 
 
 def _rate_limited_tries(attempts: int, keys: int) -> int:
@@ -228,12 +266,62 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
                 if kwargs["client"] is not None:  # by keyword: theirs (None: not given)
                     return func(*args, **kwargs, api_key=taken.key)
                 kwargs = {name: value for name, value in kwargs.items() if name != "client"}
-        extra: dict[str, Any] = {"client": make(taken)}
+        client = make(taken)
+        if taken.deadline is not None:  # the call's timeout bounds each of its requests
+            left = max(_SHORTEST_TIMEOUT, taken.deadline - time.monotonic())
+            client = client.with_options(timeout=left)
+        extra: dict[str, Any] = {"client": client}
         if wants_key:
             extra["api_key"] = taken.key
         return func(*args, **kwargs, **extra)
 
     return with_client
+
+
+#: The timeout a request is given when its call's deadline has (all but) passed: it fails at
+#: once, and the call then raises :class:`CallTimeoutError`.
+_SHORTEST_TIMEOUT = 0.001
+
+
+class _Expired(Exception):
+    """An awaited attempt was cancelled at its call's deadline (see :func:`_before`)."""
+
+
+async def _before(deadline: float, awaitable: Awaitable[R]) -> R:
+    """Await ``awaitable``; at ``deadline`` (monotonic clock) cancel it and raise
+    :class:`_Expired`.  (``asyncio.timeout`` from Python 3.11 on; here for 3.9 too.)"""
+    task = asyncio.current_task()
+    assert task is not None
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    loop = asyncio.get_running_loop()
+    handle = loop.call_later(max(0.0, deadline - time.monotonic()), expire)
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # (3.11+: the cancel was ours)
+        if uncancel is not None:
+            uncancel()
+        raise _Expired from None
+    finally:
+        handle.cancel()
+
+
+def _deadline(options: _Options) -> float | None:
+    """When a call starting now must be over, by its ``timeout`` (monotonic clock)."""
+    timeout = options.timeout
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _timed_out(options: _Options, call: _Call | None) -> CallTimeoutError:
+    return CallTimeoutError(cast(float, options.timeout), None if call is None else call.last)
 
 
 def _noting_model(invoke: Invoke, signature: inspect.Signature) -> Invoke:
@@ -352,15 +440,17 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
+        deadline = _deadline(options)
         call = None
         while True:
             if taken is None:
-                call = call or _Call(options, manager)
+                call = call or _Call(options, manager, deadline)
                 taken = call.acquire()
+            taken.deadline = deadline
             try:
                 result = invoke(taken, args, kwargs)
             except Exception as exc:
-                call = call or _Call(options, manager)
+                call = call or _Call(options, manager, deadline)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
@@ -397,15 +487,23 @@ def _wrap_async(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
+        deadline = _deadline(options)
         call = None
         while True:
             if taken is None:
-                call = call or _Call(options, manager)
+                call = call or _Call(options, manager, deadline)
                 taken = await call.acquire_async()
             try:
-                result = await invoke(taken, args, kwargs)
+                if deadline is None:
+                    result = await invoke(taken, args, kwargs)
+                else:
+                    taken.deadline = deadline
+                    result = await _before(deadline, invoke(taken, args, kwargs))
+            except _Expired:
+                taken.abandon()
+                raise _timed_out(options, call) from (None if call is None else call.last)
             except Exception as exc:
-                call = call or _Call(options, manager)
+                call = call or _Call(options, manager, deadline)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
@@ -430,11 +528,13 @@ def _wrap_gen(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
+        deadline = _deadline(options)
         call = None
         while True:  # until the first item arrives, a failure is retried on another key
             if taken is None:
-                call = call or _Call(options, manager)
+                call = call or _Call(options, manager, deadline)
                 taken = call.acquire()
+            taken.deadline = deadline
             stream: Generator[Any, Any, Any] | None = None
             try:  # making the stream can fail too (wrong arguments, no client): release
                 stream = invoke(taken, args, kwargs)
@@ -443,7 +543,7 @@ def _wrap_gen(
                 taken.succeed()
                 return stop.value
             except Exception as exc:
-                call = call or _Call(options, manager)
+                call = call or _Call(options, manager, deadline)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
@@ -482,20 +582,30 @@ def _wrap_async_gen(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
+        deadline = _deadline(options)
         call = None
         while True:
             if taken is None:
-                call = call or _Call(options, manager)
+                call = call or _Call(options, manager, deadline)
                 taken = await call.acquire_async()
+            taken.deadline = deadline
             stream: AsyncIterator[Any] | None = None
             try:
                 stream = invoke(taken, args, kwargs)
-                first = await stream.__anext__()
+                if deadline is None:
+                    first = await stream.__anext__()
+                else:
+                    first = await _before(deadline, stream.__anext__())
             except StopAsyncIteration:
                 taken.succeed()
                 return
+            except _Expired:
+                taken.abandon()
+                if stream is not None:
+                    await _aclose(stream)
+                raise _timed_out(options, call) from (None if call is None else call.last)
             except Exception as exc:
-                call = call or _Call(options, manager)
+                call = call or _Call(options, manager, deadline)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
@@ -561,6 +671,7 @@ def stable(
     backoff: float = ...,
     max_backoff: float = ...,
     manager: KeyManager | None = ...,
+    timeout: float | None = ...,
 ) -> Callable[[Callable[..., R]], Callable[..., R]]: ...
 
 
@@ -576,6 +687,7 @@ def stable(
     backoff: float = 0.5,
     max_backoff: float = 8.0,
     manager: KeyManager | None = None,
+    timeout: float | None = None,
 ) -> Any:
     """Give the decorated function a healthy ``api_key`` on every call, and retry on failures.
 
@@ -597,6 +709,12 @@ def stable(
     :param backoff: first backoff, in seconds, after a server or connection error.
     :param max_backoff: the longest backoff.
     :param manager: a specific KeyManager (default: the singleton).
+    :param timeout: seconds a call may take in all, from its start (``None``: no limit).
+        No try starts after it, and a call that would try again raises
+        :class:`~stable_openai.CallTimeoutError`; each request of a pooled ``client`` is
+        given what is left as its timeout, and an ``async`` call is cancelled at it.  A sync
+        function's own request (``api_key``) runs to its end: give your client a timeout
+        too.  A stream is timed until its first item.
     """
     _number("attempts", attempts, minimum=1, integer=True)
     for name, value in (
@@ -605,13 +723,17 @@ def stable(
         ("max_backoff", max_backoff),
     ):
         _number(name, value, minimum=0)
+    if timeout is not None:
+        _number("timeout", timeout, minimum=0)
+        if not timeout:
+            raise ValueError("stable(timeout=...) must be > 0, or None for no limit")
     if manager is not None and not isinstance(manager, KeyManager):
         raise TypeError(f"stable(manager=...) must be a KeyManager, not {type(manager).__name__}")
     options = _Options(
         attempts=attempts, max_wait=float(max_wait), backoff=float(backoff),
         max_backoff=float(max_backoff),
         policy=Policy(float(cooldown), float(quota_cooldown), float(forbidden_cooldown)),
-        manager=manager,
+        manager=manager, timeout=None if timeout is None else float(timeout),
     )
     if func is None:
         return lambda f: _decorate(f, options)

@@ -6,7 +6,8 @@
      └── StableOpenAIError            anything stable_openai itself decides to raise
           ├── NoKeysError              no key configured (also a ValueError)
           ├── AllKeysDisabledError     every key is disabled (revoked, deleted by the server)
-          └── AllKeysCoolingError      every key is cooling past the call's wait budget
+          ├── AllKeysCoolingError      every key is cooling past the call's wait budget
+          └── CallTimeoutError         a call ran past its ``timeout`` (also a TimeoutError)
 
 They subclass ``openai.OpenAIError`` so that code written as ``except openai.OpenAIError``
 keeps catching everything a decorated call can raise. Failures of the wrapped call itself
@@ -74,4 +75,19 @@ class AllKeysCoolingError(StableOpenAIError):
         super().__init__(
             f"all {cooling} usable API key(s) are cooling ({why}); the first is ready in "
             f"{duration(self.retry_after)}, beyond this call's wait budget"
+        )
+
+
+class CallTimeoutError(StableOpenAIError, TimeoutError):
+    """A call ran past the ``timeout`` given to ``@stable``: no further try was made.
+
+    ``timeout`` is that limit in seconds; the call's last failure, if it had one, is the
+    ``__cause__``.
+    """
+
+    def __init__(self, timeout: float, last: BaseException | None = None) -> None:
+        self.timeout = timeout
+        after = "" if last is None else f"; its last try failed with {type(last).__name__}"
+        super().__init__(
+            f"the call ran past its timeout of {duration(timeout)} (@stable(timeout=...)){after}"
         )

@@ -70,13 +70,14 @@ class Owner(KeyReports, Protocol):
 class Lease:
     """One attempt's key; end it once with :meth:`succeed`, :meth:`fail` or :meth:`abandon`."""
 
-    __slots__ = ("_ended", "key", "model", "owner", "state")
+    __slots__ = ("_ended", "deadline", "key", "model", "owner", "state")
 
     def __init__(self, owner: Owner, state: KeyState) -> None:
         self.owner = owner
         self.state = state
         self.key = state.key
         self.model: str | None = None  # the model the call asks for, when the driver knows
+        self.deadline: float | None = None  # when the call's timeout ends (monotonic clock)
         self._ended = False
 
     def __repr__(self) -> str:

@@ -18,6 +18,7 @@ from wire import made_up_keys
 from stable_openai import (
     AllKeysCoolingError,
     AllKeysDisabledError,
+    CallTimeoutError,
     KeyManager,
     StableOpenAIError,
     stable,
@@ -965,3 +966,134 @@ def test_the_model_argument_tells_the_pool_which_models_its_calls_ask_for() -> N
     assert pool.pace_model == "gpt-4o-mini"
     assert ask("gpt-4o", "hi") == "gpt-4o: hi"
     assert pool.pace_model == MIXED
+
+
+# -- timeout: one deadline for the whole call ------------------------------------------------
+def test_timeout_is_validated() -> None:
+    for bad, error in [(0, ValueError), (-1, ValueError), ("1", TypeError), (True, TypeError),
+                       (float("nan"), ValueError)]:
+        with pytest.raises(error, match="timeout"):
+            stable(timeout=bad)  # type: ignore[arg-type]
+
+
+def test_timeout_ends_a_call_whose_keys_keep_answering_429_though_max_wait_is_long() -> None:
+    """Keys answering 429 with no delay: with max_wait=120 the call would go on for many
+    tries; timeout=0.5 ends it with CallTimeoutError, the last 429 as its cause."""
+    import time
+
+    KeyManager([A, B])
+    used: list[str] = []
+
+    def ask(prompt: str, api_key: str) -> str:
+        used.append(api_key)
+        time.sleep(0.1)
+        raise wire.rate_limited("0s", {"retry-after": "0"})
+
+    with pytest.raises(CallTimeoutError, match=r"timeout of 0\.5s") as caught:
+        stable(max_wait=120, attempts=100, timeout=0.5)(ask)("hi")
+    assert isinstance(caught.value, TimeoutError)
+    assert isinstance(caught.value.__cause__, openai.RateLimitError)
+    assert caught.value.timeout == 0.5
+    assert "RateLimitError" in str(caught.value)
+    assert not any(key in str(caught.value) for key in KEYS)
+    # Each try takes 0.1 s: no try starts past the deadline (7 would, were it ignored).
+    assert 1 <= len(used) <= 6
+    assert sum(r["in_flight"] for r in KeyManager().stats()) == 0
+
+
+def test_timeout_does_not_throw_away_a_success_that_came_late() -> None:
+    """A sync function's own request runs to its end: an answer after the deadline is the
+    call's answer, not an error."""
+    import time
+
+    KeyManager([A])
+
+    @stable(timeout=0.05)
+    def ask(prompt: str, api_key: str) -> str:
+        time.sleep(0.2)
+        return prompt
+
+    assert ask("late") == "late"
+
+
+def test_timeout_is_not_raised_in_place_of_an_error_that_is_not_retried() -> None:
+    KeyManager([A])
+    ask, _ = failing_on({A: lambda: wire.status_error(400, {"message": "bad"})})
+    with pytest.raises(openai.BadRequestError):
+        stable(timeout=5)(ask)("hi")
+
+
+def test_timeout_cancels_an_async_call_and_frees_its_key() -> None:
+    KeyManager([A])
+    cancelled: list[bool] = []
+
+    @stable(timeout=0.2)
+    async def ask(prompt: str, api_key: str) -> str:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+        return prompt
+
+    async def main() -> None:
+        with pytest.raises(CallTimeoutError) as caught:
+            await ask("hi")
+        assert caught.value.__cause__ is None  # no try failed: the first was cut
+        # The task itself is not left cancelled: it goes on awaiting.
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert cancelled == [True]
+    assert row(A)["state"] == "ready" and row(A)["in_flight"] == 0
+
+
+def test_timeout_after_a_failed_async_try_names_that_failure() -> None:
+    KeyManager([A, B])
+    tries: list[str] = []
+
+    @stable(timeout=0.3, backoff=0.01)
+    async def ask(prompt: str, api_key: str) -> str:
+        tries.append(api_key)
+        if len(tries) == 1:
+            raise wire.server_error(500)
+        await asyncio.sleep(30)
+        return prompt
+
+    async def main() -> None:
+        with pytest.raises(CallTimeoutError) as caught:
+            await ask("hi")
+        assert isinstance(caught.value.__cause__, openai.InternalServerError)
+
+    asyncio.run(main())
+    assert len(tries) == 2
+    assert sum(r["in_flight"] for r in KeyManager().stats()) == 0
+
+
+def test_timeout_bounds_an_async_stream_until_its_first_item() -> None:
+    KeyManager([A])
+    closed: list[bool] = []
+
+    @stable(timeout=0.2)
+    async def chunks(api_key: str) -> AsyncIterator[str]:
+        try:
+            await asyncio.sleep(30)
+            yield "never"
+        finally:
+            closed.append(True)
+
+    @stable(timeout=0.2)
+    async def slow_after_first(api_key: str) -> AsyncIterator[str]:
+        yield "first"
+        await asyncio.sleep(0.4)  # past the timeout: a started stream is not cut
+        yield "second"
+
+    async def main() -> None:
+        with pytest.raises(CallTimeoutError):
+            async for _ in chunks():
+                pass
+        assert [part async for part in slow_after_first()] == ["first", "second"]
+
+    asyncio.run(main())
+    assert closed == [True]
+    assert row(A)["in_flight"] == 0

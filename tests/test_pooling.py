@@ -12,7 +12,7 @@ import openai
 import pytest
 from wire import made_up_keys
 
-from stable_openai import Key, KeyManager, stable
+from stable_openai import CallTimeoutError, Key, KeyManager, stable
 from stable_openai._budget import Bucket, estimate_tokens, read_headers
 from stable_openai._ring import KeyRing
 from stable_openai._waiting import Turns, wait_turn, wait_turn_async
@@ -569,3 +569,38 @@ def test_close_while_async_calls_are_in_flight_fails_none_of_them() -> None:
 
         results = asyncio.run(main())
         assert all(isinstance(result, str) for result in results), results
+
+
+def test_timeout_bounds_each_request_of_a_pooled_client() -> None:
+    """The server takes 1 s to answer: a call with timeout=0.3 gets its request cut by the
+    pooled client (openai's own timeout, given what is left of the call's), sync and async,
+    and raises CallTimeoutError — while a call without a timeout gets its answer."""
+    (key,) = made_up_keys(1, "deadline")
+    config = SimulatorConfig(keys=(SimKey(key, project="a"),), window=1.0, latency=1.0)
+    with Simulator(config) as sim:
+        KeyManager([Key(key, base_url=sim.base_url)])
+
+        @stable(timeout=0.3)
+        def ask(client: openai.OpenAI) -> str:
+            return client.models.list().data[0].id
+
+        @stable(timeout=0.3)
+        async def ask_async(client: openai.AsyncOpenAI) -> str:
+            return (await client.models.list()).data[0].id
+
+        @stable
+        def patient(client: openai.OpenAI) -> str:
+            return client.models.list().data[0].id
+
+        with pytest.raises(CallTimeoutError) as caught:
+            ask()
+        assert isinstance(caught.value.__cause__, openai.APITimeoutError)
+
+        async def main() -> None:
+            with pytest.raises(CallTimeoutError):
+                await ask_async()
+            await KeyManager().aclose()
+
+        asyncio.run(main())
+        assert isinstance(patient(), str)
+        assert sum(r["in_flight"] for r in KeyManager().stats()) == 0

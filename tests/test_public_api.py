@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STABLE_OPENAI_ALL = [
     "AllKeysCoolingError",
     "AllKeysDisabledError",
+    "CallTimeoutError",
     "Key",
     "KeyManager",
     "KeyStats",
