@@ -440,13 +440,14 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
-        deadline = _deadline(options)
+        deadline = None if options.timeout is None else _deadline(options)
         call = None
         while True:
             if taken is None:
                 call = call or _Call(options, manager, deadline)
                 taken = call.acquire()
-            taken.deadline = deadline
+            if deadline is not None:
+                taken.deadline = deadline
             try:
                 result = invoke(taken, args, kwargs)
             except Exception as exc:
@@ -487,7 +488,7 @@ def _wrap_async(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
-        deadline = _deadline(options)
+        deadline = None if options.timeout is None else _deadline(options)
         call = None
         while True:
             if taken is None:
@@ -528,7 +529,7 @@ def _wrap_gen(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
-        deadline = _deadline(options)
+        deadline = None if options.timeout is None else _deadline(options)
         call = None
         while True:  # until the first item arrives, a failure is retried on another key
             if taken is None:
@@ -582,7 +583,7 @@ def _wrap_async_gen(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
-        deadline = _deadline(options)
+        deadline = None if options.timeout is None else _deadline(options)
         call = None
         while True:
             if taken is None:
