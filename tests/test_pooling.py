@@ -604,3 +604,48 @@ def test_timeout_bounds_each_request_of_a_pooled_client() -> None:
         asyncio.run(main())
         assert isinstance(patient(), str)
         assert sum(r["in_flight"] for r in KeyManager().stats()) == 0
+
+
+def test_pooled_clients_of_many_keys_share_one_set_of_tls_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Loading the certificate authorities is nearly all a pooled client costs (~50 ms and
+    ~0.85 MiB each): the clients of six keys, sync and async, make one SSL context in all —
+    before, one each (``benchmarks/many_keys.py`` measures the difference)."""
+    import ssl
+
+    from stable_openai import _clients
+
+    made: list[object] = []
+    original = ssl.SSLContext.__new__
+
+    def counted(cls: type, *args: Any, **kwargs: Any) -> Any:
+        made.append(cls)
+        return original(cls, *args, **kwargs)
+
+    keys = made_up_keys(6, "tls")
+    config = SimulatorConfig(keys=tuple(SimKey(key, project=key[-4:]) for key in keys))
+    with Simulator(config) as sim:
+        KeyManager([Key(key, base_url=sim.base_url) for key in keys])
+        monkeypatch.setattr(ssl.SSLContext, "__new__", staticmethod(counted))
+        monkeypatch.setattr(_clients, "_tls", None)
+
+        @stable
+        def ask(client: openai.OpenAI) -> str:
+            return client.models.list().data[0].id
+
+        @stable
+        async def ask_async(client: openai.AsyncOpenAI) -> str:
+            return (await client.models.list()).data[0].id
+
+        for _ in keys:
+            ask()
+
+        async def main() -> None:
+            for _ in keys:
+                await ask_async()
+            await KeyManager().aclose()
+
+        asyncio.run(main())
+        assert all(row["successes"] == 2 for row in KeyManager().stats())
+        assert len(made) == 1
