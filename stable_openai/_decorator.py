@@ -669,6 +669,7 @@ def stable(
     cooldown: float = ...,
     quota_cooldown: float = ...,
     forbidden_cooldown: float = ...,
+    revoked_cooldown: float = ...,
     backoff: float = ...,
     max_backoff: float = ...,
     manager: KeyManager | None = ...,
@@ -685,6 +686,7 @@ def stable(
     cooldown: float = 20.0,
     quota_cooldown: float = 3600.0,
     forbidden_cooldown: float = 600.0,
+    revoked_cooldown: float = 3600.0,
     backoff: float = 0.5,
     max_backoff: float = 8.0,
     manager: KeyManager | None = None,
@@ -707,6 +709,8 @@ def stable(
     :param cooldown: seconds to cool a rate-limited key when the server gives no delay.
     :param quota_cooldown: seconds to bench a key whose quota is empty.
     :param forbidden_cooldown: seconds to bench a key that got 403.
+    :param revoked_cooldown: seconds a key disabled by a 401 stays out before one call tries
+        it again (a provider's passing trouble); ``math.inf``: until it is given again.
     :param backoff: first backoff, in seconds, after a server or connection error.
     :param max_backoff: the longest backoff.
     :param manager: a specific KeyManager (default: the singleton).
@@ -720,7 +724,8 @@ def stable(
     _number("attempts", attempts, minimum=1, integer=True)
     for name, value in (
         ("max_wait", max_wait), ("cooldown", cooldown), ("quota_cooldown", quota_cooldown),
-        ("forbidden_cooldown", forbidden_cooldown), ("backoff", backoff),
+        ("forbidden_cooldown", forbidden_cooldown), ("revoked_cooldown", revoked_cooldown),
+        ("backoff", backoff),
         ("max_backoff", max_backoff),
     ):
         _number(name, value, minimum=0)
@@ -733,7 +738,10 @@ def stable(
     options = _Options(
         attempts=attempts, max_wait=float(max_wait), backoff=float(backoff),
         max_backoff=float(max_backoff),
-        policy=Policy(float(cooldown), float(quota_cooldown), float(forbidden_cooldown)),
+        policy=Policy(
+            float(cooldown), float(quota_cooldown), float(forbidden_cooldown),
+            float(revoked_cooldown),
+        ),
         manager=manager, timeout=None if timeout is None else float(timeout),
     )
     if func is None:

@@ -34,15 +34,20 @@ class AllKeysDisabledError(StableOpenAIError):
     """Every key is disabled; waiting will not help.
 
     ``reasons`` maps each reason (e.g. ``"revoked (401 invalid_api_key)"``) to how many keys
-    were disabled for it.
+    were disabled for it; ``recheck_in``, the seconds until the first of them is tried again
+    (``None`` when none will be: see ``@stable(revoked_cooldown=...)``).
     """
 
-    def __init__(self, reasons: Mapping[str, int]) -> None:
+    def __init__(self, reasons: Mapping[str, int], recheck_in: float | None = None) -> None:
         self.reasons = dict(reasons)
+        self.recheck_in = recheck_in
         total = sum(self.reasons.values())
         why = ", ".join(f"{count} {reason}" for reason, count in sorted(self.reasons.items()))
+        again = ""
+        if recheck_in is not None:
+            again = f"; the first is tried again in {duration(recheck_in)}"
         super().__init__(
-            f"all {total} API key(s) are disabled ({why}); "
+            f"all {total} API key(s) are disabled ({why}){again}; "
             "pass working keys to KeyManager(...) or KeyManager().add_keys(...)"
         )
 

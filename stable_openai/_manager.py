@@ -377,7 +377,7 @@ class KeyManager:
             raise NoKeysError("KeyManager has no keys left: every key was deleted") from last
         wait = ring.next_ready_in()
         if wait is None:
-            raise AllKeysDisabledError(ring.reasons(Where.DISABLED)) from last
+            raise AllKeysDisabledError(ring.reasons(Where.DISABLED), ring.recheck_in()) from last
         if wait > budget:
             if last is not None and ring.all_usable_forbidden():
                 raise last
@@ -431,7 +431,9 @@ class KeyManager:
         self._last_pick = pick
         wait = pick.wait
         if wait is None:
-            raise AllKeysDisabledError(pick.disabled or {"disabled": len(self._ring)}) from last
+            raise AllKeysDisabledError(
+                pick.disabled or {"disabled": len(self._ring)}, pick.recheck
+            ) from last
         if wait > budget:
             if last is not None and pick.all_forbidden:
                 raise last

@@ -72,6 +72,9 @@ class Policy:
     """Seconds to bench a key whose quota is empty (429 ``insufficient_quota``)."""
     forbidden_cooldown: float = 600.0
     """Seconds to bench a key that got 403."""
+    revoked_cooldown: float = 3600.0
+    """Seconds a key disabled by a 401 stays out before one call tries it again (``inf``:
+    until it is given again)."""
 
 
 @dataclass(frozen=True)
@@ -278,8 +281,8 @@ def _classify(
         )
     if status == 401:
         return Verdict(
-            Fate.DISABLE, Action.RETRY_ELSEWHERE, reason=f"revoked (401 {code or 'unauthorized'})",
-            cause=Cause.REVOKED,
+            Fate.DISABLE, Action.RETRY_ELSEWHERE, policy.revoked_cooldown,
+            f"revoked (401 {code or 'unauthorized'})", cause=Cause.REVOKED,
         )
     if status == 403:
         return Verdict(

@@ -149,6 +149,9 @@ class KeyRing:
         self._buckets: list[OrderedDict[KeyState, None]] = [OrderedDict()]
         self._low = 0  # no ready key sits in a bucket below this index
         self._cooling: list[tuple[float, int, KeyState]] = []  # (deadline, push no., state)
+        # Disabled keys to try again (a 401 may have been the provider's passing trouble):
+        # (when, push no., state), as the cooling heap.
+        self._rechecks: list[tuple[float, int, KeyState]] = []
         self._pushes = 0
         self._serial = 0
         self.add(keys)
@@ -292,6 +295,9 @@ class KeyRing:
         cooling = self._cooling
         if cooling and cooling[0][0] <= self.clock():
             self._promote()
+        rechecks = self._rechecks
+        if rechecks and rechecks[0][0] <= self.clock():
+            self._recheck()
         buckets = self._buckets
         low = self._low
         top = len(buckets)
@@ -552,15 +558,50 @@ class KeyRing:
             return
         self._set_deadline(state, self.clock() + seconds, reason, Cause.SET_BY_USER, False)
 
-    def disable(self, state: KeyState, reason: str, cause: Cause = Cause.UNSPECIFIED) -> bool:
-        """Disable ``state`` until it is given again; ``True`` if it was not disabled before."""
+    def disable(
+        self, state: KeyState, reason: str, cause: Cause = Cause.UNSPECIFIED,
+        recheck: float = math.inf,
+    ) -> bool:
+        """Disable ``state`` until it is given again, or for ``recheck`` seconds: then it is
+        ready again, for a call to find out whether it works.  ``True`` if it was not
+        disabled before."""
         if state.where in (DISABLED, REMOVED):
             return False
         self._leave(state)
         state.where = DISABLED
         state.reason = reason
         state.cause = cause
+        state.forbidden = False
+        state.cool_until = 0.0
+        if recheck < math.inf:
+            state.cool_until = when = self.clock() + max(0.0, recheck)
+            self._pushes += 1
+            state.cooled = self._pushes
+            heapq.heappush(self._rechecks, (when, self._pushes, state))
         return True
+
+    def recheck_in(self) -> float | None:
+        """Seconds until the first disabled key is tried again; ``None`` when none will be."""
+        rechecks = self._rechecks
+        while rechecks and not self._is_recheck(rechecks[0]):
+            heapq.heappop(rechecks)
+        return max(0.0, rechecks[0][0] - self.clock()) if rechecks else None
+
+    @staticmethod
+    def _is_recheck(entry: tuple[float, int, KeyState]) -> bool:
+        _, pushed, state = entry
+        return state.where is DISABLED and state.cooled == pushed
+
+    def _recheck(self) -> None:
+        """Make the disabled keys due to be tried again ready."""
+        now = self.clock()
+        rechecks = self._rechecks
+        while rechecks and rechecks[0][0] <= now:
+            entry = heapq.heappop(rechecks)
+            if self._is_recheck(entry):
+                state = entry[2]
+                state.pool.refresh(now, state.pool.in_flight)
+                self._make_ready(state)
 
     def join_named(self, state: KeyState, organization: str | None) -> None:
         """``organization`` (named by a 429 message) becomes ``state``'s pool if it has none
@@ -584,7 +625,7 @@ class KeyRing:
                     forbidden=verdict.forbidden,
                 )
         elif verdict.fate is Fate.DISABLE:
-            return self.disable(state, verdict.reason, verdict.cause)
+            return self.disable(state, verdict.reason, verdict.cause, verdict.seconds)
         return False
 
     def seconds_left(self, state: KeyState) -> float:
@@ -674,6 +715,9 @@ class KeyRing:
         cooling = self._cooling
         if cooling and cooling[0][0] <= self.clock():
             self._promote()
+        rechecks = self._rechecks
+        if rechecks and rechecks[0][0] <= self.clock():
+            self._recheck()
 
     def _promote(self) -> None:
         now = self.clock()

@@ -759,3 +759,31 @@ def test_200_coroutines_through_async_stable_all_get_their_own_answer(
     assert sum(r["in_flight"] for r in stats) == 0
     assert sum(r["successes"] for r in stats) == 200
     assert row(k["revoked"])["state"] == "disabled"
+
+
+def test_keys_revoked_by_a_passing_401_incident_come_back_after_revoked_cooldown(
+    start_simulator: StartSimulator, clients: Clients
+) -> None:
+    """Every key answers 401 for a while (the provider's trouble, not the keys'): calls raise
+    AllKeysDisabledError, which says when the keys are tried again; once the provider has
+    recovered and that time has passed, one call tries a key again and succeeds — before,
+    the keys stayed disabled for good.  A key still revoked then is disabled again."""
+    k = keys_named("a", "b")
+    sim = start_simulator(
+        SimulatorConfig(keys=tuple(SimKey(key, project=name) for name, key in k.items()))
+    )
+    KeyManager(list(k.values()))
+    ask = asker(clients, sim.base_url, revoked_cooldown=0.5)
+    for key in k.values():
+        sim.set_key_status(key, "revoked")
+    with pytest.raises(AllKeysDisabledError) as caught:
+        ask("during")
+    assert caught.value.recheck_in is not None and 0 < caught.value.recheck_in <= 0.5
+    assert "tried again in" in str(caught.value)
+    sim.set_key_status(k["a"], "ok")  # the provider recovered, for one of them
+    time.sleep(0.6)
+    assert ask("after") == echo_answer("after")
+    assert ask("again") == echo_answer("again")
+    assert row(k["a"])["state"] == "ready"
+    assert row(k["b"])["state"] == "disabled"  # tried once more, still revoked
+    assert sim.key_stats(k["b"])["unauthorized"] == 2

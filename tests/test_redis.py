@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -334,6 +335,60 @@ def test_a_revoked_key_found_by_one_process_is_never_tried_by_the_others(
     assert sim.key_stats(bad["no_quota"])["requests"] == 1
     states = sorted(row["state"] for row in results[-1]["stats"])
     assert states == ["cooling", "disabled", "ready", "ready", "ready"]
+
+
+@pytest.mark.redis
+def test_keys_disabled_in_the_shared_state_are_told_at_start_and_tried_again(
+    start_simulator: StartSimulator, redis_url: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 401 incident disables every key in Redis; a worker started after the provider
+    recovered finds them disabled — it says so in one WARNING at start, and tries them again
+    once ``revoked_cooldown`` has passed, as the process that disabled them does (before:
+    disabled for good, and silently)."""
+    from stable_openai import AllKeysDisabledError
+
+    keys = made_up_keys(2, "incident")
+    sim = start_simulator(sim_config([SimKey(k, project=f"p{i}") for i, k in enumerate(keys)]))
+    client = openai.OpenAI(base_url=sim.base_url, api_key="unused", max_retries=0)
+
+    def asker(manager: KeyManager) -> Callable[[str], str]:
+        @stable(manager=manager, revoked_cooldown=0.6)
+        def ask(text: str, api_key: str) -> str:
+            answer = client.with_options(api_key=api_key).chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": text}])
+            return str(answer.choices[0].message.content)
+
+        return ask
+
+    first = KeyManager.create(keys, backend=redis_url)
+    try:
+        for key in keys:
+            sim.set_key_status(key, "revoked")
+        with pytest.raises(AllKeysDisabledError):
+            asker(first)("during")
+        for key in keys:
+            sim.set_key_status(key, "ok")  # the provider recovered
+        caplog.set_level(logging.WARNING, logger="stable_openai")
+        caplog.clear()
+        later = KeyManager.create(keys, backend=redis_url)  # a worker started now
+        try:
+            with pytest.raises(AllKeysDisabledError) as caught:
+                asker(later)("too soon")
+            assert caught.value.recheck_in is not None and caught.value.recheck_in <= 0.6
+            told = [r.getMessage() for r in records(caplog, logging.WARNING)
+                    if "shared state" in r.getMessage()]
+            assert len(told) == 1 and told[0].startswith("2 of 2 API key(s) are disabled"), told
+            assert "tried again in" in told[0]
+            assert not any(key in told[0] for key in keys)
+            time.sleep(0.7)
+            assert asker(later)("after") == "echo: after"
+            assert asker(first)("after") == "echo: after"
+            assert {row["state"] for row in later.stats()} == {"ready"}
+        finally:
+            later.close()
+    finally:
+        first.close()
+        client.close()
 
 
 @pytest.mark.redis
@@ -826,7 +881,7 @@ def test_no_key_ready_waits_for_the_shared_deadline_then_says_why(redis_url: str
 def _disable() -> Any:
     from stable_openai._policy import Action, Fate, Verdict
 
-    return Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (test)")
+    return Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, math.inf, reason="revoked (test)")
 
 
 # --------------------------------------------------------------------------- lean and safe
@@ -986,7 +1041,7 @@ def test_a_stale_index_entry_never_hands_out_a_disabled_key(
     manager = KeyManager.create(keys, backend=backend)
     raw = redis_server.client()
     try:
-        revoked = Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (test)",
+        revoked = Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, math.inf, reason="revoked (test)",
                           cause=Cause.REVOKED)
         taken, _ = lease(manager, None, 1.0)
         assert taken.key == keys[0]

@@ -730,7 +730,7 @@ def test_set_ttl_rejects_bad_arguments(clock: FakeClock) -> None:
 def test_data_is_inf_for_disabled_keys_and_get_min_ttl(clock: FakeClock) -> None:
     a, b = keys(2, "km")
     manager = KeyManager([a, b], clock=clock)
-    revoked = Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (401)")
+    revoked = Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, math.inf, reason="revoked (401)")
     for _ in range(2):
         state, _waited = manager._acquire(None, 0.0)
         manager._fail(state, revoked)
@@ -766,7 +766,7 @@ def test_add_keys_reenables_a_disabled_key(clock: FakeClock) -> None:
     (a,) = keys(1, "km")
     manager = KeyManager([a], clock=clock)
     state, _ = manager._acquire(None, 0.0)
-    manager._fail(state, Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked"))
+    manager._fail(state, Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, math.inf, reason="revoked"))
     assert manager.add_keys([a]) == 0
     assert manager.data == {a: 0.0}
     assert manager.get_key() == a
@@ -780,7 +780,7 @@ def test_stats_rows(clock: FakeClock) -> None:
     second, _ = lease(manager, None, 0.0)
     second.fail(Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, 12.0, "rate limited (429)", True))
     third, _ = lease(manager, None, 0.0)
-    third.fail(Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (401)"))
+    third.fail(Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, math.inf, reason="revoked (401)"))
     busy, _ = lease(manager, None, 0.0)  # a again, left in flight
     rows = manager.stats()
     assert [row["key"] for row in rows] == [mask(a), mask(b), mask(c)]
@@ -839,7 +839,7 @@ def test_acquire_raises_all_disabled(clock: FakeClock) -> None:
     reason = "revoked (401 invalid_api_key)"
     for _ in range(2):
         state, _ = manager._acquire(None, 0.0)
-        manager._fail(state, Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason=reason))
+        manager._fail(state, Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, math.inf, reason=reason))
     with pytest.raises(AllKeysDisabledError) as info:
         manager._acquire(None, math.inf)
     message = str(info.value)
@@ -916,7 +916,9 @@ def test_a_revoked_key_is_logged_once_masked(
 ) -> None:
     manager = KeyManager([SECRET, *keys(1, "km")], clock=clock)
     spy = mocker.spy(_manager.logger, "warning")
-    revoked = Verdict(Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (401 invalid_api_key)")
+    revoked = Verdict(
+        Fate.DISABLE, Action.RETRY_ELSEWHERE, math.inf, reason="revoked (401 invalid_api_key)"
+    )
     target = manager._ring.find(SECRET)
     assert target is not None
     # two calls in flight on the same key, both answered 401

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ RATE_LIMITED = Verdict(
     pooled=True, cause=Cause.RATE_LIMITED,
 )
 REVOKED = Verdict(
-    Fate.DISABLE, Action.RETRY_ELSEWHERE, reason="revoked (401 invalid_api_key)",
+    Fate.DISABLE, Action.RETRY_ELSEWHERE, math.inf, reason="revoked (401 invalid_api_key)",
     cause=Cause.REVOKED,
 )
 
@@ -369,6 +370,7 @@ def _verdicts(rng: Any) -> Verdict:
         Verdict(Fate.COOL, Action.RETRY_ELSEWHERE, seconds, "server error (500)",
                 cause=Cause.SERVER_ERROR),
         REVOKED,
+        dataclasses.replace(REVOKED, seconds=seconds),  # tried again after ``seconds``
         Verdict(Fate.KEEP, Action.RAISE, reason="bad request (400)",
                 cause=Cause.NOT_A_KEY_PROBLEM),
     ])
@@ -381,7 +383,8 @@ def _outcome(manager: KeyManager, avoid: set[str]) -> tuple[Any, ...]:
         taken = take(manager, states or None)
     except (AllKeysCoolingError, AllKeysDisabledError) as exc:
         wait = round(getattr(exc, "retry_after", 0.0), 3)
-        return type(exc).__name__, exc.reasons, wait
+        recheck = getattr(exc, "recheck_in", None)
+        return type(exc).__name__, exc.reasons, wait, recheck and round(recheck, 3)
     return ("key", taken.key, taken)
 
 

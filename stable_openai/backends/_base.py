@@ -60,6 +60,8 @@ class Pick:
     disabled: Mapping[str, int] = field(default_factory=dict)
     all_forbidden: bool = False
     """Every usable key is benched for a 403: waiting will not help a 403 of this call."""
+    recheck: float | None = None
+    """Seconds until the first disabled key is tried again (``None``: none will be)."""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from .._budget import ServerBudget
 from .._cause import Cause
+from .._errors import duration
 from .._limits import Lesson
 from .._model import (
     BLIND_FIRST,
@@ -330,6 +331,7 @@ class RedisBackend:
         self._keys: list[str] = []  # the Redis keys every script declares (see bind)
         self._generation = 0  # bumped when the keys change or Redis failed: register again
         self._registered = (-1, 0.0)  # (generation, monotonic time) of the last registration
+        self._told_disabled = False  # a WARNING said keys were found disabled here
         self._merge = False  # register with what this process learned while Redis was down
         self._leases: dict[KeyState, list[str]] = {}
         self._pending: dict[KeyState, _Pending] = {}
@@ -558,6 +560,8 @@ class RedisBackend:
             disabled = cooling = reason = ""
             if merge and state.where is Where.DISABLED:
                 disabled = state.reason or "disabled"
+                if state.cool_until and ring is not None:  # checked again then
+                    cooling = _text(max(0.0, state.cool_until - ring.clock()))
             elif merge and state.where is Where.COOLING and ring is not None and not (
                 state.cause is not None and state.cause.local_budget  # this process's view only
             ):
@@ -567,8 +571,20 @@ class RedisBackend:
             cause = state.cause.value if state.cause is not None else ""
             args += [fp, _text(state.weight), spec.pool or "", _text(spec.rpm), _text(spec.tpm),
                      disabled, cooling, reason, cause]
-        yield from self._call("register", args)
+        reply = yield from self._call("register", args)
         self._registered = (generation, time.monotonic())
+        found = int(reply[1])
+        if found and not self._told_disabled:
+            # Not silently: a process started after an incident finds its keys as it left them.
+            self._told_disabled = True
+            recheck = float(reply[2])
+            logger.warning(
+                "%d of %d API key(s) are disabled in the shared state (%s); %s",
+                found, len(args) // 9, self.url,
+                "they stay so until given again to add_keys()" if recheck < 0 else
+                f"the first is tried again in {duration(recheck)} (or give them again to "
+                "add_keys())",
+            )
         if merge:
             self._merge = False
 
@@ -613,9 +629,11 @@ class RedisBackend:
             table = why.get(name)
             return {str(k): int(v) for k, v in table.items()} if isinstance(table, dict) else {}
 
+        recheck = why.get("recheck")
         return Pick(
             None, None if wait < 0 else wait, counts("cooling"), counts("disabled"),
             bool(why.get("forbidden")),
+            float(recheck) if isinstance(recheck, (int, float)) else None,
         )
 
     def _report(self, args: list[str]) -> _Flow[bool]:
@@ -684,7 +702,8 @@ class RedisBackend:
             pending = self._pending.pop(state, None)
         if fp is None or not self.available():
             return
-        fate, seconds, reason, forbidden, cause = "keep", 0.0, "", "0", ""
+        fate, reason, forbidden, cause = "keep", "", "0", ""
+        seconds: float | None = 0.0
         if verdict is not None:
             cause = verdict.cause.value
         if verdict is not None and verdict.fate is Fate.COOL:
@@ -693,6 +712,7 @@ class RedisBackend:
             forbidden = "1" if verdict.forbidden else "0"
         elif verdict is not None and verdict.fate is Fate.DISABLE:
             fate, reason = "disable", verdict.reason
+            seconds = verdict.seconds if verdict.seconds < math.inf else None  # None: never
         budget = call.budget if call is not None else None
         if budget is None and pending is not None:
             budget = pending.budget

@@ -144,7 +144,7 @@ if chosen then
 end
 
 -- No key is ready: when will one be, and why not now.
-local first, usable, forbidden = nil, 0, 0
+local first, usable, forbidden, recheck = nil, 0, 0, nil
 local cooling, disabled = {}, {}
 local fps = redis.call('SMEMBERS', RING)
 if #fps == 0 then
@@ -159,7 +159,7 @@ for _, fp in ipairs(fps) do
     return {-1}
   end
   purge(rec.pool)
-  if rec.where == 'ready' or (rec.where == 'cooling' and rec.untl <= NOW) then
+  if rec.where == 'ready' or due_now(rec) then
     -- ready (or due) but not in the load set: put it back, and ask again
     make_ready(fp, rec)
     flush()
@@ -174,9 +174,11 @@ for _, fp in ipairs(fps) do
     if rec.forbidden == 1 then forbidden = forbidden + 1 end
   else
     disabled[reason] = (disabled[reason] or 0) + 1
+    if rec.untl > 0 and (not recheck or rec.untl < recheck) then recheck = rec.untl end
   end
 end
 flush()
 local wait = first and tostring(math.max(0, first - NOW)) or '-1'
 return {0, wait, cjson.encode({
-  cooling = cooling, disabled = disabled, forbidden = usable > 0 and forbidden == usable})}
+  cooling = cooling, disabled = disabled, forbidden = usable > 0 and forbidden == usable,
+  recheck = recheck and math.max(0, recheck - NOW)})}

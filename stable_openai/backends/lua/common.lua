@@ -194,13 +194,25 @@ local function cool_pool(pool, deadline, reason, cause)
   end
 end
 
--- Disable a key until it is given again; true if it was not disabled before.
-local function disable(fp, rec, reason, cause)
+-- Disable a key until it is given again, or until ``recheck`` (0: never): then it is made
+-- ready again, for a call to find out whether it works (as KeyRing.disable).  True if it was
+-- not disabled before.  A key to recheck waits in the load set as a cooling key does.
+local function disable(fp, rec, reason, cause, recheck)
   if rec.where == 'disabled' then return false end
   if rec.where ~= nil then zrem(member(fp, rec)) end
-  rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden = 'disabled', 0, reason, cause, 0
+  rec.where, rec.untl, rec.reason, rec.cause, rec.forbidden = 'disabled', recheck, reason, cause, 0
+  if recheck > 0 then
+    rec.cseq = next_seq()
+    zadd(member(fp, rec), cooling_score(recheck))
+  end
   put('k:' .. fp, rec)
   return true
+end
+
+-- A key whose cooldown, or whose time disabled before a recheck, is over.
+local function due_now(rec)
+  return (rec.where == 'cooling' or (rec.where == 'disabled' and rec.untl > 0))
+    and rec.untl <= NOW
 end
 
 -- Client-side pacing: a debt-allowing token bucket, as in stable_openai/_budget.py.
@@ -513,16 +525,18 @@ local function uncool_budget(pool)
 end
 
 -- Make the cooling keys among ``fps`` ready, in the order they began cooling (as the ring's
--- heap pops them), each pool brought up to date first.  Returns the keys made ready.
+-- heap pops them), then the disabled keys due to be checked again (as its second heap), each
+-- pool brought up to date first.  Returns the keys made ready.
 local function promote(fps)
   need_keys(fps)
   local due = {}
   for _, fp in ipairs(fps) do
     local rec = key_rec(fp)
-    if rec and rec.where == 'cooling' and rec.untl <= NOW then due[#due + 1] = fp end
+    if rec and due_now(rec) then due[#due + 1] = fp end
   end
   table.sort(due, function(a, b)
     local x, y = key_rec(a), key_rec(b)
+    if x.where ~= y.where then return x.where == 'cooling' end
     if x.untl ~= y.untl then return x.untl < y.untl end
     return (x.cseq or 0) < (y.cseq or 0)
   end)

@@ -61,7 +61,7 @@ elseif op == 'snapshot' then
   local due = {}
   for i = 4, #ARGV do
     local rec = key_rec(ARGV[i])
-    if rec and rec.where == 'cooling' and rec.untl <= NOW then due[#due + 1] = ARGV[i] end
+    if rec and due_now(rec) then due[#due + 1] = ARGV[i] end
   end
   promote(due)
   local rows = {}

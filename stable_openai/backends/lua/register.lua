@@ -3,15 +3,16 @@
 -- already known keeps its state (a key disabled by another worker stays disabled).
 -- ARGV[3..], 9 values per key: fingerprint, weight, pool ('' for the key's own or learned
 -- pool), rpm, tpm ('' when not paced), and this process's own knowledge to merge (after
--- Redis was unreachable): disabled reason, seconds of cooldown left, its reason ('' when
--- none), and the cause of either (a CAUSE value).
--- Returns the number of keys that were new here.
+-- Redis was unreachable): disabled reason, seconds of cooldown left (of a disabled key: until
+-- it is checked again), its reason ('' when none), and the cause of either (a CAUSE value).
+-- Returns {the number of keys that were new here, how many of them all are disabled, seconds
+-- until the first of those is checked again (-1: none will be)}.
 
 forget_lost()
 local fps = {}
 for i = 3, #ARGV, 9 do fps[#fps + 1] = ARGV[i] end
 need_keys(fps)
-local new = 0
+local new, disabled, recheck = 0, 0, nil
 for i = 3, #ARGV, 9 do
   local fp, weight, pool = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
   local rpm, tpm = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 4])
@@ -46,10 +47,18 @@ for i = 3, #ARGV, 9 do
   end
   pace(rec.pool, rpm, tpm, retune)
   local cause = ARGV[i + 8]
-  if ARGV[i + 5] ~= '' then disable(fp, rec, ARGV[i + 5], cause) end
-  if ARGV[i + 6] ~= '' then cool(fp, rec, NOW + tonumber(ARGV[i + 6]), ARGV[i + 7], 0, cause) end
+  local left = tonumber(ARGV[i + 6])
+  if ARGV[i + 5] ~= '' then
+    disable(fp, rec, ARGV[i + 5], cause, left and NOW + left or 0)
+  elseif left then
+    cool(fp, rec, NOW + left, ARGV[i + 7], 0, cause)
+  end
+  if rec.where == 'disabled' then
+    disabled = disabled + 1
+    if rec.untl > 0 and (not recheck or rec.untl < recheck) then recheck = rec.untl end
+  end
 end
 chunked('SADD', RING, fps)
 flush()
 for _, key in ipairs({STATE, LOAD, RING}) do touch(key) end
-return new
+return {new, disabled, recheck and tostring(math.max(0, recheck - NOW)) or '-1'}

@@ -1,7 +1,8 @@
 -- A call is over: release its lease, count its outcome, and apply what it taught.
 -- ARGV[3] fingerprint, ARGV[4] lease ('' for a call chosen while Redis was unreachable),
 -- ARGV[5] outcome: succeeded | failed | rate_limited | abandoned | given_back,
--- ARGV[6] fate: keep | cool | cool_pool | disable, ARGV[7] seconds, ARGV[8] reason,
+-- ARGV[6] fate: keep | cool | cool_pool | disable, ARGV[7] seconds (for disable: until the
+-- key is checked again, '' for never), ARGV[8] reason,
 -- ARGV[9] forbidden (0/1), ARGV[10] pool the server named ('' if none), ARGV[11] 'own' to
 -- join it only from the key's own pool, ARGV[12..17] the x-ratelimit budget ('' when not
 -- sent): requests limit, left and reset (s), tokens limit, left and reset (s), ARGV[18] the
@@ -168,7 +169,9 @@ if fate == 'cool' then
 elseif fate == 'cool_pool' then
   cool_pool(pool, NOW + seconds, ARGV[8], cause)
 elseif fate == 'disable' then
-  if disable(fp, rec, ARGV[8], cause) then disabled = 1 end
+  if disable(fp, rec, ARGV[8], cause, ARGV[7] ~= '' and NOW + seconds or 0) then
+    disabled = 1
+  end
 end
 flush()
 return {disabled}
