@@ -200,11 +200,13 @@ def try_again_in(message: str) -> float | None:
 
 def _error_fields(exc: openai.APIStatusError) -> tuple[str, str, str]:
     """(code, type, message) from the exception's parsed body, tolerant of odd bodies."""
-    body: Any = exc.body
+    body: Any = getattr(exc, "body", None)  # (getattr: odd subclasses, older openai)
     if isinstance(body, Mapping) and isinstance(body.get("error"), Mapping):
         body = body["error"]
-    code = exc.code if isinstance(exc.code, str) else ""
-    kind = exc.type if isinstance(exc.type, str) else ""
+    code = getattr(exc, "code", None)
+    kind = getattr(exc, "type", None)
+    code = code if isinstance(code, str) else ""
+    kind = kind if isinstance(kind, str) else ""
     message = ""
     if isinstance(body, Mapping):
         code = code or str(body.get("code") or "")
