@@ -14,6 +14,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 import weakref
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -33,6 +34,14 @@ class _Hooks:
     def __init__(self, reports: KeyReports, state: KeyState) -> None:
         self.reports = reports
         self.state = state
+
+    def wait(self, request: Any) -> float:
+        """Seconds the request waits before it leaves (see ``KeyReports.before_sending``)."""
+        try:
+            _ = request.content
+        except Exception:  # a streamed upload: not counted
+            return 0.0
+        return self.reports.before_sending(self.state)
 
     def request(self, request: Any) -> None:
         try:
@@ -136,6 +145,12 @@ def _build_sync(reports: KeyReports, state: KeyState) -> openai.OpenAI:
     if client is None:
         hooks = _Hooks(reports, state)
 
+        def on_request(request: Any) -> None:
+            wait = hooks.wait(request)
+            if wait > 0:
+                time.sleep(wait)
+            hooks.request(request)
+
         def on_response(response: Any) -> None:
             read = hooks.needs_body(response)
             if read:
@@ -145,7 +160,7 @@ def _build_sync(reports: KeyReports, state: KeyState) -> openai.OpenAI:
         options = _options(state)
         if "http_client" not in options:
             options["http_client"] = openai.DefaultHttpxClient(
-                event_hooks={"request": [hooks.request], "response": [on_response]},
+                event_hooks={"request": [on_request], "response": [on_response]},
                 **_http_options(),
             )
         client = state.clients.setdefault("sync", openai.OpenAI(**options))
@@ -172,6 +187,9 @@ def async_client(lease: Lease) -> openai.AsyncOpenAI:
         hooks = _Hooks(reports, state)
 
         async def on_request(request: Any) -> None:
+            wait = hooks.wait(request)
+            if wait > 0:
+                await asyncio.sleep(wait)
             hooks.request(request)
 
         async def on_response(response: Any) -> None:

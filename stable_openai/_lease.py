@@ -27,6 +27,11 @@ __all__ = ["KeyReports", "Lease", "Owner"]
 class KeyReports(Protocol):
     """What a pooled client's hooks tell about the requests they see on one key."""
 
+    def before_sending(self, state: KeyState) -> float:
+        """A request is about to leave on ``state``: the seconds it should wait first (a
+        call's further requests spend their pool's budget, and wait while it is spent)."""
+        ...
+
     def sending(self, state: KeyState, tokens: float) -> Marks:
         """A request of about ``tokens`` tokens leaves on ``state`` (they count towards its
         call's cost, reported when the call ends); returns where its pool stood, for

@@ -558,12 +558,28 @@ class KeyManager:
             self._ring.probe(state)
         self._backend.probe(state)
 
+    def _before_sending(self, state: KeyState) -> float:
+        """A request is about to leave on ``state``: the seconds it waits first.  A call's
+        first request goes at once (its key was chosen for it); each further one spends its
+        pool's budget, as a call does, and waits while that budget holds the pool back."""
+        calls = _CALL_TOKENS.get()
+        if not calls or state not in calls:
+            return 0.0
+        with self._lock:
+            wait = self._ring.another_request(state)
+        self._backend.another_request(state)
+        return min(wait, _LONGEST_REQUEST_WAIT)
+
     def _sending(self, state: KeyState, tokens: float) -> Marks:
         _add_call_tokens(state, tokens)
         self._backend.sent(state)
         with self._lock:
             return self._ring.sent(state)
 
+
+#: The longest another request of a call waits for its pool's budget: beyond, it goes, and a
+#: 429 moves the call to another key.
+_LONGEST_REQUEST_WAIT = 30.0
 
 #: What a failure that is no rate limit teaches a pool's pace: nothing.
 NO_LESSON = Lesson(False)
@@ -604,6 +620,9 @@ class _Owner:
 
     def given_back(self, state: KeyState) -> None:
         self._manager._give_back(state)
+
+    def before_sending(self, state: KeyState) -> float:
+        return self._manager._before_sending(state)
 
     def sending(self, state: KeyState, tokens: float) -> Marks:
         return self._manager._sending(state, tokens)

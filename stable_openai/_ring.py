@@ -54,6 +54,12 @@ class Where(enum.Enum):
     REMOVED = "removed"
 
 
+#: Why a pool's keys may cool that another request of a call already under way waits out:
+#: a budget of the pool (a key's own trouble — no quota, 403 — is not waited for).
+_HELD_BY_BUDGET = frozenset(
+    (Cause.RATE_LIMITED, Cause.REQUESTS_SPENT, Cause.TOKENS_SPENT, Cause.PACED)
+)
+
 # Where's members, as plain names: an enum member looked up on its class costs ~0.1 µs
 # (Python 3.11), and the path of every call asks where its key is.
 READY, COOLING, DISABLED, REMOVED = Where.READY, Where.COOLING, Where.DISABLED, Where.REMOVED
@@ -467,6 +473,21 @@ class KeyRing:
         elif decision == FREED:
             return self._uncool_budget(pool)
         return False
+
+    def another_request(self, state: KeyState) -> float:
+        """A call on ``state`` sends another request (a function that makes several per call,
+        seen by its pooled client): it spends its pool's budget as a call does, since the
+        server counts requests.  Returns the seconds it should wait before it leaves: until
+        the pool's keys are ready again, when a budget of theirs holds them back (the call
+        holds its key; had it asked for a key now, it would wait as long)."""
+        if state.where is REMOVED:
+            return 0.0
+        wait = 0.0
+        if state.where is COOLING and state.cause in _HELD_BY_BUDGET:
+            wait = max(0.0, state.cool_until - self.clock())
+        state.pool.sent += 1
+        self._spend_request(state.pool)
+        return wait
 
     def sent(self, state: KeyState) -> Marks:
         """A request leaves on ``state`` (the pooled client's hook saw it).  Returns its marks

@@ -650,3 +650,78 @@ def test_pooled_clients_of_many_keys_share_one_set_of_tls_settings(
         asyncio.run(main())
         assert all(row["successes"] == 2 for row in KeyManager().stats())
         assert len(made) == 1
+
+
+def _three_requests_a_call(sim: Simulator, *, is_async: bool, calls: int = 24) -> list[Any]:
+    """``calls`` calls of a function that makes three requests through its pooled client, from
+    8 threads (or as many coroutines at a time): the answers, or the errors."""
+    if is_async:
+        @stable(max_wait=60)
+        async def job_async(index: int, client: openai.AsyncOpenAI) -> list[str]:
+            parts = []
+            for part in range(3):
+                answer = await client.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": f"{index}.{part}"}])
+                parts.append(answer.choices[0].message.content or "")
+            return parts
+
+        async def main() -> list[Any]:
+            gate = asyncio.Semaphore(8)
+
+            async def one(index: int) -> Any:
+                async with gate:
+                    return await job_async(index)
+
+            results = await asyncio.gather(*(one(i) for i in range(calls)),
+                                           return_exceptions=True)
+            await KeyManager().aclose()
+            return list(results)
+
+        return asyncio.run(main())
+
+    @stable(max_wait=60)
+    def job(index: int, client: openai.OpenAI) -> list[str]:
+        parts = []
+        for part in range(3):
+            answer = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": f"{index}.{part}"}])
+            parts.append(answer.choices[0].message.content or "")
+        return parts
+
+    results: list[Any] = [None] * calls
+
+    def worker(first: int) -> None:
+        for index in range(first, calls, 8):
+            try:
+                results[index] = job(index)
+            except Exception as exc:
+                results[index] = exc
+
+    threads = [threading.Thread(target=worker, args=(first,)) for first in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_several_requests_a_call_are_paced_per_request_under_a_rate_limit(
+    is_async: bool,
+) -> None:
+    """24 calls of 3 requests each, 8 at a time, on one key of 10 requests a second: each
+    request spends the pool's budget (the pooled client sees them all), so every call
+    succeeds and few requests are repeated.  Before: the budget was spent once a call — 1,600
+    requests, 720 of them 429s, and every call failed."""
+    (key,) = made_up_keys(1, "multi")
+    config = SimulatorConfig(keys=(SimKey(key, project="p"),),
+                             projects={"p": ProjectLimits(rpm=10)}, window=1.0, latency=0.02)
+    with Simulator(config) as sim:
+        KeyManager([Key(key, base_url=sim.base_url)])
+        results = _three_requests_a_call(sim, is_async=is_async)
+        assert all(isinstance(result, list) for result in results), results
+        assert [result[0] for result in results] == [f"echo: {i}.0" for i in range(24)]
+        totals = sim.stats()["totals"]
+        # 72 requests are needed; a 429 repeats at most the two requests before it.
+        assert totals["ok"] <= 72 + 2 * totals["rate_limited"]
+        assert totals["rate_limited"] <= 8, totals

@@ -33,7 +33,7 @@ from redisserver import NO_REDIS, RedisServer, free_port
 from redisserver import redis_binary as find_redis_binary
 from wire import made_up_keys
 
-from stable_openai import KeyManager, stable
+from stable_openai import Key, KeyManager, stable
 from stable_openai.backends import (
     MemoryBackend,
     RedisBackend,
@@ -1058,3 +1058,24 @@ def test_a_stale_index_entry_never_hands_out_a_disabled_key(
     finally:
         raw.close()
         manager.close()
+
+
+@pytest.mark.redis
+def test_several_requests_a_call_spend_the_shared_budget(
+    start_simulator: StartSimulator, redis_url: str,
+) -> None:
+    """A function that makes three requests per call, on Redis: each further request spends
+    the pool's budget there too (another process would see it), and the run goes as on the
+    memory store — every call succeeds, few requests repeated."""
+    from test_pooling import _three_requests_a_call
+
+    (key,) = made_up_keys(1, "rmulti")
+    sim = start_simulator(sim_config([SimKey(key, project="p")], rpm=10, latency=0.02))
+    KeyManager([Key(key, base_url=sim.base_url)], backend=redis_url)
+    results = _three_requests_a_call(sim, is_async=False, calls=16)
+    assert all(isinstance(result, list) for result in results), results
+    totals = sim.stats()["totals"]
+    assert totals["ok"] <= 48 + 2 * totals["rate_limited"]
+    assert totals["rate_limited"] <= 8, totals
+    shared = KeyManager().stats()[0]
+    assert (shared["calls"], shared["in_flight"]) == (16 + totals["rate_limited"], 0)

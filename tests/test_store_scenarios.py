@@ -470,7 +470,8 @@ def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
 @pytest.mark.parametrize("seed", [*range(40), 87, 107, 109, 153, 187, 189, 212, 216])
 def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
     """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its
-    pooled client is made; its request of some tokens leaving), end it with a budget of
+    pooled client is made; its request of some tokens leaving, and further requests of the
+    same call spending the pool's budget), end it with a budget of
     requests and tokens from the headers, an answer with none, a 429 (with or without an
     organization), a 500, a 401, a 400, abandon it, its tokens corrected by the answer's
     usage or not; set_ttl; give a disabled key again; let time pass — applied to a memory
@@ -494,7 +495,7 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
     try:
         for step in range(120):
             op = rng.choice(["take", "take", "take", "end", "end", "end", "time", "ttl",
-                             "again"])
+                             "again", "more"])
             where = f"seed {seed} step {step} ({op}); before: " + "; ".join(trace[-30:])
             if op == "take":
                 avoid = set(rng.sample(keys, rng.choice([0, 0, 0, 1, 2])))
@@ -503,9 +504,9 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                 one, two = mine.run(_outcome, memory, avoid), context.run(_outcome, shared, avoid)
                 trace.append(f"take avoiding {sorted(keys.index(k) for k in avoid)}: "
                              f"{keys.index(one[1]) if one[0] == 'key' else one}")
-                assert one[:2] == two[:2], where
+                assert one[:2] == two[:2], f"{where}; memory {one[:2]}, Redis {two[:2]}"
                 if one[0] != "key":
-                    assert one == two, where
+                    assert one == two, f"{where}; memory {one}, Redis {two}"
                 if one[0] == "key":
                     if rng.random() < 0.3:  # its pooled client is made now: probe its pool
                         trace[-1] += " (probing)"
@@ -564,6 +565,19 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                 else:
                     mine.run(one.abandon)
                     context.run(two.abandon)
+            elif op == "more" and held:
+                # The call's request is answered (its headers not read: a store learns from
+                # them when the call ends), and the call sends another: it spends budget.
+                index = rng.randrange(len(held))
+                one, two, mark_one, mark_two, mine, context, tokens = held[index]
+                trace.append(f"another request on {keys.index(one.key)}")
+                mine.run(one.owner.answered, one.state, None, mark_one)
+                context.run(two.owner.answered, two.state, None, mark_two)
+                mine.run(one.owner.before_sending, one.state)
+                context.run(two.owner.before_sending, two.state)
+                marks = (mine.run(one.owner.sending, one.state, tokens),
+                         context.run(two.owner.sending, two.state, tokens))
+                held[index] = (one, two, *marks, mine, context, tokens)
             elif op == "time":
                 clock.now += rng.choice([0.25, 1.0, 3.0, 10.0])
                 trace.append(f"now {clock.now - 1000:g}")
@@ -579,7 +593,10 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
             for row in (*seen_one.values(), *seen_two.values()):
                 if str(row["pool"]).startswith("own"):
                     row["pool"] = "own"
-            assert seen_one == seen_two, f"{where}; then: {trace[-1] if trace else None}"
+            differ = {k: (seen_one.get(k), seen_two.get(k)) for k in seen_one
+                      if seen_one.get(k) != seen_two.get(k)}
+            assert seen_one == seen_two, (
+                f"{where}; then: {trace[-1] if trace else None}; memory, Redis: {differ}")
     finally:
         for one, two, _, _, mine, context, _ in held:
             mine.run(one.abandon)

@@ -120,6 +120,11 @@ class StateBackend(Protocol):
         client's hook saw it).  No I/O."""
         return None
 
+    def another_request(self, state: KeyState) -> None:
+        """A call on ``state`` sends another request: it spends the pool's shared budget, as
+        a call chosen does (``KeyRing.another_request``)."""
+        return None
+
     def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
         """Note, for the call's :meth:`report`: its answer arrived; ``budget`` is what the
         answer's headers said of the pool's budget.  No I/O."""

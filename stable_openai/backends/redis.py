@@ -205,7 +205,8 @@ class _Pending:
         if budget is not None:
             self.budget = budget
         self.sent = self.sent or sent
-        self.answered = self.answered or answered
+        # Its last request is what counts: one that leaves after an answer is unanswered.
+        self.answered = (self.answered and not sent) or answered
 
 
 #: The calls this thread or task has in flight, by key.  A report must carry its own call's
@@ -757,6 +758,13 @@ class RedisBackend:
         except asyncio.CancelledError:  # the loop is closing: send it the blocking way
             self._run(flow())
             raise
+
+    def another_request(self, state: KeyState) -> None:
+        fp = self._fps.get(state)
+        call = (_CALLS.get() or {}).get(state)
+        lease = "" if call is None else call.lease.partition("|")[0]  # "<lease>|<mark>|<pool>"
+        if fp is not None and self.available():
+            self._send(lambda: self._control("spend", fp, lease))
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:
         fp = self._fps.get(state)

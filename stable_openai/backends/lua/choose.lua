@@ -118,27 +118,7 @@ if chosen then
   p.out[lease] = {m = sent, e = NOW + lease_seconds, f = chosen, t = NOW}
   put('p:' .. pool, p)
 
-  -- Spend one request of the pool's budget (as _model.Budget.spend_request), and its pacing.
-  pace_spend(pool, p)
-  refresh(pool, p, 1)
-  local reset = p.reset or 0
-  if p.left then
-    p.left = window_bound(p, p.left - 1)
-    if p.left <= 0 then  -- until the server's reset, or until an answer says when that is
-      cool_pool(pool, reset > NOW and reset or NOW + PROBE, 'budget spent (RPM)',
-                CAUSE.requests_spent)
-    end
-  end
-  local treset, avg = p.treset or 0, p.avg or 0
-  if p.tleft then
-    p.tleft = p.tleft - avg  -- the request's size is known only when it is reported
-    if p.tleft < math.max(1, avg) then
-      cool_pool(pool, treset > NOW and treset or NOW + PROBE, 'budget spent (TPM)',
-                CAUSE.tokens_spent)
-    end
-  end
-  local wait = bucket_take(p, 'r', 1, 1)
-  if wait > 0 then cool_pool(pool, NOW + wait, 'paced (rpm)', CAUSE.paced) end
+  spend_request(pool, p)
   flush()
   return {1, chosen, pool, sent}
 end

@@ -2,13 +2,17 @@
 -- ARGV[3] the operation, then its arguments:
 --   cooldown fp seconds reason  cool exactly this long (0: ready now); not a disabled key
 --   probe fp                     limit the key's pool to a few calls until an answer tells it
+--   spend fp lease               a call on the key sends another request: spend its pool's
+--                                budget as a call chosen does; the call (its lease) now stands
+--                                at the request's place there, for its answer
 --   enable fp...                 make disabled keys ready again
 --   snapshot fp...               the state and counters of each key, as cjson
--- Returns 1 for cooldown/probe/enable, or json for snapshot.
+-- Returns 1 for cooldown/probe/spend/enable (0: the key is unknown or, for cooldown, disabled),
+-- or json for snapshot.
 
 local op = ARGV[3]
 forget_lost()
-if op ~= 'cooldown' then  -- (not unpack: ten thousand keys would overflow Lua's stack)
+if op ~= 'cooldown' and op ~= 'spend' then  -- (not unpack: 10,000 keys would overflow Lua's stack)
   local fps = {}
   for i = 4, #ARGV do fps[#fps + 1] = ARGV[i] end
   need_keys(fps)
@@ -40,6 +44,21 @@ elseif op == 'probe' then
     p.probing, p.left = 1, PROBE_CALLS * #members(rec.pool) - p.n
     put('p:' .. rec.pool, p)
   end
+  flush()
+  return 1
+elseif op == 'spend' then
+  local rec = key_rec(ARGV[4])
+  if not rec then
+    flush()
+    return 0
+  end
+  local p = pool_rec(rec.pool) or new_pool()
+  purge(rec.pool)
+  p.sent = p.sent + 1
+  local call = p.out[ARGV[5]]
+  if call and not call.r then call.m, call.t = p.sent, NOW end
+  put('p:' .. rec.pool, p)
+  spend_request(rec.pool, p)
   flush()
   return 1
 elseif op == 'enable' then

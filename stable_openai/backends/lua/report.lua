@@ -29,6 +29,7 @@ if not rec then
   return {-1}
 end
 
+
 -- A report is applied once: one whose lease is neither in flight nor among the leases that
 -- expired unreported was applied already (sent again after its reply was lost).
 local in_flight = false
@@ -47,6 +48,12 @@ if lease ~= '' then
     flush()
     return {0}
   end
+  -- A call that sent further requests stands at the last one's place (control.lua's spend),
+  -- in the pool its key is in then: its answer is placed there.  (A call whose key moved
+  -- to another pool since holds mark 0 there: its place is unknown, as before.)
+  local name, p = find_call(fp, lease, pool_then)
+  local call = name and p.out[lease]
+  if mark_then and call and call.m > 0 then pool_then, mark_then = name, call.m end
 end
 
 -- The pool the server named: a key given no pool by the user moves into it.
