@@ -615,14 +615,7 @@ class KeyRing:
 
     def _recheck(self) -> None:
         """Make the disabled keys due to be tried again ready."""
-        now = self.clock()
-        rechecks = self._rechecks
-        while rechecks and rechecks[0][0] <= now:
-            entry = heapq.heappop(rechecks)
-            if self._is_recheck(entry):
-                state = entry[2]
-                state.pool.refresh(now, state.pool.in_flight)
-                self._make_ready(state)
+        self._ready_due(self._rechecks, self._is_recheck)
 
     def join_named(self, state: KeyState, organization: str | None) -> None:
         """``organization`` (named by a 429 message) becomes ``state``'s pool if it has none
@@ -741,11 +734,19 @@ class KeyRing:
             self._recheck()
 
     def _promote(self) -> None:
+        """Make the cooling keys whose deadline has passed ready."""
+        self._ready_due(self._cooling, self._is_current)
+
+    def _ready_due(
+        self, heap: list[tuple[float, int, KeyState]],
+        current: Callable[[tuple[float, int, KeyState]], bool],
+    ) -> None:
+        """Make ready the keys of the current entries of ``heap`` that are due, soonest
+        first, each pool brought up to date first."""
         now = self.clock()
-        cooling = self._cooling
-        while cooling and cooling[0][0] <= now:
-            entry = heapq.heappop(cooling)
-            if self._is_current(entry):
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)
+            if current(entry):
                 state = entry[2]
                 state.pool.refresh(now, state.pool.in_flight)
                 self._make_ready(state)
