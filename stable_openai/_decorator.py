@@ -105,9 +105,9 @@ class _Call:
         would have tried again but its ``timeout`` is spent."""
         self.out_of_time = False
         delay = self._next(taken, exc, retry)
-        deadline = self.deadline
-        if deadline is not None and self.out_of_time and deadline - time.monotonic() <= max(
-            0.0, self.options.max_wait - (time.monotonic() - self.began)
+        deadline = self.deadline  # (it, not max_wait, is what ran out: it comes first)
+        if self.out_of_time and deadline is not None and (
+            deadline <= self.began + self.options.max_wait
         ):
             raise self.timed_out() from exc
         return delay
@@ -117,7 +117,8 @@ class _Call:
         return _timed_out(self.options, self)
 
     def _next(self, taken: Lease, exc: Exception, retry: bool) -> float | None:
-        """:meth:`failed`, but for the call's ``timeout``."""
+        """End ``taken`` and decide what :meth:`failed` returns; ``out_of_time`` says when a
+        retry was ruled out by time alone."""
         options = self.options
         verdict = classify(exc, options.policy)
         taken.fail(verdict, exc)
