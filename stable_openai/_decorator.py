@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast, overload
 
 from ._clients import async_client, sync_client
-from ._errors import CallTimeoutError
+from ._errors import AllKeysCoolingError, CallTimeoutError
 from ._lease import Lease
 from ._manager import KeyManager, first_lease, lease, lease_async, take_lease
 from ._policy import KEY_CAUSES, Action, Policy, classify
@@ -104,6 +104,8 @@ class _Call:
         or ``None`` when the call must raise ``exc``; raises :class:`CallTimeoutError` when it
         would have tried again but its ``timeout`` is spent."""
         self.out_of_time = False
+        if isinstance(exc, _LaneHeld):
+            return self._held(taken, exc)
         delay = self._next(taken, exc, retry)
         deadline = self.deadline  # (it, not max_wait, is what ran out: it comes first)
         if self.out_of_time and deadline is not None and (
@@ -173,6 +175,31 @@ class _Call:
             self.out_of_time = True
             return None
         return delay
+
+    def _held(self, taken: Lease, exc: _LaneHeld) -> float:
+        """``taken``'s pool holds the call's model: try a pool that does not, at once; or,
+        when every pool holds it, wait for the first to let go, if the call may wait that
+        long; else raise ``AllKeysCoolingError``."""
+        taken.give_back()  # (nothing was sent)
+        again = self.avoid is not None and taken.state in self.avoid
+        self.avoid = (self.avoid or set()) | set(taken.state.pool.members)
+        manager = self.manager
+        with manager._lock:
+            free = manager._ring.lane_free(exc.model, self.avoid)
+            if free is None or free > 0:  # every other pool holds it too, or has no key
+                self.avoid = None
+                soonest = manager._ring.lane_free(exc.model, frozenset())
+                wait = exc.seconds if soonest is None else soonest
+            elif again:  # a pool that serves it has no key ready: wait for one, or this lane
+                ready = manager._ring.next_ready_in()
+                wait = exc.seconds if ready is None else max(0.001, min(ready, exc.seconds))
+            else:
+                return 0.0
+        if wait > self.left():
+            raise AllKeysCoolingError(
+                wait, len(manager), {f"{exc.model} held (429)": len(manager)}
+            ) from self.last
+        return wait
 
     def _now_if_in_time(self) -> float | None:
         """Try again at once (``0.0``), unless the call's deadline has passed."""
@@ -279,6 +306,16 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
     return with_client
 
 
+class _LaneHeld(Exception):
+    """The call's model is held in its key's pool (a 429 said its limit there is spent):
+    nothing was sent.  The call takes a key of another pool, or waits, or raises."""
+
+    def __init__(self, model: str, seconds: float) -> None:
+        super().__init__(model, seconds)
+        self.model = model
+        self.seconds = seconds
+
+
 #: The timeout a request is given when its call's deadline has (all but) passed: it fails at
 #: once, and the call then raises :class:`CallTimeoutError`.
 _SHORTEST_TIMEOUT = 0.001
@@ -337,6 +374,9 @@ def _noting_model(invoke: Invoke, signature: inspect.Signature) -> Invoke:
         model = args[at] if at is not None and len(args) > at else kwargs.get("model", default)
         if isinstance(model, str):
             taken.model = model
+            held = taken.owner.lane_held(taken.state, model)
+            if held:
+                raise _LaneHeld(model, held)
         return invoke(taken, args, kwargs)
 
     return noting_model

@@ -63,7 +63,14 @@ class Owner(KeyReports, Protocol):
         """The call on ``state`` succeeded; ``model``: the one it asked for, if known."""
         ...
 
-    def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None: ...
+    def failed(
+        self, state: KeyState, verdict: Verdict, error: BaseException | None,
+        model: str | None = None,
+    ) -> None: ...
+
+    def lane_held(self, state: KeyState, model: str) -> float:
+        """Seconds ``model``'s calls are held in ``state``'s pool (0: not held)."""
+        ...
 
     def abandoned(self, state: KeyState) -> None: ...
 
@@ -100,7 +107,7 @@ class Lease:
         key and its pool."""
         if not self._ended:
             self._ended = True
-            self.owner.failed(self.state, verdict, error)
+            self.owner.failed(self.state, verdict, error, self.model)
 
     def abandon(self) -> None:
         """The call stopped without an outcome: cancelled, interrupted, closed early."""

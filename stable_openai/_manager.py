@@ -28,6 +28,7 @@ from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, dur
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
 from ._limits import Lesson, pace_of
+from ._model import MIXED
 from ._policy import Fate, Verdict, headers_of
 from ._ring import KeyRing, KeyState, Marks, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
@@ -420,6 +421,8 @@ class KeyManager:
         if state is None or state.where is Where.REMOVED:  # deleted meanwhile: its lease expires
             return None
         self._ring.take(state)
+        for model, seconds in pick.lanes.items() if pick is not None else ():
+            self._ring.hold_lane(state, model, seconds)  # held by another process's 429
         return state
 
     def _shared_wait_time(self, pick: Pick, budget: float, last: BaseException | None) -> float:
@@ -507,8 +510,12 @@ class KeyManager:
         if "retired" in state.clients:
             close_retired(state)
 
-    def _fail(self, state: KeyState, verdict: Verdict, exc: BaseException | None = None) -> None:
-        """Record a failed call and apply the verdict to its key (and its pool)."""
+    def _fail(
+        self, state: KeyState, verdict: Verdict, exc: BaseException | None = None,
+        model: str | None = None,
+    ) -> None:
+        """Record a failed call (``model``: the one it asked for, if known) and apply the
+        verdict to its key (and its pool)."""
         first_disable = False
         organization = None
         lesson = NO_LESSON
@@ -526,12 +533,22 @@ class KeyManager:
                 organization=organization, lesson=lesson, cooled=verdict.seconds,
                 hinted=verdict.hinted,
             )
-            first_disable = self._ring.apply_verdict(
-                state, verdict if seconds == verdict.seconds else replace(verdict, seconds=seconds),
-                organization,
-            )
+            if (
+                model is not None and verdict.rate_limited and verdict.pooled
+                and state.pool.pace_model == MIXED
+            ):
+                # A pool serving several models: the 429 is of this call's model's limit.
+                self._ring.hold_lane(state, model, seconds)
+            else:
+                first_disable = self._ring.apply_verdict(
+                    state,
+                    verdict if seconds == verdict.seconds else replace(verdict, seconds=seconds),
+                    organization,
+                )
         outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
-        self._backend.report(state, outcome, verdict, organization, tokens, lesson=lesson)
+        self._backend.report(
+            state, outcome, verdict, organization, tokens, lesson=lesson, model=model
+        )
         if "retired" in state.clients:
             close_retired(state)
         if first_disable:
@@ -612,8 +629,15 @@ class _Owner:
         if "retired" in state.clients:
             close_retired(state)
 
-    def failed(self, state: KeyState, verdict: Verdict, error: BaseException | None) -> None:
-        self._manager._fail(state, verdict, error)
+    def failed(
+        self, state: KeyState, verdict: Verdict, error: BaseException | None,
+        model: str | None = None,
+    ) -> None:
+        self._manager._fail(state, verdict, error, model)
+
+    def lane_held(self, state: KeyState, model: str) -> float:
+        with self._manager._lock:
+            return self._manager._ring.lane_held(state, model)
 
     def abandoned(self, state: KeyState) -> None:
         self._manager._abandon(state)

@@ -71,6 +71,7 @@ class Pool(Budget):
 
     __slots__ = (
         "in_flight",
+        "lanes",
         "learned",
         "members",
         "name",
@@ -82,6 +83,9 @@ class Pool(Budget):
         super().__init__()
         self.name = name
         self.learned = learned  # named after what the server said, not after one key
+        # Models whose limit a 429 said is spent, in a pool that serves several: held until
+        # then, while the pool's keys go on serving the others.
+        self.lanes: dict[str, float] = {}
         self.members: list[KeyState] = []
         self.in_flight = 0
         self.request_bucket: Bucket | None = None  # client-side pacing (Key.rpm)
@@ -488,6 +492,42 @@ class KeyRing:
         state.pool.sent += 1
         self._spend_request(state.pool)
         return wait
+
+    def hold_lane(self, state: KeyState, model: str, seconds: float) -> None:
+        """``model``'s limit in ``state``'s pool is spent for ``seconds``: hold that model's
+        calls there (a later deadline already held is kept), not the pool's keys."""
+        lanes = state.pool.lanes
+        until = self.clock() + max(0.0, seconds)
+        if until > lanes.get(model, 0.0):
+            lanes[model] = until
+
+    def lane_held(self, state: KeyState, model: str) -> float:
+        """Seconds ``model``'s calls are still held in ``state``'s pool (0: not held)."""
+        lanes = state.pool.lanes
+        until = lanes.get(model)
+        if until is None:
+            return 0.0
+        left = until - self.clock()
+        if left <= 0:
+            del lanes[model]
+            return 0.0
+        return left
+
+    def lane_free(
+        self, model: str, avoid: frozenset[KeyState] | set[KeyState]
+    ) -> float | None:
+        """Seconds until ``model`` may be served by a usable key not in ``avoid`` — 0 when one
+        is free for it now; ``None`` when there is no such key."""
+        soonest: float | None = None
+        for state in self._states.values():
+            if state.where is DISABLED or state in avoid:
+                continue
+            held = self.lane_held(state, model)
+            if soonest is None or held < soonest:
+                soonest = held
+                if not held:
+                    break
+        return soonest
 
     def sent(self, state: KeyState) -> Marks:
         """A request leaves on ``state`` (the pooled client's hook saw it).  Returns its marks

@@ -1097,3 +1097,93 @@ def test_timeout_bounds_an_async_stream_until_its_first_item() -> None:
     asyncio.run(main())
     assert closed == [True]
     assert row(A)["in_flight"] == 0
+
+
+# -- per-(pool, model) holds ----------------------------------------------------------------
+def _two_models(failures: dict[tuple[str, str], Callable[[], BaseException]]) -> tuple[
+    Callable[..., str], list[tuple[str, str]]
+]:
+    """A function taking ``model`` (as the original README's) that raises the scripted error
+    for some (key, model) pairs once each, and echoes otherwise."""
+    used: list[tuple[str, str]] = []
+
+    def ask(model: str, prompt: str, api_key: str) -> str:
+        used.append((api_key, model))
+        error = failures.pop((api_key, model), None)
+        if error is not None:
+            raise error()
+        return f"{model}: {prompt}"
+
+    return ask, used
+
+
+def test_a_429_of_one_model_holds_that_model_not_the_keys() -> None:
+    """A key whose pool serves two models: a 429 of gpt-4o there holds gpt-4o's calls for the
+    429's delay, while gpt-4o-mini's go on on the same key at once (before, the 429 cooled the
+    key for both); a gpt-4o call waits out the hold, then goes."""
+    import time
+
+    KeyManager([A])
+    ask, used = _two_models({(A, "gpt-4o"): lambda: wire.rate_limited(
+        "300ms", organization="org-one", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1")})
+    call = stable(max_wait=5)(ask)
+    assert call("gpt-4o-mini", "a") == "gpt-4o-mini: a"
+    assert call("gpt-4o", "b") == "gpt-4o: b"  # 429, then on the same key once it is let go
+    assert used[1:] == [(A, "gpt-4o"), (A, "gpt-4o")]
+    assert row(A)["state"] == "ready" and row(A)["rate_limits"] == 1
+    ask2, used2 = _two_models({(A, "gpt-4o"): lambda: wire.rate_limited(
+        "2s", organization="org-one", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1")})
+    call2 = stable(max_wait=5)(ask2)
+    began = time.monotonic()
+    try:
+        call2("gpt-4o", "c")  # the 429 holds gpt-4o for 2 s, and this call waits for it
+    finally:
+        waited = time.monotonic() - began
+    assert call2("gpt-4o-mini", "d") == "gpt-4o-mini: d"
+    assert used2 == [(A, "gpt-4o"), (A, "gpt-4o"), (A, "gpt-4o-mini")]
+    assert waited >= 1.9  # (behaviour: it did not go before the hold was over)
+
+
+def test_a_call_for_a_held_model_takes_another_pools_key() -> None:
+    KeyManager([A, B])
+    ask, used = _two_models({(A, "gpt-4o"): lambda: wire.rate_limited(
+        "60s", organization="org-a", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1")})
+    call = stable(ask)
+    for model in ("gpt-4o-mini", "gpt-4o"):  # both keys' pools serve both models
+        for _ in range(2):
+            call(model, "warm")
+    used.clear()
+    ask_failing, used_failing = _two_models({(A, "gpt-4o"): lambda: wire.rate_limited(
+        "60s", organization="org-a", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1")})
+    call = stable(ask_failing)
+    results = [call("gpt-4o", str(i)) for i in range(4)] + [call("gpt-4o-mini", "m")]
+    assert results[-1] == "gpt-4o-mini: m"
+    # After A's 429, gpt-4o goes to B only — no second request to A — while A serves mini.
+    gpt4o = [key for key, model in used_failing if model == "gpt-4o"]
+    assert gpt4o.count(A) <= 1 and gpt4o[-1] == B
+    assert row(A)["state"] == "ready"
+
+
+def test_a_model_held_for_hours_fails_its_calls_at_once_and_no_others() -> None:
+    """A daily limit (a 429 to try again in hours) of gpt-4o on every key: gpt-4o's calls
+    raise AllKeysCoolingError at once, saying how long, without a request; gpt-4o-mini's
+    succeed."""
+    KeyManager([A, B])
+    warm, _ = _two_models({})
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        for _ in range(2):
+            stable(warm)(model, "warm")
+    daily = {(key, "gpt-4o"): (lambda: wire.rate_limited(
+        "3h", model="gpt-4o", numbers="Limit 40, Used 40, Requested 1")) for key in (A, B)}
+    ask, used = _two_models(dict(daily))
+    call = stable(max_wait=30)(ask)
+    with pytest.raises(AllKeysCoolingError) as caught:
+        call("gpt-4o", "x")
+    assert caught.value.retry_after > 3000
+    assert "gpt-4o" in str(caught.value)
+    sent = len(used)
+    with pytest.raises(AllKeysCoolingError):
+        call("gpt-4o", "y")
+    assert len(used) == sent  # no request: the holds said it
+    assert call("gpt-4o-mini", "z") == "gpt-4o-mini: z"
+    assert {r["state"] for r in KeyManager().stats()} == {"ready"}

@@ -250,6 +250,35 @@ def test_a_pool_is_paced_from_its_429s_and_the_others_are_not(
     assert take(manager).key == b
 
 
+def test_a_429_of_one_of_two_models_holds_it_in_every_process_not_the_keys(
+    make_manager: MakeManager,
+) -> None:
+    """A pool whose calls asked for two models: a 429 of gpt-4o on a gpt-4o call holds
+    gpt-4o there for the 429's delay — its keys stay ready for gpt-4o-mini — and another
+    process using the same store sees the hold when it takes a key of that pool (with
+    Redis; in memory, the other manager shares nothing and sees none)."""
+    (a,) = made_up_keys(1, "lanes")
+    manager = make_manager([Key(a, pool="one")])
+    other = make_manager([Key(a, pool="one")])
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        taken = take(manager)
+        taken.model = model
+        taken.succeed()
+    taken = take(manager)
+    taken.model = "gpt-4o"
+    taken.fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+               rate_limited("30s", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+    assert rows(manager)[masked(a)]["state"] == "ready"
+    again = take(manager)
+    assert again.owner.lane_held(again.state, "gpt-4o") > 25
+    assert again.owner.lane_held(again.state, "gpt-4o-mini") == 0
+    again.give_back()
+    seen = take(other)
+    shared = manager.backend.shared
+    assert (seen.owner.lane_held(seen.state, "gpt-4o") > 25) is shared
+    seen.give_back()
+
+
 def test_a_revoked_key_is_disabled_until_given_again(make_manager: MakeManager) -> None:
     a, b = made_up_keys(2, "revoked")
     manager = make_manager([a, b])
@@ -507,6 +536,11 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                 assert one[:2] == two[:2], f"{where}; memory {one[:2]}, Redis {two[:2]}"
                 if one[0] != "key":
                     assert one == two, f"{where}; memory {one}, Redis {two}"
+                else:  # the models a 429 held in the key's pool, in both
+                    for model in ("gpt-4o-mini", "gpt-4o"):
+                        holds = [round(taken.owner.lane_held(taken.state, model), 6)
+                                 for taken in (one[2], two[2])]
+                        assert holds[0] == holds[1], f"{where}; {model} held {holds}"
                 if one[0] == "key":
                     if rng.random() < 0.3:  # its pooled client is made now: probe its pool
                         trace[-1] += " (probing)"
@@ -557,7 +591,10 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                             "2s", organization=rng.choice(["org-a", "org-b"]),
                             numbers=rng.choice(["Limit 3, Used 3, Requested 1", "no numbers"]),
                             model=rng.choice(["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]))
-                    trace[-1] += f" {verdict.reason} {verdict.seconds} {error is not None}"
+                    # The model the call asked for, when its driver knows it.
+                    one.model = two.model = rng.choice([None, "gpt-4o-mini", "gpt-4o"])
+                    trace[-1] += (f" {verdict.reason} {verdict.seconds} {error is not None}"
+                                  f" {one.model}")
                     mine.run(one.owner.answered, one.state, None, mark_one)  # an answer too
                     context.run(two.owner.answered, two.state, None, mark_two)
                     mine.run(one.fail, verdict, error)

@@ -62,6 +62,9 @@ class Pick:
     """Every usable key is benched for a 403: waiting will not help a 403 of this call."""
     recheck: float | None = None
     """Seconds until the first disabled key is tried again (``None``: none will be)."""
+    lanes: Mapping[str, float] = field(default_factory=dict)
+    """The models held in the chosen key's pool, and for how many seconds (a 429 of each
+    said its limit there is spent: ``KeyRing.hold_lane``)."""
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,14 @@ class StateBackend(Protocol):
     def report(
         self, state: KeyState, outcome: Outcome, verdict: Verdict | None = None,
         organization: str | None = None, tokens: float = 0.0, *,
-        lesson: Lesson | None = None,
+        lesson: Lesson | None = None, model: str | None = None,
     ) -> None:
         """A call on ``state`` is over: release it, count ``outcome``, and apply ``verdict``
         (cool the key or its pool, or disable the key).  ``organization`` is the pool a 429
         named: the key's pool, if it has none yet.  ``tokens``: what the call's requests
         cost, for its pool's average call and token pacing.  ``lesson``: what a 429 teaches
-        the pool's pace (``_limits.pace_of``, ``_model.Budget.limited``)."""
+        the pool's pace (``_limits.pace_of``, ``_model.Budget.limited``); ``model``: the one
+        the call asked for, if known (a 429 of it in a pool serving several holds it there)."""
         return None
 
     def probe(self, state: KeyState) -> None:

@@ -622,7 +622,8 @@ class RedisBackend:
             with self._lock:
                 self._leases.setdefault(state, []).append(held)
             _CALLS.set({**(_CALLS.get() or {}), state: _Pending(held)})
-            return Pick(state)
+            lanes = json.loads(reply[4]) if len(reply) > 4 and reply[4] else {}
+            return Pick(state, lanes={str(k): float(v) for k, v in lanes.items()})
         wait = float(reply[1])
         why = json.loads(reply[2])
 
@@ -686,7 +687,7 @@ class RedisBackend:
     def report(
         self, state: KeyState, outcome: Outcome, verdict: Verdict | None = None,
         organization: str | None = None, tokens: float = 0.0, *,
-        lesson: Lesson | None = None,
+        lesson: Lesson | None = None, model: str | None = None,
     ) -> None:
         fp = self._fps.get(state)
         calls = _CALLS.get() or {}
@@ -736,7 +737,7 @@ class RedisBackend:
         args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else "",
                  "1" if budget is not None else "", "1" if lesson and lesson.paces else "",
                  _text(lesson and lesson.told), "1" if verdict is None or verdict.hinted else "0",
-                 (lesson and lesson.model) or ""]
+                 (lesson and lesson.model) or "", model or ""]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

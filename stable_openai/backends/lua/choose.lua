@@ -1,7 +1,8 @@
 -- Choose a key and mark it in flight, in one step.
 -- ARGV[3] the lease (named by the client), ARGV[4] lease seconds, ARGV[5..] fingerprints to
 -- avoid (taken only when no other key is ready).
--- Returns {1, fingerprint, pool, sent mark}; or {0, seconds until the first cooling key is
+-- Returns {1, fingerprint, pool, sent mark, the models held in the pool (cjson {model = seconds
+-- held}, '' for none)}; or {0, seconds until the first cooling key is
 -- ready (-1 when none is cooling), cjson {cooling = {reason = n}, disabled = {reason = n},
 -- forbidden = all usable keys benched for a 403}}; or {-1} when the ring is unknown here
 -- (never registered, expired, or the server restarted): register it, then ask again.
@@ -119,8 +120,9 @@ if chosen then
   put('p:' .. pool, p)
 
   spend_request(pool, p)
+  local lanes = lanes_held(p)
   flush()
-  return {1, chosen, pool, sent}
+  return {1, chosen, pool, sent, lanes}
 end
 
 -- No key is ready: when will one be, and why not now.

@@ -21,7 +21,8 @@
 --               stamp} (client-side pacing of requests and tokens); the pace learned from
 --               429s (strings of 17 digits): pace, plevel, pstamp, lat (the last 429), idle,
 --               closing, told; adm, stale, hintless (counts); pmodel (the model its calls
---               and 429s named, MIXED once they named two)
+--               and 429s named, MIXED once they named two); lanes {model = until}, the models
+--               held in a pool that serves several (see hold_lane)
 --     m:<pool>  the fingerprints of the pool's keys (a JSON array)
 --     seq       a counter: the least-recently-used order
 --   KEYS[2] {N}:load   ZSET "<fp>|<pool>" -> score.  Ready keys score level * 1e11 + seq
@@ -207,6 +208,26 @@ local function disable(fp, rec, reason, cause, recheck)
   end
   put('k:' .. fp, rec)
   return true
+end
+
+-- A model whose limit is spent in a pool that serves several (a 429 said so) is held there
+-- until ``untl`` (a later deadline already held is kept): p.lanes {model = until}.
+local function hold_lane(p, model, untl)
+  local lanes = p.lanes or {}
+  if untl > (lanes[model] or 0) then lanes[model] = untl end
+  p.lanes = lanes
+end
+
+-- The models held in pool record ``p`` now, with the seconds each is held for, as cjson ('' for
+-- none); the ones no longer held are let go.
+local function lanes_held(p)
+  if not p.lanes then return '' end
+  local held, any = {}, false
+  for model, untl in pairs(p.lanes) do
+    if untl > NOW then held[model] = untl - NOW; any = true else p.lanes[model] = nil end
+  end
+  if not any then p.lanes = nil; return '' end
+  return cjson.encode(held)
 end
 
 -- A key whose cooldown, or whose time disabled before a recheck, is over.

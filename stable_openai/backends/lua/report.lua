@@ -13,7 +13,8 @@
 -- if none was about the budget), ARGV[24] '1' when a 429 of a per-minute limit teaches the
 -- pool's pace, ARGV[25] the rate its numbers give ('' if none), ARGV[26] '0' when the 429
 -- named no delay (ARGV[7] is then the longest the pool backs off for), ARGV[27] the model
--- whose limit it names, or that a successful call asked for ('' if not known).
+-- whose limit it names, or that a successful call asked for ('' if not known), ARGV[28] the
+-- model the call asked for ('' if not known).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -171,8 +172,14 @@ if tokens ~= 0 then
 end
 
 local disabled = 0
+local asked = ARGV[28] ~= '' and ARGV[28] or nil
 if fate == 'cool' then
   cool(fp, rec, NOW + seconds, ARGV[8], tonumber(ARGV[9]), cause)
+elseif fate == 'cool_pool' and asked and outcome == 'rate_limited' and p.pmodel == MIXED then
+  -- A pool serving several models: the 429 is of the call's model's limit, which is held
+  -- there (as KeyRing.hold_lane), not the pool's keys.
+  hold_lane(p, asked, NOW + seconds)
+  put('p:' .. pool, p)
 elseif fate == 'cool_pool' then
   cool_pool(pool, NOW + seconds, ARGV[8], cause)
 elseif fate == 'disable' then
