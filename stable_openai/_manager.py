@@ -636,6 +636,8 @@ class _Owner:
         self._manager._fail(state, verdict, error, model)
 
     def lane_held(self, state: KeyState, model: str) -> float:
+        if not state.pool.lanes:  # (the path of nearly every call: no lock)
+            return 0.0
         with self._manager._lock:
             return self._manager._ring.lane_held(state, model)
 

@@ -253,7 +253,10 @@ class Budget:
     def probe(self, keys: int, in_flight: int) -> None:
         """The pool's ``keys`` will be called through clients whose answers tell the budget:
         until the first one does, only a few calls go out instead of a burst."""
-        if self.requests_left is None and self.snapshot < 0 and not self.probing:
+        if (
+            self.requests_left is None and self.snapshot < 0 and not self.probing
+            and self.pace_model != MIXED
+        ):
             self.probing = True
             self.requests_left = float(PROBE_CALLS * keys) - in_flight
 
@@ -266,6 +269,8 @@ class Budget:
         those that left before it and are still unanswered.  Only the freshest answer counts,
         unless it shows a new window.  Returns what the pool's keys must do: :class:`Spent`
         and/or ``FREED``."""
+        if self.pace_model == MIXED:  # each answer tells one model's limit: not the pool's
+            return []
         # (Calls started on another pool before their key joined this one hook here without
         # having been counted as started: hence the max.)
         started = max(self.sent, self.hooked)
@@ -393,8 +398,17 @@ class Budget:
         if known != model and known != MIXED:
             if known is None:
                 self.pace_model = model
-            else:  # two models: not paced from 429s any more (see MIXED)
+            else:  # two models: not paced from 429s any more (see MIXED), nor from the
+                # headers of answers, each of one model's limit: they are not the pool's
                 self.pace_model, self.pace, self.stale, self.closing = MIXED, None, 0, None
+                self.requests_limit = None
+                self.requests_left = None
+                self.snapshot = -1
+                self.requests_reset_at = 0.0
+                self.window_start = self.window_reset = None
+                self.tokens_limit = self.tokens_left = None
+                self.tokens_reset_at = 0.0
+                self.probing = False
 
     def admit(self, model: str | None = None) -> None:
         """A call on the pool succeeded (``model``: the one it asked for, if known)."""

@@ -28,7 +28,7 @@ from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
 from ._limits import Lesson
-from ._model import FREED, SAME_DEADLINE, Budget, Spent
+from ._model import FREED, MIXED, SAME_DEADLINE, Budget, Spent
 from ._policy import Fate, Verdict
 
 __all__ = [
@@ -398,7 +398,10 @@ class KeyRing:
         self.release(state)
         pool = state.pool
         if (pool.limited_at is not None or model is not None) and state.where is not REMOVED:
+            single = pool.pace_model != MIXED
             pool.admit(model)  # (before a 429 or a model, nothing to learn: the usual path)
+            if single and pool.pace_model == MIXED:  # its budget from headers is forgotten
+                self._uncool_budget(pool)
         if tokens:
             self._cost(state, tokens)
 
@@ -427,9 +430,12 @@ class KeyRing:
         if state.where is not REMOVED:
             pool = state.pool
             if lesson is not None and lesson.paces:
+                single = pool.pace_model != MIXED
                 cooled = pool.limited(
                     self.clock(), pool.in_flight, lesson.told, cooled, hinted, lesson.model
                 )
+                if single and pool.pace_model == MIXED:  # its budget from headers is forgotten
+                    self._uncool_budget(pool)
             else:
                 pool.ended()
         if tokens:
@@ -634,10 +640,10 @@ class KeyRing:
         state.cause = cause
         state.forbidden = False
         state.cool_until = 0.0
+        self._pushes += 1
+        state.cooled = self._pushes  # (an entry of an earlier recheck is stale from now)
         if recheck < math.inf:
             state.cool_until = when = self.clock() + max(0.0, recheck)
-            self._pushes += 1
-            state.cooled = self._pushes
             heapq.heappush(self._rechecks, (when, self._pushes, state))
         return True
 

@@ -270,3 +270,23 @@ def test_a_pool_whose_429s_name_two_models_is_not_paced_from_them() -> None:
     budget.limited(3.0, in_flight=0, told=10.0, cooled=0.1, model="gpt-4o-mini")
     assert budget.pace is None
     assert paced_until(budget, 3.5) is None
+
+
+def test_a_pool_serving_two_models_forgets_and_ignores_the_headers_of_one() -> None:
+    """OpenAI's x-ratelimit headers are of the answered model's limit: once a pool's calls
+    named two models, the budget a header told is not the pool's — forgotten, and later
+    headers are not taken, nor does a new client probe the pool."""
+    budget = Budget()
+    assert started(budget, 0.0, in_flight=1) is None
+    assert budget.learn(headers(0, 30.0), mark=1, now=0.1) == [
+        Spent(30.1, "budget spent (RPM)", Cause.REQUESTS_SPENT)]
+    budget.admit("gpt-4o")
+    assert budget.requests_left == 0  # one model so far: its headers are the pool's
+    budget.admit("gpt-4o-mini")
+    assert budget.pace_model == MIXED
+    assert (budget.requests_left, budget.requests_limit, budget.snapshot) == (None, None, -1)
+    assert started(budget, 1.0, in_flight=1) is None  # nothing holds the pool now
+    assert budget.learn(headers(0, 30.0), mark=2, now=1.1) == []
+    assert started(budget, 1.2, in_flight=2) is None
+    budget.probe(keys=2, in_flight=0)
+    assert not budget.probing and budget.requests_left is None

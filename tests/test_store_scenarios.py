@@ -279,6 +279,26 @@ def test_a_429_of_one_of_two_models_holds_it_in_every_process_not_the_keys(
     seen.give_back()
 
 
+def test_a_pool_that_turns_out_to_serve_two_models_is_not_held_by_one_models_headers(
+    make_manager: MakeManager,
+) -> None:
+    """A gpt-4o answer's headers say the budget is spent: the pool's keys wait for the reset
+    — until a gpt-4o-mini call succeeds there: the headers were of gpt-4o's limit, not the
+    pool's, and the keys are free again (in both stores)."""
+    a, b = made_up_keys(2, "twomodels")
+    manager = make_manager([Key(a, pool="one"), Key(b, pool="one")])
+    first, second = take(manager), take(manager)
+    first.model, second.model = "gpt-4o", "gpt-4o-mini"
+    succeed_with_budget(first, left=0, reset=30.0)
+    assert {row["reason"] for row in rows(manager).values()} == {"budget spent (RPM)"}
+    second.succeed()
+    assert {row["state"] for row in rows(manager).values()} == {"ready"}
+    third = take(manager)
+    third.model = "gpt-4o"
+    succeed_with_budget(third, left=0, reset=30.0)  # not the pool's budget: ignored
+    assert {row["state"] for row in rows(manager).values()} == {"ready"}
+
+
 def test_a_revoked_key_is_disabled_until_given_again(make_manager: MakeManager) -> None:
     a, b = made_up_keys(2, "revoked")
     manager = make_manager([a, b])
@@ -496,7 +516,7 @@ def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
         shared.close()
 
 
-@pytest.mark.parametrize("seed", [*range(40), 87, 107, 109, 153, 187, 189, 212, 216])
+@pytest.mark.parametrize("seed", [*range(40), 87, 107, 109, 153, 165, 187, 189, 212, 216])
 def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
     """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its
     pooled client is made; its request of some tokens leaving, and further requests of the

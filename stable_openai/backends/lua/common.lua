@@ -299,8 +299,10 @@ local function pace_model(p, model)
   if p.pmodel ~= model and p.pmodel ~= MIXED then
     if not p.pmodel then
       p.pmodel = model
-    else  -- two models: not paced from 429s any more
+    else  -- two models: not paced from 429s any more, nor from headers of one model
       p.pmodel, p.pace, p.stale, p.closing = MIXED, nil, 0, nil
+      p.limit, p.left, p.reset, p.snap, p.wstart, p.wreset = nil, nil, nil, nil, nil, nil
+      p.tlimit, p.tleft, p.treset, p.probing = nil, nil, nil, 0
     end
   end
 end

@@ -40,7 +40,7 @@ elseif op == 'probe' then
     return 0
   end
   local p = pool_rec(rec.pool)
-  if p and not p.left and not p.snap and p.probing ~= 1 then
+  if p and not p.left and not p.snap and p.probing ~= 1 and p.pmodel ~= MIXED then
     p.probing, p.left = 1, PROBE_CALLS * #members(rec.pool) - p.n
     put('p:' .. rec.pool, p)
   end

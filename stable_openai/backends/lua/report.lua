@@ -74,8 +74,9 @@ purge(pool)
 local rlimit, rleft, rreset = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local tlimit, tleft, treset = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
 local told = ARGV[23] == '1'
-if mark_then and pool_then ~= pool and pool_then ~= p.was then
-  -- chosen in another pool before its key joined this one: its place here is unknown
+if (mark_then and pool_then ~= pool and pool_then ~= p.was) or p.pmodel == MIXED then
+  -- chosen in another pool before its key joined this one: its place here is unknown; or a
+  -- pool serving several models, whose headers are each of one model's limit: not its own
   rlimit, rleft, rreset, tlimit, tleft, treset, told = nil, nil, nil, nil, nil, nil, false
 end
 if rlimit then p.limit = rlimit end
@@ -149,6 +150,7 @@ put('k:' .. fp, rec)
 -- 429 that named no delay cools it.
 local seconds = math.max(0, tonumber(ARGV[7]) or 0)
 local model = ARGV[27] ~= '' and ARGV[27] or nil
+local single = p.pmodel ~= MIXED
 if outcome == 'succeeded' then
   pace_admit(p, model)
 elseif outcome == 'rate_limited' and ARGV[24] == '1' then
@@ -157,6 +159,7 @@ elseif (p.stale or 0) > 0 then
   pace_over(p)
 end
 put('p:' .. pool, p)
+if single and p.pmodel == MIXED then uncool_budget(pool) end  -- (pace_model forgot it)
 
 -- Tokens the call's requests cost: the pool's average call (as _model.Budget.cost, in whole
 -- tokens), and its tpm pacing.
