@@ -37,16 +37,13 @@ class _Hooks:
 
     def wait(self, request: Any) -> float:
         """Seconds the request waits before it leaves (see ``KeyReports.before_sending``)."""
-        try:
-            _ = request.content
-        except Exception:  # a streamed upload: not counted
+        if _body(request) is None:
             return 0.0
         return self.reports.before_sending(self.state)
 
     def request(self, request: Any) -> None:
-        try:
-            body = request.content
-        except Exception:  # a streamed upload: its size is unknown
+        body = _body(request)
+        if body is None:
             return
         tokens = estimate_tokens(body)
         request.extensions["stable_openai_tokens"] = tokens
@@ -68,6 +65,15 @@ class _Hooks:
             and response.status_code < 400
             and response.headers.get("content-type", "").startswith("application/json")
         )
+
+
+def _body(request: Any) -> bytes | None:
+    """A request's body; ``None`` for a streamed upload, which is not counted (its size is
+    unknown until it has left)."""
+    try:
+        return bytes(request.content)
+    except Exception:
+        return None
 
 
 def _options(state: KeyState) -> dict[str, Any]:

@@ -183,22 +183,17 @@ class _Call:
         taken.give_back()  # (nothing was sent)
         again = self.avoid is not None and taken.state in self.avoid
         self.avoid = (self.avoid or set()) | set(taken.state.pool.members)
-        manager = self.manager
-        with manager._lock:
-            free = manager._ring.lane_free(exc.model, self.avoid)
-            if free is None or free > 0:  # every other pool holds it too, or has no key
-                self.avoid = None
-                soonest = manager._ring.lane_free(exc.model, frozenset())
-                wait = exc.seconds if soonest is None else soonest
-            elif again:  # a pool that serves it has no key ready: wait for one, or this lane
-                ready = manager._ring.next_ready_in()
-                wait = exc.seconds if ready is None else max(0.001, min(ready, exc.seconds))
-            else:
-                return 0.0
+        free, soonest, ready = self.manager._model_free_in(exc.model, self.avoid)
+        if free is None or free > 0:  # every other pool holds it too, or has no key
+            self.avoid = None
+            wait = exc.seconds if soonest is None else soonest
+        elif again:  # a pool that serves it has no key ready: wait for one, or this hold
+            wait = exc.seconds if ready is None else max(0.001, min(ready, exc.seconds))
+        else:
+            return 0.0
         if wait > self.left():
-            raise AllKeysCoolingError(
-                wait, len(manager), {f"{exc.model} held (429)": len(manager)}
-            ) from self.last
+            keys = len(self.manager)
+            raise AllKeysCoolingError(wait, keys, {f"{exc.model} held (429)": keys}) from self.last
         return wait
 
     def _now_if_in_time(self) -> float | None:

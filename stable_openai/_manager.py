@@ -575,6 +575,17 @@ class KeyManager:
             self._ring.probe(state)
         self._backend.probe(state)
 
+    def _model_free_in(
+        self, model: str, avoid: set[KeyState]
+    ) -> tuple[float | None, float | None, float | None]:
+        """For a call of ``model``: the seconds until a key not in ``avoid`` may serve it, and
+        until any key may (``KeyRing.lane_free``), and until the first cooling key is ready
+        (``None`` where there is none)."""
+        with self._lock:
+            ring = self._ring
+            return (ring.lane_free(model, avoid), ring.lane_free(model, frozenset()),
+                    ring.next_ready_in())
+
     def _before_sending(self, state: KeyState) -> float:
         """A request is about to leave on ``state``: the seconds it waits first.  A call's
         first request goes at once (its key was chosen for it); each further one spends its
