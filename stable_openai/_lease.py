@@ -69,7 +69,8 @@ class Owner(KeyReports, Protocol):
     ) -> None: ...
 
     def lane_held(self, state: KeyState, model: str) -> float:
-        """Seconds ``model``'s calls are held in ``state``'s pool (0: not held)."""
+        """Seconds ``model``'s calls are held in ``state``'s pool (0: not held — then the
+        call takes its place in the model's pace there, if it has one)."""
         ...
 
     def abandoned(self, state: KeyState) -> None: ...

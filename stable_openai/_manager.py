@@ -28,7 +28,7 @@ from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, dur
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
 from ._limits import Lesson, pace_of
-from ._model import MIXED
+from ._model import MIXED, PACE_BACKOFF
 from ._policy import Fate, Verdict, headers_of
 from ._ring import KeyRing, KeyState, Marks, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
@@ -539,6 +539,8 @@ class KeyManager:
             ):
                 # A pool serving several models: the 429 is of this call's model's limit.
                 self._ring.hold_lane(state, model, seconds)
+                if lesson.told is not None:  # and paced a little below the rate it gave
+                    self._ring.pace_lane(state, model, PACE_BACKOFF * lesson.told, seconds)
             else:
                 first_disable = self._ring.apply_verdict(
                     state,
@@ -631,6 +633,8 @@ class _Owner:
             _take_contended(lock)
         try:
             manager._ring.succeed(state, tokens, model)
+            if model is not None and state.pool.lane_paces:
+                manager._ring.lane_succeeded(state, model)
         finally:
             lock.release()
         manager._backend.report(
@@ -647,10 +651,17 @@ class _Owner:
         self._manager._fail(state, verdict, error, model)
 
     def lane_held(self, state: KeyState, model: str) -> float:
-        if not state.pool.lanes:  # (the path of nearly every call: no lock)
+        pool = state.pool
+        if not pool.lanes and not pool.lane_paces:  # (the path of nearly every call: no lock)
             return 0.0
-        with self._manager._lock:
-            return self._manager._ring.lane_held(state, model)
+        manager = self._manager
+        backend = manager._backend
+        if backend.shared and backend.available():  # the holds and paces every process shares
+            held = backend.lane_pass(state, model)
+            if held is not None:
+                return held
+        with manager._lock:
+            return manager._ring.lane_pass(state, model)
 
     def abandoned(self, state: KeyState) -> None:
         self._manager._abandon(state)

@@ -28,7 +28,7 @@ from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
 from ._limits import Lesson
-from ._model import FREED, MIXED, SAME_DEADLINE, Budget, Spent
+from ._model import FREED, MIXED, PACE_GAIN, SAME_DEADLINE, Budget, Spent
 from ._policy import Fate, Verdict
 
 __all__ = [
@@ -71,6 +71,7 @@ class Pool(Budget):
 
     __slots__ = (
         "in_flight",
+        "lane_paces",
         "lanes",
         "learned",
         "members",
@@ -86,6 +87,9 @@ class Pool(Budget):
         # Models whose limit a 429 said is spent, in a pool that serves several: held until
         # then, while the pool's keys go on serving the others.
         self.lanes: dict[str, float] = {}
+        # Those models' paces, from their 429s' numbers: [rate, level, stamp] (a bucket of one
+        # call, as the pool's own pace in _model.Budget).
+        self.lane_paces: dict[str, list[float]] = {}
         self.members: list[KeyState] = []
         self.in_flight = 0
         self.request_bucket: Bucket | None = None  # client-side pacing (Key.rpm)
@@ -518,6 +522,39 @@ class KeyRing:
             del lanes[model]
             return 0.0
         return left
+
+    def pace_lane(self, state: KeyState, model: str, rate: float, after: float) -> None:
+        """Pace ``model`` in ``state``'s pool at ``rate`` calls a second, one call once
+        ``after`` seconds have passed (a lower rate already known is kept)."""
+        paces = state.pool.lane_paces
+        known = paces.get(model)
+        rate = rate if known is None else min(rate, known[0])
+        paces[model] = [rate, 1.0, self.clock() + after]
+
+    def lane_pass(self, state: KeyState, model: str) -> float:
+        """A call of ``model`` would go on ``state``: the seconds the model is held in its
+        pool, or 0 — then the call takes its place in the model's pace there, which holds the
+        next ones."""
+        held = self.lane_held(state, model)
+        if held:
+            return held
+        pace = state.pool.lane_paces.get(model)
+        if pace is not None:
+            rate, level, stamp = pace
+            now = self.clock()
+            if now > stamp:
+                level = min(1.0, level + (now - stamp) * rate)
+                stamp = now
+            level -= 1.0
+            pace[1], pace[2] = level, stamp
+            self.hold_lane(state, model, (1.0 - level) / rate)
+        return 0.0
+
+    def lane_succeeded(self, state: KeyState, model: str) -> None:
+        """A call of ``model`` succeeded on ``state``: its pace there rises a little."""
+        pace = state.pool.lane_paces.get(model)
+        if pace is not None:
+            pace[0] *= 1.0 + PACE_GAIN
 
     def lane_free(
         self, model: str, avoid: frozenset[KeyState] | set[KeyState]

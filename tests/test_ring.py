@@ -1005,3 +1005,26 @@ def test_writes_to_data_take_effect_as_in_0_1_1() -> None:
             missing()
         assert b not in str(info.value) and b[-4:] in str(info.value)  # masked, never whole
     assert a not in repr(data) and a[-4:] in repr(data)
+
+
+def test_a_held_models_pace_spends_one_call_a_slot_and_keeps_the_lower_rate(
+    clock: FakeClock,
+) -> None:
+    (a,) = keys(1, "lanes")
+    ring = KeyRing([a], clock=clock)
+    state = ring.find(a)
+    assert state is not None
+    assert ring.lane_pass(state, "gpt-4o") == 0.0  # nothing known: no hold, no pace
+    assert not state.pool.lanes
+    ring.hold_lane(state, "gpt-4o", 1.0)
+    ring.pace_lane(state, "gpt-4o", 2.0, after=1.0)  # 2 calls a second, from 1 s on
+    ring.pace_lane(state, "gpt-4o", 4.0, after=1.0)  # a higher rate does not replace it
+    assert ring.lane_pass(state, "gpt-4o") == pytest.approx(1.0)  # held
+    assert ring.lane_pass(state, "gpt-4o-mini") == 0.0  # the other model is not
+    clock.advance(1.0)
+    assert ring.lane_pass(state, "gpt-4o") == 0.0  # one call goes ...
+    assert ring.lane_pass(state, "gpt-4o") == pytest.approx(0.5)  # ... the next in 1/2 s
+    clock.advance(0.5)
+    assert ring.lane_pass(state, "gpt-4o") == 0.0
+    ring.lane_succeeded(state, "gpt-4o")
+    assert state.pool.lane_paces["gpt-4o"][0] == pytest.approx(2.0 * 1.0005)

@@ -279,6 +279,36 @@ def test_a_429_of_one_of_two_models_holds_it_in_every_process_not_the_keys(
     seen.give_back()
 
 
+def test_a_model_held_by_a_429_with_numbers_is_then_paced_in_every_process(
+    make_manager: MakeManager,
+) -> None:
+    """In a pool serving two models, a 429 of gpt-4o whose numbers give one request per 2 s
+    holds gpt-4o for its delay, then paces it there at 0.97 of that rate: one call goes, and
+    the next is held for its slot — in every process sharing the store (in memory, the
+    other manager shares nothing: it neither holds nor paces)."""
+    (a,) = made_up_keys(1, "lanepace")
+    manager = make_manager([Key(a, pool="one")])
+    other = make_manager([Key(a, pool="one")])
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        taken = take(manager)
+        taken.model = model
+        taken.succeed()
+    taken = take(manager)
+    taken.model = "gpt-4o"
+    taken.fail(dataclasses.replace(RATE_LIMITED, seconds=0.0),
+               rate_limited("2s", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+    first = take(manager)
+    assert first.owner.lane_held(first.state, "gpt-4o") == 0  # its place in the pace
+    assert first.owner.lane_held(first.state, "gpt-4o-mini") == 0
+    first.give_back()
+    seen = take(other)
+    held = seen.owner.lane_held(seen.state, "gpt-4o")
+    shared = manager.backend.shared
+    assert (held > 1.9) is shared, held  # the next slot is 2 s / 0.97 away
+    assert seen.owner.lane_held(seen.state, "gpt-4o-mini") == 0
+    seen.give_back()
+
+
 def test_a_pool_that_turns_out_to_serve_two_models_is_not_held_by_one_models_headers(
     make_manager: MakeManager,
 ) -> None:

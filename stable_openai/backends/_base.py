@@ -146,6 +146,12 @@ class StateBackend(Protocol):
         the call asked for, if known (a 429 of it in a pool serving several holds it there)."""
         return None
 
+    def lane_pass(self, state: KeyState, model: str) -> float | None:
+        """A call of ``model`` would go on ``state``: the seconds the model is held in the
+        key's pool, or 0 — then the call takes its place in the model's pace there
+        (``KeyRing.lane_pass``).  ``None`` when the store failed (or shares nothing)."""
+        return None
+
     def probe(self, state: KeyState) -> None:
         """``state`` will be called through a client whose answers tell its pool's budget:
         until the first one does, the pool sends only a few calls per key."""

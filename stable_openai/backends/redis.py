@@ -767,6 +767,13 @@ class RedisBackend:
         if fp is not None and self.available():
             self._send(lambda: self._control("spend", fp, lease))
 
+    def lane_pass(self, state: KeyState, model: str) -> float | None:
+        fp = self._fps.get(state)
+        if fp is None or not self.available():
+            return None
+        reply = self._run(self._control("lane", fp, model))
+        return None if reply is None else float(reply)
+
     def set_cooldown(self, state: KeyState, seconds: float) -> None:
         fp = self._fps.get(state)
         if fp is not None and self.available():

@@ -218,16 +218,27 @@ local function hold_lane(p, model, untl)
   p.lanes = lanes
 end
 
--- The models held in pool record ``p`` now, with the seconds each is held for, as cjson ('' for
--- none); the ones no longer held are let go.
+-- The models held in pool record ``p`` now, with the seconds each is held for, and those it
+-- paces (0 when not held), as cjson ('' for none); the holds that are over are let go.
 local function lanes_held(p)
-  if not p.lanes then return '' end
   local held, any = {}, false
-  for model, untl in pairs(p.lanes) do
+  for model, untl in pairs(p.lanes or {}) do
     if untl > NOW then held[model] = untl - NOW; any = true else p.lanes[model] = nil end
   end
-  if not any then p.lanes = nil; return '' end
-  return cjson.encode(held)
+  for model in pairs(p.lpace or {}) do
+    if not held[model] then held[model] = 0; any = true end
+  end
+  if p.lanes and next(p.lanes) == nil then p.lanes = nil end
+  return any and cjson.encode(held) or ''
+end
+
+-- Seconds ``model`` is held in pool record ``p`` (0: not; a hold that is over is let go).
+local function lane_held(p, model)
+  local untl = p.lanes and p.lanes[model]
+  if not untl then return 0 end
+  if untl > NOW then return untl - NOW end
+  p.lanes[model] = nil
+  return 0
 end
 
 -- A key whose cooldown, or whose time disabled before a recheck, is over.
@@ -256,6 +267,17 @@ end
 -- must compute the same deadlines.
 local function exact(x) return x and string.format('%.17g', x) or nil end
 local function num(text) return text and tonumber(text) or nil end
+
+-- The models held in a pool that serves several (p.lanes, see hold_lane below), and their
+-- paces: p.lpace {model = {r = rate, l = level, s = stamp}}, strings of 17 digits (as
+-- KeyRing.pace_lane, lane_pass, lane_succeeded).
+local function pace_lane(p, model, rate, start)
+  local lpace = p.lpace or {}
+  local known = lpace[model]
+  if known and num(known.r) < rate then rate = num(known.r) end
+  lpace[model] = {r = exact(rate), l = exact(1.0), s = exact(start)}
+  p.lpace = lpace
+end
 
 -- A call starts on the pool: it takes its place in the pace, which cools the pool until the
 -- next call's.

@@ -12,7 +12,7 @@
 
 local op = ARGV[3]
 forget_lost()
-if op ~= 'cooldown' and op ~= 'spend' then  -- (not unpack: 10,000 keys would overflow Lua's stack)
+if op ~= 'cooldown' and op ~= 'spend' and op ~= 'lane' then  -- (not unpack: 10,000 keys would overflow Lua's stack)
   local fps = {}
   for i = 4, #ARGV do fps[#fps + 1] = ARGV[i] end
   need_keys(fps)
@@ -61,6 +61,32 @@ elseif op == 'spend' then
   spend_request(rec.pool, p)
   flush()
   return 1
+elseif op == 'lane' then
+  -- A call of model ARGV[5] would go on key ARGV[4]: the seconds the model is held in its
+  -- pool; or 0, and the call takes its place in the model's pace there, which holds the
+  -- next ones (as KeyRing.lane_pass).
+  local rec = key_rec(ARGV[4])
+  local p = rec and pool_rec(rec.pool)
+  if not p then
+    flush()
+    return '0'
+  end
+  local model = ARGV[5]
+  local held = lane_held(p, model)
+  local lp = held == 0 and p.lpace and p.lpace[model]
+  if lp then
+    local rate, level, stamp = num(lp.r), num(lp.l), num(lp.s)
+    if NOW > stamp then
+      level = math.min(1, level + (NOW - stamp) * rate)
+      stamp = NOW
+    end
+    level = level - 1
+    lp.l, lp.s = exact(level), exact(stamp)
+    hold_lane(p, model, NOW + (1 - level) / rate)
+  end
+  put('p:' .. rec.pool, p)
+  flush()
+  return string.format('%.17g', held)
 elseif op == 'enable' then
   for i = 4, #ARGV do
     local rec = key_rec(ARGV[i])

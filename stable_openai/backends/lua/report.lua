@@ -153,6 +153,8 @@ local model = ARGV[27] ~= '' and ARGV[27] or nil
 local single = p.pmodel ~= MIXED
 if outcome == 'succeeded' then
   pace_admit(p, model)
+  local lp = model and p.lpace and p.lpace[model]
+  if lp then lp.r = exact(num(lp.r) * (1 + PACE_GAIN)) end
 elseif outcome == 'rate_limited' and ARGV[24] == '1' then
   seconds = pace_limited(p, p.n, tonumber(ARGV[25]), seconds, ARGV[26] ~= '0', model)
 elseif (p.stale or 0) > 0 then
@@ -182,6 +184,8 @@ elseif fate == 'cool_pool' and asked and outcome == 'rate_limited' and p.pmodel 
   -- A pool serving several models: the 429 is of the call's model's limit, which is held
   -- there (as KeyRing.hold_lane), not the pool's keys.
   hold_lane(p, asked, NOW + seconds)
+  local told = tonumber(ARGV[25])
+  if told then pace_lane(p, asked, PACE_BACKOFF * told, NOW + seconds) end
   put('p:' .. pool, p)
 elseif fate == 'cool_pool' then
   cool_pool(pool, NOW + seconds, ARGV[8], cause)
