@@ -250,6 +250,25 @@ def test_a_pool_is_paced_from_its_429s_and_the_others_are_not(
     assert take(manager).key == b
 
 
+def _a_429_of_gpt_4o_in_a_pool_of_two_models(
+    make_manager: MakeManager, key: str, seconds: float, delay: str
+) -> tuple[KeyManager, KeyManager]:
+    """Two managers of ``key`` (one pool) on the test's store; in the first, a call of each
+    of two models succeeds, then a gpt-4o call gets a 429 to try again in ``delay`` (one
+    request per ``delay``), cooling for ``seconds``."""
+    manager = make_manager([Key(key, pool="one")])
+    other = make_manager([Key(key, pool="one")])
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        taken = take(manager)
+        taken.model = model
+        taken.succeed()
+    taken = take(manager)
+    taken.model = "gpt-4o"
+    taken.fail(dataclasses.replace(RATE_LIMITED, seconds=seconds),
+               rate_limited(delay, model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+    return manager, other
+
+
 def test_a_429_of_one_of_two_models_holds_it_in_every_process_not_the_keys(
     make_manager: MakeManager,
 ) -> None:
@@ -258,16 +277,7 @@ def test_a_429_of_one_of_two_models_holds_it_in_every_process_not_the_keys(
     process using the same store sees the hold when it takes a key of that pool (with
     Redis; in memory, the other manager shares nothing and sees none)."""
     (a,) = made_up_keys(1, "lanes")
-    manager = make_manager([Key(a, pool="one")])
-    other = make_manager([Key(a, pool="one")])
-    for model in ("gpt-4o-mini", "gpt-4o"):
-        taken = take(manager)
-        taken.model = model
-        taken.succeed()
-    taken = take(manager)
-    taken.model = "gpt-4o"
-    taken.fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
-               rate_limited("30s", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+    manager, other = _a_429_of_gpt_4o_in_a_pool_of_two_models(make_manager, a, 30.0, "30s")
     assert rows(manager)[masked(a)]["state"] == "ready"
     again = take(manager)
     assert again.owner.lane_held(again.state, "gpt-4o") > 25
@@ -287,16 +297,7 @@ def test_a_model_held_by_a_429_with_numbers_is_then_paced_in_every_process(
     the next is held for its slot — in every process sharing the store (in memory, the
     other manager shares nothing: it neither holds nor paces)."""
     (a,) = made_up_keys(1, "lanepace")
-    manager = make_manager([Key(a, pool="one")])
-    other = make_manager([Key(a, pool="one")])
-    for model in ("gpt-4o-mini", "gpt-4o"):
-        taken = take(manager)
-        taken.model = model
-        taken.succeed()
-    taken = take(manager)
-    taken.model = "gpt-4o"
-    taken.fail(dataclasses.replace(RATE_LIMITED, seconds=0.0),
-               rate_limited("2s", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+    manager, other = _a_429_of_gpt_4o_in_a_pool_of_two_models(make_manager, a, 0.0, "2s")
     first = take(manager)
     assert first.owner.lane_held(first.state, "gpt-4o") == 0  # its place in the pace
     assert first.owner.lane_held(first.state, "gpt-4o-mini") == 0
