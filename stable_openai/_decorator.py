@@ -347,12 +347,6 @@ async def _before(deadline: float, awaitable: Awaitable[R]) -> R:
         handle.cancel()
 
 
-def _deadline(options: _Options) -> float | None:
-    """When a call starting now must be over, by its ``timeout`` (monotonic clock)."""
-    timeout = options.timeout
-    return None if timeout is None else time.monotonic() + timeout
-
-
 def _timed_out(options: _Options, call: _Call | None) -> CallTimeoutError:
     return CallTimeoutError(cast(float, options.timeout), None if call is None else call.last)
 
@@ -476,7 +470,7 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
-        deadline = None if options.timeout is None else _deadline(options)
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
         while True:
             if taken is None:
@@ -524,7 +518,7 @@ def _wrap_async(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
-        deadline = None if options.timeout is None else _deadline(options)
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
         while True:
             if taken is None:
@@ -565,7 +559,7 @@ def _wrap_gen(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
-        deadline = None if options.timeout is None else _deadline(options)
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
         while True:  # until the first item arrives, a failure is retried on another key
             if taken is None:
@@ -619,7 +613,7 @@ def _wrap_async_gen(
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
         manager, taken = first_lease(options.manager)
-        deadline = None if options.timeout is None else _deadline(options)
+        deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
         while True:
             if taken is None:

@@ -268,7 +268,7 @@ end
 local function exact(x) return x and string.format('%.17g', x) or nil end
 local function num(text) return text and tonumber(text) or nil end
 
--- The models held in a pool that serves several (p.lanes, see hold_lane below), and their
+-- The models held in a pool that serves several (p.lanes, see hold_lane above), and their
 -- paces: p.lpace {model = {r = rate, l = level, s = stamp}}, strings of 17 digits (as
 -- KeyRing.pace_lane, lane_pass, lane_succeeded).
 local function pace_lane(p, model, rate, start)

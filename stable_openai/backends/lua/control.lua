@@ -12,7 +12,7 @@
 
 local op = ARGV[3]
 forget_lost()
-if op ~= 'cooldown' and op ~= 'spend' and op ~= 'lane' then  -- (not unpack: 10,000 keys would overflow Lua's stack)
+if op == 'enable' or op == 'snapshot' then  -- (not unpack: ten thousand keys would overflow Lua's stack)
   local fps = {}
   for i = 4, #ARGV do fps[#fps + 1] = ARGV[i] end
   need_keys(fps)
