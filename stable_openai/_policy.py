@@ -166,30 +166,36 @@ def retry_delay(
 ) -> float | None:
     """The server's own idea of when a rate-limited key may be used again, in seconds.
 
-    In order: ``retry-after-ms``, ``retry-after`` (seconds or HTTP date), the
-    ``x-ratelimit-reset-*`` header of a budget whose remainder is 0, "try again in …" in the
-    message.  ``None`` when the server said nothing usable.
+    In order: ``retry-after-ms``; ``retry-after`` (seconds or HTTP date); "try again in …"
+    in the message (OpenAI's: when the request will be admitted); the ``x-ratelimit-reset-*``
+    header of a budget whose remainder is 0 (when the budget is *whole* again: later than
+    that, from a refilling bucket or a sliding window).  A ``retry-after`` of whole seconds is
+    the finer hint rounded up (OpenAI sends ``retry-after: 1`` beside "try again in 530ms"): a
+    finer hint less than a second below it is taken instead.  ``None`` when the server said
+    nothing usable.
     """
     ms = _header(headers, "retry-after-ms")
     if ms is not None:
         value = parse_duration(ms)
         if value is not None:
             return min(value / 1000.0, MAX_HINT_SECONDS)
+    finer = try_again_in(message)
+    if finer is None:
+        resets = []
+        for budget in ("requests", "tokens"):
+            if (_header(headers, f"x-ratelimit-remaining-{budget}") or "").strip() == "0":
+                reset = parse_duration(_header(headers, f"x-ratelimit-reset-{budget}") or "")
+                if reset is not None:
+                    resets.append(reset)
+        finer = max(resets) if resets else None
     after = _header(headers, "retry-after")
     if after is not None:
         value = _seconds_from_retry_after(after, now_wall)
         if value is not None:
+            if finer is not None and value == math.floor(value) and value - 1.0 < finer <= value:
+                value = finer  # (whole seconds: the finer hint, rounded up)
             return min(value, MAX_HINT_SECONDS)
-    resets = []
-    for budget in ("requests", "tokens"):
-        if (_header(headers, f"x-ratelimit-remaining-{budget}") or "").strip() == "0":
-            reset = parse_duration(_header(headers, f"x-ratelimit-reset-{budget}") or "")
-            if reset is not None:
-                resets.append(reset)
-    if resets:
-        return min(max(resets), MAX_HINT_SECONDS)
-    value = try_again_in(message)
-    return None if value is None else min(value, MAX_HINT_SECONDS)
+    return None if finer is None else min(finer, MAX_HINT_SECONDS)
 
 
 def try_again_in(message: str) -> float | None:

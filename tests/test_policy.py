@@ -220,25 +220,25 @@ SOURCE_PRIORITY = [
     ),
     pytest.param(
         {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"},
-        "20s", 3.0, id="reset-requests when remaining-requests is 0 beats message",
+        None, 3.0, id="reset-requests when remaining-requests is 0, without a message's wait",
     ),
     pytest.param(
         {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s"},
-        "20s", 360.0, id="reset-tokens when remaining-tokens is 0 beats message",
+        None, 360.0, id="reset-tokens when remaining-tokens is 0, without a message's wait",
     ),
     pytest.param(
         {
             "x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s",
             "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "1m30.5s",
         },
-        "20s", 90.5, id="both budgets empty: the later reset",
+        None, 90.5, id="both budgets empty: the later reset",
     ),
     pytest.param(
         {
             "x-ratelimit-remaining-requests": "2", "x-ratelimit-reset-requests": "3s",
             "x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "9.816s",
         },
-        "20s", 9.816, id="only the empty budget's reset counts",
+        None, 9.816, id="only the empty budget's reset counts",
     ),
     pytest.param(
         {
@@ -246,6 +246,34 @@ SOURCE_PRIORITY = [
             "x-ratelimit-remaining-tokens": "1000", "x-ratelimit-reset-tokens": "12ms",
         },
         "20s", 20.0, id="reset ignored when remaining > 0: message wins",
+    ),
+    pytest.param(
+        {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1s"},
+        "100ms", 0.1,
+        id="message beats the reset (a bucket is whole again later than it admits one)",
+    ),
+    pytest.param(
+        {"retry-after": "1", "x-ratelimit-remaining-requests": "0",
+         "x-ratelimit-reset-requests": "530ms"},
+        "530ms", 0.53, id="whole-second retry-after is the message's wait rounded up",
+    ),
+    pytest.param(
+        {"retry-after": "1", "x-ratelimit-remaining-requests": "0",
+         "x-ratelimit-reset-requests": "936ms"},
+        None, 0.936, id="whole-second retry-after is the reset rounded up",
+    ),
+    pytest.param(
+        {"retry-after": "2"}, "644ms", 2.0, id="retry-after a second or more above: it",
+    ),
+    pytest.param(
+        {"retry-after": "1"}, "1.5s", 1.0, id="retry-after below the message's wait: it",
+    ),
+    pytest.param(
+        {"retry-after": "1.5"}, "644ms", 1.5, id="retry-after not whole seconds: it",
+    ),
+    pytest.param(
+        {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "99999999h"},
+        None, MAX_HINT_SECONDS, id="reset huge capped",
     ),
     pytest.param({}, "20s", 20.0, id="message 20s"),
     pytest.param({}, "644ms", 0.644, id="message 644ms"),
@@ -421,7 +449,7 @@ MALFORMED_HEADERS = [
     pytest.param(
         {"retry-after": "soon", "x-ratelimit-remaining-requests": "0",
          "x-ratelimit-reset-requests": "2s"},
-        2.0, id="retry-after soon",
+        20.0, id="retry-after soon: the message's wait",
     ),
     pytest.param({"retry-after": "-5"}, 20.0, id="retry-after negative"),
     pytest.param({"retry-after": "inf"}, 20.0, id="retry-after inf"),
@@ -447,10 +475,6 @@ MALFORMED_HEADERS = [
     pytest.param(
         {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"}, MAX_HINT_SECONDS,
         id="far HTTP-date capped",
-    ),
-    pytest.param(
-        {"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "99999999h"},
-        MAX_HINT_SECONDS, id="reset huge capped",
     ),
 ]
 
