@@ -363,14 +363,17 @@ class Budget:
             return cooled
         if self.closing is not None:  # the span before is still to measure: now, then
             self._close()
-        self.closing = None if since is None else now - since - self.idle
+        # Spans run from where the server said it admits again (or from the 429, without a
+        # hint): a window's 429 says where it ends, so its admissions come after that.
+        mark = now + cooled if hinted else now
+        self.closing = None if since is None else mark - since - self.idle
         self.told = told
         if told is not None:
             paced = PACE_BACKOFF * told
             if self.pace is None or paced < self.pace:
                 self.pace = paced
         self.pace_level, self.pace_stamp = 1.0, now + cooled  # one call, once it has cooled
-        self.limited_at, self.idle, self.stale = now, 0.0, in_flight
+        self.limited_at, self.idle, self.stale = mark, 0.0, in_flight
         if not in_flight:
             self._close()
         return cooled

@@ -183,6 +183,24 @@ def test_the_rate_admitted_between_two_429s_paces_the_pool_once_their_calls_ende
     assert budget.pace == pytest.approx(PACE_BACKOFF * 11 / 1.0)
 
 
+def test_a_span_runs_from_where_each_429_says_the_server_admits_again() -> None:
+    # Fixed windows of 10 a second ending at 1.0, 2.0, ...: each 429 says "the window ends in
+    # ...", and what the next window admits comes after that, not after the 429.
+    budget = Budget()
+    budget.limited(0.6, in_flight=0, told=None, cooled=0.4)  # window 0 spent; ends at 1.0
+    for _ in range(10):  # window 1 admits its 10 by 1.2 ...
+        budget.admit()
+    budget.limited(1.2, in_flight=0, told=None, cooled=0.8)  # ... and ends at 2.0
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)  # not 10 / 0.6
+    # A 429 that says no delay is its own mark: the backoff is the client's, not the server's.
+    blind = Budget()
+    blind.limited(0.6, in_flight=0, told=None, cooled=0.4, hinted=False)
+    for _ in range(10):
+        blind.admit()
+    blind.limited(1.6, in_flight=0, told=None, cooled=0.8, hinted=False)
+    assert blind.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)
+
+
 def test_the_pool_is_paced_at_what_it_was_admitted_never_above_what_the_429s_say() -> None:
     budget = Budget()
     budget.limited(0.0, in_flight=0, told=10.0, cooled=0.0)

@@ -349,14 +349,16 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model)
     return cooled
   end
   if p.closing then pace_close(p) end
-  p.closing = since and exact(NOW - since - (num(p.idle) or 0)) or nil
+  -- Spans run from where the server said it admits again (or from the 429, without a hint).
+  local mark = hinted and NOW + cooled or NOW
+  p.closing = since and exact(mark - since - (num(p.idle) or 0)) or nil
   p.told = exact(told)
   if told then
     local paced, pace = PACE_BACKOFF * told, num(p.pace)
     if not pace or paced < pace then p.pace = exact(paced) end
   end
   p.plevel, p.pstamp = exact(1), exact(NOW + cooled)
-  p.lat, p.idle, p.stale = exact(NOW), exact(0), in_flight
+  p.lat, p.idle, p.stale = exact(mark), exact(0), in_flight
   if in_flight == 0 then pace_close(p) end
   return cooled
 end
