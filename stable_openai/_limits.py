@@ -98,6 +98,10 @@ def read_rate_limit(message: str) -> RateLimit | None:
     )
 
 
+#: A 429's numbers are a bucket's when its reset is within these shares of ``Limit`` refills.
+_BUCKET_RESET = (0.5, 2.0)
+
+
 class Lesson(NamedTuple):
     """What a rate-limit 429 teaches the pace of its pool (:func:`pace_of`)."""
 
@@ -116,10 +120,11 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     message's numbers give, when they can be trusted.
 
     They are OpenAI's refilling bucket's: exact there, but from a server that counts in
-    windows they say when *its window* ends, not its rate.  ``budget``, the 429's own
-    ``x-ratelimit-*`` headers, tells the two apart: a bucket that just refused a request is
-    full, so it is empty again (its reset) only after about ``Limit`` refills; a window is
-    over as soon as the request is admitted."""
+    windows they say when *its window* ends, or when its oldest admission ages out, not its
+    rate.  ``budget``, the 429's own ``x-ratelimit-*`` headers, tells them apart: a bucket that
+    just refused a request is full, so it is empty again (its reset) after about ``Limit``
+    refills; a fixed window is over as soon as the request is admitted (much sooner), and a
+    sliding window once its last admission ages out (much later)."""
     if (
         budget is not None
         and budget.requests_left
@@ -134,11 +139,12 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     refill = limit.refill if limit.kind == "requests" else None
     if not refill:
         return Lesson(True, None, limit.model)
-    if (
-        budget is not None
-        and budget.requests_reset is not None
-        and budget.requests_limit
-        and budget.requests_reset < 0.5 * budget.requests_limit * refill
-    ):
-        return Lesson(True, None, limit.model)  # a window's end, not a rate
+    if budget is not None and budget.requests_reset is not None and budget.requests_limit:
+        bucket = budget.requests_limit * refill  # the reset of a bucket that refused one
+        if budget.requests_reset < _BUCKET_RESET[0] * bucket:
+            return Lesson(True, None, limit.model)  # a window's end, not a rate
+        if budget.requests_reset > _BUCKET_RESET[1] * bucket:
+            # A sliding window, whose last admission (just before this 429) ages out at the
+            # reset: ``Limit`` in about that long.
+            return Lesson(True, budget.requests_limit / budget.requests_reset, limit.model)
     return Lesson(True, 1.0 / refill, limit.model)

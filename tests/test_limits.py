@@ -118,13 +118,21 @@ def test_a_429s_numbers_pace_its_pool_at_the_rate_they_give() -> None:
     assert pace_of(RPM, full) == (True, pytest.approx(1 / 20.0), "gpt-4o-mini")
 
 
-def test_numbers_that_say_when_a_window_ends_are_no_rate() -> None:
+def test_numbers_that_say_when_a_window_ends_are_no_rate_and_a_sliding_windows_reset_is() -> None:
     # Fixed windows of 10: the 11th request 0.3 s before the window ends is told to try again
     # in 0.3 s, which reads as a request every 0.3 s; the headers say the whole limit is back
     # in those same 0.3 s, where a bucket would take 10 refills.
     message = RPM.replace("Limit 3, Used 3", "Limit 10, Used 10").replace("20s", "300ms")
     window = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.3)
     assert pace_of(message, window) == (True, None, "gpt-4o-mini")
+    # A sliding window of 10 a second: its oldest admission ages out in 22 ms, which reads as
+    # 45 a second; the headers say the whole limit is back only in 936 ms, when the last does
+    # (just before this 429), where a bucket would take 10 refills (220 ms): 10 in 936 ms.
+    message = message.replace("300ms", "22ms")
+    sliding = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.936)
+    assert pace_of(message, sliding) == (True, pytest.approx(10 / 0.936), "gpt-4o-mini")
+    bucket = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.22)
+    assert pace_of(message, bucket) == (True, pytest.approx(1 / 0.022), "gpt-4o-mini")
 
 
 def test_a_daily_429_and_a_429_whose_headers_show_budget_left_teach_no_pace() -> None:
