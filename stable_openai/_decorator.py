@@ -183,9 +183,16 @@ class _Call:
         taken.give_back()  # (nothing was sent)
         again = self.avoid is not None and taken.state in self.avoid
         self.avoid = (self.avoid or set()) | set(taken.state.pool.members)
-        free, soonest, ready = self.manager._model_free_in(exc.model, self.avoid)
+        free, soonest, ready, daily = self.manager._model_free_in(
+            exc.model, self.avoid, taken.state
+        )
         if free is None or free > 0:  # every other pool holds it too, or has no key
             self.avoid = None
+            if soonest is None and daily:  # held for a day wherever it may go: raise now
+                keys = len(self.manager)
+                raise AllKeysCoolingError(
+                    exc.seconds, keys, {f"{exc.model} held (429, per day)": keys}
+                ) from self.last
             wait = exc.seconds if soonest is None else soonest
         elif again:  # a pool that serves it has no key ready: wait for one, or this hold
             wait = exc.seconds if ready is None else max(0.001, min(ready, exc.seconds))

@@ -111,13 +111,17 @@ class Lesson(NamedTuple):
     """The rate of requests a second its numbers give, when they can be trusted."""
     model: str | None = None
     """The model whose limit it names, if it names one."""
+    daily: bool = False
+    """Whether that limit is a per-day one (RPD, TPD)."""
 
 
 def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     """What a rate-limit 429 teaches the pace of its pool: whether it does at all (not a 429
     of a per-day limit, which the cooldown until the server's time covers, nor one whose
     headers show budget left), the model it names, and the rate of requests a second its
-    message's numbers give, when they can be trusted.
+    message's numbers give, when they can be trusted.  Headers whose limit is not the one the
+    message names are of another limit (a server may show a day's budget on a minute's 429):
+    they say nothing of this one.
 
     They are OpenAI's refilling bucket's: exact there, but from a server that counts in
     windows they say when *its window* ends, or when its oldest admission ages out, not its
@@ -125,17 +129,21 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     just refused a request is full, so it is empty again (its reset) after about ``Limit``
     refills; a fixed window is over as soon as the request is admitted (much sooner), and a
     sliding window once its last admission ages out (much later)."""
+    limit = read_rate_limit(message)
+    if budget is not None and limit is not None and limit.limit is not None:
+        headers_limit = budget.requests_limit if limit.kind == "requests" else budget.tokens_limit
+        if headers_limit is not None and headers_limit != limit.limit:
+            budget = None  # the headers tell another limit (a day's, beside a minute's 429)
     if (
         budget is not None
         and budget.requests_left
         and (budget.tokens_left is None or budget.tokens_left > 0)
     ):
         return Lesson(False)  # its own headers show budget left: no limit was reached
-    limit = read_rate_limit(message)
     if limit is None:
         return Lesson(True)
     if limit.daily:
-        return Lesson(False, None, limit.model)
+        return Lesson(False, None, limit.model, daily=True)
     refill = limit.refill if limit.kind == "requests" else None
     if not refill:
         return Lesson(True, None, limit.model)

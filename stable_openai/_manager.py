@@ -28,7 +28,7 @@ from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, dur
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
 from ._limits import Lesson, pace_of
-from ._model import MIXED, PACE_BACKOFF
+from ._model import MIXED, PACE_BACKOFF, PER_DAY
 from ._policy import Fate, Verdict, headers_of
 from ._ring import KeyRing, KeyState, Marks, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
@@ -539,6 +539,8 @@ class KeyManager:
             ):
                 # A pool serving several models: the 429 is of this call's model's limit.
                 self._ring.hold_lane(state, model, seconds)
+                if lesson.daily:  # (and marked as a day's: see _model.PER_DAY)
+                    self._ring.hold_lane(state, model + PER_DAY, seconds)
                 if lesson.told is not None:  # and paced a little below the rate it gave
                     self._ring.pace_lane(state, model, PACE_BACKOFF * lesson.told, seconds)
             else:
@@ -578,15 +580,16 @@ class KeyManager:
         self._backend.probe(state)
 
     def _model_free_in(
-        self, model: str, avoid: set[KeyState]
-    ) -> tuple[float | None, float | None, float | None]:
-        """For a call of ``model``: the seconds until a key not in ``avoid`` may serve it, and
-        until any key may (``KeyRing.lane_free``), and until the first cooling key is ready
-        (``None`` where there is none)."""
+        self, model: str, avoid: set[KeyState], state: KeyState
+    ) -> tuple[float | None, float | None, float | None, bool]:
+        """For a call of ``model`` whose key ``state`` holds it: the seconds until a key not
+        in ``avoid`` may serve it, and until any key may (``KeyRing.lane_free``: a hold for a
+        day never ends for it), until the first cooling key is ready (``None`` where there is
+        none), and whether ``state``'s hold is a day's."""
         with self._lock:
             ring = self._ring
             return (ring.lane_free(model, avoid), ring.lane_free(model, frozenset()),
-                    ring.next_ready_in())
+                    ring.next_ready_in(), ring.lane_held(state, model + PER_DAY) > 0)
 
     def _before_sending(self, state: KeyState) -> float:
         """A request is about to leave on ``state``: the seconds it waits first.  A call's

@@ -32,6 +32,7 @@ __all__ = [
     "NEW_WINDOW",
     "PACE_BACKOFF",
     "PACE_GAIN",
+    "PER_DAY",
     "PROBE_CALLS",
     "PROBE_WAIT",
     "SAME_DEADLINE",
@@ -68,6 +69,9 @@ BLIND_FIRST = 1.0
 #: learned from one model's limit would hold the calls of the others (budgets are per pool,
 #: not yet per model), so such a pool is not paced from its 429s.
 MIXED = "*"
+#: A model held in a pool for a per-day limit is also held under its name and this suffix, so
+#: that any process that sees the hold knows no wait short of the server's will help.
+PER_DAY = " per day"
 
 
 class Spent(NamedTuple):

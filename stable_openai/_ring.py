@@ -28,7 +28,7 @@ from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
 from ._limits import Lesson
-from ._model import FREED, MIXED, PACE_GAIN, SAME_DEADLINE, Budget, Spent
+from ._model import FREED, MIXED, PACE_GAIN, PER_DAY, SAME_DEADLINE, Budget, Spent
 from ._policy import Fate, Verdict
 
 __all__ = [
@@ -560,10 +560,12 @@ class KeyRing:
         self, model: str, avoid: frozenset[KeyState] | set[KeyState]
     ) -> float | None:
         """Seconds until ``model`` may be served by a usable key not in ``avoid`` — 0 when one
-        is free for it now; ``None`` when there is no such key."""
+        is free for it now; ``None`` when there is no such key (a key whose pool holds the
+        model for a per-day limit is none: no wait short of the server's will help)."""
         soonest: float | None = None
+        day = model + PER_DAY
         for state in self._states.values():
-            if state.where is DISABLED or state in avoid:
+            if state.where is DISABLED or state in avoid or self.lane_held(state, day):
                 continue
             held = self.lane_held(state, model)
             if soonest is None or held < soonest:

@@ -1164,6 +1164,38 @@ def test_a_call_for_a_held_model_takes_another_pools_key() -> None:
     assert row(A)["state"] == "ready"
 
 
+def test_a_model_held_for_a_per_day_limit_fails_its_calls_at_once_however_short_the_wait(
+) -> None:
+    """A daily 429 of gpt-4o on every key, to try again in 2 s (a day's budget refilling
+    one request at a time): gpt-4o's calls raise AllKeysCoolingError at once with the
+    server's wait, though it is within ``max_wait`` — waiting gives one request a refill —
+    and without a request; gpt-4o-mini's succeed.  (A per-minute hold as short is waited
+    for: ``test_a_429_of_one_model_holds_that_model_not_the_keys``.)"""
+    import time
+
+    KeyManager([A, B])
+    warm, _ = _two_models({})
+    for model in ("gpt-4o-mini", "gpt-4o"):
+        for _ in range(2):
+            stable(warm)(model, "warm")
+    daily = {(key, "gpt-4o"): (lambda: wire.rate_limited(
+        "2s", model="gpt-4o", numbers="Limit 40, Used 40, Requested 1", per="day (RPD)"))
+        for key in (A, B)}
+    ask, used = _two_models(dict(daily))
+    call = stable(max_wait=30)(ask)
+    began = time.monotonic()
+    with pytest.raises(AllKeysCoolingError) as caught:
+        call("gpt-4o", "x")
+    assert 1.0 < caught.value.retry_after <= 2.0
+    assert "per day" in str(caught.value)
+    sent = len(used)
+    with pytest.raises(AllKeysCoolingError):
+        call("gpt-4o", "y")
+    assert time.monotonic() - began < 1.0  # (behaviour: neither call waited for the hold)
+    assert len(used) == sent == 2  # one 429 on each key, then no request
+    assert call("gpt-4o-mini", "z") == "gpt-4o-mini: z"
+
+
 def test_a_model_held_for_hours_fails_its_calls_at_once_and_no_others() -> None:
     """A daily limit (a 429 to try again in hours) of gpt-4o on every key: gpt-4o's calls
     raise AllKeysCoolingError at once, saying how long, without a request; gpt-4o-mini's

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from stable_openai._budget import ServerBudget
-from stable_openai._limits import RateLimit, pace_of, read_rate_limit
+from stable_openai._limits import Lesson, RateLimit, pace_of, read_rate_limit
 
 TPM = ("Rate limit reached for gpt-4o in organization org-XXX on tokens per min (TPM): Limit "
        "30000, Used 29937, Requested 385. Please try again in 644ms. Visit "
@@ -112,10 +112,10 @@ def test_the_simulators_429s_give_its_rate() -> None:
 
 
 def test_a_429s_numbers_pace_its_pool_at_the_rate_they_give() -> None:
-    assert pace_of(RPM) == (True, pytest.approx(1 / 20.0), "gpt-4o-mini")  # 3 a minute
+    assert pace_of(RPM) == Lesson(True, pytest.approx(1 / 20.0), "gpt-4o-mini")  # 3 a minute
     # The 429's own headers agree: the bucket that refused it is full, empty in a minute.
     full = ServerBudget(requests_limit=3, requests_left=0, requests_reset=60.0)
-    assert pace_of(RPM, full) == (True, pytest.approx(1 / 20.0), "gpt-4o-mini")
+    assert pace_of(RPM, full) == Lesson(True, pytest.approx(1 / 20.0), "gpt-4o-mini")
 
 
 def test_numbers_that_say_when_a_window_ends_are_no_rate_and_a_sliding_windows_reset_is() -> None:
@@ -124,26 +124,33 @@ def test_numbers_that_say_when_a_window_ends_are_no_rate_and_a_sliding_windows_r
     # in those same 0.3 s, where a bucket would take 10 refills.
     message = RPM.replace("Limit 3, Used 3", "Limit 10, Used 10").replace("20s", "300ms")
     window = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.3)
-    assert pace_of(message, window) == (True, None, "gpt-4o-mini")
+    assert pace_of(message, window) == Lesson(True, None, "gpt-4o-mini")
     # A sliding window of 10 a second: its oldest admission ages out in 22 ms, which reads as
     # 45 a second; the headers say the whole limit is back only in 936 ms, when the last does
     # (just before this 429), where a bucket would take 10 refills (220 ms): 10 in 936 ms.
     message = message.replace("300ms", "22ms")
     sliding = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.936)
-    assert pace_of(message, sliding) == (True, pytest.approx(10 / 0.936), "gpt-4o-mini")
+    assert pace_of(message, sliding) == Lesson(True, pytest.approx(10 / 0.936), "gpt-4o-mini")
     bucket = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.22)
-    assert pace_of(message, bucket) == (True, pytest.approx(1 / 0.022), "gpt-4o-mini")
+    assert pace_of(message, bucket) == Lesson(True, pytest.approx(1 / 0.022), "gpt-4o-mini")
 
 
 def test_a_daily_429_and_a_429_whose_headers_show_budget_left_teach_no_pace() -> None:
-    assert pace_of(RPD) == (False, None, "gpt-4o")
+    assert pace_of(RPD) == Lesson(False, None, "gpt-4o", daily=True)
     left = ServerBudget(requests_limit=3, requests_left=2, requests_reset=20.0)
-    assert pace_of(RPM, left) == (False, None, None)  # a 429 though the budget is not spent
+    assert pace_of(RPM, left) == Lesson(False, None, None)  # a 429 though the budget is not spent
     tokens_spent = ServerBudget(requests_limit=3, requests_left=2, requests_reset=20.0,
                                 tokens_limit=30000, tokens_left=0, tokens_reset=1.0)
     # A token limit: paced by what it admits.
-    assert pace_of(TPM, tokens_spent) == (True, None, "gpt-4o")
+    assert pace_of(TPM, tokens_spent) == Lesson(True, None, "gpt-4o")
+
+
+def test_headers_of_another_limit_say_nothing_of_the_one_a_429_names() -> None:
+    # A minute's 429 (Limit 3) whose headers show the day's budget (40, 30 left, resets in
+    # 6 minutes): the minute's limit was reached, and its rate is the message's.
+    day = ServerBudget(requests_limit=40, requests_left=30, requests_reset=360.0)
+    assert pace_of(RPM, day) == Lesson(True, pytest.approx(1 / 20.0), "gpt-4o-mini")
 
 
 def test_a_429_without_numbers_paces_by_what_the_pool_admits() -> None:
-    assert pace_of("Rate limit exceeded: free-models-per-min.") == (True, None, None)
+    assert pace_of("Rate limit exceeded: free-models-per-min.") == Lesson(True, None, None)

@@ -27,6 +27,7 @@ from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._lease import Lease
 from stable_openai._manager import lease
+from stable_openai._model import PER_DAY
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyState
 
@@ -251,11 +252,11 @@ def test_a_pool_is_paced_from_its_429s_and_the_others_are_not(
 
 
 def _a_429_of_gpt_4o_in_a_pool_of_two_models(
-    make_manager: MakeManager, key: str, seconds: float, delay: str
+    make_manager: MakeManager, key: str, seconds: float, delay: str, per: str = "min (RPM)"
 ) -> tuple[KeyManager, KeyManager]:
     """Two managers of ``key`` (one pool) on the test's store; in the first, a call of each
-    of two models succeeds, then a gpt-4o call gets a 429 to try again in ``delay`` (one
-    request per ``delay``), cooling for ``seconds``."""
+    of two models succeeds, then a gpt-4o call gets a 429 (of a limit ``per``) to try again
+    in ``delay`` (one request per ``delay``), cooling for ``seconds``."""
     manager = make_manager([Key(key, pool="one")])
     other = make_manager([Key(key, pool="one")])
     for model in ("gpt-4o-mini", "gpt-4o"):
@@ -265,7 +266,8 @@ def _a_429_of_gpt_4o_in_a_pool_of_two_models(
     taken = take(manager)
     taken.model = "gpt-4o"
     taken.fail(dataclasses.replace(RATE_LIMITED, seconds=seconds),
-               rate_limited(delay, model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+               rate_limited(delay, model="gpt-4o", numbers="Limit 2, Used 2, Requested 1",
+                            per=per))
     return manager, other
 
 
@@ -282,10 +284,30 @@ def test_a_429_of_one_of_two_models_holds_it_in_every_process_not_the_keys(
     again = take(manager)
     assert again.owner.lane_held(again.state, "gpt-4o") > 25
     assert again.owner.lane_held(again.state, "gpt-4o-mini") == 0
+    assert again.owner.lane_held(again.state, "gpt-4o" + PER_DAY) == 0  # a minute's
     again.give_back()
     seen = take(other)
     shared = manager.backend.shared
     assert (seen.owner.lane_held(seen.state, "gpt-4o") > 25) is shared
+    seen.give_back()
+
+
+def test_a_model_held_for_a_per_day_limit_is_known_as_such_in_every_process(
+    make_manager: MakeManager,
+) -> None:
+    """A daily 429 of gpt-4o holds it as a per-minute one does, and marks the hold as a
+    day's (``PER_DAY``), so that no process waits for it.  (In memory, the other manager
+    shares nothing.)"""
+    (a,) = made_up_keys(1, "daylane")
+    manager, other = _a_429_of_gpt_4o_in_a_pool_of_two_models(
+        make_manager, a, 30.0, "30s", per="day (RPD)")
+    again = take(manager)
+    assert again.owner.lane_held(again.state, "gpt-4o") > 25
+    assert again.owner.lane_held(again.state, "gpt-4o" + PER_DAY) > 25
+    again.give_back()
+    seen = take(other)
+    shared = manager.backend.shared
+    assert (seen.owner.lane_held(seen.state, "gpt-4o" + PER_DAY) > 25) is shared
     seen.give_back()
 
 

@@ -45,16 +45,18 @@ def rate_limited(
     organization: str | None = None,
     numbers: str = "Limit 3, Used 3, Requested 1",
     model: str = "gpt-4o-mini",
+    per: str = "min (RPM)",
 ) -> openai.APIStatusError:
     """A 429 rate limit; its message names ``organization`` (by default a new one each time,
     so that keys are not taken for one pool unless a test says so) and gives ``numbers``
-    (with ``delay``, the rate the limit refills at: here one request per ``delay``)."""
+    (with ``delay``, the rate the limit refills at: here one request per ``delay``); ``per``:
+    ``"day (RPD)"`` for a daily limit."""
     organization = organization or f"org-wire{next(_ORGS):06d}"
     return status_error(
         429,
         {
             "message": f"Rate limit reached for {model} in organization {organization} on "
-            f"requests per min (RPM): {numbers}. Please try again in {delay}. "
+            f"requests per {per}: {numbers}. Please try again in {delay}. "
             "Visit https://platform.openai.com/account/rate-limits to learn more.",
             "type": "requests",
             "param": None,

@@ -64,6 +64,7 @@ from .._model import (
     NEW_WINDOW,
     PACE_BACKOFF,
     PACE_GAIN,
+    PER_DAY,
     PROBE_CALLS,
     PROBE_WAIT,
     SAME_DEADLINE,
@@ -116,6 +117,7 @@ def _constants() -> str:
         f"local BLIND_FIRST = {BLIND_FIRST!r}\n"
         f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"
         f"local MIXED = {MIXED!r}\n"
+        f"local PER_DAY = {PER_DAY!r}\n"
         f"local CAUSE = {{{causes}}}\n"
     )
 
@@ -737,7 +739,8 @@ class RedisBackend:
         args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else "",
                  "1" if budget is not None else "", "1" if lesson and lesson.paces else "",
                  _text(lesson and lesson.told), "1" if verdict is None or verdict.hinted else "0",
-                 (lesson and lesson.model) or "", model or ""]
+                 (lesson and lesson.model) or "", model or "",
+                 "1" if lesson and lesson.daily else ""]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

@@ -14,7 +14,8 @@
 -- pool's pace, ARGV[25] the rate its numbers give ('' if none), ARGV[26] '0' when the 429
 -- named no delay (ARGV[7] is then the longest the pool backs off for), ARGV[27] the model
 -- whose limit it names, or that a successful call asked for ('' if not known), ARGV[28] the
--- model the call asked for ('' if not known).
+-- model the call asked for ('' if not known), ARGV[29] '1' when the 429's limit is a per-day
+-- one.
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -184,6 +185,7 @@ elseif fate == 'cool_pool' and asked and outcome == 'rate_limited' and p.pmodel 
   -- A pool serving several models: the 429 is of the call's model's limit, which is held
   -- there (as KeyRing.hold_lane), not the pool's keys.
   hold_lane(p, asked, NOW + seconds)
+  if ARGV[29] == '1' then hold_lane(p, asked .. PER_DAY, NOW + seconds) end  -- (a day's)
   local told = tonumber(ARGV[25])
   if told then pace_lane(p, asked, PACE_BACKOFF * told, NOW + seconds) end
   put('p:' .. pool, p)
