@@ -13,6 +13,12 @@ A workload is a list of ``(model, workers)``: that many threads (or coroutines) 
 A record is ``[ok, latency_ms, end_s, tokens, model_index]``: ``end_s`` is when the call
 returned, in seconds after the start; ``tokens`` is the request's cost when it succeeded, else
 0; ``model_index`` is the position of the call's model in the workload.
+
+A worker whose call raised an error that says when to try again (a ``retry_after`` attribute
+of seconds, as stable_openai's ``AllKeysCoolingError``) waits that long, or until the end of
+the run, before its next call, as a program would; other errors are followed at once by the
+next call (an async worker first lets the loop run).  Without that wait, workers whose calls
+all fail at once spin, and take the processor from the calls that can succeed.
 """
 
 from __future__ import annotations
@@ -99,6 +105,14 @@ class _Tally:
                     "errors": dict(self.errors)}
 
 
+def _told_wait(exc: BaseException, deadline: float) -> float:
+    """Seconds to wait after ``exc`` before the next call (see the module docstring)."""
+    after = getattr(exc, "retry_after", None)
+    if not isinstance(after, (int, float)) or isinstance(after, bool) or not after > 0:
+        return 0.0
+    return max(0.0, min(float(after), deadline - time.time()))
+
+
 def _sleep_until(moment: float) -> None:
     delay = moment - time.time()
     if delay > 0:
@@ -131,6 +145,7 @@ def run_threads(call: Call, workload: Workload, start: float, deadline: float, g
                 answer = call(model, text, max_tokens)
             except Exception as exc:
                 tally.add(index, text, max_tokens, began, None, exc)
+                time.sleep(_told_wait(exc, deadline))
             else:
                 tally.add(index, text, max_tokens, began, answer, None)
 
@@ -162,6 +177,7 @@ async def run_coroutines(call: AsyncCall, workload: Workload, start: float, dead
                 answer = await call(model, text, max_tokens)
             except Exception as exc:
                 tally.add(index, text, max_tokens, began, None, exc)
+                await asyncio.sleep(_told_wait(exc, deadline))
             else:
                 tally.add(index, text, max_tokens, began, answer, None)
 
