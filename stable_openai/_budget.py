@@ -16,7 +16,9 @@ from typing import Any
 
 from ._policy import parse_duration
 
-__all__ = ["Bucket", "ServerBudget", "estimate_tokens", "organization_in", "read_headers"]
+__all__ = [
+    "Bucket", "ServerBudget", "estimate_tokens", "organization_in", "read_headers", "read_request",
+]
 
 #: Tokens a chat request is assumed to ask for when it gives no max_tokens (as OpenAI does
 #: for its rate limiter, a request is charged its prompt plus the completion it may get).
@@ -147,12 +149,23 @@ def _messages_length(messages: Any) -> int:
 def estimate_tokens(body: bytes) -> float:
     """Tokens a request will be charged by a rate limiter: about 4 characters a token for
     the prompt, plus the completion it may ask for.  0 for a body that is not JSON."""
+    return read_request(body)[0]
+
+
+def read_request(body: bytes) -> tuple[float, str | None]:
+    """What a request's body says for pacing: its tokens (:func:`estimate_tokens`) and the
+    model it asks for (``None`` when it names none)."""
     try:
         data = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError):
-        return 0.0
+        return 0.0, None
     if not isinstance(data, dict):
-        return 0.0
+        return 0.0, None
+    model = data.get("model")
+    return _tokens(data), model if isinstance(model, str) and model else None
+
+
+def _tokens(data: dict[str, Any]) -> float:
     if "messages" in data:
         prompt = _messages_length(data.get("messages"))
         completion = data.get("max_completion_tokens") or data.get("max_tokens")

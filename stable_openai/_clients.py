@@ -21,7 +21,7 @@ from typing import Any
 
 import openai
 
-from ._budget import estimate_tokens, read_headers, usage_tokens
+from ._budget import read_headers, read_request, usage_tokens
 from ._lease import KeyReports, Lease
 from ._ring import KeyState
 
@@ -37,15 +37,20 @@ class _Hooks:
 
     def wait(self, request: Any) -> float:
         """Seconds the request waits before it leaves (see ``KeyReports.before_sending``)."""
-        if _body(request) is None:
-            return 0.0
-        return self.reports.before_sending(self.state)
-
-    def request(self, request: Any) -> None:
         body = _body(request)
         if body is None:
-            return
-        tokens = estimate_tokens(body)
+            return 0.0
+        read = request.extensions["stable_openai_read"] = read_request(body)
+        return self.reports.before_sending(self.state, read[1])
+
+    def request(self, request: Any) -> None:
+        read = request.extensions.pop("stable_openai_read", None)
+        if read is None:
+            body = _body(request)
+            if body is None:
+                return
+            read = read_request(body)
+        tokens = read[0]
         request.extensions["stable_openai_tokens"] = tokens
         request.extensions["stable_openai_marks"] = self.reports.sending(self.state, tokens)
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar, cast, overload
 
 from ._clients import async_client, sync_client
 from ._errors import AllKeysCoolingError, CallTimeoutError
-from ._lease import Lease
+from ._lease import LaneHeld, Lease
 from ._manager import KeyManager, first_lease, lease, lease_async, take_lease
 from ._policy import KEY_CAUSES, Action, Policy, classify
 from ._ring import KeyState
@@ -104,8 +104,9 @@ class _Call:
         or ``None`` when the call must raise ``exc``; raises :class:`CallTimeoutError` when it
         would have tried again but its ``timeout`` is spent."""
         self.out_of_time = False
-        if isinstance(exc, _LaneHeld):
-            return self._held(taken, exc)
+        held = exc if isinstance(exc, LaneHeld) else exc.__cause__
+        if isinstance(held, LaneHeld):  # (from a pooled client's hook: in openai's error)
+            return self._held(taken, held)
         delay = self._next(taken, exc, retry)
         deadline = self.deadline  # (it, not max_wait, is what ran out: it comes first)
         if self.out_of_time and deadline is not None and (
@@ -176,7 +177,7 @@ class _Call:
             return None
         return delay
 
-    def _held(self, taken: Lease, exc: _LaneHeld) -> float:
+    def _held(self, taken: Lease, exc: LaneHeld) -> float:
         """``taken``'s pool holds the call's model: try a pool that does not, at once; or,
         when every pool holds it, wait for the first to let go, if the call may wait that
         long; else raise ``AllKeysCoolingError``."""
@@ -308,16 +309,6 @@ def _invoker(func: Callable[..., Any], wants_key: bool, wants_client: bool,
     return with_client
 
 
-class _LaneHeld(Exception):
-    """The call's model is held in its key's pool (a 429 said its limit there is spent):
-    nothing was sent.  The call takes a key of another pool, or waits, or raises."""
-
-    def __init__(self, model: str, seconds: float) -> None:
-        super().__init__(model, seconds)
-        self.model = model
-        self.seconds = seconds
-
-
 #: The timeout a request is given when its call's deadline has (all but) passed: it fails at
 #: once, and the call then raises :class:`CallTimeoutError`.
 _SHORTEST_TIMEOUT = 0.001
@@ -372,7 +363,7 @@ def _noting_model(invoke: Invoke, signature: inspect.Signature) -> Invoke:
             taken.model = model
             held = taken.owner.lane_held(taken.state, model)
             if held:
-                raise _LaneHeld(model, held)
+                raise LaneHeld(model, held)
         return invoke(taken, args, kwargs)
 
     return noting_model

@@ -21,15 +21,29 @@ if TYPE_CHECKING:
     from ._policy import Verdict
     from ._ring import KeyState, Marks
 
-__all__ = ["KeyReports", "Lease", "Owner"]
+__all__ = ["KeyReports", "LaneHeld", "Lease", "Owner"]
+
+
+class LaneHeld(Exception):
+    """The call's model is held in its key's pool (a 429 said its limit there is spent):
+    nothing was sent.  The call takes a key of another pool, or waits, or raises.  Raised
+    before the decorated function runs (its ``model`` argument) or by a pooled client's hook
+    before the call's first request leaves (the model its body names)."""
+
+    def __init__(self, model: str, seconds: float) -> None:
+        super().__init__(model, seconds)
+        self.model = model
+        self.seconds = seconds
 
 
 class KeyReports(Protocol):
     """What a pooled client's hooks tell about the requests they see on one key."""
 
-    def before_sending(self, state: KeyState) -> float:
-        """A request is about to leave on ``state``: the seconds it should wait first (a
-        call's further requests spend their pool's budget, and wait while it is spent)."""
+    def before_sending(self, state: KeyState, model: str | None = None) -> float:
+        """A request for ``model`` (if its body names one) is about to leave on ``state``:
+        the seconds it should wait first (a call's further requests spend their pool's
+        budget, and wait while it is spent).  Raises :class:`LaneHeld` when it is the call's
+        first and its model is held in the key's pool (nothing is sent)."""
         ...
 
     def sending(self, state: KeyState, tokens: float) -> Marks:

@@ -26,7 +26,7 @@ from ._budget import ServerBudget, organization_in, read_headers
 from ._clients import aclose_clients, close_clients, close_retired
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, duration
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
-from ._lease import Lease
+from ._lease import LaneHeld, Lease
 from ._limits import Lesson, pace_of
 from ._model import MIXED, PACE_BACKOFF, PER_DAY
 from ._policy import Fate, Verdict, headers_of
@@ -591,12 +591,19 @@ class KeyManager:
             return (ring.lane_free(model, avoid), ring.lane_free(model, frozenset()),
                     ring.next_ready_in(), ring.lane_held(state, model + PER_DAY) > 0)
 
-    def _before_sending(self, state: KeyState) -> float:
-        """A request is about to leave on ``state``: the seconds it waits first.  A call's
-        first request goes at once (its key was chosen for it); each further one spends its
-        pool's budget, as a call does, and waits while that budget holds the pool back."""
+    def _before_sending(self, state: KeyState, model: str | None = None) -> float:
+        """A request for ``model`` (if its body names one) is about to leave on ``state``:
+        the seconds it waits first.  A call's first request goes at once (its key was chosen
+        for it) — unless the call's model, known first from this body, is held in the key's
+        pool: then :class:`LaneHeld` is raised, and the call goes elsewhere or waits, as one
+        whose function takes ``model``; each further request spends its pool's budget, as a
+        call does, and waits while that budget holds the pool back."""
         calls = _CALL_TOKENS.get()
         if not calls or state not in calls:
+            if model is not None and _call_model(state, keep=True) is None:
+                held = self._owner.lane_held(state, model)
+                if held:
+                    raise LaneHeld(model, held)
             return 0.0
         with self._lock:
             wait = self._ring.another_request(state)
@@ -631,6 +638,8 @@ class _Owner:
         # The path of nearly every call: _succeed's work done here, one call less.
         manager = self._manager
         tokens = _call_tokens(state) if _CALL_TOKENS.get() else 0.0
+        if _CALL_MODELS.get():
+            model = _call_model(state) or model
         lock = manager._lock
         if not lock.acquire(False):
             _take_contended(lock)
@@ -651,9 +660,10 @@ class _Owner:
         self, state: KeyState, verdict: Verdict, error: BaseException | None,
         model: str | None = None,
     ) -> None:
-        self._manager._fail(state, verdict, error, model)
+        self._manager._fail(state, verdict, error, _call_model(state) or model)
 
     def lane_held(self, state: KeyState, model: str) -> float:
+        _note_call_model(state, model)
         pool = state.pool
         if not pool.lanes and not pool.lane_paces:  # (the path of nearly every call: no lock)
             return 0.0
@@ -667,13 +677,15 @@ class _Owner:
             return manager._ring.lane_pass(state, model)
 
     def abandoned(self, state: KeyState) -> None:
+        _call_model(state)
         self._manager._abandon(state)
 
     def given_back(self, state: KeyState) -> None:
+        _call_model(state)
         self._manager._give_back(state)
 
-    def before_sending(self, state: KeyState) -> float:
-        return self._manager._before_sending(state)
+    def before_sending(self, state: KeyState, model: str | None = None) -> float:
+        return self._manager._before_sending(state, model)
 
     def sending(self, state: KeyState, tokens: float) -> Marks:
         return self._manager._sending(state, tokens)
@@ -703,6 +715,31 @@ _CALL_TOKENS: contextvars.ContextVar[Mapping[KeyState, float] | None] = contextv
 def _add_call_tokens(state: KeyState, tokens: float) -> None:
     calls = _CALL_TOKENS.get() or {}
     _CALL_TOKENS.set({**calls, state: calls.get(state, 0.0) + tokens})
+
+
+#: The model of this thread's or task's call on a key, by key, once known: from the decorated
+#: function's ``model`` argument (``_Owner.lane_held``) or from the body of the call's first
+#: request (``KeyManager._before_sending``); taken by the call's end.  Never mutated, as above.
+_CALL_MODELS: contextvars.ContextVar[Mapping[KeyState, str] | None] = contextvars.ContextVar(
+    "stable_openai_call_models", default=None
+)
+
+
+def _note_call_model(state: KeyState, model: str) -> None:
+    calls = _CALL_MODELS.get() or {}
+    if calls.get(state) != model:
+        _CALL_MODELS.set({**calls, state: model})
+
+
+def _call_model(state: KeyState, keep: bool = False) -> str | None:
+    """The model of this thread's or task's call on ``state``, if known; forgotten unless
+    ``keep`` (the call is ending)."""
+    calls = _CALL_MODELS.get()
+    if not calls or state not in calls:
+        return None
+    if not keep:
+        _CALL_MODELS.set({key: value for key, value in calls.items() if key is not state})
+    return calls[state]
 
 
 def _call_tokens(state: KeyState) -> float:

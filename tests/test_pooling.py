@@ -18,6 +18,7 @@ from stable_openai._ring import KeyRing
 from stable_openai._waiting import Turns, wait_turn, wait_turn_async
 from stable_openai.simulator import (
     Faults,
+    ModelLimits,
     ProjectLimits,
     SimKey,
     Simulator,
@@ -725,3 +726,54 @@ def test_several_requests_a_call_are_paced_per_request_under_a_rate_limit(
         # 72 requests are needed; a 429 repeats at most the two requests before it.
         assert totals["ok"] <= 72 + 2 * totals["rate_limited"]
         assert totals["rate_limited"] <= 8, totals
+
+
+# -- the model of a call, from its request's body --------------------------------------------
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_pooled_clients_call_is_held_and_paced_by_the_model_its_body_names(
+    is_async: bool,
+) -> None:
+    """A function taking ``client`` and no ``model`` argument, on one key whose project
+    allows gpt-4o one request a second and gpt-4o-mini plenty: the model is read from each
+    call's request body, so once the key has served both, gpt-4o's 429 holds and paces
+    gpt-4o only — the key stays ready for gpt-4o-mini — and the next gpt-4o calls wait for
+    their slot in its pace (in the hook, before the request leaves) instead of meeting
+    another 429.  Before, the 429 paced the whole pool and cooled the key for both models."""
+    (key,) = made_up_keys(1, "bodymodel")
+    limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=1),
+                                      ModelLimits(("gpt-4o-mini",), rpm=1000)))
+    config = SimulatorConfig(keys=(SimKey(key, project="p"),), projects={"p": limits},
+                             window=1.0, latency=0.0)
+
+    def chat(name: str) -> dict[str, Any]:
+        return {"model": name, "messages": [{"role": "user", "content": name}]}
+
+    @stable(max_wait=10)
+    def ask(name: str, client: openai.OpenAI) -> str:
+        answer = client.chat.completions.create(**chat(name))
+        return str(answer.choices[0].message.content)
+
+    @stable(max_wait=10)
+    async def ask_async(name: str, client: openai.AsyncOpenAI) -> str:
+        answer = await client.chat.completions.create(**chat(name))
+        return str(answer.choices[0].message.content)
+
+    with Simulator(config) as sim:
+        manager = KeyManager([Key(key, base_url=sim.base_url)])
+
+        def call(name: str) -> str:
+            return asyncio.run(ask_async(name)) if is_async else ask(name)
+
+        def rate_limited() -> int:
+            return int(sim.stats()["totals"]["rate_limited"])
+
+        assert call("gpt-4o-mini") == "echo: gpt-4o-mini"
+        assert call("gpt-4o") == "echo: gpt-4o"  # the key has served both models
+        assert call("gpt-4o") == "echo: gpt-4o"  # a 429 (1 a second), held, then served
+        assert rate_limited() == 1
+        (seen,) = manager.stats()
+        assert seen["state"] == "ready" and seen["rate_limits"] == 1  # not the key: the model
+        assert call("gpt-4o-mini") == "echo: gpt-4o-mini"
+        for _ in range(2):  # each waits for its slot in gpt-4o's pace: no second 429
+            assert call("gpt-4o") == "echo: gpt-4o"
+        assert rate_limited() == 1
