@@ -30,6 +30,7 @@ __all__ = [
     "MAX_RESET",
     "MIXED",
     "NEW_WINDOW",
+    "ORDER_SLACK",
     "PACE_BACKOFF",
     "PACE_GAIN",
     "PER_DAY",
@@ -45,6 +46,11 @@ __all__ = [
 MAX_RESET = 3600.0
 #: An answer whose reset is this much later than the one known is from a new window.
 NEW_WINDOW = 0.1
+#: Within a window, the server took an answer's request after another's when its reset is
+#: later by more than this (a refilling bucket's reset moves out 1 / rate a request), before
+#: when it is earlier by more: requests overtake each other on the way, so the order they
+#: left in is not the order they were counted in.
+ORDER_SLACK = 0.005
 #: How long a pool whose budget is spent waits when it does not know the reset yet: about
 #: the time an answer needs to come back and tell.
 PROBE_WAIT = 0.05
@@ -270,9 +276,11 @@ class Budget:
 
         The remainders count the requests the server admitted up to this one; what the pool
         sent after it is taken off, and — as requests may overtake each other on the way —
-        those that left before it and are still unanswered.  Only the freshest answer counts,
-        unless it shows a new window.  Returns what the pool's keys must do: :class:`Spent`
-        and/or ``FREED``."""
+        those that left before it and are still unanswered.  Only the freshest answer counts:
+        of a request that left after the last one taken in, or that the server counted after
+        it (a later reset) — and never one it counted before (an earlier reset: its remainder
+        is of fewer requests, though it left later).  Returns what the pool's keys must do:
+        :class:`Spent` and/or ``FREED``."""
         if self.pace_model == MIXED:  # each answer tells one model's limit: not the pool's
             return []
         # (Calls started on another pool before their key joined this one hook here without
@@ -292,7 +300,9 @@ class Budget:
             reset_at = now + min(budget.requests_reset, MAX_RESET)
             if reset_at <= self.requests_refilled + NEW_WINDOW:
                 pass  # an answer from a window already over and refilled: stale
-            elif mark >= snapshot or reset_at > self.requests_reset_at + NEW_WINDOW:
+            elif reset_at >= self.requests_reset_at - ORDER_SLACK and (
+                mark >= snapshot or reset_at > self.requests_reset_at + ORDER_SLACK
+            ):  # counted after the freshest answer known (its reset is not earlier)
                 self.probing = False
                 self.snapshot = mark
                 self.requests_reset_at = reset_at

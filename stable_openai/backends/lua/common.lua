@@ -47,7 +47,7 @@
 
 local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
 local TTL = tonumber(ARGV[1])
--- MAX_RESET, NEW_WINDOW, PROBE, PROBE_CALLS, UNANSWERED and CAUSE come from the Python
+-- MAX_RESET, NEW_WINDOW, ORDER_SLACK, PROBE, PROBE_CALLS, UNANSWERED and CAUSE come from the Python
 -- side: redis.py puts them before this file (_model.py's constants, _cause.Cause's values).
 
 local NOW = tonumber(table.remove(ARGV, 2))
