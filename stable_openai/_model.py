@@ -32,6 +32,7 @@ __all__ = [
     "NEW_WINDOW",
     "ORDER_SLACK",
     "PACE_BACKOFF",
+    "PACE_DROP",
     "PACE_GAIN",
     "PER_DAY",
     "PROBE_CALLS",
@@ -64,6 +65,9 @@ UNANSWERED_FOR = 60.0
 SAME_DEADLINE = 1e-6
 #: After a 429, a pool is paced at this share of the rate the server showed it admits ...
 PACE_BACKOFF = 0.97
+#: ... at this share of its pace after a span between two 429s in which nothing was admitted
+#: (see Budget._close) ...
+PACE_DROP = 0.5
 #: ... and each call that succeeds raises the pace by this share, to find a higher limit
 #: (3 % back in about 60 calls: a pool that keeps to its limit meets a 429 that rarely).
 PACE_GAIN = 0.0005
@@ -386,7 +390,10 @@ class Budget:
             paced = PACE_BACKOFF * told
             if self.pace is None or paced < self.pace:
                 self.pace = paced
-        self.pace_level, self.pace_stamp = 1.0, now + cooled  # one call, once it has cooled
+        # The pace restarts empty where the server admits again: the call it lets go then runs
+        # on credit, and the next waits two slots (processes sharing the key unseen each retry
+        # less often into a server that counts rejected requests).
+        self.pace_level, self.pace_stamp = 0.0, now + cooled
         self.limited_at, self.idle, self.stale = mark, 0.0, in_flight
         if not in_flight:
             self._close()
@@ -400,12 +407,18 @@ class Budget:
             self._close()
 
     def _close(self) -> None:
-        """Measure the span that ended at the last 429 (if one did), and begin the next."""
+        """Measure the span that ended at the last 429 (if one did), and begin the next.  A
+        span in which nothing was admitted halves the pace: the pool keeps to it, so others
+        (processes that share its keys unseen) take the server's limit — and a 429 they cause
+        that names a short wait would otherwise be met again at once, keeping the server's
+        count full (rejected requests count) so that nobody is admitted."""
         span = self.closing
         if span is not None and span > 0 and self.admitted > 0:
             measured = self.admitted / span
             told = self.told
             self.pace = PACE_BACKOFF * (told if told is not None and told < measured else measured)
+        elif span is not None and span > 0 and self.pace is not None:
+            self.pace *= PACE_DROP
         self.closing = None
         self.admitted = 0
 

@@ -13,6 +13,7 @@ from stable_openai._model import (
     FREED,
     MIXED,
     PACE_BACKOFF,
+    PACE_DROP,
     PACE_GAIN,
     PROBE_CALLS,
     PROBE_WAIT,
@@ -191,10 +192,12 @@ def test_no_pace_before_a_429_and_a_429_with_a_rate_paces_at_once_a_little_below
     assert paced_until(budget, 0.0) is None
     budget.limited(1.0, in_flight=0, told=10.0, cooled=0.5)  # OpenAI's numbers: 10/s
     assert budget.pace == PACE_BACKOFF * 10.0
-    # The pace starts once the 429's cooldown is over, one call at a time, never a burst.
+    # The pace restarts empty where the 429 said the server admits again: the one call that
+    # goes then runs on credit, and the next waits two slots; then one call a slot, never a
+    # burst.
     gap = 1.0 / budget.pace
-    assert paced_until(budget, 1.5) == 1.5 + gap
-    assert paced_until(budget, 1.5 + gap) == pytest.approx(1.5 + 2 * gap)
+    assert paced_until(budget, 1.5) == 1.5 + 2 * gap
+    assert paced_until(budget, 1.5 + 2 * gap) == pytest.approx(1.5 + 3 * gap)
     assert paced_until(budget, 5.0) == 5.0 + gap  # unused time is not saved up
 
 
@@ -259,9 +262,9 @@ def test_time_the_pool_was_not_busy_does_not_count_in_the_rate_it_admitted() -> 
     budget.limited(0.0, in_flight=0, told=10.0, cooled=0.0)
     gap = 1.0 / budget.pace  # type: ignore[operator]
     paced_until(budget, 0.0)
-    paced_until(budget, 60.0)  # a minute without calls: all but one call's gap unused
+    paced_until(budget, 60.0)  # a minute without calls: all but two calls' gaps unused
     idle = budget.idle
-    assert idle == pytest.approx(60.0 - gap)
+    assert idle == pytest.approx(60.0 - 2 * gap)  # (the first went on credit: see above)
     for _ in range(15):
         budget.admit()
     budget.limited(61.0, in_flight=0, told=None, cooled=0.0)  # no numbers this time
@@ -284,8 +287,26 @@ def test_other_endings_of_the_calls_in_flight_close_the_span_too() -> None:
 def test_a_429_a_minute_after_the_last_is_fresh_though_a_call_never_ended() -> None:
     budget = Budget()
     budget.limited(0.0, in_flight=1, told=10.0, cooled=0.0)  # its call in flight never ends
-    budget.limited(UNANSWERED_FOR + 1.0, in_flight=0, told=5.0, cooled=0.0)
-    assert budget.pace == PACE_BACKOFF * 5.0 and budget.stale == 0
+    budget.limited(UNANSWERED_FOR + 1.0, in_flight=1, told=5.0, cooled=0.0)
+    assert budget.pace == PACE_BACKOFF * 5.0 and budget.stale == 1
+
+
+def test_a_span_in_which_nothing_was_admitted_halves_the_pace() -> None:
+    # Processes that share the key unseen take its limit: the pool keeps to its pace and
+    # meets 429 after 429 with no success between; each such span halves the pace (before,
+    # it measured nothing, and a short "try again in" kept every process retrying into a
+    # server that counts rejected requests: 0.12 of the limit with 4 processes, measured).
+    budget = Budget()
+    budget.limited(0.0, in_flight=0, told=10.0, cooled=0.1)
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 10.0)
+    budget.limited(0.3, in_flight=0, told=10.0, cooled=0.1)  # nothing admitted since
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 10.0 * PACE_DROP)
+    budget.limited(0.9, in_flight=0, told=10.0, cooled=0.1)
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 10.0 * PACE_DROP**2)
+    budget.admit()
+    budget.admit()
+    budget.limited(2.0, in_flight=0, told=10.0, cooled=0.1)  # 2 admitted in the 1.1 s span
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 2 / 1.1)
 
 
 def test_a_429_that_says_no_delay_backs_off_from_the_pace_doubling_until_a_success() -> None:

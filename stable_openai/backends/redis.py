@@ -64,6 +64,7 @@ from .._model import (
     NEW_WINDOW,
     ORDER_SLACK,
     PACE_BACKOFF,
+    PACE_DROP,
     PACE_GAIN,
     PER_DAY,
     PROBE_CALLS,
@@ -115,6 +116,7 @@ def _constants() -> str:
         f"local PROBE_CALLS = {PROBE_CALLS!r}\n"
         f"local UNANSWERED = {UNANSWERED_FOR!r}\n"
         f"local PACE_BACKOFF = {PACE_BACKOFF!r}\n"
+        f"local PACE_DROP = {PACE_DROP!r}\n"
         f"local PACE_GAIN = {PACE_GAIN!r}\n"
         f"local BLIND_FIRST = {BLIND_FIRST!r}\n"
         f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"

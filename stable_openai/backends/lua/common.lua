@@ -306,6 +306,8 @@ local function pace_close(p)
     local measured = admitted / span
     local told = num(p.told)
     p.pace = exact(PACE_BACKOFF * ((told and told < measured) and told or measured))
+  elseif span and span > 0 and p.pace then  -- nothing admitted between two 429s
+    p.pace = exact(num(p.pace) * PACE_DROP)
   end
   p.closing, p.adm = nil, 0
 end
@@ -357,7 +359,7 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model)
     local paced, pace = PACE_BACKOFF * told, num(p.pace)
     if not pace or paced < pace then p.pace = exact(paced) end
   end
-  p.plevel, p.pstamp = exact(1), exact(NOW + cooled)
+  p.plevel, p.pstamp = exact(0), exact(NOW + cooled)  -- (restarts empty: _model.Budget.limited)
   p.lat, p.idle, p.stale = exact(mark), exact(0), in_flight
   if in_flight == 0 then pace_close(p) end
   return cooled
