@@ -57,7 +57,11 @@ class _Hooks:
     def response(self, response: Any, read: bool) -> None:
         extensions = response.request.extensions
         estimated = extensions.get("stable_openai_tokens", 0.0)
-        budget = read_headers(response.headers) if response.status_code < 400 else None
+        # A success's headers tell its pool's budget, and so do a 429's: others (processes
+        # that share the key unseen) may have spent it, and a short "try again in" would
+        # have every one of them retry into a server that counts rejected requests.
+        status = response.status_code
+        budget = read_headers(response.headers) if status < 400 or status == 429 else None
         self.reports.answered(self.state, budget, extensions.get("stable_openai_marks"))
         if read and estimated and self.reports.wants_usage(self.state):
             actual = usage_tokens(response.content)

@@ -53,7 +53,8 @@ class KeyReports(Protocol):
         ...
 
     def answered(self, state: KeyState, budget: ServerBudget | None, marks: Marks | None) -> None:
-        """The server answered that request (``budget``: what a success's headers said)."""
+        """The server answered that request (``budget``: what a success's or a 429's
+        headers said)."""
         ...
 
     def corrected(self, state: KeyState, estimated: float, actual: float) -> None:

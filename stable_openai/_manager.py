@@ -567,7 +567,7 @@ class KeyManager:
         self, state: KeyState, budget: ServerBudget | None, marks: Marks | None = None
     ) -> None:
         """A response arrived on ``state`` for a request sent when the pool stood at
-        ``marks``; a successful one carries the pool's budget in its headers."""
+        ``marks``; a successful one, or a 429, carries the pool's budget in its headers."""
         self._backend.answered(state, budget)
         with self._lock:
             self._ring.answered(state, marks)

@@ -1167,51 +1167,52 @@ def test_a_call_for_a_held_model_takes_another_pools_key() -> None:
     assert row(A)["state"] == "ready"
 
 
-def test_a_model_held_for_a_per_day_limit_fails_its_calls_at_once_however_short_the_wait(
-) -> None:
-    """A daily 429 of gpt-4o on every key, to try again in 2 s (a day's budget refilling
-    one request at a time): gpt-4o's calls raise AllKeysCoolingError at once with the
-    server's wait, though it is within ``max_wait`` — waiting gives one request a refill —
-    and without a request; gpt-4o-mini's succeed.  (A per-minute hold as short is waited
-    for: ``test_a_429_of_one_model_holds_that_model_not_the_keys``.)"""
-    import time
-
+def _gpt_4o_spent_on_both_keys(delay: str, per: str = "min (RPM)") -> tuple[
+    Callable[..., str], list[tuple[str, str]]
+]:
+    """Keys A and B, whose pools have served both models; then each answers gpt-4o's first
+    call with a 429 of a limit ``per``, to try again in ``delay``.  The call (``max_wait``
+    30 s) and the (key, model) pairs it sent."""
     KeyManager([A, B])
     warm, _ = _two_models({})
     for model in ("gpt-4o-mini", "gpt-4o"):
         for _ in range(2):
             stable(warm)(model, "warm")
-    daily = {(key, "gpt-4o"): (lambda: wire.rate_limited(
-        "2s", model="gpt-4o", numbers="Limit 40, Used 40, Requested 1", per="day (RPD)"))
+    spent = {(key, "gpt-4o"): (lambda: wire.rate_limited(
+        delay, model="gpt-4o", numbers="Limit 40, Used 40, Requested 1", per=per))
         for key in (A, B)}
-    ask, used = _two_models(dict(daily))
-    call = stable(max_wait=30)(ask)
+    ask, used = _two_models(dict(spent))
+    return stable(max_wait=30)(ask), used
+
+
+def test_a_model_held_for_a_per_day_limit_fails_its_calls_at_once_however_short_the_wait(
+) -> None:
+    """A daily 429 of gpt-4o on every key, to try again in 20 s (a day's budget refilling
+    one request at a time): gpt-4o's calls raise AllKeysCoolingError at once with the
+    server's wait, though it is within ``max_wait`` — waiting gives one request a refill —
+    and without a request; gpt-4o-mini's succeed.  (A per-minute hold within ``max_wait``
+    is waited for: ``test_a_429_of_one_model_holds_that_model_not_the_keys``.)"""
+    import time
+
+    call, used = _gpt_4o_spent_on_both_keys("20s", per="day (RPD)")
     began = time.monotonic()
     with pytest.raises(AllKeysCoolingError) as caught:
         call("gpt-4o", "x")
-    assert 1.0 < caught.value.retry_after <= 2.0
+    assert 15 < caught.value.retry_after <= 20
     assert "per day" in str(caught.value)
     sent = len(used)
     with pytest.raises(AllKeysCoolingError):
         call("gpt-4o", "y")
-    assert time.monotonic() - began < 1.0  # (behaviour: neither call waited for the hold)
+    assert time.monotonic() - began < 10  # (behaviour: neither call waited for the hold)
     assert len(used) == sent == 2  # one 429 on each key, then no request
     assert call("gpt-4o-mini", "z") == "gpt-4o-mini: z"
 
 
 def test_a_model_held_for_hours_fails_its_calls_at_once_and_no_others() -> None:
-    """A daily limit (a 429 to try again in hours) of gpt-4o on every key: gpt-4o's calls
-    raise AllKeysCoolingError at once, saying how long, without a request; gpt-4o-mini's
-    succeed."""
-    KeyManager([A, B])
-    warm, _ = _two_models({})
-    for model in ("gpt-4o-mini", "gpt-4o"):
-        for _ in range(2):
-            stable(warm)(model, "warm")
-    daily = {(key, "gpt-4o"): (lambda: wire.rate_limited(
-        "3h", model="gpt-4o", numbers="Limit 40, Used 40, Requested 1")) for key in (A, B)}
-    ask, used = _two_models(dict(daily))
-    call = stable(max_wait=30)(ask)
+    """A limit spent for hours (a 429 to try again in 3 h, beyond ``max_wait``) of gpt-4o
+    on every key: gpt-4o's calls raise AllKeysCoolingError at once, saying how long,
+    without a request; gpt-4o-mini's succeed."""
+    call, used = _gpt_4o_spent_on_both_keys("3h")
     with pytest.raises(AllKeysCoolingError) as caught:
         call("gpt-4o", "x")
     assert caught.value.retry_after > 3000

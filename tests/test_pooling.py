@@ -12,7 +12,7 @@ import openai
 import pytest
 from wire import made_up_keys
 
-from stable_openai import CallTimeoutError, Key, KeyManager, stable
+from stable_openai import AllKeysCoolingError, CallTimeoutError, Key, KeyManager, stable
 from stable_openai._budget import Bucket, estimate_tokens, read_headers
 from stable_openai._ring import KeyRing
 from stable_openai._waiting import Turns, wait_turn, wait_turn_async
@@ -777,3 +777,33 @@ def test_a_pooled_clients_call_is_held_and_paced_by_the_model_its_body_names(
         for _ in range(2):  # each waits for its slot in gpt-4o's pace: no second 429
             assert call("gpt-4o") == "echo: gpt-4o"
         assert rate_limited() == 1
+
+
+def test_a_429s_budget_headers_hold_the_pool_until_their_reset() -> None:
+    """Someone the library does not see spends the key's bucket (10 a second); the pooled
+    client's call meets a 429 to try again in 100 ms, whose headers say the bucket is empty
+    only in about a second: the pool is held for that second (before: for the 100 ms, and
+    processes sharing a key unseen retried into a server that counts rejected requests)."""
+    (key,) = made_up_keys(1, "spent429")
+    config = SimulatorConfig(keys=(SimKey(key, project="p"),),
+                             projects={"p": ProjectLimits(rpm=10)}, window=1.0, latency=0.0)
+    with Simulator(config) as sim:
+        manager = KeyManager([Key(key, base_url=sim.base_url)])
+        unseen = openai.OpenAI(api_key=key, base_url=sim.base_url, max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            for _ in range(20):
+                unseen.chat.completions.create(
+                    model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}])
+
+        @stable(max_wait=0)
+        def ask(client: openai.OpenAI) -> str:
+            answer = client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "y"}])
+            return str(answer.choices[0].message.content)
+
+        with pytest.raises((openai.RateLimitError, AllKeysCoolingError)):
+            ask()
+        (seen,) = manager.stats()
+        assert seen["rate_limits"] == 1
+        assert seen["seconds_left"] > 0.5, seen
+        unseen.close()
