@@ -104,9 +104,8 @@ class _Call:
         or ``None`` when the call must raise ``exc``; raises :class:`CallTimeoutError` when it
         would have tried again but its ``timeout`` is spent."""
         self.out_of_time = False
-        held = exc if isinstance(exc, LaneHeld) else exc.__cause__
-        if isinstance(held, LaneHeld):  # (from a pooled client's hook: in openai's error)
-            return self._held(taken, held)
+        if isinstance(exc, LaneHeld):
+            return self._held(taken, exc)
         delay = self._next(taken, exc, retry)
         deadline = self.deadline  # (it, not max_wait, is what ran out: it comes first)
         if self.out_of_time and deadline is not None and (

@@ -27,8 +27,7 @@ __all__ = ["KeyReports", "LaneHeld", "Lease", "Owner"]
 class LaneHeld(Exception):
     """The call's model is held in its key's pool (a 429 said its limit there is spent):
     nothing was sent.  The call takes a key of another pool, or waits, or raises.  Raised
-    before the decorated function runs (its ``model`` argument) or by a pooled client's hook
-    before the call's first request leaves (the model its body names)."""
+    before the decorated function runs, from its ``model`` argument."""
 
     def __init__(self, model: str, seconds: float) -> None:
         super().__init__(model, seconds)
@@ -42,8 +41,8 @@ class KeyReports(Protocol):
     def before_sending(self, state: KeyState, model: str | None = None) -> float:
         """A request for ``model`` (if its body names one) is about to leave on ``state``:
         the seconds it should wait first (a call's further requests spend their pool's
-        budget, and wait while it is spent).  Raises :class:`LaneHeld` when it is the call's
-        first and its model is held in the key's pool (nothing is sent)."""
+        budget, and wait while it is spent; a call's first waits while its model is held in
+        the key's pool)."""
         ...
 
     def sending(self, state: KeyState, tokens: float) -> Marks:

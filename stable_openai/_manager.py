@@ -26,7 +26,7 @@ from ._budget import ServerBudget, organization_in, read_headers
 from ._clients import aclose_clients, close_clients, close_retired
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, duration
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
-from ._lease import LaneHeld, Lease
+from ._lease import Lease
 from ._limits import Lesson, pace_of
 from ._model import MIXED, PACE_BACKOFF, PER_DAY
 from ._policy import Fate, Verdict, headers_of
@@ -595,20 +595,29 @@ class KeyManager:
         """A request for ``model`` (if its body names one) is about to leave on ``state``:
         the seconds it waits first.  A call's first request goes at once (its key was chosen
         for it) — unless the call's model, known first from this body, is held in the key's
-        pool: then :class:`LaneHeld` is raised, and the call goes elsewhere or waits, as one
-        whose function takes ``model``; each further request spends its pool's budget, as a
-        call does, and waits while that budget holds the pool back."""
+        pool: then it waits for the hold (or its slot in the model's pace there), at most
+        ``_LONGEST_REQUEST_WAIT``, and goes at once if the hold is longer (a 429 moves the
+        call on); each further request does the same for its own model, and spends its
+        pool's budget, as a call does, and waits while that budget holds the pool back.  Each
+        request's model becomes the call's: a 429 is of the last one sent.  (The hook never
+        raises: requests of one call that run side by side, each its own first, may already
+        have been sent.)"""
         calls = _CALL_TOKENS.get()
-        if not calls or state not in calls:
-            if model is not None and _call_model(state, keep=True) is None:
+        first = not calls or state not in calls
+        held = 0.0
+        if model is not None:
+            if first and _call_model(state, keep=True) is not None:
+                _note_call_model(state, model)  # (its model argument was checked already)
+            else:
                 held = self._owner.lane_held(state, model)
-                if held:
-                    raise LaneHeld(model, held)
-            return 0.0
+                if held > _LONGEST_REQUEST_WAIT:
+                    held = 0.0
+        if first:
+            return held
         with self._lock:
             wait = self._ring.another_request(state)
         self._backend.another_request(state)
-        return min(wait, _LONGEST_REQUEST_WAIT)
+        return max(held, min(wait, _LONGEST_REQUEST_WAIT))
 
     def _sending(self, state: KeyState, tokens: float) -> Marks:
         _add_call_tokens(state, tokens)

@@ -48,9 +48,9 @@ MAX_RESET = 3600.0
 #: An answer whose reset is this much later than the one known is from a new window.
 NEW_WINDOW = 0.1
 #: Within a window, the server took an answer's request after another's when its reset is
-#: later by more than this (a refilling bucket's reset moves out 1 / rate a request), before
-#: when it is earlier by more: requests overtake each other on the way, so the order they
-#: left in is not the order they were counted in.
+#: later by more than this (a refilling bucket's reset moves out 1 / rate a request):
+#: requests overtake each other on the way, so the order they left in is not the order they
+#: were counted in.
 ORDER_SLACK = 0.005
 #: How long a pool whose budget is spent waits when it does not know the reset yet: about
 #: the time an answer needs to come back and tell.
@@ -282,9 +282,11 @@ class Budget:
         sent after it is taken off, and — as requests may overtake each other on the way —
         those that left before it and are still unanswered.  Only the freshest answer counts:
         of a request that left after the last one taken in, or that the server counted after
-        it (a later reset) — and never one it counted before (an earlier reset: its remainder
-        is of fewer requests, though it left later).  Returns what the pool's keys must do:
-        :class:`Spent` and/or ``FREED``."""
+        it though it left before (a later reset: a refilling bucket's moves out with each
+        request it admits).  (An answer that left later but was counted before — an earlier
+        reset — still counts: a reset is stamped when the answer arrives, and a long request's
+        arrives late.)  Returns what the pool's keys must do: :class:`Spent` and/or
+        ``FREED``."""
         if self.pace_model == MIXED:  # each answer tells one model's limit: not the pool's
             return []
         # (Calls started on another pool before their key joined this one hook here without
@@ -304,9 +306,7 @@ class Budget:
             reset_at = now + min(budget.requests_reset, MAX_RESET)
             if reset_at <= self.requests_refilled + NEW_WINDOW:
                 pass  # an answer from a window already over and refilled: stale
-            elif reset_at >= self.requests_reset_at - ORDER_SLACK and (
-                mark >= snapshot or reset_at > self.requests_reset_at + ORDER_SLACK
-            ):  # counted after the freshest answer known (its reset is not earlier)
+            elif mark >= snapshot or reset_at > self.requests_reset_at + ORDER_SLACK:
                 self.probing = False
                 self.snapshot = mark
                 self.requests_reset_at = reset_at

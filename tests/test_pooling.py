@@ -737,8 +737,9 @@ def test_a_pooled_clients_call_is_held_and_paced_by_the_model_its_body_names(
     allows gpt-4o one request a second and gpt-4o-mini plenty: the model is read from each
     call's request body, so once the key has served both, gpt-4o's 429 holds and paces
     gpt-4o only — the key stays ready for gpt-4o-mini — and the next gpt-4o calls wait for
-    their slot in its pace (in the hook, before the request leaves) instead of meeting
-    another 429.  Before, the 429 paced the whole pool and cooled the key for both models."""
+    their slot in its pace (in the hook, before the request leaves).  Before, the 429 paced
+    the whole pool and cooled the key for both models."""
+    import time
     (key,) = made_up_keys(1, "bodymodel")
     limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=1),
                                       ModelLimits(("gpt-4o-mini",), rpm=1000)))
@@ -774,9 +775,12 @@ def test_a_pooled_clients_call_is_held_and_paced_by_the_model_its_body_names(
         (seen,) = manager.stats()
         assert seen["state"] == "ready" and seen["rate_limits"] == 1  # not the key: the model
         assert call("gpt-4o-mini") == "echo: gpt-4o-mini"
-        for _ in range(2):  # each waits for its slot in gpt-4o's pace: no second 429
+        for _ in range(2):  # each waits for its slot in gpt-4o's pace (1 s / 0.97)
+            began = time.monotonic()
             assert call("gpt-4o") == "echo: gpt-4o"
-        assert rate_limited() == 1
+            assert time.monotonic() - began > 0.8  # (behaviour: it waited in the hook)
+        (seen,) = manager.stats()
+        assert seen["state"] == "ready"
 
 
 def test_a_429s_budget_headers_hold_the_pool_until_their_reset() -> None:
@@ -807,3 +811,41 @@ def test_a_429s_budget_headers_hold_the_pool_until_their_reset() -> None:
         assert seen["rate_limits"] == 1
         assert seen["seconds_left"] > 0.5, seen
         unseen.close()
+
+
+def test_a_429_holds_the_model_of_the_request_it_answered_and_each_request_waits_for_its_own(
+) -> None:
+    """A call that asks gpt-4o-mini, then gpt-4o (one a second on this key): gpt-4o's 429
+    holds gpt-4o, the model of the request it answered — not gpt-4o-mini, the call's first
+    — and when the call runs again, its gpt-4o request waits in the hook for the hold
+    instead of meeting a second 429; the key stays ready throughout."""
+    (key,) = made_up_keys(1, "lastmodel")
+    limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=1),
+                                      ModelLimits(("gpt-4o-mini",), rpm=1000)))
+    config = SimulatorConfig(keys=(SimKey(key, project="p"),), projects={"p": limits},
+                             window=1.0, latency=0.0)
+
+    def chat(client: openai.OpenAI, name: str) -> str:
+        answer = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": name}])
+        return str(answer.choices[0].message.content)
+
+    @stable(max_wait=10)
+    def one(name: str, client: openai.OpenAI) -> str:
+        return chat(client, name)
+
+    @stable(max_wait=10)
+    def both(client: openai.OpenAI) -> list[str]:
+        return [chat(client, "gpt-4o-mini"), chat(client, "gpt-4o")]
+
+    with Simulator(config) as sim:
+        manager = KeyManager([Key(key, base_url=sim.base_url)])
+        assert one("gpt-4o-mini") == "echo: gpt-4o-mini"
+        assert one("gpt-4o") == "echo: gpt-4o"  # the key has served both models
+        assert both() == ["echo: gpt-4o-mini", "echo: gpt-4o"]  # a 429, held, then served
+        assert sim.stats()["totals"]["rate_limited"] == 1
+        (seen,) = manager.stats()
+        assert seen["state"] == "ready" and seen["rate_limits"] == 1
+        state = manager._ring.find(key)
+        assert state is not None
+        assert manager._owner.lane_held(state, "gpt-4o-mini") == 0

@@ -101,8 +101,7 @@ if (rleft and rreset) or (tleft and treset) then
     local reset = NOW + math.min(rreset, MAX_RESET)
     if reset <= (p.refilled or 0) + NEW_WINDOW then
       -- an answer from a window already over and refilled: stale
-    elseif reset >= (p.reset or 0) - ORDER_SLACK
-        and (mark >= snap or reset > (p.reset or 0) + ORDER_SLACK) then
+    elseif mark >= snap or reset > (p.reset or 0) + ORDER_SLACK then
       -- (Counted after the freshest answer known: _model.Budget.learn.)  Within the window begun at the last refill, no more than its limit less the calls
       -- chosen since; an answer of a later window ends that bound.
       if p.wstart and not p.wreset then
