@@ -570,8 +570,8 @@ class KeyManager:
         ``marks``; a successful one, or a 429, carries the pool's budget in its headers."""
         self._backend.answered(state, budget)
         with self._lock:
-            self._ring.answered(state, marks)
-            if budget is not None and self._ring.learn(state, budget, marks):
+            left_at = self._ring.answered(state, marks)
+            if budget is not None and self._ring.learn(state, budget, marks, left_at):
                 self._notify()
 
     def _probe(self, state: KeyState) -> None:

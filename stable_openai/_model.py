@@ -48,9 +48,11 @@ MAX_RESET = 3600.0
 #: An answer whose reset is this much later than the one known is from a new window.
 NEW_WINDOW = 0.1
 #: Within a window, the server took an answer's request after another's when its reset is
-#: later by more than this (a refilling bucket's reset moves out 1 / rate a request):
-#: requests overtake each other on the way, so the order they left in is not the order they
-#: were counted in.
+#: later by more than this (a refilling bucket's reset moves out 1 / rate a request), before
+#: when it is earlier by more: requests overtake each other on the way, so the order they
+#: left in is not the order they were counted in.  (Resets are compared as stamped from when
+#: each request left: the server counts a request when it arrives, and a long one's answer
+#: comes back seconds later.)
 ORDER_SLACK = 0.005
 #: How long a pool whose budget is spent waits when it does not know the reset yet: about
 #: the time an answer needs to come back and tell.
@@ -115,6 +117,7 @@ class Budget:
         "probing",
         "requests_left",
         "requests_limit",
+        "requests_order_at",
         "requests_refilled",
         "requests_reset_at",
         "sent",
@@ -139,6 +142,8 @@ class Budget:
         self.requests_left: float | None = None
         self.requests_limit: int | None = None
         self.requests_reset_at = 0.0
+        # the freshest answer's reset, stamped from when its request left (see ORDER_SLACK)
+        self.requests_order_at = 0.0
         self.requests_refilled = 0.0  # the reset already refilled: answers before it are stale
         # A moving average of the tokens a call's requests cost: each call is counted at that
         # much when it starts (its size is known only when it ends, and not at all to a
@@ -244,15 +249,18 @@ class Budget:
             moved = tokens if not avg else 0.8 * avg + 0.2 * tokens
             self.avg_tokens = float(math.floor(moved + 0.5))
 
-    def answered(self, mark: int | None) -> None:
+    def answered(self, mark: int | None) -> float | None:
         """The request that left at ``mark`` (``0``: before its key joined this pool; ``None``:
-        unknown) was answered: it is no longer unanswered."""
+        unknown) was answered: it is no longer unanswered.  Returns when it left, if known."""
         outstanding = self.outstanding
         if mark is None:
-            return
+            return None
         index = bisect.bisect_left(outstanding, (mark,))
         if index < len(outstanding) and outstanding[index][0] == mark:
+            left_at = outstanding[index][1]
             del outstanding[index]
+            return left_at
+        return None
 
     def drained(self) -> None:
         """The pool has no call in flight: nothing is unanswered any more (heals lost answers),
@@ -274,19 +282,21 @@ class Budget:
             self.probing = True
             self.requests_left = float(PROBE_CALLS * keys) - in_flight
 
-    def learn(self, budget: ServerBudget, mark: int, now: float) -> list[Spent | str]:
-        """Take in what an answer's headers say: the request that left at ``mark`` was
-        answered with ``budget``.
+    def learn(
+        self, budget: ServerBudget, mark: int, now: float, left_at: float | None = None
+    ) -> list[Spent | str]:
+        """Take in what an answer's headers say: the request that left at ``mark`` (at
+        ``left_at``, if known) was answered with ``budget``.
 
         The remainders count the requests the server admitted up to this one; what the pool
         sent after it is taken off, and — as requests may overtake each other on the way —
         those that left before it and are still unanswered.  Only the freshest answer counts:
-        of a request that left after the last one taken in, or that the server counted after
-        it though it left before (a later reset: a refilling bucket's moves out with each
-        request it admits).  (An answer that left later but was counted before — an earlier
-        reset — still counts: a reset is stamped when the answer arrives, and a long request's
-        arrives late.)  Returns what the pool's keys must do: :class:`Spent` and/or
-        ``FREED``."""
+        of a request that the server counted after the last one taken in: it left later and
+        its reset is not earlier, or its reset is later (a refilling bucket's moves out with
+        each request it admits), whenever it left.  Resets are compared as stamped from when
+        their requests left (``left_at``; else now), not when the answers arrived: a long
+        request's answer arrives seconds after the server counted it.  Returns what the pool's
+        keys must do: :class:`Spent` and/or ``FREED``."""
         if self.pace_model == MIXED:  # each answer tells one model's limit: not the pool's
             return []
         # (Calls started on another pool before their key joined this one hook here without
@@ -304,12 +314,19 @@ class Budget:
         snapshot = self.snapshot  # the freshest answer before this one, for both budgets
         if budget.requests_left is not None and budget.requests_reset is not None:
             reset_at = now + min(budget.requests_reset, MAX_RESET)
+            if left_at is None or left_at <= since:  # (as an unanswered one's place)
+                left_at = now
+            order_at = left_at + min(budget.requests_reset, MAX_RESET)
+            known = self.requests_order_at
             if reset_at <= self.requests_refilled + NEW_WINDOW:
                 pass  # an answer from a window already over and refilled: stale
-            elif mark >= snapshot or reset_at > self.requests_reset_at + ORDER_SLACK:
+            elif order_at >= known - ORDER_SLACK and (
+                mark >= snapshot or order_at > known + ORDER_SLACK
+            ):  # counted after the freshest answer known
                 self.probing = False
                 self.snapshot = mark
                 self.requests_reset_at = reset_at
+                self.requests_order_at = order_at
                 if self.window_start is not None:
                     if self.window_reset is None:
                         self.window_reset = reset_at
@@ -434,7 +451,7 @@ class Budget:
                 self.requests_limit = None
                 self.requests_left = None
                 self.snapshot = -1
-                self.requests_reset_at = 0.0
+                self.requests_reset_at = self.requests_order_at = 0.0
                 self.window_start = self.window_reset = None
                 self.tokens_limit = self.tokens_left = None
                 self.tokens_reset_at = 0.0

@@ -586,18 +586,23 @@ class KeyRing:
         pool = state.pool
         pool.probe(len(pool.members), pool.in_flight)
 
-    def answered(self, state: KeyState, marks: Marks | None = None) -> None:
-        """The server answered a request that left on ``state`` at ``marks``."""
+    def answered(self, state: KeyState, marks: Marks | None = None) -> float | None:
+        """The server answered a request that left on ``state`` at ``marks``: when it left,
+        if known."""
         pool = state.pool
         if marks is None:
-            pool.answered(None)
-        else:  # mark 0: sent before its key joined this pool
-            pool.answered(marks[1] if marks[0] is pool else 0)
+            return pool.answered(None)
+        # mark 0: sent before its key joined this pool
+        return pool.answered(marks[1] if marks[0] is pool else 0)
 
-    def learn(self, state: KeyState, budget: ServerBudget, marks: Marks | None = None) -> bool:
-        """Take in what a successful response's headers say about ``state``'s pool (see
-        :meth:`~stable_openai._model.Budget.learn`); a pool whose budget is spent cools until
-        the server's reset.  Returns whether keys became ready."""
+    def learn(
+        self, state: KeyState, budget: ServerBudget, marks: Marks | None = None,
+        left_at: float | None = None,
+    ) -> bool:
+        """Take in what a response's headers say about ``state``'s pool, for a request that
+        left at ``left_at`` (see :meth:`~stable_openai._model.Budget.learn`); a pool whose
+        budget is spent cools until the server's reset.  Returns whether keys became
+        ready."""
         if state.where is REMOVED:
             return False
         if budget.pool:
@@ -607,7 +612,7 @@ class KeyRing:
             return False  # sent before its key joined this pool: its place here is unknown
         mark = marks[1] if marks is not None else pool.hooked
         freed = False
-        for decision in pool.learn(budget, mark, self.clock()):
+        for decision in pool.learn(budget, mark, self.clock(), left_at):
             freed = self._apply(pool, decision) or freed
         return freed
 

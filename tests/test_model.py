@@ -89,13 +89,43 @@ def test_answers_count_in_the_order_the_server_counted_their_requests() -> None:
     budget = Budget()
     started(budget, 0.0, 1)
     started(budget, 0.0, 2)
-    budget.answered(2)
-    budget.learn(headers(left=1, reset=0.9), mark=2, now=0.02)
-    budget.answered(1)
-    budget.learn(headers(left=0, reset=0.95), mark=1, now=0.02)
+    budget.learn(headers(left=1, reset=0.9), mark=2, now=0.02, left_at=budget.answered(2))
+    budget.learn(headers(left=0, reset=0.95), mark=1, now=0.02, left_at=budget.answered(1))
     assert budget.requests_reset_at == pytest.approx(0.97)
     assert started(budget, 0.93, 1) == Spent(pytest.approx(0.97), "budget spent (RPM)",
                                              Cause.REQUESTS_SPENT)
+    # In the other order, 2's answer, which left later, comes after 1's: the server counted
+    # it before 1 (its reset is earlier), and its remainder frees nothing (before: 1 left,
+    # the pool freed into a 429).
+    budget = Budget()
+    started(budget, 0.0, 1)
+    started(budget, 0.0, 2)
+    assert budget.learn(headers(left=0, reset=0.95), mark=1, now=0.02,
+                        left_at=budget.answered(1)) == [
+        Spent(pytest.approx(0.97), "budget spent (RPM)", Cause.REQUESTS_SPENT)]
+    assert budget.learn(headers(left=1, reset=0.9), mark=2, now=0.02,
+                        left_at=budget.answered(2)) == []
+    assert budget.requests_left is not None and budget.requests_left <= 0
+
+
+def test_a_long_requests_answer_is_placed_where_the_server_counted_it() -> None:
+    """Resets are compared as stamped from when each request left, not when its answer
+    came: a request that generated for 3 s was counted when it arrived, before one that left
+    2.9 s later, though its answer comes after that one's."""
+    budget = Budget()
+    started(budget, 0.0, 1)  # counted at once: 9 left, full again 0.1 s later
+    started(budget, 2.9, 2)  # counted at 2.9: 9 left too
+    # (8 left: 1 is unanswered yet, and may not have been counted.)
+    budget.learn(headers(left=9, reset=0.1), mark=2, now=2.92, left_at=budget.answered(2))
+    # 1's answer comes at 3.0: stamped on arrival its reset (3.1) would be the later one,
+    # and count as the freshest (held until 3.1; before: so).
+    assert budget.learn(headers(left=9, reset=0.1), mark=1, now=3.0,
+                        left_at=budget.answered(1)) == []
+    assert (budget.requests_left, budget.requests_reset_at) == (8, pytest.approx(3.02))
+    # Without when it left (a request the hook did not see), an answer is stamped on arrival.
+    started(budget, 3.0, 1)
+    budget.learn(headers(left=9, reset=0.1), mark=3, now=3.05)
+    assert budget.requests_order_at == pytest.approx(3.15)
 
 
 def test_after_a_refill_the_window_admits_its_limit_less_the_calls_since() -> None:

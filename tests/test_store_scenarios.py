@@ -572,6 +572,47 @@ def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
         shared.close()
 
 
+def test_a_long_requests_late_answer_counts_where_its_request_left_in_both_stores(
+    redis_server: RedisServer,
+) -> None:
+    """A request that generates for 3 s was counted when it arrived (bucket empty, full
+    again in 1 s); one that left 2.9 s later was answered first (2 left).  The long one's
+    answer is the older count: stamped from when each request left, its reset (1.0) is
+    earlier than the short one's (2.9 + 0.8), and it does not hold the pool — in both
+    stores.  (Stamped on arrival, 3.0 + 1.0, it was the later one: the pool was held until
+    then.)"""
+    clock = FakeClock()
+    a, b = made_up_keys(2, "long")
+    spec = [Key(a, pool="team"), Key(b, pool="team")]
+    memory, shared = _on_one_clock(spec, clock, redis_server)
+    start = clock.now
+    try:
+        for manager in (memory, shared):
+            clock.now = start
+            long, short = contextvars.copy_context(), contextvars.copy_context()
+
+            def sent(manager: KeyManager = manager) -> tuple[Lease, Any]:
+                taken = take(manager)
+                return taken, taken.owner.sending(taken.state, 0.0)
+
+            first, first_mark = long.run(sent)
+            clock.now = start + 2.9
+            second, second_mark = short.run(sent)
+            clock.now = start + 2.92
+            short.run(second.owner.answered, second.state, ServerBudget(
+                requests_limit=10, requests_left=2, requests_reset=0.8), second_mark)
+            short.run(second.succeed)
+            clock.now = start + 3.0
+            long.run(first.owner.answered, first.state, ServerBudget(
+                requests_limit=10, requests_left=0, requests_reset=1.0), first_mark)
+            long.run(first.succeed)
+            assert {row["state"] for row in rows(manager).values()} == {"ready"}, manager.backend
+            assert take(manager).key in (a, b)
+    finally:
+        memory.close()
+        shared.close()
+
+
 @pytest.mark.parametrize("seed", [*range(40), 87, 107, 109, 153, 165, 187, 189, 212, 216])
 def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
     """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its

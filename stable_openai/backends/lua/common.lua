@@ -9,11 +9,13 @@
 --               n (calls in flight), weight, pool, fixed (pool given by the user), own (still
 --               in a pool of its own), rpm, tpm, calls, successes, rate_limits, failures
 --     p:<pool>  one pool: n (calls in flight); sent (calls chosen, ever); out {lease = {m =
---               the ``sent`` mark it was chosen at, e = expiry, f = fingerprint, r = 1 once
---               it ended with its request unanswered}}, the calls in flight and the
---               unanswered ones; gone {lease = when}, calls whose lease expired before they
---               reported; what the server said, brought up to date: limit, left, reset,
---               refilled, snap (the ``sent`` mark of the freshest answer), wstart/wreset
+--               the ``sent`` mark it was chosen at, e = expiry, f = fingerprint, t = when its
+--               (last) request left, r = 1 once it ended with its request unanswered}}, the
+--               calls in flight and the unanswered ones; gone {lease = when}, calls whose
+--               lease expired before they reported; what the server said, brought up to
+--               date: limit, left, reset, order (the freshest answer's reset stamped from
+--               when its request left, see report.lua), refilled, snap (the ``sent`` mark of
+--               the freshest answer), wstart/wreset
 --               (``sent`` when the window began, and its end), tlimit, tleft, treset,
 --               trefilled, avg (tokens a request costs), probing (1 until an answer told the
 --               budget), was (its name before the server named it), held (1 while keys may
@@ -325,7 +327,8 @@ local function pace_model(p, model)
       p.pmodel = model
     else  -- two models: not paced from 429s any more, nor from headers of one model
       p.pmodel, p.pace, p.stale, p.closing = MIXED, nil, 0, nil
-      p.limit, p.left, p.reset, p.snap, p.wstart, p.wreset = nil, nil, nil, nil, nil, nil
+      p.limit, p.left, p.reset, p.order, p.snap = nil, nil, nil, nil, nil
+      p.wstart, p.wreset = nil, nil
       p.tlimit, p.tleft, p.treset, p.probing = nil, nil, nil, 0
     end
   end

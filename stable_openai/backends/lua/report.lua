@@ -35,6 +35,7 @@ end
 -- A report is applied once: one whose lease is neither in flight nor among the leases that
 -- expired unreported was applied already (sent again after its reply was lost).
 local in_flight = false
+local left_at  -- when the call's (last) request left, if known
 if lease ~= '' then
   -- A lease that expired unreported is released first (as gone): a report sent again after
   -- this one then finds it neither in flight nor gone, and counts once.
@@ -56,6 +57,7 @@ if lease ~= '' then
   local name, p = find_call(fp, lease, pool_then)
   local call = name and p.out[lease]
   if mark_then and call and call.m > 0 then pool_then, mark_then = name, call.m end
+  left_at = call and call.t
 end
 
 -- The pool the server named: a key given no pool by the user moves into it.
@@ -99,18 +101,22 @@ if (rleft and rreset) or (tleft and treset) then
   local snap = p.snap or -1
   if rleft and rreset then
     local reset = NOW + math.min(rreset, MAX_RESET)
+    if not left_at or left_at <= NOW - UNANSWERED then left_at = NOW end
+    local order, known = left_at + math.min(rreset, MAX_RESET), p.order or 0
     if reset <= (p.refilled or 0) + NEW_WINDOW then
       -- an answer from a window already over and refilled: stale
-    elseif mark >= snap or reset > (p.reset or 0) + ORDER_SLACK then
-      -- (Counted after the freshest answer known: _model.Budget.learn.)  Within the window begun at the last refill, no more than its limit less the calls
-      -- chosen since; an answer of a later window ends that bound.
+    elseif order >= known - ORDER_SLACK and (mark >= snap or order > known + ORDER_SLACK) then
+      -- Counted after the freshest answer known (resets compared as stamped from when their
+      -- requests left: _model.Budget.learn).  Within the window begun at the last refill, no
+      -- more than its limit less the calls chosen since; an answer of a later window ends
+      -- that bound.
       if p.wstart and not p.wreset then
         p.wreset = reset
       elseif p.wstart and reset > p.wreset + NEW_WINDOW then
         p.wstart, p.wreset = nil, nil
       end
       local left = window_bound(p, rleft - unseen)
-      p.left, p.reset, p.snap, p.probing = left, reset, mark, 0
+      p.left, p.reset, p.order, p.snap, p.probing = left, reset, order, mark, 0
       if left <= 0 then
         cool_pool(pool, reset, 'budget spent (RPM)', CAUSE.requests_spent)
       else
