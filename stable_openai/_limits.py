@@ -113,6 +113,9 @@ class Lesson(NamedTuple):
     """The model whose limit it names, if it names one."""
     daily: bool = False
     """Whether that limit is a per-day one (RPD, TPD)."""
+    limit: int | None = None
+    """The requests its window admits, when its numbers say when a window ends (``told`` is
+    then ``None``) and name a request limit's size."""
 
 
 def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
@@ -150,7 +153,7 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     if budget is not None and budget.requests_reset is not None and budget.requests_limit:
         bucket = budget.requests_limit * refill  # the reset of a bucket that refused one
         if budget.requests_reset < _BUCKET_RESET[0] * bucket:
-            return Lesson(True, None, limit.model)  # a window's end, not a rate
+            return Lesson(True, None, limit.model, limit=limit.limit)  # a window's end
         if budget.requests_reset > _BUCKET_RESET[1] * bucket:
             # A sliding window, whose last admission (just before this 429) ages out at the
             # reset: ``Limit`` in about that long.

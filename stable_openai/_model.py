@@ -103,6 +103,7 @@ class Budget:
 
     __slots__ = (
         "admitted",
+        "allowance",
         "avg_tokens",
         "closing",
         "hintless",
@@ -165,6 +166,9 @@ class Budget:
         self.pace_stamp = 0.0
         self.limited_at: float | None = None  # when the last 429 came back
         self.admitted = 0  # calls that succeeded since (and those in flight then)
+        # Before a pace is known, after a 429 that says when its window ends but gives no
+        # rate: the calls the pool may still start before it sends one to learn the next end.
+        self.allowance: float | None = None
         self.idle = 0.0  # seconds since then that the pace would have allowed calls, unused
         self.stale = 0  # calls in flight at that 429 that have not ended yet
         self.closing: float | None = None  # the span before it, to measure once they have
@@ -216,6 +220,10 @@ class Budget:
             level -= 1.0
             self.pace_level = level
             spent.append(Spent(now + (1.0 - level) / pace, "paced (429s)", Cause.PACED))
+        if self.allowance is not None:
+            self.allowance -= 1.0
+            if self.allowance <= 0:  # one call more, a little later: its 429 tells the end
+                spent.append(Spent(now + PROBE_WAIT, "paced (429s)", Cause.PACED))
         if self.requests_left is None and self.tokens_left is None:
             return spent
         self.refresh(now, in_flight, fresh=1)
@@ -360,12 +368,14 @@ class Budget:
         cooled: float,
         hinted: bool = True,
         model: str | None = None,
+        limit: int | None = None,
     ) -> float:
         """A call on the pool was rate limited (429) and the pool cools for ``cooled`` seconds
         (``hinted``: the server said so; else that is the longest it backs off for):
         returns how long it cools.  ``in_flight``: the pool's calls still in flight;
         ``told``: the rate the 429's own numbers give (calls a second), if any; ``model``: the
-        model whose limit it names, if it names one.
+        model whose limit it names, if it names one; ``limit``: the requests its window
+        admits, when it names a window's size and end but no rate.
 
         The pool is paced a little below the rate the server admitted between its previous
         429 and this one (the calls that succeeded, over the time the pool was busy), and
@@ -407,6 +417,13 @@ class Budget:
             paced = PACE_BACKOFF * told
             if self.pace is None or paced < self.pace:
                 self.pace = paced
+        if self.pace is not None:
+            self.allowance = None
+        elif hinted and told is None and limit is not None:
+            # A window's end, its size and no rate: until a span is measured, the window
+            # after it gets ``limit`` calls, then one more goes to learn where it ends
+            # (instead of every caller waiting for that end rushing into it).
+            self.allowance = float(limit)
         # The pace restarts empty where the server admits again: the call it lets go then runs
         # on credit, and the next waits two slots (processes sharing the key unseen each retry
         # less often into a server that counts rejected requests).
@@ -436,6 +453,8 @@ class Budget:
             self.pace = PACE_BACKOFF * (told if told is not None and told < measured else measured)
         elif span is not None and span > 0 and self.pace is not None:
             self.pace *= PACE_DROP
+        if self.pace is not None:
+            self.allowance = None
         self.closing = None
         self.admitted = 0
 
@@ -448,6 +467,7 @@ class Budget:
             else:  # two models: not paced from 429s any more (see MIXED), nor from the
                 # headers of answers, each of one model's limit: they are not the pool's
                 self.pace_model, self.pace, self.stale, self.closing = MIXED, None, 0, None
+                self.allowance = None
                 self.requests_limit = None
                 self.requests_left = None
                 self.snapshot = -1

@@ -385,6 +385,7 @@ class KeyRing:
             or pool.tokens_left is not None
             or pool.request_bucket is not None
             or pool.pace is not None
+            or pool.allowance is not None
         ):
             self._spend_request(pool)
 
@@ -436,7 +437,8 @@ class KeyRing:
             if lesson is not None and lesson.paces:
                 single = pool.pace_model != MIXED
                 cooled = pool.limited(
-                    self.clock(), pool.in_flight, lesson.told, cooled, hinted, lesson.model
+                    self.clock(), pool.in_flight, lesson.told, cooled, hinted, lesson.model,
+                    lesson.limit,
                 )
                 if single and pool.pace_model == MIXED:  # its budget from headers is forgotten
                     self._uncool_budget(pool)

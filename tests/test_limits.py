@@ -124,7 +124,8 @@ def test_numbers_that_say_when_a_window_ends_are_no_rate_and_a_sliding_windows_r
     # in those same 0.3 s, where a bucket would take 10 refills.
     message = RPM.replace("Limit 3, Used 3", "Limit 10, Used 10").replace("20s", "300ms")
     window = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.3)
-    assert pace_of(message, window) == Lesson(True, None, "gpt-4o-mini")
+    # (Its size is the window's: what the next one admits, until a rate is measured.)
+    assert pace_of(message, window) == Lesson(True, None, "gpt-4o-mini", limit=10)
     # A sliding window of 10 a second: its oldest admission ages out in 22 ms, which reads as
     # 45 a second; the headers say the whole limit is back only in 936 ms, when the last does
     # (just before this 429), where a bucket would take 10 refills (220 ms): 10 in 936 ms.

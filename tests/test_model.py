@@ -253,6 +253,29 @@ def test_a_span_runs_from_where_each_429_says_the_server_admits_again() -> None:
     assert blind.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)
 
 
+def test_a_windows_size_is_what_the_next_window_gets_until_a_span_is_measured() -> None:
+    # Fixed windows of 10 a second: the first 429 (at 0.6) says the window ends at 1.0 and
+    # that it admits 10.  From 1.0, 10 calls go, the 10th holding the pool PROBE_WAIT: then one
+    # more goes alone.
+    budget = Budget()
+    budget.limited(0.6, in_flight=0, told=None, cooled=0.4, limit=10)
+    for _ in range(9):
+        assert started(budget, 1.0, 1) is None
+    assert started(budget, 1.0, 1) == Spent(1.0 + PROBE_WAIT, "paced (429s)", Cause.PACED)
+    for _ in range(10):
+        budget.admit()
+    # Its 429 tells where window 1 ends: the span is measured, and the pace takes over.
+    budget.limited(1.06, in_flight=0, told=None, cooled=0.94, limit=10)
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)
+    assert budget.allowance is None
+    # Without the window's size (an Azure 429, or no headers to tell a window), or without a
+    # hint of its end, nothing holds the calls back: as before.
+    for hinted, limit in ((True, None), (False, 10)):
+        other = Budget()
+        other.limited(0.6, in_flight=0, told=None, cooled=0.4, hinted=hinted, limit=limit)
+        assert other.allowance is None and started(other, 1.0, 1) is None
+
+
 def test_the_pool_is_paced_at_what_it_was_admitted_never_above_what_the_429s_say() -> None:
     budget = Budget()
     budget.limited(0.0, in_flight=0, told=10.0, cooled=0.0)

@@ -27,7 +27,7 @@ from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._lease import Lease
 from stable_openai._manager import lease
-from stable_openai._model import PER_DAY
+from stable_openai._model import PER_DAY, PROBE_WAIT
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyState
 
@@ -454,6 +454,12 @@ def test_an_answer_with_budget_left_frees_only_keys_held_for_the_budget(
 # --------------------------------------------------------------------------- step by step
 
 
+#: A 429's headers that say its numbers (a request every 2 s, Limit 3) are a fixed window's:
+#: the whole limit is back in 1 s, where a bucket would take 6 (``_limits.pace_of``).
+WINDOW_HEADERS = {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "0",
+                  "x-ratelimit-reset-requests": "1s"}
+
+
 class FakeClock:
     """One clock for both stores: the memory ring reads it, and the Redis scripts are given
     it instead of the server's time (``RedisBackend(clock=...)``)."""
@@ -567,6 +573,39 @@ def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
             assert granted == 5, manager.backend  # 5 left: the two old requests were counted
             clock.now -= UNANSWERED_FOR + 1.0
             other.run(still.abandon)
+    finally:
+        memory.close()
+        shared.close()
+
+
+def test_after_a_windows_429_the_next_window_gets_its_size_then_one_call_learns_its_end(
+    redis_server: RedisServer,
+) -> None:
+    """A 429 whose headers make its numbers a fixed window's (Limit 3; it ends in 0.5 s) and
+    no pace known yet: when the window has ended, the pool's keys take 3 calls, and then wait
+    a moment before one more goes (its 429 will tell where that window ends) — in both
+    stores.  (Before: every call waiting for the window's end went, and all past 3 met a 429
+    of a server that counts them.)"""
+    clock = FakeClock()
+    a, b = made_up_keys(2, "window")
+    spec = [Key(a, pool="team"), Key(b, pool="team")]
+    memory, shared = _on_one_clock(spec, clock, redis_server)
+    start = clock.now
+    try:
+        for manager in (memory, shared):
+            clock.now = start
+            taken = take(manager)
+            taken.fail(dataclasses.replace(RATE_LIMITED, seconds=0.5),
+                       rate_limited("2s", organization="org-w", headers=WINDOW_HEADERS))
+            clock.now = start + 0.5
+            for _ in range(3):
+                take(manager).succeed()
+            with pytest.raises(AllKeysCoolingError) as raised:
+                take(manager)
+            assert raised.value.reasons == {"paced (429s)": 2}, manager.backend
+            assert raised.value.retry_after == pytest.approx(PROBE_WAIT)
+            clock.now += PROBE_WAIT
+            take(manager).succeed()  # the one that learns where the window ends
     finally:
         memory.close()
         shared.close()
@@ -704,10 +743,13 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                     verdict = _verdicts(rng)
                     error = None
                     if verdict.cause is Cause.RATE_LIMITED and rng.random() < 0.5:
-                        error = rate_limited(  # with numbers that give a rate, or none
-                            "2s", organization=rng.choice(["org-a", "org-b"]),
-                            numbers=rng.choice(["Limit 3, Used 3, Requested 1", "no numbers"]),
-                            model=rng.choice(["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]))
+                        organization = rng.choice(["org-a", "org-b"])
+                        numbers = rng.choice(["Limit 3, Used 3, Requested 1", "no numbers"])
+                        error = rate_limited(  # with numbers that give a rate, or none —
+                            "2s", organization=organization, numbers=numbers,
+                            model=rng.choice(["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]),
+                            # or, from org-b, headers that make them a window's end and size
+                            headers=WINDOW_HEADERS if organization == "org-b" else None)
                     # The model the call asked for, when its driver knows it.
                     one.model = two.model = rng.choice([None, "gpt-4o-mini", "gpt-4o"])
                     trace[-1] += (f" {verdict.reason} {verdict.seconds} {error is not None}"

@@ -744,7 +744,8 @@ class RedisBackend:
                  "1" if budget is not None else "", "1" if lesson and lesson.paces else "",
                  _text(lesson and lesson.told), "1" if verdict is None or verdict.hinted else "0",
                  (lesson and lesson.model) or "", model or "",
-                 "1" if lesson and lesson.daily else ""]
+                 "1" if lesson and lesson.daily else "",
+                 _text(lesson and lesson.limit)]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

@@ -285,7 +285,14 @@ end
 -- next call's.
 local function pace_spend(pool, p)
   local rate = num(p.pace)
-  if not rate then return end
+  if not rate then
+    if p.allow then  -- (_model.Budget.allowance)
+      p.allow = p.allow - 1
+      put('p:' .. pool, p)
+      if p.allow <= 0 then cool_pool(pool, NOW + PROBE, 'paced (429s)', CAUSE.paced) end
+    end
+    return
+  end
   local level, stamp = num(p.plevel) or 0, num(p.pstamp) or 0
   if NOW > stamp then
     level = level + (NOW - stamp) * rate
@@ -311,6 +318,7 @@ local function pace_close(p)
   elseif span and span > 0 and p.pace then  -- nothing admitted between two 429s
     p.pace = exact(num(p.pace) * PACE_DROP)
   end
+  if p.pace then p.allow = nil end
   p.closing, p.adm = nil, 0
 end
 
@@ -326,7 +334,7 @@ local function pace_model(p, model)
     if not p.pmodel then
       p.pmodel = model
     else  -- two models: not paced from 429s any more, nor from headers of one model
-      p.pmodel, p.pace, p.stale, p.closing = MIXED, nil, 0, nil
+      p.pmodel, p.pace, p.stale, p.closing, p.allow = MIXED, nil, 0, nil, nil
       p.limit, p.left, p.reset, p.order, p.snap = nil, nil, nil, nil, nil
       p.wstart, p.wreset = nil, nil
       p.tlimit, p.tleft, p.treset, p.probing = nil, nil, nil, 0
@@ -337,8 +345,9 @@ end
 -- A call on the pool was rate limited; ``in_flight``: the pool's calls still in flight;
 -- ``told``: the rate the 429's numbers give (nil if none); ``cooled``: the seconds it cools
 -- (``hinted``: the server said so; else the longest it backs off for); ``model``: the one it
--- names (nil if none).  Returns the seconds the pool cools.
-local function pace_limited(p, in_flight, told, cooled, hinted, model)
+-- names (nil if none); ``limit``: its window's size, when it gives no rate (nil if not
+-- named).  Returns the seconds the pool cools.
+local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   if model then pace_model(p, model) end
   local since = num(p.lat)
   local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
@@ -361,6 +370,11 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model)
   if told then
     local paced, pace = PACE_BACKOFF * told, num(p.pace)
     if not pace or paced < pace then p.pace = exact(paced) end
+  end
+  if p.pace then
+    p.allow = nil
+  elseif hinted and not told and limit then  -- a window's end and size, no rate
+    p.allow = limit  -- (_model.Budget.limited)
   end
   p.plevel, p.pstamp = exact(0), exact(NOW + cooled)  -- (restarts empty: _model.Budget.limited)
   p.lat, p.idle, p.stale = exact(mark), exact(0), in_flight

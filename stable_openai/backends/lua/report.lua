@@ -15,7 +15,8 @@
 -- named no delay (ARGV[7] is then the longest the pool backs off for), ARGV[27] the model
 -- whose limit it names, or that a successful call asked for ('' if not known), ARGV[28] the
 -- model the call asked for ('' if not known), ARGV[29] '1' when the 429's limit is a per-day
--- one.
+-- one, ARGV[30] the requests a window admits when the 429 names its size and end but no
+-- rate ('' if not).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -163,7 +164,8 @@ if outcome == 'succeeded' then
   local lp = model and p.lpace and p.lpace[model]
   if lp then lp.r = exact(num(lp.r) * (1 + PACE_GAIN)) end
 elseif outcome == 'rate_limited' and ARGV[24] == '1' then
-  seconds = pace_limited(p, p.n, tonumber(ARGV[25]), seconds, ARGV[26] ~= '0', model)
+  seconds = pace_limited(p, p.n, tonumber(ARGV[25]), seconds, ARGV[26] ~= '0', model,
+                         tonumber(ARGV[30]))
 elseif (p.stale or 0) > 0 then
   pace_over(p)
 end
