@@ -166,8 +166,8 @@ class Budget:
         self.pace_stamp = 0.0
         self.limited_at: float | None = None  # when the last 429 came back
         self.admitted = 0  # calls that succeeded since (and those in flight then)
-        # Before a pace is known, after a 429 that says when its window ends but gives no
-        # rate: the calls the pool may still start before it sends one to learn the next end.
+        # Before a pace is known, after a 429 that gives no rate: the calls the pool may
+        # still start before it sends one to learn where the limit stands.
         self.allowance: float | None = None
         self.idle = 0.0  # seconds since then that the pace would have allowed calls, unused
         self.stale = 0  # calls in flight at that 429 that have not ended yet
@@ -419,11 +419,13 @@ class Budget:
                 self.pace = paced
         if self.pace is not None:
             self.allowance = None
-        elif hinted and told is None and limit is not None:
-            # A window's end, its size and no rate: until a span is measured, the window
-            # after it gets ``limit`` calls, then one more goes to learn where it ends
-            # (instead of every caller waiting for that end rushing into it).
-            self.allowance = float(limit)
+        elif told is None:
+            # No rate (a window's end, or no numbers at all): until a span is measured, once
+            # the pool cooled, as many calls go as the limit's size (``limit``; else as many as
+            # were admitted since the pool began or was last measured), then one more, a
+            # little later, whose 429 tells where the limit stands — instead of every caller
+            # that waited rushing into it.
+            self.allowance = float(limit if limit is not None else max(1, self.admitted))
         # The pace restarts empty where the server admits again: the call it lets go then runs
         # on credit, and the next waits two slots (processes sharing the key unseen each retry
         # less often into a server that counts rejected requests).

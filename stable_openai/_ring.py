@@ -404,9 +404,11 @@ class KeyRing:
         pool = state.pool
         if (pool.limited_at is not None or model is not None) and state.where is not REMOVED:
             single = pool.pace_model != MIXED
-            pool.admit(model)  # (before a 429 or a model, nothing to learn: the usual path)
+            pool.admit(model)
             if single and pool.pace_model == MIXED:  # its budget from headers is forgotten
                 self._uncool_budget(pool)
+        elif state.where is not REMOVED:  # before a 429 or a model, only counted: the usual path
+            pool.admitted += 1
         if tokens:
             self._cost(state, tokens)
 

@@ -268,12 +268,18 @@ def test_a_windows_size_is_what_the_next_window_gets_until_a_span_is_measured() 
     budget.limited(1.06, in_flight=0, told=None, cooled=0.94, limit=10)
     assert budget.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)
     assert budget.allowance is None
-    # Without the window's size (an Azure 429, or no headers to tell a window), or without a
-    # hint of its end, nothing holds the calls back: as before.
-    for hinted, limit in ((True, None), (False, 10)):
+    # Without the window's size (an Azure 429), or without any number or hint (a blind one):
+    # as many as the pool was admitted until then (7 here; the calls before the pool's first
+    # 429 are counted too, by the ring).
+    for hinted in (True, False):
         other = Budget()
-        other.limited(0.6, in_flight=0, told=None, cooled=0.4, hinted=hinted, limit=limit)
-        assert other.allowance is None and started(other, 1.0, 1) is None
+        other.admitted = 7
+        other.limited(0.6, in_flight=0, told=None, cooled=0.4, hinted=hinted)
+        assert other.allowance == 7
+    # A 429 whose numbers give a rate paces the pool at once: no allowance.
+    paced = Budget()
+    paced.limited(0.6, in_flight=0, told=10.0, cooled=0.1, limit=10)
+    assert paced.allowance is None and paced.pace == pytest.approx(PACE_BACKOFF * 10)
 
 
 def test_the_pool_is_paced_at_what_it_was_admitted_never_above_what_the_429s_say() -> None:

@@ -578,34 +578,40 @@ def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
         shared.close()
 
 
-def test_after_a_windows_429_the_next_window_gets_its_size_then_one_call_learns_its_end(
-    redis_server: RedisServer,
+@pytest.mark.parametrize("told", ["size", "nothing"])
+def test_after_a_429_without_a_rate_the_pool_gets_a_windows_worth_then_one_call_learns_more(
+    told: str, redis_server: RedisServer,
 ) -> None:
-    """A 429 whose headers make its numbers a fixed window's (Limit 3; it ends in 0.5 s) and
-    no pace known yet: when the window has ended, the pool's keys take 3 calls, and then wait
-    a moment before one more goes (its 429 will tell where that window ends) — in both
-    stores.  (Before: every call waiting for the window's end went, and all past 3 met a 429
-    of a server that counts them.)"""
+    """Two calls succeed; then a 429 that gives no rate: its headers make its numbers a fixed
+    window's (Limit 3; it ends in 0.5 s), or it has no numbers at all.  No pace is known yet:
+    once the pool has cooled, its keys take 3 calls (the window's size), or 2 (what the pool
+    was admitted), and then wait a moment before one more goes (its 429 will tell where the
+    limit stands) — in both stores.  (Before: every call waiting went, and all past the limit
+    met a 429 of a server that counts them.)"""
     clock = FakeClock()
-    a, b = made_up_keys(2, "window")
+    a, b = made_up_keys(2, f"window{told}")
     spec = [Key(a, pool="team"), Key(b, pool="team")]
     memory, shared = _on_one_clock(spec, clock, redis_server)
     start = clock.now
+    allowed = 3 if told == "size" else 2
     try:
         for manager in (memory, shared):
             clock.now = start
-            taken = take(manager)
-            taken.fail(dataclasses.replace(RATE_LIMITED, seconds=0.5),
-                       rate_limited("2s", organization="org-w", headers=WINDOW_HEADERS))
+            for _ in range(2):
+                take(manager).succeed()
+            error = (rate_limited("2s", organization="org-w", headers=WINDOW_HEADERS)
+                     if told == "size" else
+                     rate_limited("2s", organization="org-w", numbers="no numbers"))
+            take(manager).fail(dataclasses.replace(RATE_LIMITED, seconds=0.5), error)
             clock.now = start + 0.5
-            for _ in range(3):
+            for _ in range(allowed):
                 take(manager).succeed()
             with pytest.raises(AllKeysCoolingError) as raised:
                 take(manager)
             assert raised.value.reasons == {"paced (429s)": 2}, manager.backend
             assert raised.value.retry_after == pytest.approx(PROBE_WAIT)
             clock.now += PROBE_WAIT
-            take(manager).succeed()  # the one that learns where the window ends
+            take(manager).succeed()  # the one that learns where the limit stands
     finally:
         memory.close()
         shared.close()

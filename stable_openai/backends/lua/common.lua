@@ -373,8 +373,8 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   end
   if p.pace then
     p.allow = nil
-  elseif hinted and not told and limit then  -- a window's end and size, no rate
-    p.allow = limit  -- (_model.Budget.limited)
+  elseif not told then  -- no rate: a window's end, or no numbers (_model.Budget.limited)
+    p.allow = limit or math.max(1, p.adm or 0)
   end
   p.plevel, p.pstamp = exact(0), exact(NOW + cooled)  -- (restarts empty: _model.Budget.limited)
   p.lat, p.idle, p.stale = exact(mark), exact(0), in_flight
@@ -384,7 +384,10 @@ end
 
 -- A call on the pool succeeded (``model``: the one it asked for, nil if not known).
 local function pace_admit(p, model)
-  if not (p.lat or model) then return end  -- before a 429 or a model: nothing to learn
+  if not (p.lat or model) then  -- before a 429 or a model: only counted
+    p.adm = (p.adm or 0) + 1
+    return
+  end
   if model then pace_model(p, model) end
   p.adm = (p.adm or 0) + 1
   p.hintless = nil
