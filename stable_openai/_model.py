@@ -222,8 +222,13 @@ class Budget:
             spent.append(Spent(now + (1.0 - level) / pace, "paced (429s)", Cause.PACED))
         if self.allowance is not None:
             self.allowance -= 1.0
-            if self.allowance <= 0:  # one call more, a little later: its 429 tells the end
+            if self.allowance <= 0:
+                # The pool holds a moment; then one call more goes, and holds it as long, for
+                # its 429 to tell where the limit stands.  After that, nothing more: a probe
+                # that met no 429 says the limit is not where the allowance put it.
                 spent.append(Spent(now + PROBE_WAIT, "paced (429s)", Cause.PACED))
+                if self.allowance < 0:
+                    self.allowance = None
         if self.requests_left is None and self.tokens_left is None:
             return spent
         self.refresh(now, in_flight, fresh=1)

@@ -611,7 +611,14 @@ def test_after_a_429_without_a_rate_the_pool_gets_a_windows_worth_then_one_call_
             assert raised.value.reasons == {"paced (429s)": 2}, manager.backend
             assert raised.value.retry_after == pytest.approx(PROBE_WAIT)
             clock.now += PROBE_WAIT
-            take(manager).succeed()  # the one that learns where the limit stands
+            take(manager).succeed()  # the one that learns where the limit stands ...
+            with pytest.raises(AllKeysCoolingError):  # (held as long again for its answer)
+                take(manager)
+            # ... and met no 429 here: the allowance is over, nothing holds the calls back
+            # (before: the pool was held PROBE_WAIT after every call, until a 429 came).
+            clock.now += 2 * PROBE_WAIT
+            for _ in range(10):
+                take(manager).succeed()
     finally:
         memory.close()
         shared.close()
@@ -653,6 +660,49 @@ def test_a_long_requests_late_answer_counts_where_its_request_left_in_both_store
             long.run(first.succeed)
             assert {row["state"] for row in rows(manager).values()} == {"ready"}, manager.backend
             assert take(manager).key in (a, b)
+    finally:
+        memory.close()
+        shared.close()
+
+
+@pytest.mark.parametrize("late", ["first request", "further request"])
+def test_an_answer_is_placed_by_when_its_request_left_not_when_its_call_chose(
+    late: str, redis_server: RedisServer,
+) -> None:
+    """Call A's request leaves 0.5 s after A chose its key (its client was built, or — a
+    further request — it waited in the hook); call B chooses and sends at 0.5 s, after it.
+    The server counts A after B (A's reset is later); B's answer comes first.  Both stores
+    take in A's answer — its budget is spent — placed from when A's request left, not from
+    when A chose (Redis placed it there, 0.5 s earlier, and dropped it: the pool stayed
+    ready)."""
+    clock = FakeClock()
+    a, b = made_up_keys(2, f"leftat{late[0]}")
+    spec = [Key(a, pool="team"), Key(b, pool="team")]
+    memory, shared = _on_one_clock(spec, clock, redis_server)
+    start = clock.now
+    try:
+        for manager in (memory, shared):
+            clock.now = start
+            mine, theirs = contextvars.copy_context(), contextvars.copy_context()
+            first = mine.run(take, manager)
+            if late == "further request":
+                mark = mine.run(first.owner.sending, first.state, 0.0)
+                mine.run(first.owner.answered, first.state, None, mark)
+                mine.run(first.owner.before_sending, first.state)
+            clock.now = start + 0.5
+            first_mark = mine.run(first.owner.sending, first.state, 0.0)
+            second = theirs.run(take, manager)
+            second_mark = theirs.run(second.owner.sending, second.state, 0.0)
+            clock.now = start + 0.5 + 2**-6
+            theirs.run(second.owner.answered, second.state, ServerBudget(
+                requests_limit=10, requests_left=3, requests_reset=1.0), second_mark)
+            theirs.run(second.succeed)
+            clock.now = start + 0.5 + 2**-5
+            mine.run(first.owner.answered, first.state, ServerBudget(
+                requests_limit=10, requests_left=0, requests_reset=1.25), first_mark)
+            mine.run(first.succeed)
+            assert {row["reason"] for row in rows(manager).values()} == {
+                "budget spent (RPM)"}, manager.backend
     finally:
         memory.close()
         shared.close()

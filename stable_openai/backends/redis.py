@@ -199,17 +199,22 @@ def _text(value: float | int | None) -> str:
 class _Pending:
     """What an answer on a key said, for the call's report."""
 
-    __slots__ = ("answered", "budget", "lease", "sent")
+    __slots__ = ("answered", "budget", "lease", "left_at", "sent")
 
     def __init__(self, lease: str = "") -> None:
         self.lease = lease
         self.budget: ServerBudget | None = None
         self.sent = False  # its request left (the pooled client's hook saw it)
+        self.left_at: float | None = None  # when its last request left, on the backend's clock
         self.answered = False  # and its answer arrived
 
-    def note(self, budget: ServerBudget | None, sent: bool, answered: bool) -> None:
+    def note(
+        self, budget: ServerBudget | None, sent: bool, answered: bool, now: float | None = None
+    ) -> None:
         if budget is not None:
             self.budget = budget
+        if sent:
+            self.left_at = now
         self.sent = self.sent or sent
         # Its last request is what counts: one that leaves after an answer is unanswered.
         self.answered = (self.answered and not sent) or answered
@@ -679,16 +684,22 @@ class RedisBackend:
         self, state: KeyState, budget: ServerBudget | None, sent: bool = False,
         answered: bool = False,
     ) -> None:
+        now = self._now() if sent else None
         calls = _CALLS.get()
         call = calls.get(state) if calls else None
         if call is not None:
-            call.note(budget, sent, answered)
+            call.note(budget, sent, answered, now)
             return
         with self._lock:  # not from the call's own thread or task: the key's next report
             pending = self._pending.get(state)
             if pending is None:
                 pending = self._pending[state] = _Pending()
-            pending.note(budget, sent, answered)
+            pending.note(budget, sent, answered, now)
+
+    def _now(self) -> float:
+        """The backend's clock (a test's, or the monotonic one): what only differences of are
+        sent to Redis, whose own clock is the scripts' time."""
+        return time.monotonic() if self._clock is None else self._clock()
 
     def report(
         self, state: KeyState, outcome: Outcome, verdict: Verdict | None = None,
@@ -740,12 +751,18 @@ class RedisBackend:
         # A request that left and got no answer may still count at the server: its place
         # stays among the unanswered ones until its pool has no call in flight (as the ring's).
         unanswered = call is not None and call.sent and not call.answered
+        # How long ago the call's last request left (the hook saw it): the scripts place it on
+        # Redis's clock from that, never from this host's.
+        left_at = call.left_at if call is not None else None
+        if left_at is None and pending is not None:
+            left_at = pending.left_at
+        left = "" if left_at is None else _text(max(0.0, self._now() - left_at))
         args += [_text(tokens), cause, pool_then, mark, "1" if unanswered else "",
                  "1" if budget is not None else "", "1" if lesson and lesson.paces else "",
                  _text(lesson and lesson.told), "1" if verdict is None or verdict.hinted else "0",
                  (lesson and lesson.model) or "", model or "",
                  "1" if lesson and lesson.daily else "",
-                 _text(lesson and lesson.limit)]
+                 _text(lesson and lesson.limit), left]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

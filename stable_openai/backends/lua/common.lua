@@ -286,10 +286,13 @@ end
 local function pace_spend(pool, p)
   local rate = num(p.pace)
   if not rate then
-    if p.allow then  -- (_model.Budget.allowance)
+    if p.allow then  -- (_model.Budget.allowance: spend_request)
       p.allow = p.allow - 1
+      if p.allow <= 0 then
+        cool_pool(pool, NOW + PROBE, 'paced (429s)', CAUSE.paced)
+        if p.allow < 0 then p.allow = nil end  -- (the probe has gone)
+      end
       put('p:' .. pool, p)
-      if p.allow <= 0 then cool_pool(pool, NOW + PROBE, 'paced (429s)', CAUSE.paced) end
     end
     return
   end

@@ -16,7 +16,8 @@
 -- whose limit it names, or that a successful call asked for ('' if not known), ARGV[28] the
 -- model the call asked for ('' if not known), ARGV[29] '1' when the 429's limit is a per-day
 -- one, ARGV[30] the requests a window admits when the 429 names its size and end but no
--- rate ('' if not).
+-- rate ('' if not), ARGV[31] how many seconds ago the call's last request left ('' when no
+-- pooled client's hook saw it leave).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -36,7 +37,8 @@ end
 -- A report is applied once: one whose lease is neither in flight nor among the leases that
 -- expired unreported was applied already (sent again after its reply was lost).
 local in_flight = false
-local left_at  -- when the call's (last) request left, if known
+local left_at = tonumber(ARGV[31])  -- when the call's last request left, if known
+if left_at then left_at = NOW - left_at end
 if lease ~= '' then
   -- A lease that expired unreported is released first (as gone): a report sent again after
   -- this one then finds it neither in flight nor gone, and counts once.
@@ -58,7 +60,6 @@ if lease ~= '' then
   local name, p = find_call(fp, lease, pool_then)
   local call = name and p.out[lease]
   if mark_then and call and call.m > 0 then pool_then, mark_then = name, call.m end
-  left_at = call and call.t
 end
 
 -- The pool the server named: a key given no pool by the user moves into it.
