@@ -25,6 +25,7 @@ from ._budget import ServerBudget
 from ._cause import Cause
 
 __all__ = [
+    "ALLOWANCE_PROBES",
     "BLIND_FIRST",
     "FREED",
     "MAX_RESET",
@@ -59,6 +60,10 @@ ORDER_SLACK = 0.005
 PROBE_WAIT = 0.05
 #: Calls per key a pool sends before an answer has told its budget.
 PROBE_CALLS = 2
+#: Once a pool's allowance (see ``Budget.limited``) is spent, it sends one call per
+#: ``PROBE_WAIT`` for a 429 to tell where the limit stands — this many at most: a limit far
+#: above that rate meets none, and the pool goes unheld again.
+ALLOWANCE_PROBES = 20
 #: A request that left this long ago and got no answer no longer counts as one the server
 #: may not have counted yet: by now it has, or never will.
 UNANSWERED_FOR = 60.0
@@ -222,13 +227,13 @@ class Budget:
             spent.append(Spent(now + (1.0 - level) / pace, "paced (429s)", Cause.PACED))
         if self.allowance is not None:
             self.allowance -= 1.0
-            if self.allowance <= 0:
-                # The pool holds a moment; then one call more goes, and holds it as long, for
-                # its 429 to tell where the limit stands.  After that, nothing more: a probe
-                # that met no 429 says the limit is not where the allowance put it.
+            if self.allowance < -ALLOWANCE_PROBES:
+                # As many probes met no 429: the limit is not where the allowance put it.
+                self.allowance = None
+            elif self.allowance <= 0:
+                # The pool holds a moment, then one call more goes (and holds it as long), for
+                # a 429 to tell where the limit stands.
                 spent.append(Spent(now + PROBE_WAIT, "paced (429s)", Cause.PACED))
-                if self.allowance < 0:
-                    self.allowance = None
         if self.requests_left is None and self.tokens_left is None:
             return spent
         self.refresh(now, in_flight, fresh=1)

@@ -9,6 +9,7 @@ import pytest
 from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._model import (
+    ALLOWANCE_PROBES,
     BLIND_FIRST,
     FREED,
     MIXED,
@@ -264,22 +265,23 @@ def test_a_windows_size_is_what_the_next_window_gets_until_a_span_is_measured() 
     assert started(budget, 1.0, 1) == Spent(1.0 + PROBE_WAIT, "paced (429s)", Cause.PACED)
     for _ in range(10):
         budget.admit()
-    # The probe: it holds the pool as long again, for its answer, and ends the allowance.
+    # The probe: it holds the pool as long again, for its answer.
     probe = 1.0 + PROBE_WAIT
     assert started(budget, probe, 1) == Spent(probe + PROBE_WAIT, "paced (429s)", Cause.PACED)
-    assert budget.allowance is None
     # Its 429 tells where window 1 ends: the span is measured, and the pace takes over.
     budget.limited(1.07, in_flight=0, told=None, cooled=0.93, limit=10)
     assert budget.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)
     assert budget.allowance is None
-    # Had the probe met no 429 (the limit was not where the allowance put it), nothing more
-    # holds the pool: calls go as before (not one every PROBE_WAIT for good).
+    # Had ALLOWANCE_PROBES probes met no 429 (the limit is not where the allowance put it),
+    # nothing more holds the pool: calls go as before (not one every PROBE_WAIT for good).
     free = Budget()
     free.limited(0.6, in_flight=0, told=None, cooled=0.4, limit=2)
-    assert [started(free, 1.0, 1) for _ in range(2)][-1] is not None
-    assert started(free, 1.0 + PROBE_WAIT, 1) is not None  # the probe
-    free.admit()
-    assert [started(free, 2.0, 1) for _ in range(50)] == [None] * 50
+    assert started(free, 1.0, 1) is None
+    for probe in range(1 + ALLOWANCE_PROBES):  # (the 2nd call, then the probes)
+        assert started(free, 1.0 + probe * PROBE_WAIT, 1) is not None
+        free.admit()
+    assert [started(free, 3.0, 1) for _ in range(50)] == [None] * 50
+    assert free.allowance is None
     # Without the window's size (an Azure 429), or without any number or hint (a blind one):
     # as many as the pool was admitted until then (7 here; the calls before the pool's first
     # 429 are counted too, by the ring).

@@ -27,7 +27,7 @@ from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._lease import Lease
 from stable_openai._manager import lease
-from stable_openai._model import PER_DAY, PROBE_WAIT
+from stable_openai._model import ALLOWANCE_PROBES, PER_DAY, PROBE_WAIT
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyState
 
@@ -610,12 +610,13 @@ def test_after_a_429_without_a_rate_the_pool_gets_a_windows_worth_then_one_call_
                 take(manager)
             assert raised.value.reasons == {"paced (429s)": 2}, manager.backend
             assert raised.value.retry_after == pytest.approx(PROBE_WAIT)
-            clock.now += PROBE_WAIT
-            take(manager).succeed()  # the one that learns where the limit stands ...
-            with pytest.raises(AllKeysCoolingError):  # (held as long again for its answer)
-                take(manager)
-            # ... and met no 429 here: the allowance is over, nothing holds the calls back
-            # (before: the pool was held PROBE_WAIT after every call, until a 429 came).
+            for _ in range(ALLOWANCE_PROBES):  # one call at a time, for a 429 to tell more
+                clock.now += 2 * PROBE_WAIT
+                take(manager).succeed()
+                with pytest.raises(AllKeysCoolingError):  # (each held as long for its answer)
+                    take(manager)
+            # None met a 429 here: the allowance is over, nothing holds the calls back (before
+            # the review: the pool was held PROBE_WAIT after every call, until a 429 came).
             clock.now += 2 * PROBE_WAIT
             for _ in range(10):
                 take(manager).succeed()

@@ -58,6 +58,7 @@ from .._cause import Cause
 from .._errors import duration
 from .._limits import Lesson
 from .._model import (
+    ALLOWANCE_PROBES,
     BLIND_FIRST,
     MAX_RESET,
     MIXED,
@@ -114,6 +115,7 @@ def _constants() -> str:
         f"local ORDER_SLACK = {ORDER_SLACK!r}\n"
         f"local PROBE = {PROBE_WAIT!r}\n"
         f"local PROBE_CALLS = {PROBE_CALLS!r}\n"
+        f"local ALLOWANCE_PROBES = {ALLOWANCE_PROBES!r}\n"
         f"local UNANSWERED = {UNANSWERED_FOR!r}\n"
         f"local PACE_BACKOFF = {PACE_BACKOFF!r}\n"
         f"local PACE_DROP = {PACE_DROP!r}\n"

@@ -49,7 +49,8 @@
 
 local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
 local TTL = tonumber(ARGV[1])
--- MAX_RESET, NEW_WINDOW, ORDER_SLACK, PROBE, PROBE_CALLS, UNANSWERED and CAUSE come from the Python
+-- MAX_RESET, NEW_WINDOW, ORDER_SLACK, PROBE, PROBE_CALLS, ALLOWANCE_PROBES, UNANSWERED, the
+-- pace constants and CAUSE come from the Python
 -- side: redis.py puts them before this file (_model.py's constants, _cause.Cause's values).
 
 local NOW = tonumber(table.remove(ARGV, 2))
@@ -288,9 +289,10 @@ local function pace_spend(pool, p)
   if not rate then
     if p.allow then  -- (_model.Budget.allowance: spend_request)
       p.allow = p.allow - 1
-      if p.allow <= 0 then
+      if p.allow < -ALLOWANCE_PROBES then
+        p.allow = nil  -- (as many probes met no 429)
+      elseif p.allow <= 0 then
         cool_pool(pool, NOW + PROBE, 'paced (429s)', CAUSE.paced)
-        if p.allow < 0 then p.allow = nil end  -- (the probe has gone)
       end
       put('p:' .. pool, p)
     end
