@@ -11,6 +11,7 @@ within a second); only made-up keys.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
 import math
@@ -535,6 +536,23 @@ def test_many_keys_due_at_once_take_their_turn_after_the_ready_ones(
         shared.close()
 
 
+@contextlib.contextmanager
+def _team_of_two(
+    redis_server: RedisServer, tag: str
+) -> Iterator[tuple[FakeClock, tuple[KeyManager, KeyManager], tuple[str, str]]]:
+    """Two keys in one pool, in a memory manager and a Redis manager on one fake clock: the
+    clock, the two managers (closed after), the keys."""
+    clock = FakeClock()
+    a, b = made_up_keys(2, tag)
+    memory, shared = _on_one_clock([Key(a, pool="team"), Key(b, pool="team")], clock,
+                                   redis_server)
+    try:
+        yield clock, (memory, shared), (a, b)
+    finally:
+        memory.close()
+        shared.close()
+
+
 def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
     redis_server: RedisServer,
 ) -> None:
@@ -588,14 +606,10 @@ def test_after_a_429_without_a_rate_the_pool_gets_a_windows_worth_then_one_call_
     was admitted), and then wait a moment before one more goes (its 429 will tell where the
     limit stands) — in both stores.  (Before: every call waiting went, and all past the limit
     met a 429 of a server that counts them.)"""
-    clock = FakeClock()
-    a, b = made_up_keys(2, f"window{told}")
-    spec = [Key(a, pool="team"), Key(b, pool="team")]
-    memory, shared = _on_one_clock(spec, clock, redis_server)
-    start = clock.now
-    allowed = 3 if told == "size" else 2
-    try:
-        for manager in (memory, shared):
+    with _team_of_two(redis_server, f"window{told}") as (clock, managers, _):
+        start = clock.now
+        allowed = 3 if told == "size" else 2
+        for manager in managers:
             clock.now = start
             for _ in range(2):
                 take(manager).succeed()
@@ -620,9 +634,6 @@ def test_after_a_429_without_a_rate_the_pool_gets_a_windows_worth_then_one_call_
             clock.now += 2 * PROBE_WAIT
             for _ in range(10):
                 take(manager).succeed()
-    finally:
-        memory.close()
-        shared.close()
 
 
 def test_a_long_requests_late_answer_counts_where_its_request_left_in_both_stores(
@@ -634,13 +645,9 @@ def test_a_long_requests_late_answer_counts_where_its_request_left_in_both_store
     earlier than the short one's (2.9 + 0.8), and it does not hold the pool — in both
     stores.  (Stamped on arrival, 3.0 + 1.0, it was the later one: the pool was held until
     then.)"""
-    clock = FakeClock()
-    a, b = made_up_keys(2, "long")
-    spec = [Key(a, pool="team"), Key(b, pool="team")]
-    memory, shared = _on_one_clock(spec, clock, redis_server)
-    start = clock.now
-    try:
-        for manager in (memory, shared):
+    with _team_of_two(redis_server, "long") as (clock, managers, (a, b)):
+        start = clock.now
+        for manager in managers:
             clock.now = start
             long, short = contextvars.copy_context(), contextvars.copy_context()
 
@@ -661,9 +668,6 @@ def test_a_long_requests_late_answer_counts_where_its_request_left_in_both_store
             long.run(first.succeed)
             assert {row["state"] for row in rows(manager).values()} == {"ready"}, manager.backend
             assert take(manager).key in (a, b)
-    finally:
-        memory.close()
-        shared.close()
 
 
 @pytest.mark.parametrize("late", ["first request", "further request"])
@@ -676,13 +680,9 @@ def test_an_answer_is_placed_by_when_its_request_left_not_when_its_call_chose(
     take in A's answer — its budget is spent — placed from when A's request left, not from
     when A chose (Redis placed it there, 0.5 s earlier, and dropped it: the pool stayed
     ready)."""
-    clock = FakeClock()
-    a, b = made_up_keys(2, f"leftat{late[0]}")
-    spec = [Key(a, pool="team"), Key(b, pool="team")]
-    memory, shared = _on_one_clock(spec, clock, redis_server)
-    start = clock.now
-    try:
-        for manager in (memory, shared):
+    with _team_of_two(redis_server, f"leftat{late[0]}") as (clock, managers, _):
+        start = clock.now
+        for manager in managers:
             clock.now = start
             mine, theirs = contextvars.copy_context(), contextvars.copy_context()
             first = mine.run(take, manager)
@@ -704,9 +704,6 @@ def test_an_answer_is_placed_by_when_its_request_left_not_when_its_call_chose(
             mine.run(first.succeed)
             assert {row["reason"] for row in rows(manager).values()} == {
                 "budget spent (RPM)"}, manager.backend
-    finally:
-        memory.close()
-        shared.close()
 
 
 @pytest.mark.parametrize("seed", [*range(40), 87, 107, 109, 153, 165, 187, 189, 212, 216])
