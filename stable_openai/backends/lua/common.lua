@@ -9,8 +9,9 @@
 --               n (calls in flight), weight, pool, fixed (pool given by the user), own (still
 --               in a pool of its own), rpm, tpm, calls, successes, rate_limits, failures
 --     p:<pool>  one pool: n (calls in flight); sent (calls chosen, ever); out {lease = {m =
---               the ``sent`` mark it was chosen at, e = expiry, f = fingerprint, t = when its
---               (last) request left, r = 1 once it ended with its request unanswered}}, the
+--               the ``sent`` mark it was chosen at, e = expiry, f = fingerprint, t = when it
+--               was chosen or spent for a further request (when its request leaves, the
+--               client tells in its report), r = 1 once it ended with its request unanswered}}, the
 --               calls in flight and the unanswered ones; gone {lease = when}, calls whose
 --               lease expired before they reported; what the server said, brought up to
 --               date: limit, left, reset, order (the freshest answer's reset stamped from
