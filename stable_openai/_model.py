@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Final, NamedTuple
+from typing import Final, NamedTuple, cast
 
 from ._budget import ServerBudget
 from ._cause import Cause
@@ -35,6 +35,8 @@ __all__ = [
     "PACE_BACKOFF",
     "PACE_DROP",
     "PACE_GAIN",
+    "PERIOD_GAIN",
+    "PERIOD_SLACK",
     "PER_DAY",
     "PROBE_CALLS",
     "PROBE_WAIT",
@@ -64,6 +66,15 @@ PROBE_CALLS = 2
 #: ``PROBE_WAIT`` for a 429 to tell where the limit stands — this many at most: a limit far
 #: above that rate meets none, and the pool goes unheld again.
 ALLOWANCE_PROBES = 20
+#: A server that counts in fixed windows (Azure's RPM, in windows of 1 or 10 s) says, in a 429
+#: that gives no rate, when its window ends.  Two such ends this far apart or more (and a
+#: window's worth between them) measure its period; ends within it of each other, or of a
+#: whole number of periods apart (at most this share of a period off), are of the same grid.
+PERIOD_SLACK = 0.1
+#: A pool that knows its windows starts each with its size, which a window that met a 429
+#: sets to what that window admitted, and each window that spent it all without one raises by
+#: this much (up to the size a 429 named): one call more every five windows.
+PERIOD_GAIN = 0.2
 #: A request that left this long ago and got no answer no longer counts as one the server
 #: may not have counted yet: by now it has, or never will.
 UNANSWERED_FOR = 60.0
@@ -120,6 +131,14 @@ class Budget:
         "pace_level",
         "pace_model",
         "pace_stamp",
+        "period",
+        "period_admitted",
+        "period_anchor",
+        "period_end",
+        "period_limit",
+        "period_limited",
+        "period_size",
+        "period_told",
         "probing",
         "requests_left",
         "requests_limit",
@@ -174,6 +193,17 @@ class Budget:
         # Before a pace is known, after a 429 that gives no rate: the calls the pool may
         # still start before it sends one to learn where the limit stands.
         self.allowance: float | None = None
+        # A server that counts in fixed windows, once two of its 429s told where one ends
+        # (see PERIOD_SLACK): the pool gets ``period_size`` calls a window, what is left of it
+        # in ``allowance``, and is held from then until ``period_end``, instead of paced.
+        self.period: float | None = None  # the length of the server's windows
+        self.period_told: float | None = None  # the last window end a 429 told
+        self.period_end = 0.0  # when the current window ends
+        self.period_anchor = 0.0  # the first window end of those measured
+        self.period_size = 0.0  # the calls a window gets
+        self.period_limit: int | None = None  # the size a 429 named: the most a window gets
+        self.period_admitted = 0  # the calls that succeeded since the window began
+        self.period_limited = False  # and whether one met a 429 there
         self.idle = 0.0  # seconds since then that the pace would have allowed calls, unused
         self.stale = 0  # calls in flight at that 429 that have not ended yet
         self.closing: float | None = None  # the span before it, to measure once they have
@@ -225,7 +255,19 @@ class Budget:
             level -= 1.0
             self.pace_level = level
             spent.append(Spent(now + (1.0 - level) / pace, "paced (429s)", Cause.PACED))
-        if self.allowance is not None:
+        period = self.period
+        if period is not None:
+            if now >= self.period_end:
+                self._next_window(now, period)
+            self.allowance = cast(float, self.allowance) - 1.0
+            if self.allowance <= 0:
+                # The window's calls are spent: hold until a little after its end (the ends
+                # a 429 tells come late, by as long as it took to answer, but the period may
+                # be a little short).
+                spent.append(Spent(
+                    self.period_end + PERIOD_SLACK * period, "paced (429s)", Cause.PACED
+                ))
+        elif self.allowance is not None:
             self.allowance -= 1.0
             if self.allowance < -ALLOWANCE_PROBES:
                 # As many probes met no 429: the limit is not where the allowance put it.
@@ -251,6 +293,61 @@ class Budget:
                 until = reset_at if reset_at > now else now + PROBE_WAIT
                 spent.append(Spent(until, "budget spent (TPM)", Cause.TOKENS_SPENT))
         return spent
+
+    def _next_window(self, now: float, period: float) -> None:
+        """A call starts after the window's end: the next window (the one ``now`` is in)
+        begins, with as many calls as the last one admitted if a 429 met it, one more every
+        few windows if it spent them all without one (up to the size a 429 named), else as
+        many as the last one had."""
+        end = self.period_end
+        self.period_end = end + period * (math.floor((now - end) / period) + 1.0)
+        size = self.period_size
+        if self.period_limited:
+            size = max(1.0, float(self.period_admitted))
+        elif cast(float, self.allowance) <= 0:
+            size += PERIOD_GAIN
+        if self.period_limit is not None:
+            size = min(size, float(self.period_limit))
+        self.period_size = size
+        self.period_admitted, self.period_limited = 0, False
+        self.allowance = float(math.floor(size))
+
+    def _window_told(self, end: float, limit: int | None) -> bool:
+        """A 429 that gives no rate said the server admits again at ``end``: the end of its
+        window, if the server counts in windows.  The second such end after the first
+        measures the windows' period; a later one that falls on the windows known (within
+        ``PERIOD_SLACK`` of a period) keeps them, and tells the pool it had more calls in a
+        window than the server admits; one that falls off them ends them, and the next two
+        measure anew.  Returns whether the pool knows its windows; then it has spent the
+        current one."""
+        told = self.period_told
+        period = self.period
+        if told is not None and abs(end - told) <= max(NEW_WINDOW, PERIOD_SLACK * (period or 0.0)):
+            return period is not None  # the same window's end again
+        self.period_told = end
+        if told is None or end < told:
+            self.period = None
+            return False
+        gap = end - told
+        if period is None:
+            self.period = gap
+            self.period_anchor = told
+            self.period_limit = limit
+            self.period_size = float(limit if limit is not None else max(1, self.admitted))
+            self.period_admitted, self.period_limited = 0, False
+        else:
+            windows = math.floor(gap / period + 0.5)
+            if windows < 1 or abs(gap - windows * period) > PERIOD_SLACK * period:
+                self.period = None  # off the windows known
+                return False
+            # The same windows: their period, measured over all of them since the first end
+            # (each end is told late by as long as its answer took: once, not each time).
+            since = end - self.period_anchor
+            self.period = since / math.floor(since / period + 0.5)
+            self.period_limited = True
+        self.period_end = end
+        self.allowance = 0.0
+        return True
 
     def send(self, now: float) -> int:
         """A request leaves (the pooled client's hook saw it): it is unanswered until
@@ -416,6 +513,9 @@ class Budget:
         if stale:
             self._over()  # (after a minute, one of them was never reported: go on)
             return cooled
+        # A 429 that gives no rate but says when the server admits again may tell where the
+        # server's window ends: once two have, the pool is allowed per window, not paced.
+        windows = told is None and hinted and cooled > 0 and self._window_told(now + cooled, limit)
         if self.closing is not None:  # the span before is still to measure: now, then
             self._close()
         # Spans run from where the server said it admits again (or from the 429, without a
@@ -423,12 +523,18 @@ class Budget:
         mark = now + cooled if hinted else now
         self.closing = None if since is None else mark - since - self.idle
         self.told = told
+        if windows:
+            self.pace = None  # (allowed per window instead)
+        else:
+            self.period = None
         if told is not None:
             paced = PACE_BACKOFF * told
             if self.pace is None or paced < self.pace:
                 self.pace = paced
         if self.pace is not None:
             self.allowance = None
+        elif windows:
+            pass  # (its window is spent until its end)
         elif told is None:
             # No rate (a window's end, or no numbers at all): until a span is measured, once
             # the pool cooled, as many calls go as the limit's size (``limit``; else as many as
@@ -459,7 +565,9 @@ class Budget:
         that names a short wait would otherwise be met again at once, keeping the server's
         count full (rejected requests count) so that nobody is admitted."""
         span = self.closing
-        if span is not None and span > 0 and self.admitted > 0:
+        if self.period is not None:  # (allowed per window, not paced)
+            pass
+        elif span is not None and span > 0 and self.admitted > 0:
             measured = self.admitted / span
             told = self.told
             self.pace = PACE_BACKOFF * (told if told is not None and told < measured else measured)
@@ -479,7 +587,7 @@ class Budget:
             else:  # two models: not paced from 429s any more (see MIXED), nor from the
                 # headers of answers, each of one model's limit: they are not the pool's
                 self.pace_model, self.pace, self.stale, self.closing = MIXED, None, 0, None
-                self.allowance = None
+                self.allowance = self.period = self.period_told = None
                 self.requests_limit = None
                 self.requests_left = None
                 self.snapshot = -1
@@ -494,6 +602,8 @@ class Budget:
         if model is not None and model != self.pace_model:
             self._model(model)
         self.admitted += 1
+        if self.period is not None:
+            self.period_admitted += 1
         self.hintless = 0
         if self.pace is not None:
             self.pace *= 1.0 + PACE_GAIN

@@ -16,6 +16,8 @@ from stable_openai._model import (
     PACE_BACKOFF,
     PACE_DROP,
     PACE_GAIN,
+    PERIOD_GAIN,
+    PERIOD_SLACK,
     PROBE_CALLS,
     PROBE_WAIT,
     UNANSWERED_FOR,
@@ -223,27 +225,27 @@ def test_no_pace_before_a_429_and_a_429_with_a_rate_paces_at_once_a_little_below
 
 def test_the_rate_admitted_between_two_429s_paces_the_pool_once_their_calls_ended() -> None:
     budget = Budget()
-    budget.limited(0.0, in_flight=2, told=None, cooled=1.0)  # no numbers: a window's end
+    budget.limited(0.0, in_flight=2, told=None, cooled=1.0, hinted=False)  # no numbers at all
     assert budget.pace is None and budget.stale == 2
-    budget.limited(0.01, in_flight=1, told=None, cooled=1.0)  # sent before it: the same excess
+    budget.limited(0.01, in_flight=1, told=None, cooled=1.0, hinted=False)  # the same excess
     budget.admit()  # the last call of that volley was admitted before the 429
     assert budget.stale == 0 and budget.admitted == 0  # the first span had no start: unmeasured
-    for _ in range(10):  # the next window admits 10 ...
+    for _ in range(10):  # the next second admits 10 ...
         budget.admit()
-    budget.limited(1.0, in_flight=1, told=None, cooled=1.0)  # ... and a 429 comes at its end
+    budget.limited(1.0, in_flight=1, told=None, cooled=1.0, hinted=False)  # ... then a 429
     assert budget.pace is None  # measured once the call in flight ends ...
     budget.admit()  # ... which the server admitted before the 429
     assert budget.pace == pytest.approx(PACE_BACKOFF * 11 / 1.0)
 
 
 def test_a_span_runs_from_where_each_429_says_the_server_admits_again() -> None:
-    # Fixed windows of 10 a second ending at 1.0, 2.0, ...: each 429 says "the window ends in
-    # ...", and what the next window admits comes after that, not after the 429.
+    # A server that admits 10 a second and whose numbers say 20: each 429 says when it admits
+    # again, and what it admits next comes after that, not after the 429.
     budget = Budget()
-    budget.limited(0.6, in_flight=0, told=None, cooled=0.4)  # window 0 spent; ends at 1.0
-    for _ in range(10):  # window 1 admits its 10 by 1.2 ...
+    budget.limited(0.6, in_flight=0, told=20.0, cooled=0.4)  # admits again at 1.0
+    for _ in range(10):  # 10 admitted from 1.0 ...
         budget.admit()
-    budget.limited(1.2, in_flight=0, told=None, cooled=0.8)  # ... and ends at 2.0
+    budget.limited(1.2, in_flight=0, told=20.0, cooled=0.8)  # ... by 2.0
     assert budget.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)  # not 10 / 0.6
     # A 429 that says no delay is its own mark: the backoff is the client's, not the server's.
     blind = Budget()
@@ -254,7 +256,7 @@ def test_a_span_runs_from_where_each_429_says_the_server_admits_again() -> None:
     assert blind.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)
 
 
-def test_a_windows_size_is_what_the_next_window_gets_until_a_span_is_measured() -> None:
+def test_a_windows_size_is_what_the_next_window_gets_until_its_period_is_measured() -> None:
     # Fixed windows of 10 a second: the first 429 (at 0.6) says the window ends at 1.0 and
     # that it admits 10.  From 1.0, 10 calls go, the 10th holding the pool PROBE_WAIT: then one
     # more goes alone.
@@ -268,10 +270,10 @@ def test_a_windows_size_is_what_the_next_window_gets_until_a_span_is_measured() 
     # The probe: it holds the pool as long again, for its answer.
     probe = 1.0 + PROBE_WAIT
     assert started(budget, probe, 1) == Spent(probe + PROBE_WAIT, "paced (429s)", Cause.PACED)
-    # Its 429 tells where window 1 ends: the span is measured, and the pace takes over.
+    # Its 429 tells where window 1 ends (2.0), a window after window 0's end: the windows'
+    # period is measured, and the pool is allowed per window, not paced (see below).
     budget.limited(1.07, in_flight=0, told=None, cooled=0.93, limit=10)
-    assert budget.pace == pytest.approx(PACE_BACKOFF * 10 / 1.0)
-    assert budget.allowance is None
+    assert budget.period == pytest.approx(1.0) and budget.pace is None
     # Had ALLOWANCE_PROBES probes met no 429 (the limit is not where the allowance put it),
     # nothing more holds the pool: calls go as before (not one every PROBE_WAIT for good).
     free = Budget()
@@ -294,6 +296,76 @@ def test_a_windows_size_is_what_the_next_window_gets_until_a_span_is_measured() 
     paced = Budget()
     paced.limited(0.6, in_flight=0, told=10.0, cooled=0.1, limit=10)
     assert paced.allowance is None and paced.pace == pytest.approx(PACE_BACKOFF * 10)
+
+
+def window_of(budget: Budget, now: float, calls: int, admitted: int | None = None) -> list[float]:
+    """``calls`` calls start at ``now`` (``admitted`` of them succeed: all unless said):
+    until when each held the pool (its allowance per window), for those that did."""
+    holds = []
+    for call in range(calls):
+        spent = started(budget, now, 1)
+        if spent is not None:
+            assert spent.cause is Cause.PACED
+            holds.append(spent.until)
+        if admitted is None or call < admitted:
+            budget.admit()
+    return holds
+
+
+def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to_their_end(
+) -> None:
+    # Fixed windows of 10 a second, ending at 1.0, 2.0, ...: two 429s that tell window ends a
+    # window apart, with a window's calls between them, measure the period.
+    budget = Budget()
+    budget.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
+    assert budget.period is None
+    window_of(budget, 1.0, 10)
+    budget.limited(1.125, in_flight=0, told=None, cooled=0.875, limit=10)
+    assert budget.period == 1.0 and budget.period_end == 2.0 and budget.pace is None
+    # Each window gets its 10 calls at once, the 10th holding the pool until the window ends
+    # — a little after, by PERIOD_SLACK of a period (the ends it knows are told late, but the
+    # period may be short): a window admits its calls wherever in it they come.
+    late = PERIOD_SLACK * 1.0
+    assert window_of(budget, 1.5, 3) == [2.0 + late] * 3  # (window 1, spent already)
+    assert window_of(budget, 2.0, 10) == [3.0 + late]
+    assert window_of(budget, 3.25, 10) == [4.0 + late]
+    # A window that meets a 429 before its size is spent (another process takes some of the
+    # key's calls): the next window gets what that one admitted.
+    assert window_of(budget, 4.125, 6) == []
+    budget.limited(4.25, in_flight=0, told=None, cooled=0.75, limit=10)
+    assert budget.period == 1.0 and budget.allowance == 0
+    assert window_of(budget, 5.125, 6) == [6.0 + late]
+    # Each window that spends all it got without a 429 raises the size by PERIOD_GAIN, up to
+    # the limit the 429s named.
+    windows = 0
+    while budget.period_size < 10:
+        windows += 1
+        window_of(budget, 5.125 + windows, 10)
+    assert windows == pytest.approx(4 / PERIOD_GAIN, abs=1)
+    window_of(budget, 6.125 + windows, 10)
+    assert budget.period_size == 10
+    # Idle windows are skipped: the next call's window is the one it starts in.
+    assert window_of(budget, 100.5, 10) == [101.0 + late]
+    # The windows' period is measured over all the ends told since the first.
+    budget.limited(100.625, in_flight=0, told=None, cooled=0.375 + 2**-7, limit=10)
+    assert budget.period == (101.0 + 2**-7 - 1.0) / 100
+    # A 429 whose end falls off the windows ends them: the pool is allowed as before a period
+    # was known, and the next end measures them anew.
+    budget.limited(101.25, in_flight=0, told=None, cooled=0.25, limit=10)
+    assert budget.period is None and budget.allowance == 10
+    budget.limited(102.125, in_flight=0, told=None, cooled=0.375, limit=10)
+    assert budget.period == 1.0 and budget.period_end == 102.5
+    # A 429 that gives a rate (a refilling bucket's) paces the pool instead.
+    budget.limited(103.0, in_flight=0, told=10.0, cooled=0.1)
+    assert budget.period is None and budget.pace is not None
+    azure = Budget()
+    azure.admitted = 7  # (Azure names no size: what the pool was admitted before, as above)
+    azure.limited(0.75, in_flight=0, told=None, cooled=0.25)
+    window_of(azure, 1.0, 7)
+    azure.limited(1.125, in_flight=0, told=None, cooled=0.875)
+    assert azure.period == 1.0 and azure.period_size == 7 and azure.period_limit is None
+    azure.limited(2.0, in_flight=0, told=None, cooled=1.0, hinted=False)
+    assert azure.period is None
 
 
 def test_the_pool_is_paced_at_what_it_was_admitted_never_above_what_the_429s_say() -> None:

@@ -28,7 +28,7 @@ from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._lease import Lease
 from stable_openai._manager import lease
-from stable_openai._model import ALLOWANCE_PROBES, PER_DAY, PROBE_WAIT
+from stable_openai._model import ALLOWANCE_PROBES, PER_DAY, PERIOD_SLACK, PROBE_WAIT
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyState
 
@@ -634,6 +634,38 @@ def test_after_a_429_without_a_rate_the_pool_gets_a_windows_worth_then_one_call_
             clock.now += 2 * PROBE_WAIT
             for _ in range(10):
                 take(manager).succeed()
+
+
+def test_a_pool_that_knows_the_servers_windows_gets_their_size_at_once_in_both_stores(
+    redis_server: RedisServer,
+) -> None:
+    """A server that counts in fixed windows of 3 calls (1 s): a 429 says window 0 ends at
+    0.5; window 1 gets 3 calls, and a probe's 429 says it ends at 1.5 — a window after the
+    first end: the windows are known.  Each window then gets its 3 calls at once, and the 3rd
+    holds the pool until a little after the window's end (PERIOD_SLACK of it), in both
+    stores.  (Before, the two 429s measured a pace, 0.97 × 3 over the span: one call every
+    0.34 s, and less than 3 a window.)"""
+    with _team_of_two(redis_server, "windows") as (clock, managers, _):
+        start = clock.now
+        for manager in managers:
+            clock.now = start
+            take(manager).succeed()
+            error = rate_limited("2s", organization="org-w", headers=WINDOW_HEADERS)
+            take(manager).fail(dataclasses.replace(RATE_LIMITED, seconds=0.5), error)
+            clock.now = start + 0.5
+            for _ in range(3):
+                take(manager).succeed()
+            clock.now = start + 0.625
+            take(manager).fail(dataclasses.replace(RATE_LIMITED, seconds=0.875), error)
+            for window in (1.5, 2.625, 3.625):
+                clock.now = start + window
+                for _ in range(3):
+                    take(manager).succeed()
+                with pytest.raises(AllKeysCoolingError) as raised:
+                    take(manager)
+                assert raised.value.reasons == {"paced (429s)": 2}, manager.backend
+                ends = math.floor(window - 0.5) + 1.5 + PERIOD_SLACK
+                assert raised.value.retry_after == pytest.approx(ends - window), manager.backend
 
 
 def test_a_long_requests_late_answer_counts_where_its_request_left_in_both_stores(

@@ -68,6 +68,8 @@ from .._model import (
     PACE_DROP,
     PACE_GAIN,
     PER_DAY,
+    PERIOD_GAIN,
+    PERIOD_SLACK,
     PROBE_CALLS,
     PROBE_WAIT,
     SAME_DEADLINE,
@@ -121,6 +123,8 @@ def _constants() -> str:
         f"local PACE_DROP = {PACE_DROP!r}\n"
         f"local PACE_GAIN = {PACE_GAIN!r}\n"
         f"local BLIND_FIRST = {BLIND_FIRST!r}\n"
+        f"local PERIOD_SLACK = {PERIOD_SLACK!r}\n"
+        f"local PERIOD_GAIN = {PERIOD_GAIN!r}\n"
         f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"
         f"local MIXED = {MIXED!r}\n"
         f"local PER_DAY = {PER_DAY!r}\n"

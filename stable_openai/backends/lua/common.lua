@@ -283,12 +283,74 @@ local function pace_lane(p, model, rate, start)
   p.lpace = lpace
 end
 
+-- A call starts after the window's end (_model.Budget._next_window): the window it starts
+-- in begins, with as many calls as the last one admitted if a 429 met it, more by
+-- PERIOD_GAIN if it spent them all without one (up to the size a 429 named), else as many.
+-- The server's windows, once known (_model.Budget.period...): p.per (their length), p.ptold
+-- (the last end a 429 told), p.panchor (the first end measured), p.pend (the current
+-- window's end), p.psize (a window's calls) — strings of 17 digits —, p.plimit (the size a 429
+-- named), p.padm (successes since the window began), p.plim (one met a 429 there).
+local function next_window(p, period)
+  local ends = num(p.pend)
+  local size = num(p.psize)
+  if p.plim then
+    size = math.max(1, p.padm or 0)
+  elseif p.allow <= 0 then
+    size = size + PERIOD_GAIN
+  end
+  if p.plimit then size = math.min(size, p.plimit) end
+  p.pend = exact(ends + period * (math.floor((NOW - ends) / period) + 1))
+  p.psize = exact(size)
+  p.padm, p.plim = 0, nil
+  p.allow = math.floor(size)
+end
+
+-- A 429 that gives no rate said the server admits again at ``ends`` (as
+-- _model.Budget._window_told): returns whether the pool knows the server's windows.
+local function window_told(p, ends, limit)
+  local told, period = num(p.ptold), num(p.per)
+  if told and math.abs(ends - told) <= math.max(NEW_WINDOW, PERIOD_SLACK * (period or 0)) then
+    return period ~= nil  -- the same window's end again
+  end
+  p.ptold = exact(ends)
+  if not told or ends < told then
+    p.per = nil
+    return false
+  end
+  local gap = ends - told
+  if not period then
+    p.per, p.panchor, p.plimit = exact(gap), exact(told), limit
+    p.psize = exact(limit or math.max(1, p.adm or 0))
+    p.padm, p.plim = 0, nil
+  else
+    local windows = math.floor(gap / period + 0.5)
+    if windows < 1 or math.abs(gap - windows * period) > PERIOD_SLACK * period then
+      p.per = nil  -- off the windows known
+      return false
+    end
+    local since = ends - num(p.panchor)
+    p.per = exact(since / math.floor(since / period + 0.5))
+    p.plim = 1
+  end
+  p.pend = exact(ends)
+  p.allow = 0
+  return true
+end
+
 -- A call starts on the pool: it takes its place in the pace, which cools the pool until the
 -- next call's.
 local function pace_spend(pool, p)
   local rate = num(p.pace)
   if not rate then
-    if p.allow then  -- (_model.Budget.allowance: spend_request)
+    local period = num(p.per)
+    if period then  -- (_model.Budget.spend_request: the server's windows)
+      if NOW >= num(p.pend) then next_window(p, period) end
+      p.allow = p.allow - 1
+      if p.allow <= 0 then
+        cool_pool(pool, num(p.pend) + PERIOD_SLACK * period, 'paced (429s)', CAUSE.paced)
+      end
+      put('p:' .. pool, p)
+    elseif p.allow then  -- (_model.Budget.allowance: spend_request)
       p.allow = p.allow - 1
       if p.allow < -ALLOWANCE_PROBES then
         p.allow = nil  -- (as many probes met no 429)
@@ -317,7 +379,8 @@ end
 -- Measure the span that ended at the last 429 (if one did), and begin the next.
 local function pace_close(p)
   local span, admitted = num(p.closing), p.adm or 0
-  if span and span > 0 and admitted > 0 then
+  if p.per then  -- (allowed per window, not paced)
+  elseif span and span > 0 and admitted > 0 then
     local measured = admitted / span
     local told = num(p.told)
     p.pace = exact(PACE_BACKOFF * ((told and told < measured) and told or measured))
@@ -341,6 +404,7 @@ local function pace_model(p, model)
       p.pmodel = model
     else  -- two models: not paced from 429s any more, nor from headers of one model
       p.pmodel, p.pace, p.stale, p.closing, p.allow = MIXED, nil, 0, nil, nil
+      p.per, p.ptold = nil, nil
       p.limit, p.left, p.reset, p.order, p.snap = nil, nil, nil, nil, nil
       p.wstart, p.wreset = nil, nil
       p.tlimit, p.tleft, p.treset, p.probing = nil, nil, nil, 0
@@ -368,17 +432,21 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
     pace_over(p)
     return cooled
   end
+  -- A window's end, from a 429 without a rate: once two told one, allowed per window.
+  local windows = not told and hinted and cooled > 0 and window_told(p, NOW + cooled, limit)
   if p.closing then pace_close(p) end
   -- Spans run from where the server said it admits again (or from the 429, without a hint).
   local mark = hinted and NOW + cooled or NOW
   p.closing = since and exact(mark - since - (num(p.idle) or 0)) or nil
   p.told = exact(told)
+  if windows then p.pace = nil else p.per = nil end
   if told then
     local paced, pace = PACE_BACKOFF * told, num(p.pace)
     if not pace or paced < pace then p.pace = exact(paced) end
   end
   if p.pace then
     p.allow = nil
+  elseif windows then  -- (its window is spent until its end)
   elseif not told then  -- no rate: a window's end, or no numbers (_model.Budget.limited)
     p.allow = limit or math.max(1, p.adm or 0)
   end
@@ -396,6 +464,7 @@ local function pace_admit(p, model)
   end
   if model then pace_model(p, model) end
   p.adm = (p.adm or 0) + 1
+  if p.per then p.padm = (p.padm or 0) + 1 end
   p.hintless = nil
   local rate = num(p.pace)
   if rate then p.pace = exact(rate * (1 + PACE_GAIN)) end
