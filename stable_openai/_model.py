@@ -28,6 +28,7 @@ __all__ = [
     "ALLOWANCE_PROBES",
     "BLIND_FIRST",
     "FREED",
+    "MAX_PERIOD",
     "MAX_RESET",
     "MIXED",
     "NEW_WINDOW",
@@ -67,13 +68,17 @@ PROBE_CALLS = 2
 #: above that rate meets none, and the pool goes unheld again.
 ALLOWANCE_PROBES = 20
 #: A server that counts in fixed windows (Azure's RPM, in windows of 1 or 10 s) says, in a 429
-#: that gives no rate, when its window ends.  Two such ends this far apart or more (and a
-#: window's worth between them) measure its period; ends within it of each other, or of a
-#: whole number of periods apart (at most this share of a period off), are of the same grid.
+#: that gives no rate, when its window ends.  The next such end, told while the pool spends
+#: the allowance the first gave it and after it was admitted calls there, at most
+#: ``MAX_PERIOD`` later, measures its period; a later end a whole number of periods after the
+#: last (at most this share of a period off) is of the same windows.  A pool that knows them
+#: is held until this share of a period after a window's end.
 PERIOD_SLACK = 0.1
-#: A pool that knows its windows starts each with its size, which a window that met a 429
-#: sets to what that window admitted, and each window that spent it all without one raises by
-#: this much (up to the size a 429 named): one call more every five windows.
+#: The longest period taken for a server's windows (a minute: Azure's TPM window).
+MAX_PERIOD = 60.0
+#: A pool that knows its windows gives each its size; a window that met a 429 sets it to what
+#: that window admitted (but not below half), and each window that spent it all without one
+#: raises it by this much (up to the size a 429 named): a call more about every five windows.
 PERIOD_GAIN = 0.2
 #: A request that left this long ago and got no answer no longer counts as one the server
 #: may not have counted yet: by now it has, or never will.
@@ -195,7 +200,7 @@ class Budget:
         self.allowance: float | None = None
         # A server that counts in fixed windows, once two of its 429s told where one ends
         # (see PERIOD_SLACK): the pool gets ``period_size`` calls a window, what is left of it
-        # in ``allowance``, and is held from then until ``period_end``, instead of paced.
+        # in ``allowance``, and is then held until a little after ``period_end``, not paced.
         self.period: float | None = None  # the length of the server's windows
         self.period_told: float | None = None  # the last window end a 429 told
         self.period_end = 0.0  # when the current window ends
@@ -271,7 +276,7 @@ class Budget:
             self.allowance -= 1.0
             if self.allowance < -ALLOWANCE_PROBES:
                 # As many probes met no 429: the limit is not where the allowance put it.
-                self.allowance = None
+                self.allowance = self.period_told = None
             elif self.allowance <= 0:
                 # The pool holds a moment, then one call more goes (and holds it as long), for
                 # a 429 to tell where the limit stands.
@@ -302,8 +307,8 @@ class Budget:
         end = self.period_end
         self.period_end = end + period * (math.floor((now - end) / period) + 1.0)
         size = self.period_size
-        if self.period_limited:
-            size = max(1.0, float(self.period_admitted))
+        if self.period_limited:  # (halved at most: the first call may have met the 429)
+            size = max(1.0, float(self.period_admitted), size / 2.0)
         elif cast(float, self.allowance) <= 0:
             size += PERIOD_GAIN
         if self.period_limit is not None:
@@ -314,12 +319,11 @@ class Budget:
 
     def _window_told(self, end: float, limit: int | None) -> bool:
         """A 429 that gives no rate said the server admits again at ``end``: the end of its
-        window, if the server counts in windows.  The second such end after the first
-        measures the windows' period; a later one that falls on the windows known (within
-        ``PERIOD_SLACK`` of a period) keeps them, and tells the pool it had more calls in a
-        window than the server admits; one that falls off them ends them, and the next two
-        measure anew.  Returns whether the pool knows its windows; then it has spent the
-        current one."""
+        window, if the server counts in windows.  The next such end measures the windows'
+        period (see ``PERIOD_SLACK``); a later one that falls on the windows known keeps them,
+        and tells the pool it had more calls in a window than the server admits; one that
+        falls off them ends them, and the next measures anew.  Returns whether the pool knows
+        its windows (then the current one is spent, unless this is its end told again)."""
         told = self.period_told
         period = self.period
         if told is not None and abs(end - told) <= max(NEW_WINDOW, PERIOD_SLACK * (period or 0.0)):
@@ -330,6 +334,10 @@ class Budget:
             return False
         gap = end - told
         if period is None:
+            # Measured only by the 429 that ends the allowance its first end gave, within a
+            # minute, with calls admitted between: not by two ends that happened to be told.
+            if self.allowance is None or gap > MAX_PERIOD or not self.admitted:
+                return False
             self.period = gap
             self.period_anchor = told
             self.period_limit = limit
@@ -515,7 +523,15 @@ class Budget:
             return cooled
         # A 429 that gives no rate but says when the server admits again may tell where the
         # server's window ends: once two have, the pool is allowed per window, not paced.
-        windows = told is None and hinted and cooled > 0 and self._window_told(now + cooled, limit)
+        was = self.period is not None
+        if told is None and hinted and cooled > 0:
+            windows = self._window_told(now + cooled, limit)
+        else:
+            windows, self.period, self.period_told = False, None, None
+        if windows:
+            self.pace = None  # (allowed per window instead)
+        elif was:
+            since = None  # the span spent in windows, bursts at their start, is no pace
         if self.closing is not None:  # the span before is still to measure: now, then
             self._close()
         # Spans run from where the server said it admits again (or from the 429, without a
@@ -523,10 +539,6 @@ class Budget:
         mark = now + cooled if hinted else now
         self.closing = None if since is None else mark - since - self.idle
         self.told = told
-        if windows:
-            self.pace = None  # (allowed per window instead)
-        else:
-            self.period = None
         if told is not None:
             paced = PACE_BACKOFF * told
             if self.pace is None or paced < self.pace:

@@ -349,12 +349,18 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
     # The windows' period is measured over all the ends told since the first.
     budget.limited(100.625, in_flight=0, told=None, cooled=0.375 + 2**-7, limit=10)
     assert budget.period == (101.0 + 2**-7 - 1.0) / 100
-    # A 429 whose end falls off the windows ends them: the pool is allowed as before a period
-    # was known, and the next end measures them anew.
-    budget.limited(101.25, in_flight=0, told=None, cooled=0.25, limit=10)
-    assert budget.period is None and budget.allowance == 10
-    budget.limited(102.125, in_flight=0, told=None, cooled=0.375, limit=10)
-    assert budget.period == 1.0 and budget.period_end == 102.5
+    # A window whose first call meets a 429 (another process took it) halves the size.
+    assert window_of(budget, 101.0 + 2**-7, 1, admitted=0) == []
+    budget.limited(101.0 + 2**-6, in_flight=0, told=None, cooled=1.0 - 2**-6, limit=10)
+    assert window_of(budget, 102.0 + 2**-6, 5) == [103.0 + late]
+    # A 429 whose end falls off the windows ends them, and the span spent in them measures no
+    # pace (their calls went in bursts): the pool is allowed as before a period was known, and
+    # the next end, once calls were admitted, measures them anew.
+    budget.limited(102.25, in_flight=0, told=None, cooled=0.25, limit=10)
+    assert budget.period is None and budget.pace is None and budget.allowance == 10
+    window_of(budget, 102.5, 10)
+    budget.limited(102.625, in_flight=0, told=None, cooled=0.875, limit=10)
+    assert budget.period == 1.0 and budget.period_end == 103.5
     # A 429 that gives a rate (a refilling bucket's) paces the pool instead.
     budget.limited(103.0, in_flight=0, told=10.0, cooled=0.1)
     assert budget.period is None and budget.pace is not None
@@ -366,6 +372,24 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
     assert azure.period == 1.0 and azure.period_size == 7 and azure.period_limit is None
     azure.limited(2.0, in_flight=0, told=None, cooled=1.0, hinted=False)
     assert azure.period is None
+    # Two ends are no windows' period unless the second ends the allowance the first gave,
+    # with calls admitted between, within MAX_PERIOD: not two 429s an hour apart ...
+    hour = Budget()
+    hour.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
+    window_of(hour, 1.0, 5)
+    hour.limited(3600.0, in_flight=0, told=None, cooled=0.5, limit=10)
+    assert hour.period is None
+    # ... nor two with nothing admitted between, nor two a pace (a rate told) lies between.
+    idle = Budget()
+    idle.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
+    idle.limited(1.125, in_flight=0, told=None, cooled=0.875, limit=10)
+    assert idle.period is None
+    paced = Budget()
+    paced.limited(0.0, in_flight=0, told=10.0, cooled=0.125)
+    paced.limited(1.0, in_flight=1, told=None, cooled=0.5, limit=10)
+    paced.limited(62.0, in_flight=0, told=None, cooled=0.5, limit=10)  # (a call never ended)
+    assert paced.period is None
+    assert started(paced, 62.5, 1) is not None  # (paced, as before)
 
 
 def test_the_pool_is_paced_at_what_it_was_admitted_never_above_what_the_429s_say() -> None:

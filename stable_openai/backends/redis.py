@@ -60,6 +60,7 @@ from .._limits import Lesson
 from .._model import (
     ALLOWANCE_PROBES,
     BLIND_FIRST,
+    MAX_PERIOD,
     MAX_RESET,
     MIXED,
     NEW_WINDOW,
@@ -125,6 +126,7 @@ def _constants() -> str:
         f"local BLIND_FIRST = {BLIND_FIRST!r}\n"
         f"local PERIOD_SLACK = {PERIOD_SLACK!r}\n"
         f"local PERIOD_GAIN = {PERIOD_GAIN!r}\n"
+        f"local MAX_PERIOD = {MAX_PERIOD!r}\n"
         f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"
         f"local MIXED = {MIXED!r}\n"
         f"local PER_DAY = {PER_DAY!r}\n"

@@ -23,7 +23,9 @@
 --               be cooling for its spent request budget); r/t {rate, cap, level,
 --               stamp} (client-side pacing of requests and tokens); the pace learned from
 --               429s (strings of 17 digits): pace, plevel, pstamp, lat (the last 429), idle,
---               closing, told; adm, stale, hintless (counts); pmodel (the model its calls
+--               closing, told; adm, stale, hintless (counts); allow (see pace_spend); the
+--               server's windows, once known: per, ptold, panchor, pend, psize, plimit, padm,
+--               plim (see next_window); pmodel (the model its calls
 --               and 429s named, MIXED once they named two); lanes {model = until}, the models
 --               held in a pool that serves several (see hold_lane)
 --     m:<pool>  the fingerprints of the pool's keys (a JSON array)
@@ -51,7 +53,7 @@
 local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
 local TTL = tonumber(ARGV[1])
 -- MAX_RESET, NEW_WINDOW, ORDER_SLACK, PROBE, PROBE_CALLS, ALLOWANCE_PROBES, UNANSWERED, the
--- pace constants and CAUSE come from the Python
+-- pace and period constants and CAUSE come from the Python
 -- side: redis.py puts them before this file (_model.py's constants, _cause.Cause's values).
 
 local NOW = tonumber(table.remove(ARGV, 2))
@@ -294,7 +296,7 @@ local function next_window(p, period)
   local ends = num(p.pend)
   local size = num(p.psize)
   if p.plim then
-    size = math.max(1, p.padm or 0)
+    size = math.max(1, p.padm or 0, size / 2)
   elseif p.allow <= 0 then
     size = size + PERIOD_GAIN
   end
@@ -319,6 +321,8 @@ local function window_told(p, ends, limit)
   end
   local gap = ends - told
   if not period then
+    -- (only the 429 that ends the allowance its first end gave: _model.Budget._window_told)
+    if not p.allow or gap > MAX_PERIOD or (p.adm or 0) == 0 then return false end
     p.per, p.panchor, p.plimit = exact(gap), exact(told), limit
     p.psize = exact(limit or math.max(1, p.adm or 0))
     p.padm, p.plim = 0, nil
@@ -353,7 +357,7 @@ local function pace_spend(pool, p)
     elseif p.allow then  -- (_model.Budget.allowance: spend_request)
       p.allow = p.allow - 1
       if p.allow < -ALLOWANCE_PROBES then
-        p.allow = nil  -- (as many probes met no 429)
+        p.allow, p.ptold = nil, nil  -- (as many probes met no 429)
       elseif p.allow <= 0 then
         cool_pool(pool, NOW + PROBE, 'paced (429s)', CAUSE.paced)
       end
@@ -433,13 +437,22 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
     return cooled
   end
   -- A window's end, from a 429 without a rate: once two told one, allowed per window.
-  local windows = not told and hinted and cooled > 0 and window_told(p, NOW + cooled, limit)
+  local was, windows = p.per ~= nil, false
+  if not told and hinted and cooled > 0 then
+    windows = window_told(p, NOW + cooled, limit)
+  else
+    p.per, p.ptold = nil, nil
+  end
+  if windows then
+    p.pace = nil
+  elseif was then
+    since = nil  -- (the span spent in windows is no pace)
+  end
   if p.closing then pace_close(p) end
   -- Spans run from where the server said it admits again (or from the 429, without a hint).
   local mark = hinted and NOW + cooled or NOW
   p.closing = since and exact(mark - since - (num(p.idle) or 0)) or nil
   p.told = exact(told)
-  if windows then p.pace = nil else p.per = nil end
   if told then
     local paced, pace = PACE_BACKOFF * told, num(p.pace)
     if not pace or paced < pace then p.pace = exact(paced) end
