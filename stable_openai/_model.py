@@ -119,6 +119,17 @@ class Spent(NamedTuple):
 FREED: Final = "freed"
 
 
+def _whole(period: float) -> float:
+    """A windows' period as measured, or the whole number of seconds it is within
+    ``PERIOD_SLACK`` of: servers count in windows of whole seconds (Azure's RPM in 1 or 10 s),
+    and the ends a 429 tells come late by as long as it took to answer, by more than this
+    much at times."""
+    whole = math.floor(period + 0.5)
+    if whole >= 1 and abs(period - whole) <= PERIOD_SLACK * whole:
+        return float(whole)
+    return period
+
+
 class Budget:
     """What a pool knows of its server budget, brought up to date with what it sent since."""
 
@@ -338,7 +349,7 @@ class Budget:
             # minute, with calls admitted between: not by two ends that happened to be told.
             if self.allowance is None or gap > MAX_PERIOD or not self.admitted:
                 return False
-            self.period = gap
+            self.period = _whole(gap)
             self.period_anchor = told
             self.period_limit = limit
             self.period_size = float(limit if limit is not None else max(1, self.admitted))
@@ -351,7 +362,7 @@ class Budget:
             # The same windows: their period, measured over all of them since the first end
             # (each end is told late by as long as its answer took: once, not each time).
             since = end - self.period_anchor
-            self.period = since / math.floor(since / period + 0.5)
+            self.period = _whole(since / math.floor(since / period + 0.5))
             self.period_limited = True
         self.period_end = end
         self.allowance = 0.0
@@ -524,7 +535,7 @@ class Budget:
         # A 429 that gives no rate but says when the server admits again may tell where the
         # server's window ends: once two have, the pool is allowed per window, not paced.
         was = self.period is not None
-        if told is None and hinted and cooled > 0:
+        if told is None and hinted and 0 < cooled <= MAX_PERIOD:
             windows = self._window_told(now + cooled, limit)
         else:
             windows, self.period, self.period_told = False, None, None
@@ -550,10 +561,11 @@ class Budget:
         elif told is None:
             # No rate (a window's end, or no numbers at all): until a span is measured, once
             # the pool cooled, as many calls go as the limit's size (``limit``; else as many as
-            # were admitted since the pool began or was last measured), then one more, a
-            # little later, whose 429 tells where the limit stands — instead of every caller
-            # that waited rushing into it.
-            self.allowance = float(limit if limit is not None else max(1, self.admitted))
+            # were admitted since the pool began or was last measured — or a window's, when it
+            # just left the windows it knew), then one more, a little later, whose 429 tells
+            # where the limit stands — instead of every caller that waited rushing into it.
+            admitted = math.floor(self.period_size) if was else max(1, self.admitted)
+            self.allowance = float(limit if limit is not None else admitted)
         # The pace restarts empty where the server admits again: the call it lets go then runs
         # on credit, and the next waits two slots (processes sharing the key unseen each retry
         # less often into a server that counts rejected requests).

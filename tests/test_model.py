@@ -346,9 +346,10 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
     assert budget.period_size == 10
     # Idle windows are skipped: the next call's window is the one it starts in.
     assert window_of(budget, 100.5, 10) == [101.0 + late]
-    # The windows' period is measured over all the ends told since the first.
+    # A period within PERIOD_SLACK of whole seconds is taken as whole: servers count in
+    # whole seconds, and each end is told late by as long as its 429 took to answer.
     budget.limited(100.625, in_flight=0, told=None, cooled=0.375 + 2**-7, limit=10)
-    assert budget.period == (101.0 + 2**-7 - 1.0) / 100
+    assert budget.period == 1.0
     # A window whose first call meets a 429 (another process took it) halves the size.
     assert window_of(budget, 101.0 + 2**-7, 1, admitted=0) == []
     budget.limited(101.0 + 2**-6, in_flight=0, told=None, cooled=1.0 - 2**-6, limit=10)
@@ -370,8 +371,24 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
     window_of(azure, 1.0, 7)
     azure.limited(1.125, in_flight=0, told=None, cooled=0.875)
     assert azure.period == 1.0 and azure.period_size == 7 and azure.period_limit is None
-    azure.limited(2.0, in_flight=0, told=None, cooled=1.0, hinted=False)
+    # Leaving the windows (an end off them), the pool gets a window's size, not all it was
+    # admitted in them.
+    for second in range(2, 5):
+        window_of(azure, second, 7)
+    azure.limited(5.5, in_flight=0, told=None, cooled=0.25)
+    assert azure.period is None and azure.allowance == 7
+    azure.limited(6.0, in_flight=0, told=None, cooled=1.0, hinted=False)
     assert azure.period is None
+    # Windows of half a second: the period is measured over all the ends since the first.
+    half = Budget()
+    half.limited(0.25, in_flight=0, told=None, cooled=0.25, limit=5)
+    window_of(half, 0.5, 5)
+    half.limited(0.625, in_flight=0, told=None, cooled=0.375 + 2**-8, limit=5)
+    assert half.period == 0.5 + 2**-8
+    for start in (1.0, 1.5, 2.0, 2.5):
+        window_of(half, start + 2**-6, 5)
+    half.limited(3.0, in_flight=0, told=None, cooled=2**-7, limit=5)
+    assert half.period == (3.0 + 2**-7 - 0.5) / 5
     # Two ends are no windows' period unless the second ends the allowance the first gave,
     # with calls admitted between, within MAX_PERIOD: not two 429s an hour apart ...
     hour = Budget()

@@ -740,6 +740,21 @@ def test_an_answer_is_placed_by_when_its_request_left_not_when_its_call_chose(
 
 @pytest.mark.parametrize("seed", [*range(40), 87, 107, 109, 153, 165, 187, 189, 212, 216])
 def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) -> None:
+    _lockstep(seed, redis_server)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_both_stores_agree_step_by_step_on_a_server_that_counts_in_windows(
+    seed: int, redis_server: RedisServer,
+) -> None:
+    """The run above, but every call names no model (its pool is not MIXED), no answer's
+    headers tell a budget, and every 429 with numbers is a fixed window's (org-b's, with
+    headers that make them a window's end and size): pools learn the server's windows, are
+    allowed per window, meet 429s in them and fall off them."""
+    _lockstep(seed, redis_server, windows=True)
+
+
+def _lockstep(seed: int, redis_server: RedisServer, windows: bool = False) -> None:
     """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its
     pooled client is made; its request of some tokens leaving, and further requests of the
     same call spending the pool's budget), end it with a budget of
@@ -778,7 +793,7 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                 assert one[:2] == two[:2], f"{where}; memory {one[:2]}, Redis {two[:2]}"
                 if one[0] != "key":
                     assert one == two, f"{where}; memory {one}, Redis {two}"
-                else:  # the models a 429 held in the key's pool, in both
+                elif not windows:  # the models a 429 held in the key's pool, in both
                     for model in ("gpt-4o-mini", "gpt-4o"):
                         holds = [round(taken.owner.lane_held(taken.state, model), 6)
                                  for taken in (one[2], two[2])]
@@ -796,7 +811,8 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
             elif op == "end" and held:
                 one, two, mark_one, mark_two, mine, context, tokens = held.pop(
                     rng.randrange(len(held)))
-                how = rng.choice(["budget", "budget", "plain", "bare", "verdict", "abandon"])
+                how = rng.choice(["plain", "bare", "verdict", "verdict", "abandon"] if windows
+                                 else ["budget", "budget", "plain", "bare", "verdict", "abandon"])
                 trace.append(f"end {keys.index(one.key)}: {how}")
                 if tokens and rng.random() < 0.5:  # the answer's usage says what it cost
                     actual = float(rng.choice([128, 256]))
@@ -822,22 +838,29 @@ def test_both_stores_agree_step_by_step(seed: int, redis_server: RedisServer) ->
                     context.run(two.owner.answered, two.state, ServerBudget(), mark_two)
                 if how in ("budget", "plain", "bare"):
                     # The model the call asked for, when its driver knows it.
-                    one.model = two.model = rng.choice([None, None, "gpt-4o-mini", "gpt-4o"])
+                    one.model = two.model = (
+                        None if windows else rng.choice([None, None, "gpt-4o-mini", "gpt-4o"]))
                     mine.run(one.succeed)
                     context.run(two.succeed)
                 elif how == "verdict":
                     verdict = _verdicts(rng)
+                    if windows and rng.random() < 0.5:  # (mostly 429s that tell an end)
+                        verdict = dataclasses.replace(
+                            RATE_LIMITED, seconds=float(rng.choice([0.5, 1.0, 2.0])))
                     error = None
-                    if verdict.cause is Cause.RATE_LIMITED and rng.random() < 0.5:
-                        organization = rng.choice(["org-a", "org-b"])
-                        numbers = rng.choice(["Limit 3, Used 3, Requested 1", "no numbers"])
+                    if verdict.cause is Cause.RATE_LIMITED and (windows or rng.random() < 0.5):
+                        organization = "org-b" if windows else rng.choice(["org-a", "org-b"])
+                        numbers = ("Limit 3, Used 3, Requested 1" if windows else
+                                   rng.choice(["Limit 3, Used 3, Requested 1", "no numbers"]))
                         error = rate_limited(  # with numbers that give a rate, or none —
                             "2s", organization=organization, numbers=numbers,
-                            model=rng.choice(["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]),
+                            model="gpt-4o-mini" if windows else rng.choice(
+                                ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]),
                             # or, from org-b, headers that make them a window's end and size
                             headers=WINDOW_HEADERS if organization == "org-b" else None)
                     # The model the call asked for, when its driver knows it.
-                    one.model = two.model = rng.choice([None, "gpt-4o-mini", "gpt-4o"])
+                    one.model = two.model = (
+                        None if windows else rng.choice([None, "gpt-4o-mini", "gpt-4o"]))
                     trace[-1] += (f" {verdict.reason} {verdict.seconds} {error is not None}"
                                   f" {one.model}")
                     mine.run(one.owner.answered, one.state, None, mark_one)  # an answer too

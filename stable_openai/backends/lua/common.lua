@@ -307,6 +307,13 @@ local function next_window(p, period)
   p.allow = math.floor(size)
 end
 
+-- A windows' period as measured, or the whole seconds it is near (as _model._whole).
+local function whole(period)
+  local w = math.floor(period + 0.5)
+  if w >= 1 and math.abs(period - w) <= PERIOD_SLACK * w then return w end
+  return period
+end
+
 -- A 429 that gives no rate said the server admits again at ``ends`` (as
 -- _model.Budget._window_told): returns whether the pool knows the server's windows.
 local function window_told(p, ends, limit)
@@ -323,7 +330,7 @@ local function window_told(p, ends, limit)
   if not period then
     -- (only the 429 that ends the allowance its first end gave: _model.Budget._window_told)
     if not p.allow or gap > MAX_PERIOD or (p.adm or 0) == 0 then return false end
-    p.per, p.panchor, p.plimit = exact(gap), exact(told), limit
+    p.per, p.panchor, p.plimit = exact(whole(gap)), exact(told), limit
     p.psize = exact(limit or math.max(1, p.adm or 0))
     p.padm, p.plim = 0, nil
   else
@@ -333,7 +340,7 @@ local function window_told(p, ends, limit)
       return false
     end
     local since = ends - num(p.panchor)
-    p.per = exact(since / math.floor(since / period + 0.5))
+    p.per = exact(whole(since / math.floor(since / period + 0.5)))
     p.plim = 1
   end
   p.pend = exact(ends)
@@ -438,7 +445,7 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   end
   -- A window's end, from a 429 without a rate: once two told one, allowed per window.
   local was, windows = p.per ~= nil, false
-  if not told and hinted and cooled > 0 then
+  if not told and hinted and cooled > 0 and cooled <= MAX_PERIOD then
     windows = window_told(p, NOW + cooled, limit)
   else
     p.per, p.ptold = nil, nil
@@ -461,7 +468,7 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
     p.allow = nil
   elseif windows then  -- (its window is spent until its end)
   elseif not told then  -- no rate: a window's end, or no numbers (_model.Budget.limited)
-    p.allow = limit or math.max(1, p.adm or 0)
+    p.allow = limit or (was and math.floor(num(p.psize)) or math.max(1, p.adm or 0))
   end
   p.plevel, p.pstamp = exact(0), exact(NOW + cooled)  -- (restarts empty: _model.Budget.limited)
   p.lat, p.idle, p.stale = exact(mark), exact(0), in_flight
