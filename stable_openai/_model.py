@@ -353,7 +353,10 @@ class Budget:
             self.period_anchor = told
             self.period_limit = limit
             self.period_size = float(limit if limit is not None else max(1, self.admitted))
-            self.period_admitted, self.period_limited = 0, False
+            # Without a size named, the calls still in flight, which the server counted
+            # before this 429, may add to what the window admitted: the next gets all it did.
+            self.period_admitted, self.period_limited = (
+                (0, False) if limit is not None else (self.admitted, True))
         else:
             windows = math.floor(gap / period + 0.5)
             if windows < 1 or abs(gap - windows * period) > PERIOD_SLACK * period:

@@ -369,14 +369,17 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
     azure.admitted = 7  # (Azure names no size: what the pool was admitted before, as above)
     azure.limited(0.75, in_flight=0, told=None, cooled=0.25)
     window_of(azure, 1.0, 7)
-    azure.limited(1.125, in_flight=0, told=None, cooled=0.875)
+    azure.limited(1.125, in_flight=2, told=None, cooled=0.875)
     assert azure.period == 1.0 and azure.period_size == 7 and azure.period_limit is None
+    azure.admit()  # (one of the two in flight: the server counted it before the 429)
+    azure.ended()
+    assert window_of(azure, 2.0, 8) == [3.0 + late]  # the next window gets all it admitted
     # Leaving the windows (an end off them), the pool gets a window's size, not all it was
     # admitted in them.
-    for second in range(2, 5):
-        window_of(azure, second, 7)
+    for second in range(3, 5):
+        window_of(azure, second, 8)
     azure.limited(5.5, in_flight=0, told=None, cooled=0.25)
-    assert azure.period is None and azure.allowance == 7
+    assert azure.period is None and azure.allowance == 8
     azure.limited(6.0, in_flight=0, told=None, cooled=1.0, hinted=False)
     assert azure.period is None
     # Windows of half a second: the period is measured over all the ends since the first.

@@ -332,7 +332,7 @@ local function window_told(p, ends, limit)
     if not p.allow or gap > MAX_PERIOD or (p.adm or 0) == 0 then return false end
     p.per, p.panchor, p.plimit = exact(whole(gap)), exact(told), limit
     p.psize = exact(limit or math.max(1, p.adm or 0))
-    p.padm, p.plim = 0, nil
+    if limit then p.padm, p.plim = 0, nil else p.padm, p.plim = p.adm or 0, 1 end
   else
     local windows = math.floor(gap / period + 0.5)
     if windows < 1 or math.abs(gap - windows * period) > PERIOD_SLACK * period then
