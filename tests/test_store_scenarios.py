@@ -17,7 +17,7 @@ import dataclasses
 import math
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redisserver import NO_REDIS, RedisServer, redis_binary
@@ -666,6 +666,48 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_at_once_in_both_s
                 assert raised.value.reasons == {"paced (429s)": 2}, manager.backend
                 ends = math.floor(window - 0.5) + 1.5 + PERIOD_SLACK
                 assert raised.value.retry_after == pytest.approx(ends - window), manager.backend
+
+
+def test_a_key_held_for_its_old_pools_spent_budget_is_freed_by_its_new_pools_answer(
+    redis_server: RedisServer,
+) -> None:
+    """Key a's own pool spends its request budget (an answer: 0 left, reset in 12 s): a is
+    held.  A 429 of another call on a names org-x, which b joined already: a joins it, still
+    held.  An answer in org-x then shows budget left: its members held only for a spent
+    budget are ready — a too, in both stores.  (Redis kept a held for 12 s: a pool frees its
+    members only if it held them itself, and org-x never had.  Found by the lockstep run's
+    windows flavour while it still had budget answers: seed 71.)"""
+    clock = FakeClock()
+    a, b = made_up_keys(2, "heldmove")
+    memory, shared = _on_one_clock([a, b], clock, redis_server)
+    try:
+        for manager in (memory, shared):
+            state_b = cast(KeyState, manager._ring.find(b))
+            calls = [contextvars.copy_context() for _ in range(4)]
+            first = calls[0].run(take, manager, {state_b})
+            second = calls[1].run(take, manager, {state_b})
+            assert first.key == second.key == a, manager.backend
+            mark = calls[0].run(first.owner.sending, first.state, 0.0)
+            calls[0].run(first.owner.answered, first.state, ServerBudget(
+                requests_limit=10, requests_left=0, requests_reset=12.0), mark)
+            calls[0].run(first.succeed)
+            other = calls[2].run(take, manager)
+            assert other.key == b, manager.backend
+            error = rate_limited("2s", organization="org-x", numbers="no numbers")
+            calls[2].run(other.fail, dataclasses.replace(RATE_LIMITED, seconds=0.5), error)
+            calls[1].run(second.fail, dataclasses.replace(RATE_LIMITED, seconds=0.5), error)
+            assert rows(manager)[masked(a)]["reason"] == "budget spent (RPM)", manager.backend
+            clock.now += 1.0
+            last = calls[3].run(take, manager)
+            assert last.key == b, manager.backend
+            mark = calls[3].run(last.owner.sending, last.state, 0.0)
+            calls[3].run(last.owner.answered, last.state, ServerBudget(
+                requests_limit=10, requests_left=5, requests_reset=1.0), mark)
+            calls[3].run(last.succeed)
+            assert rows(manager)[masked(a)]["state"] == "ready", manager.backend
+    finally:
+        memory.close()
+        shared.close()
 
 
 def test_a_long_requests_late_answer_counts_where_its_request_left_in_both_stores(

@@ -562,6 +562,9 @@ local function move(fp, rec, name)
     put('p:' .. old_name, old)
     put('m:' .. old_name, rest)
   end
+  if rec.where == 'cooling' and rec.cause == CAUSE.requests_spent then
+    new.held = 1  -- (held for its old pool's budget: the new pool's answers free it, as the ring)
+  end
   put('p:' .. name, new)
   local joined = members(name)
   joined[#joined + 1] = fp
