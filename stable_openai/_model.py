@@ -462,6 +462,8 @@ class Budget:
             ):  # counted after the freshest answer known
                 self.probing = False
                 self.snapshot = mark
+                # (The headers pace the pool now: not an allowance, nor windows, from 429s.)
+                self.allowance = self.period = self.period_told = None
                 self.requests_reset_at = reset_at
                 self.requests_order_at = order_at
                 if self.window_start is not None:

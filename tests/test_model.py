@@ -392,6 +392,12 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
         window_of(half, start + 2**-6, 5)
     half.limited(3.0, in_flight=0, told=None, cooled=2**-7, limit=5)
     assert half.period == (3.0 + 2**-7 - 0.5) / 5
+    # Once an answer's headers tell the budget (a pooled client's), they pace the pool: its
+    # windows and allowance from 429s are over.
+    half.sent += 1
+    mark = half.send(3.25)
+    half.learn(ServerBudget(requests_limit=5, requests_left=3, requests_reset=0.25), mark, 3.25)
+    assert half.period is None and half.allowance is None
     # Two ends are no windows' period unless the second ends the allowance the first gave,
     # with calls admitted between, within MAX_PERIOD: not two 429s an hour apart ...
     hour = Budget()

@@ -119,6 +119,7 @@ if (rleft and rreset) or (tleft and treset) then
       end
       local left = window_bound(p, rleft - unseen)
       p.left, p.reset, p.order, p.snap, p.probing = left, reset, order, mark, 0
+      p.allow, p.per, p.ptold = nil, nil, nil  -- (the headers pace it now: _model.Budget.learn)
       if left <= 0 then
         cool_pool(pool, reset, 'budget spent (RPM)', CAUSE.requests_spent)
       else
