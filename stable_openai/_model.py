@@ -28,6 +28,7 @@ __all__ = [
     "ALLOWANCE_PROBES",
     "BLIND_FIRST",
     "FREED",
+    "KNOWN_PERIODS",
     "MAX_PERIOD",
     "MAX_RESET",
     "MIXED",
@@ -119,14 +120,19 @@ class Spent(NamedTuple):
 FREED: Final = "freed"
 
 
-def _whole(period: float) -> float:
-    """A windows' period as measured, or the whole number of seconds it is within
-    ``PERIOD_SLACK`` of: servers count in windows of whole seconds (Azure's RPM in 1 or 10 s),
-    and the ends a 429 tells come late by as long as it took to answer, by more than this
-    much at times."""
-    whole = math.floor(period + 0.5)
-    if whole >= 1 and abs(period - whole) <= PERIOD_SLACK * whole:
-        return float(whole)
+#: The windows servers count in (Azure's RPM in 1 or 10 s, its TPM in a minute): a period
+#: measured within ``PERIOD_SLACK`` of one is taken as it.
+KNOWN_PERIODS = (1.0, 10.0, 60.0)
+
+
+def _known(period: float) -> float:
+    """A windows' period as measured, or the known one it is near (``KNOWN_PERIODS``): the
+    ends a 429 tells come late by as long as it took to answer — at start-up on a busy
+    machine, by 5 % of a second — and a period measured short drifts the windows' calls
+    early."""
+    for known in KNOWN_PERIODS:
+        if abs(period - known) <= PERIOD_SLACK * known:
+            return known
     return period
 
 
@@ -328,7 +334,7 @@ class Budget:
         self.period_admitted, self.period_limited = 0, False
         self.allowance = float(math.floor(size))
 
-    def _window_told(self, end: float, limit: int | None) -> bool:
+    def _window_told(self, now: float, end: float, limit: int | None) -> bool:
         """A 429 that gives no rate said the server admits again at ``end``: the end of its
         window, if the server counts in windows.  The next such end measures the windows'
         period (see ``PERIOD_SLACK``); a later one that falls on the windows known keeps them,
@@ -345,11 +351,16 @@ class Budget:
             return False
         gap = end - told
         if period is None:
-            # Measured only by the 429 that ends the allowance its first end gave, within a
-            # minute, with calls admitted between: not by two ends that happened to be told.
-            if self.allowance is None or gap > MAX_PERIOD or not self.admitted:
+            # Measured only by a 429 of the allowance the first end gave, with calls admitted
+            # in it, within a minute, and in the first half of the span (else it may be a
+            # later window's: the allowance's calls may have gone late): not by two ends
+            # that happened to be told.
+            if (
+                self.allowance is None or gap > MAX_PERIOD or not self.admitted
+                or now - told >= gap / 2
+            ):
                 return False
-            self.period = _whole(gap)
+            self.period = _known(gap)
             self.period_anchor = told
             self.period_limit = limit
             self.period_size = float(limit if limit is not None else max(1, self.admitted))
@@ -365,7 +376,7 @@ class Budget:
             # The same windows: their period, measured over all of them since the first end
             # (each end is told late by as long as its answer took: once, not each time).
             since = end - self.period_anchor
-            self.period = _whole(since / math.floor(since / period + 0.5))
+            self.period = _known(since / math.floor(since / period + 0.5))
             self.period_limited = True
         self.period_end = end
         self.allowance = 0.0
@@ -462,7 +473,7 @@ class Budget:
             ):  # counted after the freshest answer known
                 self.probing = False
                 self.snapshot = mark
-                # (The headers pace the pool now: not an allowance, nor windows, from 429s.)
+                # (The headers tell its budget now: an allowance or windows from 429s end.)
                 self.allowance = self.period = self.period_told = None
                 self.requests_reset_at = reset_at
                 self.requests_order_at = order_at
@@ -541,7 +552,7 @@ class Budget:
         # server's window ends: once two have, the pool is allowed per window, not paced.
         was = self.period is not None
         if told is None and hinted and 0 < cooled <= MAX_PERIOD:
-            windows = self._window_told(now + cooled, limit)
+            windows = self._window_told(now, now + cooled, limit)
         else:
             windows, self.period, self.period_told = False, None, None
         if windows:

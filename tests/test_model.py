@@ -346,8 +346,8 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
     assert budget.period_size == 10
     # Idle windows are skipped: the next call's window is the one it starts in.
     assert window_of(budget, 100.5, 10) == [101.0 + late]
-    # A period within PERIOD_SLACK of whole seconds is taken as whole: servers count in
-    # whole seconds, and each end is told late by as long as its 429 took to answer.
+    # A period within PERIOD_SLACK of a known one (1 s here) is taken as it: each end is told
+    # late by as long as its 429 took to answer.
     budget.limited(100.625, in_flight=0, told=None, cooled=0.375 + 2**-7, limit=10)
     assert budget.period == 1.0
     # A window whose first call meets a 429 (another process took it) halves the size.
@@ -405,11 +405,24 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
     window_of(hour, 1.0, 5)
     hour.limited(3600.0, in_flight=0, told=None, cooled=0.5, limit=10)
     assert hour.period is None
-    # ... nor two with nothing admitted between, nor two a pace (a rate told) lies between.
+    # ... nor two with nothing admitted between, nor two a pace (a rate told) lies between ...
     idle = Budget()
     idle.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
     idle.limited(1.125, in_flight=0, told=None, cooled=0.875, limit=10)
     assert idle.period is None
+    # ... nor two a window apart whose 429 came late in the span (it may be a later window's:
+    # the allowance's calls went late in window 1, the probe's 429 is window 2's) ...
+    late_probe = Budget()
+    late_probe.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
+    window_of(late_probe, 1.875, 10)
+    late_probe.limited(2.5, in_flight=0, told=None, cooled=0.5, limit=10)
+    assert late_probe.period is None
+    # ... nor a period far from the known ones (KNOWN_PERIODS) taken as one of them.
+    odd = Budget()
+    odd.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
+    window_of(odd, 1.0, 10)
+    odd.limited(1.125, in_flight=0, told=None, cooled=1.0 - 2**-7, limit=10)
+    assert odd.period == 1.125 - 2**-7  # (1.1171875: not 1 s)
     paced = Budget()
     paced.limited(0.0, in_flight=0, told=10.0, cooled=0.125)
     paced.limited(1.0, in_flight=1, told=None, cooled=0.5, limit=10)

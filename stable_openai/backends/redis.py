@@ -60,6 +60,7 @@ from .._limits import Lesson
 from .._model import (
     ALLOWANCE_PROBES,
     BLIND_FIRST,
+    KNOWN_PERIODS,
     MAX_PERIOD,
     MAX_RESET,
     MIXED,
@@ -127,6 +128,7 @@ def _constants() -> str:
         f"local PERIOD_SLACK = {PERIOD_SLACK!r}\n"
         f"local PERIOD_GAIN = {PERIOD_GAIN!r}\n"
         f"local MAX_PERIOD = {MAX_PERIOD!r}\n"
+        f"local KNOWN_PERIODS = {{{', '.join(map(repr, KNOWN_PERIODS))}}}\n"
         f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"
         f"local MIXED = {MIXED!r}\n"
         f"local PER_DAY = {PER_DAY!r}\n"

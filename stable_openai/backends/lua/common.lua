@@ -307,16 +307,17 @@ local function next_window(p, period)
   p.allow = math.floor(size)
 end
 
--- A windows' period as measured, or the whole seconds it is near (as _model._whole).
-local function whole(period)
-  local w = math.floor(period + 0.5)
-  if w >= 1 and math.abs(period - w) <= PERIOD_SLACK * w then return w end
+-- A windows' period as measured, or the known one it is near (as _model._known).
+local function known(period)
+  for _, k in ipairs(KNOWN_PERIODS) do
+    if math.abs(period - k) <= PERIOD_SLACK * k then return k end
+  end
   return period
 end
 
 -- A 429 that gives no rate said the server admits again at ``ends`` (as
 -- _model.Budget._window_told): returns whether the pool knows the server's windows.
-local function window_told(p, ends, limit)
+local function window_told(p, now, ends, limit)
   local told, period = num(p.ptold), num(p.per)
   if told and math.abs(ends - told) <= math.max(NEW_WINDOW, PERIOD_SLACK * (period or 0)) then
     return period ~= nil  -- the same window's end again
@@ -329,8 +330,10 @@ local function window_told(p, ends, limit)
   local gap = ends - told
   if not period then
     -- (only the 429 that ends the allowance its first end gave: _model.Budget._window_told)
-    if not p.allow or gap > MAX_PERIOD or (p.adm or 0) == 0 then return false end
-    p.per, p.panchor, p.plimit = exact(whole(gap)), exact(told), limit
+    if not p.allow or gap > MAX_PERIOD or (p.adm or 0) == 0 or now - told >= gap / 2 then
+      return false
+    end
+    p.per, p.panchor, p.plimit = exact(known(gap)), exact(told), limit
     p.psize = exact(limit or math.max(1, p.adm or 0))
     if limit then p.padm, p.plim = 0, nil else p.padm, p.plim = p.adm or 0, 1 end
   else
@@ -340,7 +343,7 @@ local function window_told(p, ends, limit)
       return false
     end
     local since = ends - num(p.panchor)
-    p.per = exact(whole(since / math.floor(since / period + 0.5)))
+    p.per = exact(known(since / math.floor(since / period + 0.5)))
     p.plim = 1
   end
   p.pend = exact(ends)
@@ -446,7 +449,7 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   -- A window's end, from a 429 without a rate: once two told one, allowed per window.
   local was, windows = p.per ~= nil, false
   if not told and hinted and cooled > 0 and cooled <= MAX_PERIOD then
-    windows = window_told(p, NOW + cooled, limit)
+    windows = window_told(p, NOW, NOW + cooled, limit)
   else
     p.per, p.ptold = nil, nil
   end
