@@ -312,6 +312,17 @@ def window_of(budget: Budget, now: float, calls: int, admitted: int | None = Non
     return holds
 
 
+def two_ends(calls_at: float, calls: int, at: float, cooled: float) -> Budget:
+    """A pool told that a window of 10 ends at 1.0 (by a 429 at 0.75), ``calls`` calls
+    admitted at ``calls_at``, then a 429 at ``at`` that says the server admits again
+    ``cooled`` later."""
+    budget = Budget()
+    budget.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
+    window_of(budget, calls_at, calls)
+    budget.limited(at, in_flight=0, told=None, cooled=cooled, limit=10)
+    return budget
+
+
 def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to_their_end(
 ) -> None:
     # Fixed windows of 10 a second, ending at 1.0, 2.0, ...: two 429s that tell window ends a
@@ -398,31 +409,17 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_each_and_holds_to
     mark = half.send(3.25)
     half.learn(ServerBudget(requests_limit=5, requests_left=3, requests_reset=0.25), mark, 3.25)
     assert half.period is None and half.allowance is None
-    # Two ends are no windows' period unless the second ends the allowance the first gave,
-    # with calls admitted between, within MAX_PERIOD: not two 429s an hour apart ...
-    hour = Budget()
-    hour.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
-    window_of(hour, 1.0, 5)
-    hour.limited(3600.0, in_flight=0, told=None, cooled=0.5, limit=10)
-    assert hour.period is None
+    # Two ends are no windows' period unless a 429 of the allowance the first gave tells the
+    # second, in the first half of the span, with calls admitted, within MAX_PERIOD: not two
+    # 429s an hour apart ...
+    assert two_ends(1.0, 5, 3600.0, 0.5).period is None
     # ... nor two with nothing admitted between, nor two a pace (a rate told) lies between ...
-    idle = Budget()
-    idle.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
-    idle.limited(1.125, in_flight=0, told=None, cooled=0.875, limit=10)
-    assert idle.period is None
+    assert two_ends(1.0, 0, 1.125, 0.875).period is None
     # ... nor two a window apart whose 429 came late in the span (it may be a later window's:
     # the allowance's calls went late in window 1, the probe's 429 is window 2's) ...
-    late_probe = Budget()
-    late_probe.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
-    window_of(late_probe, 1.875, 10)
-    late_probe.limited(2.5, in_flight=0, told=None, cooled=0.5, limit=10)
-    assert late_probe.period is None
+    assert two_ends(1.875, 10, 2.5, 0.5).period is None
     # ... nor a period far from the known ones (KNOWN_PERIODS) taken as one of them.
-    odd = Budget()
-    odd.limited(0.75, in_flight=0, told=None, cooled=0.25, limit=10)
-    window_of(odd, 1.0, 10)
-    odd.limited(1.125, in_flight=0, told=None, cooled=1.0 - 2**-7, limit=10)
-    assert odd.period == 1.125 - 2**-7  # (1.1171875: not 1 s)
+    assert two_ends(1.0, 10, 1.125, 1.0 - 2**-7).period == 1.125 - 2**-7  # (not 1 s)
     paced = Budget()
     paced.limited(0.0, in_flight=0, told=10.0, cooled=0.125)
     paced.limited(1.0, in_flight=1, told=None, cooled=0.5, limit=10)
