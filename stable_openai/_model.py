@@ -70,10 +70,11 @@ PROBE_CALLS = 2
 ALLOWANCE_PROBES = 20
 #: A server that counts in fixed windows (Azure's RPM, in windows of 1 or 10 s) says, in a 429
 #: that gives no rate, when its window ends.  The next such end, told while the pool spends
-#: the allowance the first gave it and after it was admitted calls there, at most
-#: ``MAX_PERIOD`` later, measures its period; a later end a whole number of periods after the
-#: last (at most this share of a period off) is of the same windows.  A pool that knows them
-#: is held until this share of a period after a window's end.
+#: the allowance the first gave it, after it was admitted calls there, in the first half of the
+#: span and at most ``MAX_PERIOD`` later, measures its period (``KNOWN_PERIODS`` when within
+#: this share of one); a later end a whole number of periods after the last (at most this share
+#: of a period off) is of the same windows.  A pool that knows them is held until this share of
+#: a period after a window's end.
 PERIOD_SLACK = 0.1
 #: The longest period taken for a server's windows (a minute: Azure's TPM window).
 MAX_PERIOD = 60.0
