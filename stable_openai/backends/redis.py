@@ -209,25 +209,24 @@ def _text(value: float | int | None) -> str:
 class _Pending:
     """What an answer on a key said, for the call's report."""
 
-    __slots__ = ("answered", "budget", "lease", "left_at", "sent")
+    __slots__ = ("answered", "budget", "lease", "left_at")
 
     def __init__(self, lease: str = "") -> None:
         self.lease = lease
         self.budget: ServerBudget | None = None
-        self.sent = False  # its request left (the pooled client's hook saw it)
-        self.left_at: float | None = None  # when its last request left, on the backend's clock
+        # When its last request left, on the backend's clock (the pooled client's hook saw
+        # it); None while none has.
+        self.left_at: float | None = None
         self.answered = False  # and its answer arrived
 
-    def note(
-        self, budget: ServerBudget | None, sent: bool, answered: bool, now: float | None = None
-    ) -> None:
+    def note(self, budget: ServerBudget | None, left_at: float | None, answered: bool) -> None:
+        """An answer with ``budget`` arrived (``answered``), or a request left at ``left_at``."""
         if budget is not None:
             self.budget = budget
-        if sent:
-            self.left_at = now
-        self.sent = self.sent or sent
+        if left_at is not None:
+            self.left_at = left_at
         # Its last request is what counts: one that leaves after an answer is unanswered.
-        self.answered = (self.answered and not sent) or answered
+        self.answered = (self.answered and left_at is None) or answered
 
 
 #: The calls this thread or task has in flight, by key.  A report must carry its own call's
@@ -694,17 +693,17 @@ class RedisBackend:
         self, state: KeyState, budget: ServerBudget | None, sent: bool = False,
         answered: bool = False,
     ) -> None:
-        now = self._now() if sent else None
+        left_at = self._now() if sent else None
         calls = _CALLS.get()
         call = calls.get(state) if calls else None
         if call is not None:
-            call.note(budget, sent, answered, now)
+            call.note(budget, left_at, answered)
             return
         with self._lock:  # not from the call's own thread or task: the key's next report
             pending = self._pending.get(state)
             if pending is None:
                 pending = self._pending[state] = _Pending()
-            pending.note(budget, sent, answered, now)
+            pending.note(budget, left_at, answered)
 
     def _now(self) -> float:
         """The backend's clock (a test's, or the monotonic one): what only differences of are
@@ -760,7 +759,7 @@ class RedisBackend:
         args[1] = held
         # A request that left and got no answer may still count at the server: its place
         # stays among the unanswered ones until its pool has no call in flight (as the ring's).
-        unanswered = call is not None and call.sent and not call.answered
+        unanswered = call is not None and call.left_at is not None and not call.answered
         # How long ago the call's last request left (the hook saw it): the scripts place it on
         # Redis's clock from that, never from this host's.
         left_at = call.left_at if call is not None else None

@@ -329,7 +329,8 @@ local function window_told(p, now, ends, limit)
   end
   local gap = ends - told
   if not period then
-    -- (only the 429 that ends the allowance its first end gave: _model.Budget._window_told)
+    -- (only a 429 of the allowance its first end gave, with calls admitted, within a minute,
+    -- in the first half of the span: _model.Budget._window_told)
     if not p.allow or gap > MAX_PERIOD or (p.adm or 0) == 0 or now - told >= gap / 2 then
       return false
     end
@@ -481,12 +482,9 @@ end
 
 -- A call on the pool succeeded (``model``: the one it asked for, nil if not known).
 local function pace_admit(p, model)
-  if not (p.lat or model) then  -- before a 429 or a model: only counted
-    p.adm = (p.adm or 0) + 1
-    return
-  end
-  if model then pace_model(p, model) end
   p.adm = (p.adm or 0) + 1
+  if not (p.lat or model) then return end  -- before a 429 or a model: only counted
+  if model then pace_model(p, model) end
   if p.per then p.padm = (p.padm or 0) + 1 end
   p.hintless = nil
   local rate = num(p.pace)
