@@ -100,6 +100,9 @@ def read_rate_limit(message: str) -> RateLimit | None:
 
 #: A 429's numbers are a bucket's when its reset is within these shares of ``Limit`` refills.
 _BUCKET_RESET = (0.5, 2.0)
+#: A fixed window's 429 says the request is admitted, and the whole limit back, at the same
+#: moment (its end): within this many seconds (or this share of the wait), the two are one.
+_SAME_END = 0.1
 
 
 class Lesson(NamedTuple):
@@ -131,7 +134,8 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     rate.  ``budget``, the 429's own ``x-ratelimit-*`` headers, tells them apart: a bucket that
     just refused a request is full, so it is empty again (its reset) after about ``Limit``
     refills; a fixed window is over as soon as the request is admitted (much sooner), and a
-    sliding window once its last admission ages out (much later)."""
+    sliding window once its last admission ages out (much later, or, after a burst, sooner
+    but still later than the request is admitted)."""
     limit = read_rate_limit(message)
     if budget is not None and limit is not None and limit.limit is not None:
         headers_limit = budget.requests_limit if limit.kind == "requests" else budget.tokens_limit
@@ -153,7 +157,13 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     if budget is not None and budget.requests_reset is not None and budget.requests_limit:
         bucket = budget.requests_limit * refill  # the reset of a bucket that refused one
         if budget.requests_reset < _BUCKET_RESET[0] * bucket:
-            return Lesson(True, None, limit.model, limit=limit.limit)  # a window's end
+            wait = limit.try_again or 0.0
+            if budget.requests_reset - wait <= max(_SAME_END, _SAME_END * wait):
+                return Lesson(True, None, limit.model, limit=limit.limit)  # a window's end
+            # A sliding window after a burst: its oldest admission ages out soon, its last
+            # much later (a fixed window's reset and wait are both its end): ``Limit`` in
+            # at least as long as the last takes.
+            return Lesson(True, budget.requests_limit / budget.requests_reset, limit.model)
         if budget.requests_reset > _BUCKET_RESET[1] * bucket:
             # A sliding window, whose last admission (just before this 429) ages out at the
             # reset: ``Limit`` in about that long.

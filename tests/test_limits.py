@@ -134,6 +134,15 @@ def test_numbers_that_say_when_a_window_ends_are_no_rate_and_a_sliding_windows_r
     assert pace_of(message, sliding) == Lesson(True, pytest.approx(10 / 0.936), "gpt-4o-mini")
     bucket = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.22)
     assert pace_of(message, bucket) == Lesson(True, pytest.approx(1 / 0.022), "gpt-4o-mini")
+    # A sliding window after a burst: its oldest admission ages out in 517 ms, which reads
+    # as a window's end (a bucket would take 5.17 s to empty); but the last ages out only in
+    # 900 ms, where a fixed window's whole limit is back when the request is admitted.
+    message = message.replace("22ms", "517ms")
+    after_burst = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.9)
+    assert pace_of(message, after_burst) == Lesson(True, pytest.approx(10 / 0.9), "gpt-4o-mini")
+    # (A burst admitted within a tenth of a second of itself is one window's end.)
+    burst = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.6)
+    assert pace_of(message, burst) == Lesson(True, None, "gpt-4o-mini", limit=10)
 
 
 def test_a_daily_429_and_a_429_whose_headers_show_budget_left_teach_no_pace() -> None:
