@@ -52,6 +52,7 @@ class _Hooks:
             read = read_request(body)
         tokens = read[0]
         request.extensions["stable_openai_tokens"] = tokens
+        request.extensions["stable_openai_model"] = read[1]
         request.extensions["stable_openai_marks"] = self.reports.sending(self.state, tokens)
 
     def response(self, response: Any, read: bool) -> None:
@@ -62,7 +63,10 @@ class _Hooks:
         # have every one of them retry into a server that counts rejected requests.
         status = response.status_code
         budget = read_headers(response.headers) if status < 400 or status == 429 else None
-        self.reports.answered(self.state, budget, extensions.get("stable_openai_marks"))
+        self.reports.answered(
+            self.state, budget, extensions.get("stable_openai_marks"),
+            extensions.get("stable_openai_model"),
+        )
         if read and estimated and self.reports.wants_usage(self.state):
             actual = usage_tokens(response.content)
             if actual is not None:

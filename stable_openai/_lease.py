@@ -51,9 +51,12 @@ class KeyReports(Protocol):
         :meth:`answered` to place the answer."""
         ...
 
-    def answered(self, state: KeyState, budget: ServerBudget | None, marks: Marks | None) -> None:
+    def answered(
+        self, state: KeyState, budget: ServerBudget | None, marks: Marks | None,
+        model: str | None = None,
+    ) -> None:
         """The server answered that request (``budget``: what a success's or a 429's
-        headers said)."""
+        headers said; ``model``: the one its body asked for, if it named one)."""
         ...
 
     def corrected(self, state: KeyState, estimated: float, actual: float) -> None:

@@ -28,7 +28,7 @@ from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, dur
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
 from ._limits import Lesson, pace_of
-from ._model import MIXED, PACE_BACKOFF, PER_DAY
+from ._model import MIXED, PACE_BACKOFF, PER_DAY, model_spent_for
 from ._policy import Fate, Verdict, headers_of
 from ._ring import KeyRing, KeyState, Marks, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
@@ -564,15 +564,25 @@ class KeyManager:
             )
 
     def _learn(
-        self, state: KeyState, budget: ServerBudget | None, marks: Marks | None = None
+        self, state: KeyState, budget: ServerBudget | None, marks: Marks | None = None,
+        model: str | None = None,
     ) -> None:
-        """A response arrived on ``state`` for a request sent when the pool stood at
-        ``marks``; a successful one, or a 429, carries the pool's budget in its headers."""
-        self._backend.answered(state, budget)
+        """A response arrived on ``state`` for a request for ``model`` (if its body named
+        one) sent when the pool stood at ``marks``; a successful one, or a 429, carries the
+        pool's budget in its headers — in a pool serving several models, the budget of the
+        request's model there, which holds that model until their reset once they show it
+        spent (``_model.model_spent_for``)."""
+        self._backend.answered(state, budget, model)
         with self._lock:
             left_at = self._ring.answered(state, marks)
-            if budget is not None and self._ring.learn(state, budget, marks, left_at):
+            if budget is None:
+                return
+            if self._ring.learn(state, budget, marks, left_at):
                 self._notify()
+            if model is not None and state.pool.pace_model == MIXED:
+                spent = model_spent_for(budget)
+                if spent > 0:
+                    self._ring.hold_lane(state, model, spent)
 
     def _probe(self, state: KeyState) -> None:
         with self._lock:
@@ -699,8 +709,11 @@ class _Owner:
     def sending(self, state: KeyState, tokens: float) -> Marks:
         return self._manager._sending(state, tokens)
 
-    def answered(self, state: KeyState, budget: ServerBudget | None, marks: Marks | None) -> None:
-        self._manager._learn(state, budget, marks)
+    def answered(
+        self, state: KeyState, budget: ServerBudget | None, marks: Marks | None,
+        model: str | None = None,
+    ) -> None:
+        self._manager._learn(state, budget, marks, model)
 
     def corrected(self, state: KeyState, estimated: float, actual: float) -> None:
         _add_call_tokens(state, actual - estimated)

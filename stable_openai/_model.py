@@ -46,6 +46,7 @@ __all__ = [
     "UNANSWERED_FOR",
     "Budget",
     "Spent",
+    "model_spent_for",
 ]
 
 #: A learned budget is trusted for at most this long without a fresh response.
@@ -135,6 +136,22 @@ def _known(period: float) -> float:
         if abs(period - known) <= PERIOD_SLACK * known:
             return known
     return period
+
+
+def model_spent_for(budget: ServerBudget) -> float:
+    """In a pool serving several models, an answer's headers tell the budget of the model its
+    request asked for, not the pool's: the seconds that model is spent for there (0: not
+    spent) — until their reset, when they show no request or no token left."""
+    spent = 0.0
+    if budget.requests_left is not None and budget.requests_reset is not None and (
+        budget.requests_left <= 0
+    ):
+        spent = budget.requests_reset
+    if budget.tokens_left is not None and budget.tokens_reset is not None and (
+        budget.tokens_left <= 0
+    ):
+        spent = max(spent, budget.tokens_reset)
+    return min(spent, MAX_RESET)
 
 
 class Budget:

@@ -783,6 +783,55 @@ def test_a_pooled_clients_call_is_held_and_paced_by_the_model_its_body_names(
         assert seen["state"] == "ready"
 
 
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_a_pooled_clients_answers_hold_their_model_once_its_headers_show_it_spent(
+    is_async: bool,
+) -> None:
+    """One key whose project allows gpt-4o two requests a second beside gpt-4o-mini: once
+    the key has served both, each answer's headers tell gpt-4o's budget there, and the
+    answer that shows it spent holds gpt-4o until their reset — the next gpt-4o call waits
+    in the hook instead of meeting a 429 (before: a 429, then held), and gpt-4o-mini goes
+    on at once."""
+    import time
+    (key,) = made_up_keys(1, "modelheaders")
+    limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=2),
+                                      ModelLimits(("gpt-4o-mini",), rpm=1000)))
+    config = SimulatorConfig(keys=(SimKey(key, project="p"),), projects={"p": limits},
+                             window=1.0, latency=0.0)
+
+    @stable(max_wait=10)
+    def ask(name: str, client: openai.OpenAI) -> str:
+        answer = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": name}])
+        return str(answer.choices[0].message.content)
+
+    @stable(max_wait=10)
+    async def ask_async(name: str, client: openai.AsyncOpenAI) -> str:
+        answer = await client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": name}])
+        return str(answer.choices[0].message.content)
+
+    with Simulator(config) as sim:
+        manager = KeyManager([Key(key, base_url=sim.base_url)])
+
+        def call(name: str) -> str:
+            return asyncio.run(ask_async(name)) if is_async else ask(name)
+
+        assert call("gpt-4o-mini") == "echo: gpt-4o-mini"
+        time.sleep(1.0)  # gpt-4o's bucket is empty again
+        assert call("gpt-4o") == "echo: gpt-4o"  # the key has served both models
+        began = time.monotonic()
+        assert call("gpt-4o") == "echo: gpt-4o"  # its headers: none left
+        state = manager._ring.find(key)
+        assert state is not None
+        assert manager._ring.lane_held(state, "gpt-4o") > 0
+        assert manager._ring.lane_held(state, "gpt-4o-mini") == 0
+        assert call("gpt-4o-mini") == "echo: gpt-4o-mini"
+        assert call("gpt-4o") == "echo: gpt-4o"  # waited for the reset, then served
+        assert time.monotonic() - began > 0.5  # (behaviour: it waited in the hook)
+        assert sim.stats()["totals"]["rate_limited"] == 0
+
+
 def test_a_429s_budget_headers_hold_the_pool_until_their_reset() -> None:
     """Someone the library does not see spends the key's bucket (10 a second); the pooled
     client's call meets a 429 to try again in 100 ms, whose headers say the bucket is empty

@@ -101,9 +101,10 @@ def masked(key: str) -> str:
 
 def succeed_with_budget(taken: Lease, left: int, reset: float) -> None:
     """End ``taken`` with an answer whose headers say ``left`` of 10 requests, full again in
-    ``reset`` seconds (what a pooled client's hooks report)."""
+    ``reset`` seconds (what a pooled client's hooks report: with the model its request's
+    body asked for)."""
     budget = ServerBudget(requests_limit=10, requests_left=left, requests_reset=reset)
-    taken.owner.answered(taken.state, budget, None)
+    taken.owner.answered(taken.state, budget, None, taken.model)
     taken.succeed()
 
 
@@ -336,12 +337,14 @@ def test_a_model_held_by_a_429_with_numbers_is_then_paced_in_every_process(
     seen.give_back()
 
 
-def test_a_pool_that_turns_out_to_serve_two_models_is_not_held_by_one_models_headers(
+def test_a_pool_that_turns_out_to_serve_two_models_is_held_by_one_models_headers_for_it(
     make_manager: MakeManager,
 ) -> None:
     """A gpt-4o answer's headers say the budget is spent: the pool's keys wait for the reset
     — until a gpt-4o-mini call succeeds there: the headers were of gpt-4o's limit, not the
-    pool's, and the keys are free again (in both stores)."""
+    pool's, and the keys are free again; then a gpt-4o answer that shows gpt-4o's budget
+    spent holds gpt-4o there until their reset, and the keys go on serving gpt-4o-mini (in
+    both stores)."""
     a, b = made_up_keys(2, "twomodels")
     manager = make_manager([Key(a, pool="one"), Key(b, pool="one")])
     first, second = take(manager), take(manager)
@@ -352,8 +355,17 @@ def test_a_pool_that_turns_out_to_serve_two_models_is_not_held_by_one_models_hea
     assert {row["state"] for row in rows(manager).values()} == {"ready"}
     third = take(manager)
     third.model = "gpt-4o"
-    succeed_with_budget(third, left=0, reset=30.0)  # not the pool's budget: ignored
+    succeed_with_budget(third, left=1, reset=30.0)  # gpt-4o's budget, not the pool's
     assert {row["state"] for row in rows(manager).values()} == {"ready"}
+    fourth = take(manager)
+    assert fourth.owner.lane_held(fourth.state, "gpt-4o") == 0  # one left
+    fourth.model = "gpt-4o"
+    succeed_with_budget(fourth, left=0, reset=30.0)  # gpt-4o's is spent: only gpt-4o waits
+    assert {row["state"] for row in rows(manager).values()} == {"ready"}
+    fifth = take(manager)
+    assert fifth.owner.lane_held(fifth.state, "gpt-4o") > 25
+    assert fifth.owner.lane_held(fifth.state, "gpt-4o-mini") == 0
+    fifth.give_back()
 
 
 def test_a_revoked_key_is_disabled_until_given_again(make_manager: MakeManager) -> None:
@@ -870,18 +882,23 @@ def _lockstep(seed: int, redis_server: RedisServer, windows: bool = False) -> No
                             tokens_reset=float(rng.choice([0.5, 3.0, 12.0])))
                     trace[-1] += (f" left {budget.requests_left} reset {budget.requests_reset}"
                                   f" tokens {budget.tokens_left} reset {budget.tokens_reset}")
-                    mine.run(one.owner.answered, one.state, budget, mark_one)
-                    context.run(two.owner.answered, two.state, budget, mark_two)
+                if how in ("budget", "plain", "bare"):
+                    # The model the call asked for, when its driver knows it (a pooled
+                    # client's hook knows it from the request: its answer is of that model).
+                    one.model = two.model = (
+                        None if windows else rng.choice([None, None, "gpt-4o-mini", "gpt-4o"]))
+                    trace[-1] += f" {one.model}"
+                if how == "budget":
+                    mine.run(one.owner.answered, one.state, budget, mark_one, one.model)
+                    context.run(two.owner.answered, two.state, budget, mark_two, two.model)
                 if how == "plain":  # an answer, its headers not read (no pooled client)
                     mine.run(one.owner.answered, one.state, None, mark_one)
                     context.run(two.owner.answered, two.state, None, mark_two)
                 if how == "bare":  # an answer whose headers say nothing of the budget
-                    mine.run(one.owner.answered, one.state, ServerBudget(), mark_one)
-                    context.run(two.owner.answered, two.state, ServerBudget(), mark_two)
+                    mine.run(one.owner.answered, one.state, ServerBudget(), mark_one, one.model)
+                    context.run(two.owner.answered, two.state, ServerBudget(), mark_two,
+                                two.model)
                 if how in ("budget", "plain", "bare"):
-                    # The model the call asked for, when its driver knows it.
-                    one.model = two.model = (
-                        None if windows else rng.choice([None, None, "gpt-4o-mini", "gpt-4o"]))
                     mine.run(one.succeed)
                     context.run(two.succeed)
                 elif how == "verdict":

@@ -128,9 +128,12 @@ class StateBackend(Protocol):
         a call chosen does (``KeyRing.another_request``)."""
         return None
 
-    def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
+    def answered(
+        self, state: KeyState, budget: ServerBudget | None, model: str | None = None
+    ) -> None:
         """Note, for the call's :meth:`report`: its answer arrived; ``budget`` is what the
-        answer's headers said of the pool's budget.  No I/O."""
+        answer's headers said of the pool's budget (of ``model``'s, in a pool serving
+        several: the model its request asked for, if known).  No I/O."""
         return None
 
     def report(

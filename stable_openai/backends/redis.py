@@ -209,20 +209,25 @@ def _text(value: float | int | None) -> str:
 class _Pending:
     """What an answer on a key said, for the call's report."""
 
-    __slots__ = ("answered", "budget", "lease", "left_at")
+    __slots__ = ("answered", "budget", "lease", "left_at", "model")
 
     def __init__(self, lease: str = "") -> None:
         self.lease = lease
         self.budget: ServerBudget | None = None
+        self.model: str | None = None  # the model the answer's request asked for, if known
         # When its last request left, on the backend's clock (the pooled client's hook saw
         # it); None while none has.
         self.left_at: float | None = None
         self.answered = False  # and its answer arrived
 
-    def note(self, budget: ServerBudget | None, left_at: float | None, answered: bool) -> None:
-        """An answer with ``budget`` arrived (``answered``), or a request left at ``left_at``."""
+    def note(
+        self, budget: ServerBudget | None, left_at: float | None, answered: bool,
+        model: str | None = None,
+    ) -> None:
+        """An answer with ``budget`` (for a request for ``model``) arrived (``answered``), or
+        a request left at ``left_at``."""
         if budget is not None:
-            self.budget = budget
+            self.budget, self.model = budget, model
         if left_at is not None:
             self.left_at = left_at
         # Its last request is what counts: one that leaves after an answer is unanswered.
@@ -686,24 +691,26 @@ class RedisBackend:
     def sent(self, state: KeyState) -> None:
         self._note(state, None, sent=True)
 
-    def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
-        self._note(state, budget, answered=True)
+    def answered(
+        self, state: KeyState, budget: ServerBudget | None, model: str | None = None
+    ) -> None:
+        self._note(state, budget, answered=True, model=model)
 
     def _note(
         self, state: KeyState, budget: ServerBudget | None, sent: bool = False,
-        answered: bool = False,
+        answered: bool = False, model: str | None = None,
     ) -> None:
         left_at = self._now() if sent else None
         calls = _CALLS.get()
         call = calls.get(state) if calls else None
         if call is not None:
-            call.note(budget, left_at, answered)
+            call.note(budget, left_at, answered, model)
             return
         with self._lock:  # not from the call's own thread or task: the key's next report
             pending = self._pending.get(state)
             if pending is None:
                 pending = self._pending[state] = _Pending()
-            pending.note(budget, left_at, answered)
+            pending.note(budget, left_at, answered, model)
 
     def _now(self) -> float:
         """The backend's clock (a test's, or the monotonic one): what only differences of are
@@ -741,9 +748,9 @@ class RedisBackend:
         elif verdict is not None and verdict.fate is Fate.DISABLE:
             fate, reason = "disable", verdict.reason
             seconds = verdict.seconds if verdict.seconds < math.inf else None  # None: never
-        budget = call.budget if call is not None else None
+        budget, budget_model = (call.budget, call.model) if call is not None else (None, None)
         if budget is None and pending is not None:
-            budget = pending.budget
+            budget, budget_model = pending.budget, pending.model
         join, mode = organization or "", "own"
         if budget is not None and budget.pool:
             join, mode = budget.pool, "any"
@@ -771,7 +778,7 @@ class RedisBackend:
                  _text(lesson and lesson.told), "1" if verdict is None or verdict.hinted else "0",
                  (lesson and lesson.model) or "", model or "",
                  "1" if lesson and lesson.daily else "",
-                 _text(lesson and lesson.limit), left]
+                 _text(lesson and lesson.limit), left, budget_model or ""]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

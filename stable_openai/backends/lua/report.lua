@@ -17,7 +17,8 @@
 -- model the call asked for ('' if not known), ARGV[29] '1' when the 429's limit is a per-day
 -- one, ARGV[30] the requests a window admits when the 429 names its size and end but no
 -- rate ('' if not), ARGV[31] how many seconds ago the call's last request left ('' when no
--- pooled client's hook saw it leave).
+-- pooled client's hook saw it leave), ARGV[32] the model the request whose answer ARGV[12..17]
+-- are asked for ('' if not known).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -79,6 +80,15 @@ purge(pool)
 local rlimit, rleft, rreset = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local tlimit, tleft, treset = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
 local told = ARGV[23] == '1'
+if p.pmodel == MIXED and ARGV[32] ~= '' then
+  -- A pool serving several models: the headers tell the budget of the answer's model there,
+  -- which is held until their reset once they show it spent (_model.model_spent_for).
+  local spent = 0
+  if rleft and rreset and rleft <= 0 then spent = rreset end
+  if tleft and treset and tleft <= 0 then spent = math.max(spent, treset) end
+  spent = math.min(spent, MAX_RESET)
+  if spent > 0 then hold_lane(p, ARGV[32], NOW + spent) end
+end
 if (mark_then and pool_then ~= pool and pool_then ~= p.was) or p.pmodel == MIXED then
   -- chosen in another pool before its key joined this one: its place here is unknown; or a
   -- pool serving several models, whose headers are each of one model's limit: not its own
