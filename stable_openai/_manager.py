@@ -28,7 +28,7 @@ from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, dur
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
 from ._lease import Lease
 from ._limits import Lesson, pace_of
-from ._model import MIXED, PACE_BACKOFF, PER_DAY, model_spent_for
+from ._model import MIXED, PACE_BACKOFF, PER_DAY, model_paced_by
 from ._policy import Fate, Verdict, headers_of
 from ._ring import KeyRing, KeyState, Marks, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
@@ -570,8 +570,8 @@ class KeyManager:
         """A response arrived on ``state`` for a request for ``model`` (if its body named
         one) sent when the pool stood at ``marks``; a successful one, or a 429, carries the
         pool's budget in its headers — in a pool serving several models, the budget of the
-        request's model there, which holds that model until their reset once they show it
-        spent (``_model.model_spent_for``)."""
+        request's model there, which paces that model once they show it spent
+        (``_model.model_paced_by``)."""
         self._backend.answered(state, budget, model)
         with self._lock:
             left_at = self._ring.answered(state, marks)
@@ -580,9 +580,10 @@ class KeyManager:
             if self._ring.learn(state, budget, marks, left_at):
                 self._notify()
             if model is not None and state.pool.pace_model == MIXED:
-                spent = model_spent_for(budget)
-                if spent > 0:
-                    self._ring.hold_lane(state, model, spent)
+                paced = model_paced_by(budget)
+                if paced is not None:
+                    self._ring.hold_lane(state, model, paced[1])
+                    self._ring.pace_lane(state, model, *paced)
 
     def _probe(self, state: KeyState) -> None:
         with self._lock:

@@ -46,7 +46,7 @@ __all__ = [
     "UNANSWERED_FOR",
     "Budget",
     "Spent",
-    "model_spent_for",
+    "model_paced_by",
 ]
 
 #: A learned budget is trusted for at most this long without a fresh response.
@@ -138,20 +138,19 @@ def _known(period: float) -> float:
     return period
 
 
-def model_spent_for(budget: ServerBudget) -> float:
+def model_paced_by(budget: ServerBudget) -> tuple[float, float] | None:
     """In a pool serving several models, an answer's headers tell the budget of the model its
-    request asked for, not the pool's: the seconds that model is spent for there (0: not
-    spent) — until their reset, when they show no request or no token left."""
-    spent = 0.0
-    if budget.requests_left is not None and budget.requests_reset is not None and (
-        budget.requests_left <= 0
-    ):
-        spent = budget.requests_reset
-    if budget.tokens_left is not None and budget.tokens_reset is not None and (
-        budget.tokens_left <= 0
-    ):
-        spent = max(spent, budget.tokens_reset)
-    return min(spent, MAX_RESET)
+    request asked for, not the pool's.  Once they show no request left of its limit, that
+    model is paced there as a 429's numbers would pace it: returns (calls a second, seconds
+    until the first): held for one request's refill, ``reset / limit``, then paced at
+    ``PACE_BACKOFF × limit / reset`` (a refilling bucket that admitted its last request is
+    empty again at the reset; a window's reset is its end, and ``limit`` calls by then keep
+    to it).  ``None``: they do not show it spent."""
+    left, limit, reset = budget.requests_left, budget.requests_limit, budget.requests_reset
+    if left is None or left > 0 or not limit or limit < 1 or reset is None or reset <= 0:
+        return None
+    reset = min(reset, MAX_RESET)
+    return PACE_BACKOFF * limit / reset, reset / limit
 
 
 class Budget:

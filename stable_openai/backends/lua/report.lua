@@ -80,14 +80,15 @@ purge(pool)
 local rlimit, rleft, rreset = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local tlimit, tleft, treset = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
 local told = ARGV[23] == '1'
-if p.pmodel == MIXED and ARGV[32] ~= '' then
+if p.pmodel == MIXED and ARGV[32] ~= '' and rleft and rleft <= 0 and rlimit and rlimit >= 1
+   and rreset and rreset > 0 then
   -- A pool serving several models: the headers tell the budget of the answer's model there,
-  -- which is held until their reset once they show it spent (_model.model_spent_for).
-  local spent = 0
-  if rleft and rreset and rleft <= 0 then spent = rreset end
-  if tleft and treset and tleft <= 0 then spent = math.max(spent, treset) end
-  spent = math.min(spent, MAX_RESET)
-  if spent > 0 then hold_lane(p, ARGV[32], NOW + spent) end
+  -- which, once they show no request left, is paced as a 429's numbers would pace it: held
+  -- for one request's refill, then at a little below its limit over the reset
+  -- (_model.model_paced_by).
+  local reset = math.min(rreset, MAX_RESET)
+  hold_lane(p, ARGV[32], NOW + reset / rlimit)
+  pace_lane(p, ARGV[32], PACE_BACKOFF * rlimit / reset, NOW + reset / rlimit)
 end
 if (mark_then and pool_then ~= pool and pool_then ~= p.was) or p.pmodel == MIXED then
   -- chosen in another pool before its key joined this one: its place here is unknown; or a
