@@ -599,13 +599,17 @@ class Budget:
             # where the limit stands — instead of every caller that waited rushing into it.
             admitted = math.floor(self.period_size) if was else max(1, self.admitted)
             self.allowance = float(limit if limit is not None else admitted)
+        self.limited_at, self.idle, self.stale = mark, 0.0, in_flight
+        if not in_flight:
+            self._close()
+            if not hinted and self.pace is not None:
+                # The span it closed measured the pace: the backoff is one call of that (not
+                # BLIND_FIRST, when the pool had none), doubled as above.
+                cooled = min(cooled, 1.0 / self.pace * 2.0 ** max(0, self.hintless - 1))
         # The pace restarts empty where the server admits again: the call it lets go then runs
         # on credit, and the next waits two slots (processes sharing the key unseen each retry
         # less often into a server that counts rejected requests).
         self.pace_level, self.pace_stamp = 0.0, now + cooled
-        self.limited_at, self.idle, self.stale = mark, 0.0, in_flight
-        if not in_flight:
-            self._close()
         return cooled
 
     def _over(self) -> None:

@@ -520,6 +520,26 @@ def test_a_429_that_says_no_delay_backs_off_from_the_pace_doubling_until_a_succe
     assert budget.limited(9.5, in_flight=0, told=None, cooled=20.0) == 20.0
 
 
+def test_a_429_that_says_no_delay_and_measures_the_pace_backs_off_one_call_of_it() -> None:
+    """The blind pool's second 429 measures its pace (10 admitted in 1.25 s): it cools for
+    one call of that pace, not BLIND_FIRST (traced in api_key mode: a second of nothing
+    after the pace was known, about a tenth of the run's share)."""
+    budget = Budget()
+    assert budget.limited(0.0, in_flight=0, told=None, cooled=20.0, hinted=False) == BLIND_FIRST
+    for _ in range(10):
+        budget.admit()
+    cooled = budget.limited(1.25, in_flight=0, told=None, cooled=20.0, hinted=False)
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 10 / 1.25)
+    assert cooled == pytest.approx(1 / budget.pace)
+    assert budget.pace_stamp == pytest.approx(1.25 + cooled)  # its pace restarts there
+    # A call still in flight: the span is measured when it ends; the backoff is as before.
+    budget = Budget()
+    budget.limited(0.0, in_flight=0, told=None, cooled=20.0, hinted=False)
+    for _ in range(10):
+        budget.admit()
+    assert budget.limited(1.25, in_flight=1, told=None, cooled=20.0, hinted=False) == BLIND_FIRST
+
+
 def test_a_pool_whose_429s_name_two_models_is_not_paced_from_them() -> None:
     """Budgets are per pool, not yet per model: a pace learned from one model's limit would
     hold the other model's calls too."""

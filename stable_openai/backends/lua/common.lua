@@ -474,9 +474,15 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   elseif not told then  -- no rate: a window's end, or no numbers (_model.Budget.limited)
     p.allow = limit or (was and math.floor(num(p.psize)) or math.max(1, p.adm or 0))
   end
-  p.plevel, p.pstamp = exact(0), exact(NOW + cooled)  -- (restarts empty: _model.Budget.limited)
   p.lat, p.idle, p.stale = exact(mark), exact(0), in_flight
-  if in_flight == 0 then pace_close(p) end
+  if in_flight == 0 then
+    pace_close(p)
+    local rate = num(p.pace)
+    if not hinted and rate then  -- (the span measured the pace: one call of it)
+      cooled = math.min(cooled, 1 / rate * 2 ^ math.max(0, (p.hintless or 0) - 1))
+    end
+  end
+  p.plevel, p.pstamp = exact(0), exact(NOW + cooled)  -- (restarts empty: _model.Budget.limited)
   return cooled
 end
 
