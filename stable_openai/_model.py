@@ -606,6 +606,15 @@ class Budget:
                 # The span it closed measured the pace: the backoff is one call of that (not
                 # BLIND_FIRST, when the pool had none), doubled as above.
                 cooled = min(cooled, 1.0 / self.pace * 2.0 ** max(0, self.hintless - 1))
+        elif not hinted and self.pace is None and self.closing and self.closing > 0 and (
+            self.admitted
+        ):
+            # The span is measured once the calls in flight end; what it admitted so far gives
+            # a pace it will not be below: one call of that.
+            rate = self.admitted / self.closing
+            if told is not None and told < rate:
+                rate = told
+            cooled = min(cooled, 1.0 / (PACE_BACKOFF * rate) * 2.0 ** max(0, self.hintless - 1))
         # The pace restarts empty where the server admits again: the call it lets go then runs
         # on credit, and the next waits two slots (processes sharing the key unseen each retry
         # less often into a server that counts rejected requests).

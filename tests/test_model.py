@@ -532,12 +532,18 @@ def test_a_429_that_says_no_delay_and_measures_the_pace_backs_off_one_call_of_it
     assert budget.pace == pytest.approx(PACE_BACKOFF * 10 / 1.25)
     assert cooled == pytest.approx(1 / budget.pace)
     assert budget.pace_stamp == pytest.approx(1.25 + cooled)  # its pace restarts there
-    # A call still in flight: the span is measured when it ends; the backoff is as before.
+    # A call still in flight: the span is measured when it ends, at no lower a pace than
+    # what it admitted so far gives: the backoff is one call of that.
     budget = Budget()
     budget.limited(0.0, in_flight=0, told=None, cooled=20.0, hinted=False)
     for _ in range(10):
         budget.admit()
-    assert budget.limited(1.25, in_flight=1, told=None, cooled=20.0, hinted=False) == BLIND_FIRST
+    cooled = budget.limited(1.25, in_flight=1, told=None, cooled=20.0, hinted=False)
+    assert budget.pace is None
+    assert cooled == pytest.approx(1.25 / (PACE_BACKOFF * 10))
+    budget.admit()  # (it succeeded: the span is measured)
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 11 / 1.25)
+    assert 1 / budget.pace < cooled
 
 
 def test_a_pool_whose_429s_name_two_models_is_not_paced_from_them() -> None:

@@ -28,7 +28,14 @@ from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._lease import Lease
 from stable_openai._manager import lease
-from stable_openai._model import ALLOWANCE_PROBES, PER_DAY, PERIOD_SLACK, PROBE_WAIT
+from stable_openai._model import (
+    ALLOWANCE_PROBES,
+    BLIND_FIRST,
+    PACE_BACKOFF,
+    PER_DAY,
+    PERIOD_SLACK,
+    PROBE_WAIT,
+)
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyState
 
@@ -647,6 +654,44 @@ def test_after_a_429_without_a_rate_the_pool_gets_a_windows_worth_then_one_call_
             clock.now += 2 * PROBE_WAIT
             for _ in range(10):
                 take(manager).succeed()
+
+
+@pytest.mark.parametrize("in_flight", [False, True], ids=["none in flight", "one in flight"])
+def test_a_429_that_says_no_delay_backs_off_one_call_of_the_pace_its_span_measures(
+    in_flight: bool, redis_server: RedisServer,
+) -> None:
+    """A 429 with no numbers and no delay cools the pool BLIND_FIRST; its allowance of two
+    calls succeeds; the next such 429 closes a span of 1.3125 s with 2 admitted: the pool
+    cools for one call of the pace that span measures (0.97 × 2 / 1.3125 a second) — or, with
+    a call still in flight (its success will be counted), of the pace it cannot be below —
+    in both stores, not BLIND_FIRST again."""
+    blind = dataclasses.replace(RATE_LIMITED, hinted=False)
+    with _team_of_two(redis_server, f"blind{in_flight}") as (clock, managers, _):
+        start = clock.now
+        for manager in managers:
+            clock.now = start
+            for _ in range(2):
+                take(manager).succeed()
+            take(manager).fail(blind, rate_limited("2s", numbers="no numbers"))
+            with pytest.raises(AllKeysCoolingError) as raised:
+                take(manager)
+            assert raised.value.retry_after == pytest.approx(BLIND_FIRST)
+            clock.now = start + 1.0
+            for _ in range(2):  # its allowance: what the pool was admitted
+                take(manager).succeed()
+            clock.now = start + 1.25
+            probe = take(manager)  # (one more, a moment later)
+            if not in_flight:
+                probe.succeed()
+            clock.now = start + 1.3125
+            take(manager).fail(blind, rate_limited("2s", numbers="no numbers"))
+            with pytest.raises(AllKeysCoolingError) as raised:
+                take(manager)
+            admitted = 3 if not in_flight else 2  # (the probe's success: not yet)
+            assert raised.value.retry_after == pytest.approx(
+                1.3125 / (PACE_BACKOFF * admitted)), manager.backend
+            if in_flight:
+                probe.succeed()
 
 
 def test_a_pool_that_knows_the_servers_windows_gets_their_size_at_once_in_both_stores(

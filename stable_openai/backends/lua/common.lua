@@ -481,6 +481,13 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
     if not hinted and rate then  -- (the span measured the pace: one call of it)
       cooled = math.min(cooled, 1 / rate * 2 ^ math.max(0, (p.hintless or 0) - 1))
     end
+  elseif not hinted and not p.pace and num(p.closing) and num(p.closing) > 0
+         and (p.adm or 0) > 0 then
+    -- (measured once the calls in flight end: what it admitted so far, a pace it will not
+    -- be below)
+    local rate = p.adm / num(p.closing)
+    if told and told < rate then rate = told end
+    cooled = math.min(cooled, 1 / (PACE_BACKOFF * rate) * 2 ^ math.max(0, (p.hintless or 0) - 1))
   end
   p.plevel, p.pstamp = exact(0), exact(NOW + cooled)  -- (restarts empty: _model.Budget.limited)
   return cooled
