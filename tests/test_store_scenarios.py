@@ -534,6 +534,48 @@ def _on_one_clock(
     return memory, shared
 
 
+def test_a_report_after_redis_lost_its_keys_counts_its_answer_as_memory_does(
+    redis_server: RedisServer,
+) -> None:
+    """Redis restarts (loses every key) between a call's choice and its report, whose answer
+    says the budget is spent: the report, sent again once the keys are registered anew,
+    carries no lease nor place in the old records — but the rest of what it says, in both
+    stores: the pool cools until the reset.  (Before: the retry blanked arguments by
+    counting from the end of a list that had grown since, kept the old place, and Redis took
+    the budget for 6 left.)"""
+    import redis
+
+    clock = FakeClock()
+    (a,) = made_up_keys(1, "restart")
+    memory, shared = _on_one_clock([Key(a, pool="one")], clock, redis_server)
+    try:
+        for manager in (memory, shared):
+            for _ in range(5):
+                context = contextvars.copy_context()
+                taken = context.run(take, manager)
+                marks = context.run(taken.owner.sending, taken.state, 0.0)
+                context.run(taken.owner.answered, taken.state, None, marks)
+                context.run(taken.succeed)
+            context = contextvars.copy_context()
+            taken = context.run(take, manager)
+            marks = context.run(taken.owner.sending, taken.state, 0.0)
+            if manager is shared:  # Redis restarted: this namespace is gone
+                client = redis.Redis(port=redis_server.port)
+                backend = cast(Any, shared.backend)
+                for name in client.scan_iter(match=f"*{backend.namespace}*"):
+                    client.delete(name)
+                client.close()
+            spent = ServerBudget(requests_limit=10, requests_left=0, requests_reset=30.0)
+            context.run(taken.owner.answered, taken.state, spent, marks)
+            context.run(taken.succeed)
+            (row,) = manager.stats()
+            assert (row["state"], row["reason"]) == ("cooling", "budget spent (RPM)"), (
+                manager.backend)
+    finally:
+        memory.close()
+        shared.close()
+
+
 def test_many_keys_due_at_once_take_their_turn_after_the_ready_ones(
     redis_server: RedisServer,
 ) -> None:

@@ -670,8 +670,10 @@ class RedisBackend:
             if int(reply[0]) != -1:
                 return int(reply[0]) == 1
             self._registered = (-1, 0.0)
-            # Redis lost the keys (restarted): the lease is unknown there, the rest counts.
-            args = [args[0], "", *args[2:-4], "", "", "", args[-1]]
+            # Redis lost the keys (restarted): the lease (ARGV[4]) and the call's place in the
+            # old records (ARGV[20..22]: pool, mark, unanswered) are unknown there; the rest
+            # counts.  (By position from the start: arguments are appended at the end.)
+            args = [args[0], "", *args[2:17], "", "", "", *args[20:]]
         return False
 
     def _control(self, *args: str) -> _Flow[Any]:
