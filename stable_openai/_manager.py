@@ -572,18 +572,17 @@ class KeyManager:
         pool's budget in its headers — in a pool serving several models, the budget of the
         request's model there, which paces that model once they show it spent
         (``_model.model_paced_by``)."""
-        self._backend.answered(state, budget, model)
+        self._backend.answered(state, budget)
+        paced = None if budget is None or model is None else model_paced_by(budget)
         with self._lock:
             left_at = self._ring.answered(state, marks)
-            if budget is None:
-                return
-            if self._ring.learn(state, budget, marks, left_at):
+            if budget is not None and self._ring.learn(state, budget, marks, left_at):
                 self._notify()
-            if model is not None and state.pool.pace_model == MIXED:
-                paced = model_paced_by(budget)
-                if paced is not None:
-                    self._ring.hold_lane(state, model, paced[1])
-                    self._ring.pace_lane(state, model, *paced)
+            if paced is not None and model is not None and state.pool.pace_model == MIXED:
+                self._ring.hold_lane(state, model, paced[1])
+                self._ring.pace_lane(state, model, *paced)
+        if paced is not None and model is not None:  # (a shared pool, where it is MIXED)
+            self._backend.pace_lane(state, model, *paced)
 
     def _probe(self, state: KeyState) -> None:
         with self._lock:

@@ -143,9 +143,11 @@ def model_paced_by(budget: ServerBudget) -> tuple[float, float] | None:
     request asked for, not the pool's.  Once they show no request left of its limit, that
     model is paced there as a 429's numbers would pace it: returns (calls a second, seconds
     until the first): held for one request's refill, ``reset / limit``, then paced at
-    ``PACE_BACKOFF × limit / reset`` (a refilling bucket that admitted its last request is
-    empty again at the reset; a window's reset is its end, and ``limit`` calls by then keep
-    to it).  ``None``: they do not show it spent."""
+    ``PACE_BACKOFF × limit / reset`` — right for a refilling bucket, which is empty again at
+    the reset once it admitted its last request.  (A fixed window admits nothing more until
+    its reset, its end: the call the pace lets go before then meets the 429 that holds the
+    model until that end, as it would without the headers.)  ``None``: they do not show it
+    spent."""
     left, limit, reset = budget.requests_left, budget.requests_limit, budget.requests_reset
     if left is None or left > 0 or not limit or limit < 1 or reset is None or reset <= 0:
         return None

@@ -832,6 +832,47 @@ def test_a_pooled_clients_answers_hold_their_model_once_its_headers_show_it_spen
         assert sim.stats()["totals"]["rate_limited"] == 0
 
 
+def test_a_users_own_backend_written_to_the_protocol_keeps_working_with_pooled_clients(
+) -> None:
+    """A backend a user wrote by subclassing ``StateBackend``, overriding ``answered(state,
+    budget)`` as documented: pooled calls of two models run through it, and an answer that
+    shows a model's requests spent reaches the protocol's ``pace_lane`` (here its default,
+    which does nothing) — the manager passes nothing it does not declare.  (Found by a
+    review: the first version of model pacing passed ``answered`` a third argument.)"""
+    from stable_openai._budget import ServerBudget
+    from stable_openai._ring import KeyState
+    from stable_openai.backends import StateBackend
+
+    class Mine(StateBackend):
+        shared = False
+
+        def __init__(self) -> None:
+            self.budgets: list[ServerBudget | None] = []
+
+        def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
+            self.budgets.append(budget)
+
+    (key,) = made_up_keys(1, "ownbackend")
+    limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=1),
+                                      ModelLimits(("gpt-4o-mini",), rpm=1000)))
+    config = SimulatorConfig(keys=(SimKey(key, project="p"),), projects={"p": limits},
+                             window=1.0, latency=0.0)
+
+    @stable(max_wait=10)
+    def ask(name: str, client: openai.OpenAI) -> str:
+        answer = client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": name}])
+        return str(answer.choices[0].message.content)
+
+    mine = Mine()
+    with Simulator(config) as sim:
+        KeyManager([Key(key, base_url=sim.base_url)], backend=mine)
+        for name in ("gpt-4o-mini", "gpt-4o", "gpt-4o-mini", "gpt-4o"):
+            assert ask(name) == f"echo: {name}"
+    assert len(mine.budgets) >= 4
+    assert any(budget is not None and budget.requests_left == 0 for budget in mine.budgets)
+
+
 def test_a_429s_budget_headers_hold_the_pool_until_their_reset() -> None:
     """Someone the library does not see spends the key's bucket (10 a second); the pooled
     client's call meets a 429 to try again in 100 ms, whose headers say the bucket is empty

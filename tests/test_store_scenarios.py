@@ -31,6 +31,7 @@ from stable_openai._manager import lease
 from stable_openai._model import (
     ALLOWANCE_PROBES,
     BLIND_FIRST,
+    MIXED,
     PACE_BACKOFF,
     PER_DAY,
     PERIOD_SLACK,
@@ -911,6 +912,7 @@ def _lockstep(seed: int, redis_server: RedisServer, windows: bool = False) -> No
     import random
 
     rng = random.Random(seed)
+    aside = random.Random(-1 - seed)
     clock = FakeClock()
     keys = made_up_keys(5, f"lockstep{seed}")
     spec: list[str | Key] = [
@@ -1023,8 +1025,21 @@ def _lockstep(seed: int, redis_server: RedisServer, windows: bool = False) -> No
                 index = rng.randrange(len(held))
                 one, two, mark_one, mark_two, mine, context, tokens = held[index]
                 trace.append(f"another request on {keys.index(one.key)}")
-                mine.run(one.owner.answered, one.state, None, mark_one)
-                context.run(two.owner.answered, two.state, None, mark_two)
+                # (Its answer's headers, from a pooled client, may tell its model's budget,
+                # in a pool serving several models — each store learns a pool's own budget
+                # from a call's last answer, memory when it arrives, Redis at the call's
+                # report: not comparable step by step. Drawn apart, so that the runs of the
+                # seeds above stay as they were.)
+                said, asked = None, None
+                if (not windows and one.state.pool.pace_model == MIXED
+                        and aside.random() < 0.5):
+                    asked = aside.choice(["gpt-4o-mini", "gpt-4o"])
+                    said = ServerBudget(requests_limit=aside.choice([2, 10]),
+                                        requests_left=aside.randrange(0, 2),
+                                        requests_reset=float(aside.choice([0.5, 4.0])))
+                    trace[-1] += f" answered {asked} {said.requests_left} {said.requests_reset}"
+                mine.run(one.owner.answered, one.state, said, mark_one, asked)
+                context.run(two.owner.answered, two.state, said, mark_two, asked)
                 mine.run(one.owner.before_sending, one.state)
                 context.run(two.owner.before_sending, two.state)
                 marks = (mine.run(one.owner.sending, one.state, tokens),

@@ -128,12 +128,9 @@ class StateBackend(Protocol):
         a call chosen does (``KeyRing.another_request``)."""
         return None
 
-    def answered(
-        self, state: KeyState, budget: ServerBudget | None, model: str | None = None
-    ) -> None:
+    def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
         """Note, for the call's :meth:`report`: its answer arrived; ``budget`` is what the
-        answer's headers said of the pool's budget (of ``model``'s, in a pool serving
-        several: the model its request asked for, if known).  No I/O."""
+        answer's headers said of the pool's budget.  No I/O."""
         return None
 
     def report(
@@ -153,6 +150,13 @@ class StateBackend(Protocol):
         """A call of ``model`` would go on ``state``: the seconds the model is held in the
         key's pool, or 0 — then the call takes its place in the model's pace there
         (``KeyRing.lane_pass``).  ``None`` when the store failed (or shares nothing)."""
+        return None
+
+    def pace_lane(self, state: KeyState, model: str, rate: float, after: float) -> None:
+        """An answer of a request for ``model`` on ``state`` showed that model's requests
+        spent (``_model.model_paced_by``): where the key's pool serves several models, hold
+        ``model`` there for ``after`` seconds, then pace it at ``rate`` calls a second
+        (``KeyRing.hold_lane`` and ``KeyRing.pace_lane``)."""
         return None
 
     def probe(self, state: KeyState) -> None:

@@ -209,25 +209,20 @@ def _text(value: float | int | None) -> str:
 class _Pending:
     """What an answer on a key said, for the call's report."""
 
-    __slots__ = ("answered", "budget", "lease", "left_at", "model")
+    __slots__ = ("answered", "budget", "lease", "left_at")
 
     def __init__(self, lease: str = "") -> None:
         self.lease = lease
         self.budget: ServerBudget | None = None
-        self.model: str | None = None  # the model the answer's request asked for, if known
         # When its last request left, on the backend's clock (the pooled client's hook saw
         # it); None while none has.
         self.left_at: float | None = None
         self.answered = False  # and its answer arrived
 
-    def note(
-        self, budget: ServerBudget | None, left_at: float | None, answered: bool,
-        model: str | None = None,
-    ) -> None:
-        """An answer with ``budget`` (for a request for ``model``) arrived (``answered``), or
-        a request left at ``left_at``."""
+    def note(self, budget: ServerBudget | None, left_at: float | None, answered: bool) -> None:
+        """An answer with ``budget`` arrived (``answered``), or a request left at ``left_at``."""
         if budget is not None:
-            self.budget, self.model = budget, model
+            self.budget = budget
         if left_at is not None:
             self.left_at = left_at
         # Its last request is what counts: one that leaves after an answer is unanswered.
@@ -693,26 +688,24 @@ class RedisBackend:
     def sent(self, state: KeyState) -> None:
         self._note(state, None, sent=True)
 
-    def answered(
-        self, state: KeyState, budget: ServerBudget | None, model: str | None = None
-    ) -> None:
-        self._note(state, budget, answered=True, model=model)
+    def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
+        self._note(state, budget, answered=True)
 
     def _note(
         self, state: KeyState, budget: ServerBudget | None, sent: bool = False,
-        answered: bool = False, model: str | None = None,
+        answered: bool = False,
     ) -> None:
         left_at = self._now() if sent else None
         calls = _CALLS.get()
         call = calls.get(state) if calls else None
         if call is not None:
-            call.note(budget, left_at, answered, model)
+            call.note(budget, left_at, answered)
             return
         with self._lock:  # not from the call's own thread or task: the key's next report
             pending = self._pending.get(state)
             if pending is None:
                 pending = self._pending[state] = _Pending()
-            pending.note(budget, left_at, answered, model)
+            pending.note(budget, left_at, answered)
 
     def _now(self) -> float:
         """The backend's clock (a test's, or the monotonic one): what only differences of are
@@ -750,9 +743,9 @@ class RedisBackend:
         elif verdict is not None and verdict.fate is Fate.DISABLE:
             fate, reason = "disable", verdict.reason
             seconds = verdict.seconds if verdict.seconds < math.inf else None  # None: never
-        budget, budget_model = (call.budget, call.model) if call is not None else (None, None)
+        budget = call.budget if call is not None else None
         if budget is None and pending is not None:
-            budget, budget_model = pending.budget, pending.model
+            budget = pending.budget
         join, mode = organization or "", "own"
         if budget is not None and budget.pool:
             join, mode = budget.pool, "any"
@@ -780,7 +773,7 @@ class RedisBackend:
                  _text(lesson and lesson.told), "1" if verdict is None or verdict.hinted else "0",
                  (lesson and lesson.model) or "", model or "",
                  "1" if lesson and lesson.daily else "",
-                 _text(lesson and lesson.limit), left, budget_model or ""]
+                 _text(lesson and lesson.limit), left]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:
@@ -809,6 +802,11 @@ class RedisBackend:
         lease = "" if call is None else call.lease.partition("|")[0]  # "<lease>|<mark>|<pool>"
         if fp is not None and self.available():
             self._send(lambda: self._control("spend", fp, lease))
+
+    def pace_lane(self, state: KeyState, model: str, rate: float, after: float) -> None:
+        fp = self._fps.get(state)
+        if fp is not None and self.available():
+            self._send(lambda: self._control("lanepace", fp, model, _text(rate), _text(after)))
 
     def lane_pass(self, state: KeyState, model: str) -> float | None:
         fp = self._fps.get(state)

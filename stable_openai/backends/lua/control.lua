@@ -5,9 +5,13 @@
 --   spend fp lease               a call on the key sends another request: spend its pool's
 --                                budget as a call chosen does; the call (its lease) now stands
 --                                at the request's place there, for its answer
+--   lanepace fp model rate after an answer of a request for the model showed its requests
+--                                spent: in a pool serving several models, hold the model there
+--                                for ``after`` seconds, then pace it at ``rate`` a second
 --   enable fp...                 make disabled keys ready again
 --   snapshot fp...               the state and counters of each key, as cjson
--- Returns 1 for cooldown/probe/spend/enable (0: the key is unknown or, for cooldown, disabled),
+-- Returns 1 for cooldown/probe/spend/enable/lanepace (0: the key is unknown or, for cooldown,
+-- disabled; for lanepace, its pool does not serve several models),
 -- or json for snapshot.
 
 local op = ARGV[3]
@@ -87,6 +91,20 @@ elseif op == 'lane' then
   put('p:' .. rec.pool, p)
   flush()
   return string.format('%.17g', held)
+elseif op == 'lanepace' then
+  -- (As _manager._learn: KeyRing.hold_lane and pace_lane, where the pool is MIXED.)
+  local rec = key_rec(ARGV[4])
+  local p = rec and pool_rec(rec.pool)
+  if not p or p.pmodel ~= MIXED then
+    flush()
+    return 0
+  end
+  local model, rate, after = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
+  hold_lane(p, model, NOW + after)
+  pace_lane(p, model, rate, NOW + after)
+  put('p:' .. rec.pool, p)
+  flush()
+  return 1
 elseif op == 'enable' then
   for i = 4, #ARGV do
     local rec = key_rec(ARGV[i])

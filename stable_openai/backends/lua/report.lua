@@ -17,8 +17,7 @@
 -- model the call asked for ('' if not known), ARGV[29] '1' when the 429's limit is a per-day
 -- one, ARGV[30] the requests a window admits when the 429 names its size and end but no
 -- rate ('' if not), ARGV[31] how many seconds ago the call's last request left ('' when no
--- pooled client's hook saw it leave), ARGV[32] the model the request whose answer ARGV[12..17]
--- are asked for ('' if not known).
+-- pooled client's hook saw it leave).
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -80,16 +79,6 @@ purge(pool)
 local rlimit, rleft, rreset = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local tlimit, tleft, treset = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
 local told = ARGV[23] == '1'
-if p.pmodel == MIXED and ARGV[32] ~= '' and rleft and rleft <= 0 and rlimit and rlimit >= 1
-   and rreset and rreset > 0 then
-  -- A pool serving several models: the headers tell the budget of the answer's model there,
-  -- which, once they show no request left, is paced as a 429's numbers would pace it: held
-  -- for one request's refill, then at a little below its limit over the reset
-  -- (_model.model_paced_by).
-  local reset = math.min(rreset, MAX_RESET)
-  hold_lane(p, ARGV[32], NOW + reset / rlimit)
-  pace_lane(p, ARGV[32], PACE_BACKOFF * rlimit / reset, NOW + reset / rlimit)
-end
 if (mark_then and pool_then ~= pool and pool_then ~= p.was) or p.pmodel == MIXED then
   -- chosen in another pool before its key joined this one: its place here is unknown; or a
   -- pool serving several models, whose headers are each of one model's limit: not its own
