@@ -581,8 +581,9 @@ class KeyManager:
             if paced is not None and model is not None and state.pool.pace_model == MIXED:
                 self._ring.hold_lane(state, model, paced[1])
                 self._ring.pace_lane(state, model, *paced)
-        if paced is not None and model is not None:  # (a shared pool, where it is MIXED)
-            self._backend.pace_lane(state, model, *paced)
+        if paced is not None and model is not None and budget is not None:
+            # (a shared store's pool, where it serves several models)
+            self._backend.pace_lane(state, model, *paced, budget.pool)
 
     def _probe(self, state: KeyState) -> None:
         with self._lock:

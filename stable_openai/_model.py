@@ -566,7 +566,7 @@ class Budget:
             return cooled
         if stale:
             self._over()  # (after a minute, one of them was never reported: go on)
-            return cooled
+            return cooled if hinted else self._measured_backoff(cooled)
         # A 429 that gives no rate but says when the server admits again may tell where the
         # server's window ends: once two have, the pool is allowed per window, not paced.
         was = self.period is not None
@@ -604,23 +604,26 @@ class Budget:
         self.limited_at, self.idle, self.stale = mark, 0.0, in_flight
         if not in_flight:
             self._close()
-            if not hinted and self.pace is not None:
-                # The span it closed measured the pace: the backoff is one call of that (not
-                # BLIND_FIRST, when the pool had none), doubled as above.
-                cooled = min(cooled, 1.0 / self.pace * 2.0 ** max(0, self.hintless - 1))
-        elif not hinted and self.pace is None and self.closing and self.closing > 0 and (
-            self.admitted
-        ):
-            # The span is measured once the calls in flight end; what it admitted so far gives
-            # a pace it will not be below: one call of that.
-            rate = self.admitted / self.closing
-            if told is not None and told < rate:
-                rate = told
-            cooled = min(cooled, 1.0 / (PACE_BACKOFF * rate) * 2.0 ** max(0, self.hintless - 1))
+        if not hinted:
+            cooled = self._measured_backoff(cooled)
         # The pace restarts empty where the server admits again: the call it lets go then runs
         # on credit, and the next waits two slots (processes sharing the key unseen each retry
         # less often into a server that counts rejected requests).
         self.pace_level, self.pace_stamp = 0.0, now + cooled
+        return cooled
+
+    def _measured_backoff(self, cooled: float) -> float:
+        """A 429 that named no delay backs off ``cooled`` (one call of the pace the pool had,
+        or BLIND_FIRST, doubled by each such 429 since a success): or one call of the pace
+        its span just measured, when the pool had none — or, while that span waits for the
+        calls in flight at its 429, of the pace what it admitted so far gives (the measure
+        will not be below it) — if that is shorter."""
+        doubled = 2.0 ** max(0, self.hintless - 1)
+        if self.pace is not None:
+            return min(cooled, 1.0 / self.pace * doubled)
+        span = self.closing
+        if span is not None and span > 0 and self.admitted:
+            return min(cooled, 1.0 / (PACE_BACKOFF * (self.admitted / span)) * doubled)
         return cooled
 
     def _over(self) -> None:

@@ -783,6 +783,23 @@ def test_a_pooled_clients_call_is_held_and_paced_by_the_model_its_body_names(
         assert seen["state"] == "ready"
 
 
+def _one_key_two_models(tag: str, gpt_4o_rpm: int) -> tuple[str, SimulatorConfig]:
+    """A made-up key whose project allows gpt-4o ``gpt_4o_rpm`` requests a second, beside
+    plenty of gpt-4o-mini; the simulator's config for it."""
+    (key,) = made_up_keys(1, tag)
+    limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=gpt_4o_rpm),
+                                      ModelLimits(("gpt-4o-mini",), rpm=1000)))
+    return key, SimulatorConfig(keys=(SimKey(key, project="p"),), projects={"p": limits},
+                                window=1.0, latency=0.0)
+
+
+@stable(max_wait=10)
+def _ask_model(name: str, client: openai.OpenAI) -> str:
+    answer = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": name}])
+    return str(answer.choices[0].message.content)
+
+
 @pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
 def test_a_pooled_clients_answers_hold_their_model_once_its_headers_show_it_spent(
     is_async: bool,
@@ -793,17 +810,8 @@ def test_a_pooled_clients_answers_hold_their_model_once_its_headers_show_it_spen
     paces it — the next gpt-4o call waits in the hook instead of meeting a 429 (before: a
     429, then held), and gpt-4o-mini goes on at once."""
     import time
-    (key,) = made_up_keys(1, "modelheaders")
-    limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=2),
-                                      ModelLimits(("gpt-4o-mini",), rpm=1000)))
-    config = SimulatorConfig(keys=(SimKey(key, project="p"),), projects={"p": limits},
-                             window=1.0, latency=0.0)
-
-    @stable(max_wait=10)
-    def ask(name: str, client: openai.OpenAI) -> str:
-        answer = client.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": name}])
-        return str(answer.choices[0].message.content)
+    key, config = _one_key_two_models("modelheaders", gpt_4o_rpm=2)
+    ask = _ask_model
 
     @stable(max_wait=10)
     async def ask_async(name: str, client: openai.AsyncOpenAI) -> str:
@@ -852,23 +860,12 @@ def test_a_users_own_backend_written_to_the_protocol_keeps_working_with_pooled_c
         def answered(self, state: KeyState, budget: ServerBudget | None) -> None:
             self.budgets.append(budget)
 
-    (key,) = made_up_keys(1, "ownbackend")
-    limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=1),
-                                      ModelLimits(("gpt-4o-mini",), rpm=1000)))
-    config = SimulatorConfig(keys=(SimKey(key, project="p"),), projects={"p": limits},
-                             window=1.0, latency=0.0)
-
-    @stable(max_wait=10)
-    def ask(name: str, client: openai.OpenAI) -> str:
-        answer = client.chat.completions.create(
-            model=name, messages=[{"role": "user", "content": name}])
-        return str(answer.choices[0].message.content)
-
+    key, config = _one_key_two_models("ownbackend", gpt_4o_rpm=1)
     mine = Mine()
     with Simulator(config) as sim:
         KeyManager([Key(key, base_url=sim.base_url)], backend=mine)
         for name in ("gpt-4o-mini", "gpt-4o", "gpt-4o-mini", "gpt-4o"):
-            assert ask(name) == f"echo: {name}"
+            assert _ask_model(name) == f"echo: {name}"
     assert len(mine.budgets) >= 4
     assert any(budget is not None and budget.requests_left == 0 for budget in mine.budgets)
 

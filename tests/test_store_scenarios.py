@@ -377,6 +377,80 @@ def test_a_pool_that_turns_out_to_serve_two_models_is_held_by_one_models_headers
     fifth.give_back()
 
 
+def test_an_answer_that_names_its_pool_paces_its_model_in_that_pool_in_both_stores(
+    redis_server: RedisServer,
+) -> None:
+    """Keys given no pool: a's answers of two models name org-x (a pool serving several
+    models); b's first answer names org-x too and shows gpt-4o's requests spent.  The ring
+    moves b into org-x at the answer, Redis at the call's report: gpt-4o is held there for
+    one request's refill in both stores (found by a review: Redis paced b's own pool, which
+    serves no model, and the report then moved b into org-x without the hold)."""
+    clock = FakeClock()
+    a, b = made_up_keys(2, "joinpace")
+    memory, shared = _on_one_clock([a, b], clock, redis_server)
+
+    def answer(manager: KeyManager, key: str, left: int, model: str) -> None:
+        context = contextvars.copy_context()
+        other = manager._ring.find(b if key == a else a)
+        taken = context.run(take, manager, {other} if other is not None else set())
+        assert taken.key == key
+        taken.model = model
+        marks = context.run(taken.owner.sending, taken.state, 0.0)
+        budget = ServerBudget(requests_limit=10, requests_left=left, requests_reset=1.0,
+                              organization="org-x")
+        context.run(taken.owner.answered, taken.state, budget, marks, model)
+        context.run(taken.succeed)
+
+    try:
+        for manager in (memory, shared):
+            answer(manager, a, 5, "gpt-4o-mini")
+            answer(manager, a, 5, "gpt-4o")
+            answer(manager, b, 0, "gpt-4o")
+            assert {row["pool"] for row in manager.stats()} == {"org-x"}
+            taken = take(manager)
+            assert taken.owner.lane_held(taken.state, "gpt-4o") == pytest.approx(0.1), (
+                manager.backend)
+            assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
+            taken.give_back()
+    finally:
+        memory.close()
+        shared.close()
+
+
+def test_a_models_pace_from_an_answer_holds_the_calls_next_request_on_an_event_loop(
+    redis_server: RedisServer,
+) -> None:
+    """On an event loop, an answer that shows gpt-4o's requests spent (in a pool serving two
+    models) holds gpt-4o before the call's next request asks, with no turn of the loop
+    between — in both stores (found by a review: Redis was told in a task of its own, which
+    had not run when the next request asked)."""
+    import asyncio
+
+    with _team_of_two(redis_server, "looppace") as (_, managers, _keys):
+
+        async def settle() -> None:  # the reports this loop is sending
+            await asyncio.gather(*(asyncio.all_tasks() - {asyncio.current_task()}))
+
+        async def scenario(manager: KeyManager) -> float:
+            for model, left in (("gpt-4o-mini", 5), ("gpt-4o", 5), ("gpt-4o", 0)):
+                taken = take(manager)
+                taken.model = model
+                marks = taken.owner.sending(taken.state, 0.0)
+                budget = ServerBudget(requests_limit=10, requests_left=left,
+                                      requests_reset=1.0)
+                taken.owner.answered(taken.state, budget, marks, model)
+                if left:
+                    taken.succeed()
+                    await settle()
+            held = taken.owner.lane_held(taken.state, "gpt-4o")  # (its next request)
+            taken.succeed()
+            await settle()
+            return held
+
+        for manager in managers:
+            assert asyncio.run(scenario(manager)) == pytest.approx(0.1), manager.backend
+
+
 def test_a_revoked_key_is_disabled_until_given_again(make_manager: MakeManager) -> None:
     a, b = made_up_keys(2, "revoked")
     manager = make_manager([a, b])
@@ -699,15 +773,17 @@ def test_after_a_429_without_a_rate_the_pool_gets_a_windows_worth_then_one_call_
                 take(manager).succeed()
 
 
-@pytest.mark.parametrize("in_flight", [False, True], ids=["none in flight", "one in flight"])
+@pytest.mark.parametrize("probe", ["succeeded", "in flight", "met a 429"])
 def test_a_429_that_says_no_delay_backs_off_one_call_of_the_pace_its_span_measures(
-    in_flight: bool, redis_server: RedisServer,
+    probe: str, redis_server: RedisServer,
 ) -> None:
     """A 429 with no numbers and no delay cools the pool BLIND_FIRST; its allowance of two
     calls succeeds; the next such 429 closes a span of 1.3125 s with 2 admitted: the pool
     cools for one call of the pace that span measures (0.97 × 2 / 1.3125 a second) — or, with
-    a call still in flight (its success will be counted), of the pace it cannot be below —
-    in both stores, not BLIND_FIRST again."""
+    a call still in flight (its success will be counted), of the pace it cannot be below; and
+    when that call then meets a 429 of the same excess, the span measured — in both stores,
+    not BLIND_FIRST again."""
+    in_flight = probe != "succeeded"
     blind = dataclasses.replace(RATE_LIMITED, hinted=False)
     with _team_of_two(redis_server, f"blind{in_flight}") as (clock, managers, _):
         start = clock.now
@@ -723,9 +799,9 @@ def test_a_429_that_says_no_delay_backs_off_one_call_of_the_pace_its_span_measur
             for _ in range(2):  # its allowance: what the pool was admitted
                 take(manager).succeed()
             clock.now = start + 1.25
-            probe = take(manager)  # (one more, a moment later)
+            taken = take(manager)  # (one more, a moment later)
             if not in_flight:
-                probe.succeed()
+                taken.succeed()
             clock.now = start + 1.3125
             take(manager).fail(blind, rate_limited("2s", numbers="no numbers"))
             with pytest.raises(AllKeysCoolingError) as raised:
@@ -733,8 +809,15 @@ def test_a_429_that_says_no_delay_backs_off_one_call_of_the_pace_its_span_measur
             admitted = 3 if not in_flight else 2  # (the probe's success: not yet)
             assert raised.value.retry_after == pytest.approx(
                 1.3125 / (PACE_BACKOFF * admitted)), manager.backend
-            if in_flight:
-                probe.succeed()
+            if probe == "met a 429":
+                clock.now = start + 1.375
+                taken.fail(blind, rate_limited("2s", numbers="no numbers"))
+                with pytest.raises(AllKeysCoolingError) as raised:
+                    take(manager)
+                assert raised.value.retry_after == pytest.approx(
+                    1.3125 / (PACE_BACKOFF * 2)), manager.backend
+            elif in_flight:
+                taken.succeed()
 
 
 def test_a_pool_that_knows_the_servers_windows_gets_their_size_at_once_in_both_stores(

@@ -152,11 +152,16 @@ class StateBackend(Protocol):
         (``KeyRing.lane_pass``).  ``None`` when the store failed (or shares nothing)."""
         return None
 
-    def pace_lane(self, state: KeyState, model: str, rate: float, after: float) -> None:
+    def pace_lane(
+        self, state: KeyState, model: str, rate: float, after: float, pool: str | None = None
+    ) -> None:
         """An answer of a request for ``model`` on ``state`` showed that model's requests
         spent (``_model.model_paced_by``): where the key's pool serves several models, hold
         ``model`` there for ``after`` seconds, then pace it at ``rate`` calls a second
-        (``KeyRing.hold_lane`` and ``KeyRing.pace_lane``)."""
+        (``KeyRing.hold_lane`` and ``KeyRing.pace_lane``).  ``pool``: the pool the answer
+        named, which the key joins (``KeyRing.join_pool``) — in this process at once, in a
+        shared store when the call reports: the pace is for that pool.  Before returning: the
+        call's next request asks whether its model is held."""
         return None
 
     def probe(self, state: KeyState) -> None:

@@ -803,10 +803,12 @@ class RedisBackend:
         if fp is not None and self.available():
             self._send(lambda: self._control("spend", fp, lease))
 
-    def pace_lane(self, state: KeyState, model: str, rate: float, after: float) -> None:
+    def pace_lane(
+        self, state: KeyState, model: str, rate: float, after: float, pool: str | None = None
+    ) -> None:
         fp = self._fps.get(state)
-        if fp is not None and self.available():
-            self._send(lambda: self._control("lanepace", fp, model, _text(rate), _text(after)))
+        if fp is not None and self.available():  # (at once: the call's next request asks)
+            self._run(self._control("lanepace", fp, model, _text(rate), _text(after), pool or ""))
 
     def lane_pass(self, state: KeyState, model: str) -> float | None:
         fp = self._fps.get(state)

@@ -432,6 +432,19 @@ end
 -- (``hinted``: the server said so; else the longest it backs off for); ``model``: the one it
 -- names (nil if none); ``limit``: its window's size, when it gives no rate (nil if not
 -- named).  Returns the seconds the pool cools.
+-- A 429 that named no delay: its backoff, or one call of the pace its span just measured, or
+-- of the pace what that span admitted so far gives, if shorter (_model.Budget._measured_backoff).
+local function measured_backoff(p, cooled)
+  local doubled = 2 ^ math.max(0, (p.hintless or 0) - 1)
+  local rate = num(p.pace)
+  if rate then return math.min(cooled, 1 / rate * doubled) end
+  local span, admitted = num(p.closing), p.adm or 0
+  if span and span > 0 and admitted > 0 then
+    return math.min(cooled, 1 / (PACE_BACKOFF * (admitted / span)) * doubled)
+  end
+  return cooled
+end
+
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   if model then pace_model(p, model) end
   local since = num(p.lat)
@@ -445,7 +458,7 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   if p.pmodel == MIXED or (p.snap or -1) >= 0 then return cooled end  -- (headers pace it)
   if stale then
     pace_over(p)
-    return cooled
+    return hinted and cooled or measured_backoff(p, cooled)
   end
   -- A window's end, from a 429 without a rate: once two told one, allowed per window.
   local was, windows = p.per ~= nil, false
@@ -475,20 +488,8 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
     p.allow = limit or (was and math.floor(num(p.psize)) or math.max(1, p.adm or 0))
   end
   p.lat, p.idle, p.stale = exact(mark), exact(0), in_flight
-  if in_flight == 0 then
-    pace_close(p)
-    local rate = num(p.pace)
-    if not hinted and rate then  -- (the span measured the pace: one call of it)
-      cooled = math.min(cooled, 1 / rate * 2 ^ math.max(0, (p.hintless or 0) - 1))
-    end
-  elseif not hinted and not p.pace and num(p.closing) and num(p.closing) > 0
-         and (p.adm or 0) > 0 then
-    -- (measured once the calls in flight end: what it admitted so far, a pace it will not
-    -- be below)
-    local rate = p.adm / num(p.closing)
-    if told and told < rate then rate = told end
-    cooled = math.min(cooled, 1 / (PACE_BACKOFF * rate) * 2 ^ math.max(0, (p.hintless or 0) - 1))
-  end
+  if in_flight == 0 then pace_close(p) end
+  if not hinted then cooled = measured_backoff(p, cooled) end
   p.plevel, p.pstamp = exact(0), exact(NOW + cooled)  -- (restarts empty: _model.Budget.limited)
   return cooled
 end

@@ -5,9 +5,12 @@
 --   spend fp lease               a call on the key sends another request: spend its pool's
 --                                budget as a call chosen does; the call (its lease) now stands
 --                                at the request's place there, for its answer
---   lanepace fp model rate after an answer of a request for the model showed its requests
+--   lanepace fp model rate after join
+--                                an answer of a request for the model showed its requests
 --                                spent: in a pool serving several models, hold the model there
---                                for ``after`` seconds, then pace it at ``rate`` a second
+--                                for ``after`` seconds, then pace it at ``rate`` a second (the
+--                                pool the key will be in once it joins ``join``, the pool the
+--                                answer named, if any, as the call's report will move it)
 --   enable fp...                 make disabled keys ready again
 --   snapshot fp...               the state and counters of each key, as cjson
 -- Returns 1 for cooldown/probe/spend/enable/lanepace (0: the key is unknown or, for cooldown,
@@ -92,9 +95,20 @@ elseif op == 'lane' then
   flush()
   return string.format('%.17g', held)
 elseif op == 'lanepace' then
-  -- (As _manager._learn: KeyRing.hold_lane and pace_lane, where the pool is MIXED.)
+  -- (As _manager._learn: KeyRing.hold_lane and pace_lane, where the pool is MIXED.)  The
+  -- ring moved the key into the pool the answer named (KeyRing.join_pool); the call's report
+  -- will: the pace is for that pool's record, or for the key's own, which the move renames
+  -- when the key is alone in it and no pool has that name yet (a new pool serves no model).
   local rec = key_rec(ARGV[4])
-  local p = rec and pool_rec(rec.pool)
+  local name, join = rec and rec.pool, ARGV[8] or ''
+  if rec and join ~= '' and join ~= name and not rec.fixed then
+    if pool_rec(join) then
+      name = join
+    elseif #members(name) ~= 1 then
+      name = nil  -- (a pool made anew: it serves no model yet)
+    end
+  end
+  local p = name and pool_rec(name)
   if not p or p.pmodel ~= MIXED then
     flush()
     return 0
@@ -102,7 +116,7 @@ elseif op == 'lanepace' then
   local model, rate, after = ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
   hold_lane(p, model, NOW + after)
   pace_lane(p, model, rate, NOW + after)
-  put('p:' .. rec.pool, p)
+  put('p:' .. name, p)
   flush()
   return 1
 elseif op == 'enable' then
