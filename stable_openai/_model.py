@@ -147,11 +147,15 @@ def model_paced_by(budget: ServerBudget) -> tuple[float, float] | None:
     the reset once it admitted its last request.  (A fixed window admits nothing more until
     its reset, its end: the call the pace lets go before then meets the 429 that holds the
     model until that end, as it would without the headers.)  ``None``: they do not show it
-    spent."""
+    spent — or their reset is over ``MAX_PERIOD`` away: a per-minute limit's never is, so they
+    are of a longer one (a day's), which the call's request should meet: its 429 says so, and
+    the call raises at once rather than wait for a refill."""
     left, limit, reset = budget.requests_left, budget.requests_limit, budget.requests_reset
-    if left is None or left > 0 or not limit or limit < 1 or reset is None or reset <= 0:
+    if (
+        left is None or left > 0 or not limit or limit < 1 or reset is None or reset <= 0
+        or reset > MAX_PERIOD
+    ):
         return None
-    reset = min(reset, MAX_RESET)
     return PACE_BACKOFF * limit / reset, reset / limit
 
 

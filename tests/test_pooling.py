@@ -840,6 +840,37 @@ def test_a_pooled_clients_answers_hold_their_model_once_its_headers_show_it_spen
         assert sim.stats()["totals"]["rate_limited"] == 0
 
 
+def test_a_models_day_spent_in_a_pool_of_two_models_raises_at_once_not_after_a_refill(
+) -> None:
+    """gpt-4o's day (3 requests, beside plenty of gpt-4o-mini) is spent: the answer of its
+    third request shows the day's budget, none left, a refill 480 s away — that paces
+    nothing (a minute's reset is never so far), so the next gpt-4o call meets the server's
+    per-day 429 and raises ``AllKeysCoolingError`` at once, as a program needs.  (Found by
+    the daily benchmark: the model was held 480 s as a minute's limit, and the call waited
+    for it; here its 5-s timeout makes it raise, but not for a day's hold.)"""
+    (key,) = made_up_keys(1, "modelday")
+    limits = ProjectLimits(per_model=(ModelLimits(("gpt-4o",), rpm=100, rpd=3),
+                                      ModelLimits(("gpt-4o-mini",), rpm=1000)))
+    config = SimulatorConfig(keys=(SimKey(key, project="p"),), projects={"p": limits},
+                             window=1.0, latency=0.0)
+
+    @stable(max_wait=1000, timeout=5)
+    def ask(model: str, client: openai.OpenAI) -> str:
+        answer = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": model}])
+        return str(answer.choices[0].message.content)
+
+    with Simulator(config) as sim:
+        KeyManager([Key(key, base_url=sim.base_url)])
+        for model in ("gpt-4o-mini", "gpt-4o", "gpt-4o-mini", "gpt-4o", "gpt-4o"):
+            assert ask(model) == f"echo: {model}"
+        with pytest.raises(AllKeysCoolingError) as raised:
+            ask("gpt-4o")
+        assert raised.value.reasons == {"gpt-4o held (429, per day)": 1}
+        assert raised.value.retry_after > 100  # the server's wait for the day's refill
+        assert ask("gpt-4o-mini") == "echo: gpt-4o-mini"
+
+
 def test_a_users_own_backend_written_to_the_protocol_keeps_working_with_pooled_clients(
 ) -> None:
     """A backend a user wrote by subclassing ``StateBackend``, overriding ``answered(state,
