@@ -427,11 +427,6 @@ local function pace_model(p, model)
   end
 end
 
--- A call on the pool was rate limited; ``in_flight``: the pool's calls still in flight;
--- ``told``: the rate the 429's numbers give (nil if none); ``cooled``: the seconds it cools
--- (``hinted``: the server said so; else the longest it backs off for); ``model``: the one it
--- names (nil if none); ``limit``: its window's size, when it gives no rate (nil if not
--- named).  Returns the seconds the pool cools.
 -- A 429 that named no delay: its backoff, or one call of the pace its span just measured, or
 -- of the pace what that span admitted so far gives, if shorter (_model.Budget._measured_backoff).
 local function measured_backoff(p, cooled)
@@ -445,6 +440,11 @@ local function measured_backoff(p, cooled)
   return cooled
 end
 
+-- A call on the pool was rate limited; ``in_flight``: the pool's calls still in flight;
+-- ``told``: the rate the 429's numbers give (nil if none); ``cooled``: the seconds it cools
+-- (``hinted``: the server said so; else the longest it backs off for); ``model``: the one it
+-- names (nil if none); ``limit``: its window's size, when it gives no rate (nil if not
+-- named).  Returns the seconds the pool cools.
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   if model then pace_model(p, model) end
   local since = num(p.lat)
