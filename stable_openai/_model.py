@@ -42,6 +42,7 @@ __all__ = [
     "PER_DAY",
     "PROBE_CALLS",
     "PROBE_WAIT",
+    "RESET_SLACK",
     "SAME_DEADLINE",
     "UNANSWERED_FOR",
     "Budget",
@@ -65,6 +66,9 @@ ORDER_SLACK = 0.005
 PROBE_WAIT = 0.05
 #: Calls per key a pool sends before an answer has told its budget.
 PROBE_CALLS = 2
+#: Headers give a reset to the millisecond: how far off the true one may be (see
+#: ``Budget._bucket_told``).
+RESET_SLACK = 0.001
 #: Once a pool's allowance (see ``Budget.limited``) is spent, it sends one call per
 #: ``PROBE_WAIT`` for a 429 to tell where the limit stands — this many at most: a limit far
 #: above that rate meets none, and the pool goes unheld again.
@@ -166,6 +170,11 @@ class Budget:
         "admitted",
         "allowance",
         "avg_tokens",
+        "bucket_first",
+        "bucket_full",
+        "bucket_hi",
+        "bucket_lo",
+        "bucket_sure",
         "closing",
         "hintless",
         "hooked",
@@ -228,6 +237,16 @@ class Budget:
         # answer shows a later window than the first one it saw (``window_reset``).
         self.window_start: int | None = None
         self.window_reset: float | None = None
+        # A refilling bucket's rate, told by answers (see ``_bucket_told``): the interval of
+        # rates every answer allows (``bucket_lo`` < rate <= ``bucket_hi``; ``bucket_lo`` -1:
+        # the answers allow none, not a bucket), the requests the first answer counted, and
+        # whether answers that counted others agreed; ``bucket_full``: when the bucket would be
+        # empty (all refilled), with the calls sent since the freshest answer.
+        self.bucket_lo = 0.0
+        self.bucket_hi = math.inf
+        self.bucket_first = 0
+        self.bucket_sure = False
+        self.bucket_full = 0.0
         # The pace learned from 429s (calls a second; ``None`` before the first that told a
         # rate), spent as a bucket of one call: ``pace_level`` calls, at ``pace_stamp``.
         self.pace: float | None = None
@@ -326,7 +345,14 @@ class Budget:
         self.refresh(now, in_flight, fresh=1)
         if self.requests_left is not None:
             self.requests_left = self.window_bound(self.requests_left - 1)
-            if self.requests_left <= 0:
+            bucket = self.bucket_rate()
+            if bucket is not None:
+                # A refilling bucket admits the next call once it has room for one.
+                self.bucket_full = max(self.bucket_full, now) + 1.0 / bucket[0]
+                ready = self._bucket_ready(bucket)
+                if ready > now:
+                    spent.append(Spent(ready, "budget spent (RPM)", Cause.REQUESTS_SPENT))
+            elif self.requests_left <= 0:
                 # Until the server's reset, or until an answer says when that is.
                 reset_at = self.requests_reset_at
                 until = reset_at if reset_at > now else now + PROBE_WAIT
@@ -338,6 +364,42 @@ class Budget:
                 until = reset_at if reset_at > now else now + PROBE_WAIT
                 spent.append(Spent(until, "budget spent (TPM)", Cause.TOKENS_SPENT))
         return spent
+
+    def _bucket_told(self, left: int, reset: float) -> None:
+        """An answer shows ``left`` requests of the limit left, and the budget back in full in
+        ``reset`` seconds.  A refilling bucket (OpenAI's) is back in full once it refilled what
+        it counts: between ``limit - left - 1`` and ``limit - left`` requests (the remainder is
+        rounded down), so its rate is between those over ``reset`` (to ``RESET_SLACK``); every
+        answer narrows the interval the rate is in.  Answers of a server that counts in windows
+        soon allow no rate at all: a window's reset does not grow with what it counts."""
+        limit = self.requests_limit
+        lo = self.bucket_lo
+        used = 0 if limit is None else limit - left
+        if lo < 0 or used <= 0 or reset <= RESET_SLACK:
+            return  # not a bucket; or a full budget, or a reset too near: they tell no rate
+        if not self.bucket_first:
+            self.bucket_first = used
+        elif used != self.bucket_first:
+            self.bucket_sure = True  # (answers that counted as many agree on any limiter)
+        lo = max(lo, (used - 1) / (reset + RESET_SLACK))
+        hi = min(self.bucket_hi, used / (reset - RESET_SLACK))
+        self.bucket_lo, self.bucket_hi = (lo, hi) if lo < hi else (-1.0, math.inf)
+
+    def bucket_rate(self) -> tuple[float, float] | None:
+        """The interval a refilling bucket's rate is in, once answers told it (see
+        ``_bucket_told``), else ``None``."""
+        if self.bucket_sure and self.bucket_lo > 0:
+            return self.bucket_lo, self.bucket_hi
+        return None
+
+    def _bucket_ready(self, bucket: tuple[float, float]) -> float:
+        """When the bucket has room for one request more: ``limit - 1`` requests before it is
+        empty (at the fastest rate it may refill at: not too soon)."""
+        return self.bucket_full - (cast(int, self.requests_limit) - 1) / bucket[1]
+
+    def _bucket_forget(self) -> None:
+        self.bucket_lo, self.bucket_hi, self.bucket_first = 0.0, math.inf, 0
+        self.bucket_sure, self.bucket_full = False, 0.0
 
     def _next_window(self, now: float, period: float) -> None:
         """A call starts after the window's end: the next window (the one ``now`` is in)
@@ -478,6 +540,8 @@ class Budget:
             self.outstanding = [entry for entry in self.outstanding if entry[1] > since]
         unseen = started - mark + bisect.bisect_left(self.outstanding, (mark,))
         if budget.requests_limit is not None:
+            if budget.requests_limit != self.requests_limit:
+                self._bucket_forget()
             self.requests_limit = budget.requests_limit
         if budget.tokens_limit is not None:
             self.tokens_limit = budget.tokens_limit
@@ -489,6 +553,7 @@ class Budget:
                 left_at = now
             order_at = left_at + min(budget.requests_reset, MAX_RESET)
             known = self.requests_order_at
+            self._bucket_told(budget.requests_left, budget.requests_reset)
             if reset_at <= self.requests_refilled + NEW_WINDOW:
                 pass  # an answer from a window already over and refilled: stale
             elif order_at >= known - ORDER_SLACK and (
@@ -506,7 +571,17 @@ class Budget:
                     elif reset_at > self.window_reset + NEW_WINDOW:  # a later window
                         self.window_start = self.window_reset = None
                 self.requests_left = self.window_bound(budget.requests_left - unseen)
-                if self.requests_left <= 0:
+                bucket = self.bucket_rate()
+                if bucket is not None:
+                    # The bucket is empty at its reset; each call sent since fills it more:
+                    # the pool holds until it has room for one.
+                    self.bucket_full = order_at + unseen / bucket[0]
+                    ready = self._bucket_ready(bucket)
+                    decisions.append(
+                        Spent(ready, "budget spent (RPM)", Cause.REQUESTS_SPENT)
+                        if ready > now else FREED
+                    )
+                elif self.requests_left <= 0:
                     decisions.append(Spent(reset_at, "budget spent (RPM)", Cause.REQUESTS_SPENT))
                 else:
                     decisions.append(FREED)
@@ -669,6 +744,7 @@ class Budget:
                 self.allowance = self.period = self.period_told = None
                 self.requests_limit = None
                 self.requests_left = None
+                self._bucket_forget()
                 self.snapshot = -1
                 self.requests_reset_at = self.requests_order_at = 0.0
                 self.window_start = self.window_reset = None

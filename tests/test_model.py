@@ -20,6 +20,7 @@ from stable_openai._model import (
     PERIOD_SLACK,
     PROBE_CALLS,
     PROBE_WAIT,
+    RESET_SLACK,
     UNANSWERED_FOR,
     Budget,
     Spent,
@@ -66,6 +67,69 @@ def test_a_spent_budget_with_no_known_reset_waits_for_an_answer() -> None:
     assert decision is not None and decision.until == 5.0 + PROBE_WAIT
 
 
+def _answered_in_turn(budget: Budget, resets: list[float]) -> list[Spent | str]:
+    """A call starts on ``budget`` each millisecond, one per reset, and is answered 5 ms
+    later, the n-th showing n of 10 requests counted and the budget back in full in its
+    reset: what the last answer decided."""
+    decided: list[Spent | str] = []
+    for mark, reset in enumerate(resets, start=1):
+        now = 0.001 * (mark - 1)
+        started(budget, now, 1)
+        decided = budget.learn(headers(left=10 - mark, reset=reset), mark=mark,
+                               now=now + 0.005, left_at=budget.answered(mark))
+    return decided
+
+
+def test_a_refilling_buckets_answers_tell_its_rate_and_the_pool_goes_as_it_refills() -> None:
+    """OpenAI's bucket of 10 requests a second: its answers' resets grow 0.1 s with each
+    request it counts (and shrink as it refills), so together they allow only rates near 10 a
+    second (each answer: more than ``counted - 1``, at most ``counted`` requests over its
+    reset, to the millisecond).  Spent, the pool holds until the bucket has room for one
+    more request, about 0.1 s, then lets a call go each refill — at the slowest rate the
+    answers allow, from the emptying time the freshest one told (before: it held until the
+    reset, a whole second, then every waiting call went at once: in the benchmark's 1-s
+    windows a tenth of each lost to the burst's spread and the answers' latency)."""
+    resets = [0.1 * n - 0.001 * (n - 1) for n in range(1, 11)]  # (the n-th leaves at n-1 ms)
+    budget = Budget()
+    decided = _answered_in_turn(budget, resets)
+    slowest = max((n - 1) / (reset + RESET_SLACK) for n, reset in enumerate(resets, start=1))
+    fastest = min(n / (reset - RESET_SLACK) for n, reset in enumerate(resets, start=1))
+    assert 9 < slowest < 10 < fastest < 10.2
+    assert budget.bucket_rate() == (pytest.approx(slowest), pytest.approx(fastest))
+    ready = 1.0 - 9 / fastest  # the last answer: empty at 1.0, room for one 9 before
+    assert decided == [Spent(pytest.approx(ready), "budget spent (RPM)", Cause.REQUESTS_SPENT)]
+    assert ready == pytest.approx(0.11, abs=0.002)
+    # Each call that goes fills the bucket a slowest refill more: the next waits that long.
+    for _ in range(3):
+        went = started(budget, ready, 1)
+        ready += 1 / slowest
+        assert went == Spent(pytest.approx(ready), "budget spent (RPM)", Cause.REQUESTS_SPENT)
+    # An answer whose limit is another's forgets the rate.
+    budget.learn(headers(left=3, reset=30.0, limit=100), mark=budget.hooked, now=1.0)
+    assert budget.bucket_rate() is None
+
+
+@pytest.mark.parametrize(("limiter", "resets"), [
+    # a fixed window that ends at 1.0: every answer's reset is its end
+    ("fixed", [1.0 - 0.001 * (n - 1) for n in range(1, 11)]),
+    # a sliding window: each admission ages out a second after it
+    ("sliding", [1.0] * 10),
+])
+def test_answers_of_a_server_that_counts_in_windows_tell_no_bucket(
+    limiter: str, resets: list[float]
+) -> None:
+    """A window's reset does not grow with what it counts: answers that counted different
+    numbers allow no common rate, and the spent pool waits for the reset, as before."""
+    budget = Budget()
+    decided = _answered_in_turn(budget, resets)
+    reset_at = 0.009 + 0.005 + resets[-1]  # (the last answer came at 0.014)
+    assert budget.bucket_rate() is None, limiter
+    assert decided == [Spent(pytest.approx(reset_at), "budget spent (RPM)",
+                             Cause.REQUESTS_SPENT)]
+    assert started(budget, 0.5, 1) == Spent(pytest.approx(reset_at), "budget spent (RPM)",
+                                            Cause.REQUESTS_SPENT)
+
+
 def test_a_stale_answer_is_ignored_and_a_new_window_counts() -> None:
     budget = Budget()
     started(budget, 0.0, 1)
@@ -87,16 +151,21 @@ def test_answers_count_in_the_order_the_server_counted_their_requests() -> None:
     requests 1 and 2 leave in that order, and the server counts 2 first (1 left, empty in
     0.9 s), then 1 (0 left, empty in 0.95 s)."""
     # Their answers come back in 2, 1 order: 1 is the later count (its reset is later), so
-    # the pool waits for its reset, not 2's (before: an older request's answer counted only
-    # if its reset was a new window's, and the pool went at 0.92, too soon).
+    # the pool counts from its reset, not 2's (before: an older request's answer counted only
+    # if its reset was a new window's, and the pool went too soon).  The two answers also
+    # tell a refilling bucket (see test_a_refilling_buckets_answers_...): the pool holds
+    # until it has room for one more, counted from 1's reset (0.95) and call 2, which left
+    # after 1 and may not be counted in its answer; from 2's (0.9), it would go at 0.001.
     budget = Budget()
     started(budget, 0.0, 1)
     started(budget, 0.0, 2)
     budget.learn(headers(left=1, reset=0.9), mark=2, now=0.02, left_at=budget.answered(2))
-    budget.learn(headers(left=0, reset=0.95), mark=1, now=0.02, left_at=budget.answered(1))
+    slowest, fastest = 9 / (0.95 + RESET_SLACK), 9 / (0.9 - RESET_SLACK)
+    assert budget.learn(headers(left=0, reset=0.95), mark=1, now=0.02,
+                        left_at=budget.answered(1)) == [
+        Spent(pytest.approx(0.95 + 1 / slowest - 9 / fastest), "budget spent (RPM)",
+              Cause.REQUESTS_SPENT)]
     assert budget.requests_reset_at == pytest.approx(0.97)
-    assert started(budget, 0.93, 1) == Spent(pytest.approx(0.97), "budget spent (RPM)",
-                                             Cause.REQUESTS_SPENT)
     # In the other order, 2's answer, which left later, comes after 1's: the server counted
     # it before 1 (its reset is earlier), and its remainder frees nothing (before: 1 left,
     # the pool freed into a 429).

@@ -690,6 +690,45 @@ def _team_of_two(
         shared.close()
 
 
+def test_a_refilling_buckets_answers_hold_a_spent_pool_until_it_has_room_for_one(
+    redis_server: RedisServer,
+) -> None:
+    """Ten calls, one each 10 ms, answered 5 ms later by OpenAI's bucket of 10 a second (the
+    n-th shows n counted, less what refilled, and its reset): spent, the pool holds until the
+    bucket has room for one more request, about 0.1 s after the first call, not until the
+    reset (1 s); each call that goes then holds it a refill more — in both stores."""
+    clock = FakeClock()
+    (a,) = made_up_keys(1, "bucket")
+    memory, shared = _on_one_clock([a], clock, redis_server)
+    start = clock.now
+    try:
+        for manager in (memory, shared):
+            clock.now = start
+            for n in range(1, 11):
+                context = contextvars.copy_context()
+                taken = context.run(take, manager)
+                marks = context.run(taken.owner.sending, taken.state, 0.0)
+                clock.now += 0.005
+                budget = ServerBudget(requests_limit=10, requests_left=10 - n,
+                                      requests_reset=0.1 * n - 0.01 * (n - 1))
+                context.run(taken.owner.answered, taken.state, budget, marks)
+                context.run(taken.succeed)
+                clock.now += 0.005
+            with pytest.raises(AllKeysCoolingError) as info:
+                take(manager)
+            assert info.value.reasons == {"budget spent (RPM)": 1}, manager.backend
+            ready = clock.now + info.value.retry_after
+            assert ready - start == pytest.approx(0.11, abs=0.005), manager.backend
+            clock.now = ready
+            take(manager).succeed()
+            with pytest.raises(AllKeysCoolingError) as info:
+                take(manager)
+            assert info.value.retry_after == pytest.approx(0.1, rel=0.12), manager.backend
+    finally:
+        memory.close()
+        shared.close()
+
+
 def test_a_request_unanswered_for_a_minute_no_longer_holds_budget_back(
     redis_server: RedisServer,
 ) -> None:

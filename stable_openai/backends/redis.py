@@ -74,6 +74,7 @@ from .._model import (
     PERIOD_SLACK,
     PROBE_CALLS,
     PROBE_WAIT,
+    RESET_SLACK,
     SAME_DEADLINE,
     UNANSWERED_FOR,
 )
@@ -119,6 +120,7 @@ def _constants() -> str:
         f"local ORDER_SLACK = {ORDER_SLACK!r}\n"
         f"local PROBE = {PROBE_WAIT!r}\n"
         f"local PROBE_CALLS = {PROBE_CALLS!r}\n"
+        f"local RESET_SLACK = {RESET_SLACK!r}\n"
         f"local ALLOWANCE_PROBES = {ALLOWANCE_PROBES!r}\n"
         f"local UNANSWERED = {UNANSWERED_FOR!r}\n"
         f"local PACE_BACKOFF = {PACE_BACKOFF!r}\n"

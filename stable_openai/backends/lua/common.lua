@@ -25,7 +25,9 @@
 --               429s (strings of 17 digits): pace, plevel, pstamp, lat (the last 429), idle,
 --               closing, told; adm, stale, hintless (counts); allow (see pace_spend); the
 --               server's windows, once known: per, ptold, panchor, pend, psize, plimit, padm,
---               plim (see next_window); pmodel (the model its calls
+--               plim (see next_window); a refilling bucket's rate, told by answers (see
+--               bucket_told): blo, bhi, bfull (strings of 17 digits), bfirst, bsure;
+--               pmodel (the model its calls
 --               and 429s named, MIXED once they named two); lanes {model = until}, the models
 --               held in a pool that serves several (see hold_lane)
 --     m:<pool>  the fingerprints of the pool's keys (a JSON array)
@@ -52,7 +54,8 @@
 
 local STATE, LOAD, RING = KEYS[1], KEYS[2], KEYS[3]
 local TTL = tonumber(ARGV[1])
--- MAX_RESET, NEW_WINDOW, ORDER_SLACK, PROBE, PROBE_CALLS, ALLOWANCE_PROBES, UNANSWERED, the
+-- MAX_RESET, NEW_WINDOW, ORDER_SLACK, PROBE, PROBE_CALLS, RESET_SLACK, ALLOWANCE_PROBES,
+-- UNANSWERED, the
 -- pace and period constants and CAUSE come from the Python
 -- side: redis.py puts them before this file (_model.py's constants, _cause.Cause's values).
 
@@ -413,6 +416,41 @@ local function pace_over(p)
 end
 
 -- A call or a 429 named ``model``: the pool's first, or it serves two (_model.MIXED).
+-- A refilling bucket's rate, from what answers show (as _model.Budget._bucket_told,
+-- bucket_rate, _bucket_ready, _bucket_forget): the interval every answer allows (blo < rate
+-- <= bhi; blo -1: none, not a bucket; bhi nil: no bound yet).
+local function bucket_forget(p)
+  p.blo, p.bhi, p.bfirst, p.bsure, p.bfull = nil, nil, nil, nil, nil
+end
+
+local function bucket_told(p, left, reset)
+  local lo = num(p.blo) or 0
+  local used = p.limit and (p.limit - left) or 0
+  if lo < 0 or used <= 0 or reset <= RESET_SLACK then return end
+  if not p.bfirst then
+    p.bfirst = used
+  elseif used ~= p.bfirst then
+    p.bsure = 1
+  end
+  lo = math.max(lo, (used - 1) / (reset + RESET_SLACK))
+  local hi = math.min(num(p.bhi) or math.huge, used / (reset - RESET_SLACK))
+  if lo < hi then
+    p.blo, p.bhi = exact(lo), exact(hi)
+  else
+    p.blo, p.bhi = exact(-1.0), nil
+  end
+end
+
+local function bucket_rate(p)
+  local lo = num(p.blo)
+  if p.bsure and lo and lo > 0 then return lo, num(p.bhi) end
+  return nil
+end
+
+local function bucket_ready(p, hi)
+  return num(p.bfull) - (p.limit - 1) / hi
+end
+
 local function pace_model(p, model)
   if p.pmodel ~= model and p.pmodel ~= MIXED then
     if not p.pmodel then
@@ -423,6 +461,7 @@ local function pace_model(p, model)
       p.limit, p.left, p.reset, p.order, p.snap = nil, nil, nil, nil, nil
       p.wstart, p.wreset = nil, nil
       p.tlimit, p.tleft, p.treset, p.probing = nil, nil, nil, 0
+      bucket_forget(p)
     end
   end
 end
@@ -714,7 +753,12 @@ local function spend_request(pool, p)
   local reset = p.reset or 0
   if p.left then
     p.left = window_bound(p, p.left - 1)
-    if p.left <= 0 then  -- until the server's reset, or until an answer says when that is
+    local lo, hi = bucket_rate(p)
+    if lo then  -- a refilling bucket admits the next call once it has room for one
+      p.bfull = exact(math.max(num(p.bfull) or 0, NOW) + 1.0 / lo)
+      local ready = bucket_ready(p, hi)
+      if ready > NOW then cool_pool(pool, ready, 'budget spent (RPM)', CAUSE.requests_spent) end
+    elseif p.left <= 0 then  -- until the server's reset, or until an answer says when that is
       cool_pool(pool, reset > NOW and reset or NOW + PROBE, 'budget spent (RPM)',
                 CAUSE.requests_spent)
     end

@@ -84,7 +84,10 @@ if (mark_then and pool_then ~= pool and pool_then ~= p.was) or p.pmodel == MIXED
   -- pool serving several models, whose headers are each of one model's limit: not its own
   rlimit, rleft, rreset, tlimit, tleft, treset, told = nil, nil, nil, nil, nil, nil, false
 end
-if rlimit then p.limit = rlimit end
+if rlimit then
+  if rlimit ~= p.limit then bucket_forget(p) end
+  p.limit = rlimit
+end
 if told and p.probing == 1 and not (rleft and rreset) then
   -- The server does not tell the request budget: nothing to wait for, no more probing.
   p.probing, p.left = 0, nil
@@ -105,6 +108,7 @@ if (rleft and rreset) or (tleft and treset) then
     local reset = NOW + math.min(rreset, MAX_RESET)
     if not left_at or left_at <= NOW - UNANSWERED then left_at = NOW end
     local order, known = left_at + math.min(rreset, MAX_RESET), p.order or 0
+    bucket_told(p, rleft, rreset)
     if reset <= (p.refilled or 0) + NEW_WINDOW then
       -- an answer from a window already over and refilled: stale
     elseif order >= known - ORDER_SLACK and (mark >= snap or order > known + ORDER_SLACK) then
@@ -120,7 +124,17 @@ if (rleft and rreset) or (tleft and treset) then
       local left = window_bound(p, rleft - unseen)
       p.left, p.reset, p.order, p.snap, p.probing = left, reset, order, mark, 0
       p.allow, p.per, p.ptold = nil, nil, nil  -- (the headers pace it now: _model.Budget.learn)
-      if left <= 0 then
+      local lo, hi = bucket_rate(p)
+      if lo then  -- empty at its reset; each call chosen since fills it more: the pool
+        -- holds until it has room for one
+        p.bfull = exact(order + unseen / lo)
+        local ready = bucket_ready(p, hi)
+        if ready > NOW then
+          cool_pool(pool, ready, 'budget spent (RPM)', CAUSE.requests_spent)
+        else
+          uncool_budget(pool)
+        end
+      elseif left <= 0 then
         cool_pool(pool, reset, 'budget spent (RPM)', CAUSE.requests_spent)
       else
         uncool_budget(pool)
