@@ -171,6 +171,7 @@ class Budget:
         "allowance",
         "avg_tokens",
         "bucket_first",
+        "bucket_first_reset",
         "bucket_full",
         "bucket_hi",
         "bucket_lo",
@@ -239,12 +240,14 @@ class Budget:
         self.window_reset: float | None = None
         # A refilling bucket's rate, told by answers (see ``_bucket_told``): the interval of
         # rates every answer allows (``bucket_lo`` < rate <= ``bucket_hi``; ``bucket_lo`` -1:
-        # the answers allow none, not a bucket), the requests the first answer counted, and
-        # whether answers that counted others agreed; ``bucket_full``: when the bucket would be
-        # empty (all refilled), with the calls sent since the freshest answer.
+        # not a bucket, or not one to pace by), the requests the first answer counted and its
+        # reset, and whether an answer that counted others, with another reset, agreed;
+        # ``bucket_full``: when the bucket would be empty (all refilled), with the calls sent
+        # since the freshest answer.
         self.bucket_lo = 0.0
         self.bucket_hi = math.inf
         self.bucket_first = 0
+        self.bucket_first_reset = 0.0
         self.bucket_sure = False
         self.bucket_full = 0.0
         # The pace learned from 429s (calls a second; ``None`` before the first that told a
@@ -370,20 +373,47 @@ class Budget:
         ``reset`` seconds.  A refilling bucket (OpenAI's) is back in full once it refilled what
         it counts: between ``limit - left - 1`` and ``limit - left`` requests (the remainder is
         rounded down), so its rate is between those over ``reset`` (to ``RESET_SLACK``); every
-        answer narrows the interval the rate is in.  Answers of a server that counts in windows
-        soon allow no rate at all: a window's reset does not grow with what it counts."""
+        answer narrows the interval the rate is in.  A bucket's reset grows with what it
+        counts; a window's does not (a fixed window's is its end, a sliding window's a window
+        after the request): answers that counted different numbers, with resets more than the
+        slack apart, allow no common rate.  A reset over ``MAX_PERIOD`` is of a longer limit
+        than a minute's (a day's), which no pool is paced by."""
         limit = self.requests_limit
         lo = self.bucket_lo
         used = 0 if limit is None else limit - left
         if lo < 0 or used <= 0 or reset <= RESET_SLACK:
             return  # not a bucket; or a full budget, or a reset too near: they tell no rate
+        if reset > MAX_PERIOD:
+            self.bucket_lo, self.bucket_hi = -1.0, math.inf
+            return
         if not self.bucket_first:
-            self.bucket_first = used
-        elif used != self.bucket_first:
-            self.bucket_sure = True  # (answers that counted as many agree on any limiter)
+            self.bucket_first, self.bucket_first_reset = used, reset
+        elif used != self.bucket_first and abs(reset - self.bucket_first_reset) > 2 * RESET_SLACK:
+            self.bucket_sure = True
         lo = max(lo, (used - 1) / (reset + RESET_SLACK))
         hi = min(self.bucket_hi, used / (reset - RESET_SLACK))
         self.bucket_lo, self.bucket_hi = (lo, hi) if lo < hi else (-1.0, math.inf)
+
+    def _bucket_answered(
+        self, order_at: float, after: int, unseen: int
+    ) -> tuple[float, float] | None:
+        """The freshest answer says the bucket is empty at ``order_at`` (its reset, stamped
+        from when its request left); ``unseen`` calls may fill it more: ``after`` sent since,
+        the rest sent before and not answered yet.  Returns the bucket's rate interval, or
+        ``None`` when there is no bucket to pace by — or no longer: when the server counted
+        more than two requests this pool did not send, even had it counted those sent before
+        (others spend the bucket unseen: processes with a state of their own, other
+        programs), pacing by what it sends would keep sending into their requests, and the
+        pool waits for the reset again."""
+        bucket = self.bucket_rate()
+        if bucket is None:
+            return None
+        refill = 1.0 / bucket[0]
+        if self.bucket_full and order_at + after * refill > self.bucket_full + 2.0 * refill:
+            self.bucket_lo, self.bucket_hi = -1.0, math.inf
+            return None
+        self.bucket_full = order_at + unseen * refill
+        return bucket
 
     def bucket_rate(self) -> tuple[float, float] | None:
         """The interval a refilling bucket's rate is in, once answers told it (see
@@ -393,13 +423,15 @@ class Budget:
         return None
 
     def _bucket_ready(self, bucket: tuple[float, float]) -> float:
-        """When the bucket has room for one request more: ``limit - 1`` requests before it is
-        empty (at the fastest rate it may refill at: not too soon)."""
-        return self.bucket_full - (cast(int, self.requests_limit) - 1) / bucket[1]
+        """When the bucket has room for two requests (at the fastest rate it may refill at):
+        the pool sends one then, and keeps one of margin for a request that takes less time
+        to reach the server than the one whose answer told when the bucket is empty — which
+        costs nothing once the pool is spent: the calls still go one a refill."""
+        return self.bucket_full - max(cast(int, self.requests_limit) - 2, 0) / bucket[1]
 
     def _bucket_forget(self) -> None:
         self.bucket_lo, self.bucket_hi, self.bucket_first = 0.0, math.inf, 0
-        self.bucket_sure, self.bucket_full = False, 0.0
+        self.bucket_first_reset, self.bucket_sure, self.bucket_full = 0.0, False, 0.0
 
     def _next_window(self, now: float, period: float) -> None:
         """A call starts after the window's end: the next window (the one ``now`` is in)
@@ -571,11 +603,8 @@ class Budget:
                     elif reset_at > self.window_reset + NEW_WINDOW:  # a later window
                         self.window_start = self.window_reset = None
                 self.requests_left = self.window_bound(budget.requests_left - unseen)
-                bucket = self.bucket_rate()
-                if bucket is not None:
-                    # The bucket is empty at its reset; each call sent since fills it more:
-                    # the pool holds until it has room for one.
-                    self.bucket_full = order_at + unseen / bucket[0]
+                bucket = self._bucket_answered(order_at, started - mark, unseen)
+                if bucket is not None:  # the pool holds until the bucket has room for one
                     ready = self._bucket_ready(bucket)
                     decisions.append(
                         Spent(ready, "budget spent (RPM)", Cause.REQUESTS_SPENT)
@@ -632,6 +661,11 @@ class Budget:
         it, so the span is measured once they have all ended."""
         if model is not None:
             self._model(model)
+        if self.bucket_rate() is not None:
+            # Paced by its refilling bucket, the pool sent this call once the bucket had room:
+            # others spend it unseen (processes with a state of their own, other programs);
+            # it waits for the reset again (see _bucket_answered).
+            self.bucket_lo, self.bucket_hi = -1.0, math.inf
         since = self.limited_at
         stale = self.stale > 0 and since is not None and now < since + UNANSWERED_FOR
         if not hinted:  # a backoff from the pace, doubled by each fresh 429 without a success

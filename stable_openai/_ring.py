@@ -610,7 +610,12 @@ class KeyRing:
         if state.where is REMOVED:
             return False
         if budget.pool:
+            before = state.pool
             self.join_pool(state, budget.pool)
+            if marks is not None and marks[0] is before and state.pool is not before:
+                # The move held the key's calls in flight as unanswered in its new pool: not
+                # this one's request, answered (as Redis forgets it at the call's report).
+                state.pool.answered(0)
         pool = state.pool
         if marks is not None and marks[0] is not pool:
             return False  # sent before its key joined this pool: its place here is unknown

@@ -420,16 +420,20 @@ end
 -- bucket_rate, _bucket_ready, _bucket_forget): the interval every answer allows (blo < rate
 -- <= bhi; blo -1: none, not a bucket; bhi nil: no bound yet).
 local function bucket_forget(p)
-  p.blo, p.bhi, p.bfirst, p.bsure, p.bfull = nil, nil, nil, nil, nil
+  p.blo, p.bhi, p.bfirst, p.bfreset, p.bsure, p.bfull = nil, nil, nil, nil, nil, nil
 end
 
 local function bucket_told(p, left, reset)
   local lo = num(p.blo) or 0
   local used = p.limit and (p.limit - left) or 0
   if lo < 0 or used <= 0 or reset <= RESET_SLACK then return end
+  if reset > MAX_PERIOD then  -- (a day's limit: no pool is paced by it)
+    p.blo, p.bhi = exact(-1.0), nil
+    return
+  end
   if not p.bfirst then
-    p.bfirst = used
-  elseif used ~= p.bfirst then
+    p.bfirst, p.bfreset = used, exact(reset)
+  elseif used ~= p.bfirst and math.abs(reset - num(p.bfreset)) > 2 * RESET_SLACK then
     p.bsure = 1
   end
   lo = math.max(lo, (used - 1) / (reset + RESET_SLACK))
@@ -447,8 +451,25 @@ local function bucket_rate(p)
   return nil
 end
 
+-- The freshest answer: empty at ``order``; ``after`` calls chosen since, ``unseen`` with
+-- those chosen before and not answered yet, fill it more (as _model.Budget._bucket_answered);
+-- the server counted more than two requests this pool did not send: others spend it unseen,
+-- and the pool waits for the reset again.
+local function bucket_answered(p, order, after, unseen)
+  local lo, hi = bucket_rate(p)
+  if not lo then return nil end
+  local refill, known = 1.0 / lo, num(p.bfull) or 0
+  if known ~= 0 and order + after * refill > known + 2.0 * refill then
+    p.blo, p.bhi = exact(-1.0), nil
+    return nil
+  end
+  p.bfull = exact(order + unseen * refill)
+  return lo, hi
+end
+
+-- When the bucket has room for two requests (_model.Budget._bucket_ready).
 local function bucket_ready(p, hi)
-  return num(p.bfull) - (p.limit - 1) / hi
+  return num(p.bfull) - math.max(p.limit - 2, 0) / hi
 end
 
 local function pace_model(p, model)
@@ -486,6 +507,7 @@ end
 -- named).  Returns the seconds the pool cools.
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   if model then pace_model(p, model) end
+  if bucket_rate(p) then p.blo, p.bhi = exact(-1.0), nil end  -- (others spend the bucket)
   local since = num(p.lat)
   local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
   if not hinted then  -- a backoff from the pace, doubled by each fresh 429 without a success
