@@ -395,21 +395,24 @@ class Budget:
         self.bucket_lo, self.bucket_hi = (lo, hi) if lo < hi else (-1.0, math.inf)
 
     def _bucket_answered(
-        self, order_at: float, after: int, unseen: int
+        self, order_at: float, left_at: float, after: int, unseen: int
     ) -> tuple[float, float] | None:
         """The freshest answer says the bucket is empty at ``order_at`` (its reset, stamped
-        from when its request left); ``unseen`` calls may fill it more: ``after`` sent since,
-        the rest sent before and not answered yet.  Returns the bucket's rate interval, or
-        ``None`` when there is no bucket to pace by — or no longer: when the server counted
-        more than two requests this pool did not send, even had it counted those sent before
-        (others spend the bucket unseen: processes with a state of their own, other
-        programs), pacing by what it sends would keep sending into their requests, and the
-        pool waits for the reset again."""
+        from when its request left, ``left_at``); ``unseen`` calls may fill it more: ``after``
+        sent since, the rest sent before and not answered yet.  Returns the bucket's rate
+        interval, or ``None`` when there is no bucket to pace by — or no longer: when the
+        server counted more than two requests this pool did not send, even had it counted
+        those sent before (others spend the bucket unseen: processes with a state of their
+        own, other programs), pacing by what it sends would keep sending into their
+        requests, and the pool waits for the reset again.  (What the pool sent empties the
+        bucket no sooner than a refill after the request left: a call may start well before
+        its request leaves.)"""
         bucket = self.bucket_rate()
         if bucket is None:
             return None
         refill = 1.0 / bucket[0]
-        if self.bucket_full and order_at + after * refill > self.bucket_full + 2.0 * refill:
+        sent = max(self.bucket_full, left_at + refill)
+        if self.bucket_full and order_at + after * refill > sent + 2.0 * refill:
             self.bucket_lo, self.bucket_hi = -1.0, math.inf
             return None
         self.bucket_full = order_at + unseen * refill
@@ -603,7 +606,7 @@ class Budget:
                     elif reset_at > self.window_reset + NEW_WINDOW:  # a later window
                         self.window_start = self.window_reset = None
                 self.requests_left = self.window_bound(budget.requests_left - unseen)
-                bucket = self._bucket_answered(order_at, started - mark, unseen)
+                bucket = self._bucket_answered(order_at, left_at, started - mark, unseen)
                 if bucket is not None:  # the pool holds until the bucket has room for one
                     ready = self._bucket_ready(bucket)
                     decisions.append(

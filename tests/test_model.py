@@ -139,6 +139,16 @@ def test_a_bucket_that_others_spend_unseen_is_not_paced_by_what_the_pool_sends()
     budget.learn(headers(left=8, reset=0.2), mark=mark, now=3.005,
                  left_at=budget.answered(mark))
     assert budget.bucket_rate() is None
+    # A call that starts at 2.0 and whose request leaves only at 2.3 (a busy machine, a
+    # slow connection) finds the bucket empty there: no request of others' in its answer.
+    budget = Budget()
+    _answered_in_turn(budget, resets)
+    budget.sent += 1
+    assert budget.spend_request(2.0, 1) == []
+    mark = budget.send(2.3)
+    budget.learn(headers(left=9, reset=0.1), mark=mark, now=2.305,
+                 left_at=budget.answered(mark))
+    assert budget.bucket_rate() is not None
     # A 429 on a pool paced by its bucket: the same.
     budget = Budget()
     decided = _answered_in_turn(budget, resets)

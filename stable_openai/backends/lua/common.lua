@@ -451,15 +451,15 @@ local function bucket_rate(p)
   return nil
 end
 
--- The freshest answer: empty at ``order``; ``after`` calls chosen since, ``unseen`` with
--- those chosen before and not answered yet, fill it more (as _model.Budget._bucket_answered);
--- the server counted more than two requests this pool did not send: others spend it unseen,
--- and the pool waits for the reset again.
-local function bucket_answered(p, order, after, unseen)
+-- The freshest answer: empty at ``order`` (its request left at ``left_at``); ``after`` calls
+-- chosen since, ``unseen`` with those chosen before and not answered yet, fill it more (as
+-- _model.Budget._bucket_answered); the server counted more than two requests this pool did
+-- not send: others spend it unseen, and the pool waits for the reset again.
+local function bucket_answered(p, order, left_at, after, unseen)
   local lo, hi = bucket_rate(p)
   if not lo then return nil end
   local refill, known = 1.0 / lo, num(p.bfull) or 0
-  if known ~= 0 and order + after * refill > known + 2.0 * refill then
+  if known ~= 0 and order + after * refill > math.max(known, left_at + refill) + 2.0 * refill then
     p.blo, p.bhi = exact(-1.0), nil
     return nil
   end
