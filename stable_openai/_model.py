@@ -349,7 +349,7 @@ class Budget:
         if self.requests_left is not None:
             self.requests_left = self.window_bound(self.requests_left - 1)
             bucket = self.bucket_rate()
-            if bucket is not None:
+            if bucket is not None and self.bucket_full:  # (once an answer told when it is empty)
                 # A refilling bucket admits the next call once it has room for one.
                 self.bucket_full = max(self.bucket_full, now) + 1.0 / bucket[0]
                 ready = self._bucket_ready(bucket)
@@ -394,28 +394,14 @@ class Budget:
         hi = min(self.bucket_hi, used / (reset - RESET_SLACK))
         self.bucket_lo, self.bucket_hi = (lo, hi) if lo < hi else (-1.0, math.inf)
 
-    def _bucket_answered(
-        self, order_at: float, left_at: float, after: int, unseen: int
-    ) -> tuple[float, float] | None:
+    def _bucket_answered(self, order_at: float, unseen: int) -> tuple[float, float] | None:
         """The freshest answer says the bucket is empty at ``order_at`` (its reset, stamped
-        from when its request left, ``left_at``); ``unseen`` calls may fill it more: ``after``
-        sent since, the rest sent before and not answered yet.  Returns the bucket's rate
-        interval, or ``None`` when there is no bucket to pace by — or no longer: when the
-        server counted more than two requests this pool did not send, even had it counted
-        those sent before (others spend the bucket unseen: processes with a state of their
-        own, other programs), pacing by what it sends would keep sending into their
-        requests, and the pool waits for the reset again.  (What the pool sent empties the
-        bucket no sooner than a refill after the request left: a call may start well before
-        its request leaves.)"""
+        from when its request left), and ``unseen`` calls (sent since, or before and not
+        answered yet) fill it more: the bucket's rate interval, or ``None`` when there is no
+        bucket to pace by."""
         bucket = self.bucket_rate()
-        if bucket is None:
-            return None
-        refill = 1.0 / bucket[0]
-        sent = max(self.bucket_full, left_at + refill)
-        if self.bucket_full and order_at + after * refill > sent + 2.0 * refill:
-            self.bucket_lo, self.bucket_hi = -1.0, math.inf
-            return None
-        self.bucket_full = order_at + unseen * refill
+        if bucket is not None:
+            self.bucket_full = order_at + unseen / bucket[0]
         return bucket
 
     def bucket_rate(self) -> tuple[float, float] | None:
@@ -606,7 +592,7 @@ class Budget:
                     elif reset_at > self.window_reset + NEW_WINDOW:  # a later window
                         self.window_start = self.window_reset = None
                 self.requests_left = self.window_bound(budget.requests_left - unseen)
-                bucket = self._bucket_answered(order_at, left_at, started - mark, unseen)
+                bucket = self._bucket_answered(order_at, unseen)
                 if bucket is not None:  # the pool holds until the bucket has room for one
                     ready = self._bucket_ready(bucket)
                     decisions.append(
@@ -666,8 +652,10 @@ class Budget:
             self._model(model)
         if self.bucket_rate() is not None:
             # Paced by its refilling bucket, the pool sent this call once the bucket had room:
-            # others spend it unseen (processes with a state of their own, other programs);
-            # it waits for the reset again (see _bucket_answered).
+            # others spend it unseen (processes with a state of their own, other programs),
+            # or requests reach the server in more uneven times than the margin allows (see
+            # _bucket_ready).  Paced by what it sends, the pool would keep sending into them:
+            # it waits for the reset again, for good.
             self.bucket_lo, self.bucket_hi = -1.0, math.inf
         since = self.limited_at
         stale = self.stale > 0 and since is not None and now < since + UNANSWERED_FOR

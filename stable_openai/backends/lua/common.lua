@@ -451,19 +451,11 @@ local function bucket_rate(p)
   return nil
 end
 
--- The freshest answer: empty at ``order`` (its request left at ``left_at``); ``after`` calls
--- chosen since, ``unseen`` with those chosen before and not answered yet, fill it more (as
--- _model.Budget._bucket_answered); the server counted more than two requests this pool did
--- not send: others spend it unseen, and the pool waits for the reset again.
-local function bucket_answered(p, order, left_at, after, unseen)
+-- The freshest answer: empty at ``order``, and ``unseen`` calls fill it more (as
+-- _model.Budget._bucket_answered).
+local function bucket_answered(p, order, unseen)
   local lo, hi = bucket_rate(p)
-  if not lo then return nil end
-  local refill, known = 1.0 / lo, num(p.bfull) or 0
-  if known ~= 0 and order + after * refill > math.max(known, left_at + refill) + 2.0 * refill then
-    p.blo, p.bhi = exact(-1.0), nil
-    return nil
-  end
-  p.bfull = exact(order + unseen * refill)
+  if lo then p.bfull = exact(order + unseen / lo) end
   return lo, hi
 end
 
@@ -507,7 +499,7 @@ end
 -- named).  Returns the seconds the pool cools.
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   if model then pace_model(p, model) end
-  if bucket_rate(p) then p.blo, p.bhi = exact(-1.0), nil end  -- (others spend the bucket)
+  if bucket_rate(p) then p.blo, p.bhi = exact(-1.0), nil end  -- (see _model.Budget.limited)
   local since = num(p.lat)
   local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
   if not hinted then  -- a backoff from the pace, doubled by each fresh 429 without a success
@@ -776,7 +768,7 @@ local function spend_request(pool, p)
   if p.left then
     p.left = window_bound(p, p.left - 1)
     local lo, hi = bucket_rate(p)
-    if lo then  -- a refilling bucket admits the next call once it has room for one
+    if lo and p.bfull then  -- a refilling bucket admits the next call once it has room for one
       p.bfull = exact(math.max(num(p.bfull) or 0, NOW) + 1.0 / lo)
       local ready = bucket_ready(p, hi)
       if ready > NOW then cool_pool(pool, ready, 'budget spent (RPM)', CAUSE.requests_spent) end

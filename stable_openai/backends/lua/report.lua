@@ -124,7 +124,7 @@ if (rleft and rreset) or (tleft and treset) then
       local left = window_bound(p, rleft - unseen)
       p.left, p.reset, p.order, p.snap, p.probing = left, reset, order, mark, 0
       p.allow, p.per, p.ptold = nil, nil, nil  -- (the headers pace it now: _model.Budget.learn)
-      local lo, hi = bucket_answered(p, order, left_at, p.sent - mark, unseen)
+      local lo, hi = bucket_answered(p, order, unseen)
       if lo then  -- the pool holds until the bucket has room for one
         local ready = bucket_ready(p, hi)
         if ready > NOW then
