@@ -2,9 +2,10 @@
 
 A :class:`Budget` is what one pool knows of its budget on the server — learned from the
 ``x-ratelimit-*`` headers, spent by the calls it starts — and its methods are the rules: the
-budget refills at the server's reset, a call spends one request, an answer tells what is
-left.  They are pure: they read and write the budget's own fields only, take the time and the
-pool's calls in flight as arguments, and *return* what must happen to the pool's keys (a
+budget refills at the server's reset (or as a refilling bucket refills, once answers show
+one: ``_bucket_told``), a call spends one request, an answer tells what is left.  They are
+pure: they read and write the budget's own fields only, take the time and the pool's calls
+in flight as arguments, and *return* what must happen to the pool's keys (a
 :class:`Spent`: cool them until a deadline; or ``FREED``: keys held for a spent request
 budget may go) instead of doing it.  The key ring applies those decisions to its keys.
 
