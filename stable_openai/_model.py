@@ -594,12 +594,14 @@ class Budget:
                         self.window_start = self.window_reset = None
                 self.requests_left = self.window_bound(budget.requests_left - unseen)
                 bucket = self._bucket_answered(order_at, unseen)
-                if bucket is not None:  # the pool holds until the bucket has room for one
-                    ready = self._bucket_ready(bucket)
-                    decisions.append(
-                        Spent(ready, "budget spent (RPM)", Cause.REQUESTS_SPENT)
-                        if ready > now else FREED
-                    )
+                if bucket is not None:
+                    # The freshest answer says when the bucket has room again: the pool holds
+                    # until then (no longer than the reset), not until a time its calls pushed
+                    # out at the slowest rate the answers allow.
+                    ready = min(self._bucket_ready(bucket), reset_at)
+                    decisions.append(FREED)
+                    if ready > now:
+                        decisions.append(Spent(ready, "budget spent (RPM)", Cause.REQUESTS_SPENT))
                 elif self.requests_left <= 0:
                     decisions.append(Spent(reset_at, "budget spent (RPM)", Cause.REQUESTS_SPENT))
                 else:

@@ -612,7 +612,7 @@ class KeyRing:
         if budget.pool:
             before = state.pool
             self.join_pool(state, budget.pool)
-            if marks is not None and marks[0] is before and state.pool is not before:
+            if state.pool is not before:
                 # The move held the key's calls in flight as unanswered in its new pool: not
                 # this one's request, answered (as Redis forgets it at the call's report).
                 state.pool.answered(0)

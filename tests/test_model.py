@@ -100,15 +100,45 @@ def test_a_refilling_buckets_answers_tell_its_rate_and_the_pool_goes_as_it_refil
     assert 9 < slowest < 10 < fastest < 10.2
     assert budget.bucket_rate() == (pytest.approx(slowest), pytest.approx(fastest))
     ready = 1.0 - 8 / fastest  # the last answer: empty at 1.0, room for two 8 before
-    assert decided == [Spent(pytest.approx(ready), "budget spent (RPM)", Cause.REQUESTS_SPENT)]
+    assert decided == [FREED, Spent(pytest.approx(ready), "budget spent (RPM)",
+                                    Cause.REQUESTS_SPENT)]
     assert ready == pytest.approx(0.21, abs=0.005)
     # Each call that goes fills the bucket a slowest refill more: the next waits that long.
     for _ in range(3):
         went = started(budget, ready, 1)
         ready += 1 / slowest
         assert went == Spent(pytest.approx(ready), "budget spent (RPM)", Cause.REQUESTS_SPENT)
-    # An answer whose limit is another's forgets the rate.
-    budget.learn(headers(left=3, reset=30.0, limit=100), mark=budget.hooked, now=1.0)
+    # The freshest answer says when the bucket has room: the pool holds until then (the two
+    # calls before it, unanswered, may not be counted in it), whatever its calls pushed out.
+    mark = budget.hooked
+    left_at = cast(float, budget.answered(mark))
+    decided = budget.learn(headers(left=0, reset=0.99), mark=mark, now=left_at + 0.005,
+                           left_at=left_at)
+    slowest, fastest = cast(tuple[float, float], budget.bucket_rate())  # (narrowed by it)
+    assert decided == [FREED, Spent(pytest.approx(left_at + 0.99 + 2 / slowest - 8 / fastest),
+                                    "budget spent (RPM)", Cause.REQUESTS_SPENT)]
+    # An answer whose limit is another's (here: one that would agree on the rate) forgets it.
+    budget.learn(headers(left=10, reset=1.0, limit=20), mark=budget.hooked, now=1.0)
+    assert budget.bucket_rate() is None
+
+
+def test_a_bucket_holds_no_longer_than_the_reset_and_no_days_reset_is_one() -> None:
+    """An answer of a bucket known, shown spent while calls it does not count are in flight,
+    holds the pool no longer than its reset (each counts as a whole slowest refill, but the
+    bucket fills no further than its limit); a reset over a minute, of a day's limit, ends the
+    bucket: no pool is paced by a day's refill."""
+    resets = [0.1 * n - 0.001 * (n - 1) for n in range(1, 11)]
+    budget = Budget()
+    _answered_in_turn(budget, resets)
+    for _ in range(9):  # in flight, not counted in the answer below
+        started(budget, 0.5, 1)
+    mark = budget.hooked - 8
+    decided = budget.learn(headers(left=0, reset=0.99), mark=mark, now=0.52, left_at=0.5)
+    assert decided == [FREED, Spent(pytest.approx(0.52 + 0.99), "budget spent (RPM)",
+                                    Cause.REQUESTS_SPENT)]  # (not 0.5 + 0.99 + 8 / 9.07 - 0.79)
+    budget = Budget()
+    _answered_in_turn(budget, resets)
+    budget.learn(headers(left=0, reset=3600.0), mark=budget.hooked, now=2.0)
     assert budget.bucket_rate() is None
 
 
@@ -121,7 +151,7 @@ def test_a_bucket_that_others_spend_unseen_is_not_paced_by_what_the_pool_sends()
     even when later answers agree on the bucket."""
     resets = [0.1 * n - 0.001 * (n - 1) for n in range(1, 11)]
     budget = Budget()
-    ready = cast(Spent, _answered_in_turn(budget, resets)[0]).until
+    ready = cast(Spent, _answered_in_turn(budget, resets)[-1]).until
     started(budget, ready, 1)
     budget.limited(ready + 0.005, 0, told=None, cooled=0.1)
     assert budget.bucket_rate() is None
@@ -152,6 +182,9 @@ def test_answers_of_a_server_that_counts_in_windows_tell_no_bucket(
 ) -> None:
     """A window's reset does not grow with what it counts: answers that counted different
     numbers allow no common rate, and the spent pool waits for the reset, as before."""
+    budget = Budget()
+    _answered_in_turn(budget, resets[:2])  # (counted 1 and 2: resets within the slack)
+    assert budget.bucket_rate() is None, limiter
     budget = Budget()
     decided = _answered_in_turn(budget, resets)
     reset_at = 0.009 + 0.005 + resets[-1]  # (the last answer came at 0.014)
@@ -194,9 +227,9 @@ def test_answers_count_in_the_order_the_server_counted_their_requests() -> None:
     budget.learn(headers(left=1, reset=0.9), mark=2, now=0.02, left_at=budget.answered(2))
     slowest, fastest = 9 / (0.95 + RESET_SLACK), 9 / (0.9 - RESET_SLACK)
     assert budget.learn(headers(left=0, reset=0.95), mark=1, now=0.02,
-                        left_at=budget.answered(1)) == [
-        Spent(pytest.approx(0.95 + 1 / slowest - 8 / fastest), "budget spent (RPM)",
-              Cause.REQUESTS_SPENT)]
+                        left_at=budget.answered(1)) == [FREED, Spent(
+        pytest.approx(0.95 + 1 / slowest - 8 / fastest), "budget spent (RPM)",
+        Cause.REQUESTS_SPENT)]
     assert budget.requests_reset_at == pytest.approx(0.97)
     # In the other order, 2's answer, which left later, comes after 1's: the server counted
     # it before 1 (its reset is earlier), and its remainder frees nothing (before: 1 left,

@@ -125,13 +125,11 @@ if (rleft and rreset) or (tleft and treset) then
       p.left, p.reset, p.order, p.snap, p.probing = left, reset, order, mark, 0
       p.allow, p.per, p.ptold = nil, nil, nil  -- (the headers pace it now: _model.Budget.learn)
       local lo, hi = bucket_answered(p, order, unseen)
-      if lo then  -- the pool holds until the bucket has room for one
-        local ready = bucket_ready(p, hi)
-        if ready > NOW then
-          cool_pool(pool, ready, 'budget spent (RPM)', CAUSE.requests_spent)
-        else
-          uncool_budget(pool)
-        end
+      if lo then  -- held until the bucket has room, as the freshest answer says (no longer
+        -- than the reset), not until a time calls pushed out (_model.Budget.learn)
+        local ready = math.min(bucket_ready(p, hi), reset)
+        uncool_budget(pool)
+        if ready > NOW then cool_pool(pool, ready, 'budget spent (RPM)', CAUSE.requests_spent) end
       elseif left <= 0 then
         cool_pool(pool, reset, 'budget spent (RPM)', CAUSE.requests_spent)
       else
