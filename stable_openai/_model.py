@@ -351,7 +351,7 @@ class Budget:
             self.requests_left = self.window_bound(self.requests_left - 1)
             bucket = self.bucket_rate()
             if bucket is not None and self.bucket_full:  # (once an answer told when it is empty)
-                # A refilling bucket admits the next call once it has room for one.
+                # A refilling bucket admits the next call once it has room (_bucket_ready).
                 self.bucket_full = max(self.bucket_full, now) + 1.0 / bucket[0]
                 ready = self._bucket_ready(bucket)
                 if ready > now:

@@ -26,7 +26,7 @@
 --               closing, told; adm, stale, hintless (counts); allow (see pace_spend); the
 --               server's windows, once known: per, ptold, panchor, pend, psize, plimit, padm,
 --               plim (see next_window); a refilling bucket's rate, told by answers (see
---               bucket_told): blo, bhi, bfull (strings of 17 digits), bfirst, bsure;
+--               bucket_told): blo, bhi, bfull, bfreset (strings of 17 digits), bfirst, bsure;
 --               pmodel (the model its calls
 --               and 429s named, MIXED once they named two); lanes {model = until}, the models
 --               held in a pool that serves several (see hold_lane)
@@ -415,7 +415,6 @@ local function pace_over(p)
   if p.stale == 0 then pace_close(p) end
 end
 
--- A call or a 429 named ``model``: the pool's first, or it serves two (_model.MIXED).
 -- A refilling bucket's rate, from what answers show (as _model.Budget._bucket_told,
 -- bucket_rate, _bucket_ready, _bucket_forget): the interval every answer allows (blo < rate
 -- <= bhi; blo -1: none, not a bucket; bhi nil: no bound yet).
@@ -464,6 +463,7 @@ local function bucket_ready(p, hi)
   return num(p.bfull) - math.max(p.limit - 2, 0) / hi
 end
 
+-- A call or a 429 named ``model``: the pool's first, or it serves two (_model.MIXED).
 local function pace_model(p, model)
   if p.pmodel ~= model and p.pmodel ~= MIXED then
     if not p.pmodel then
@@ -768,7 +768,7 @@ local function spend_request(pool, p)
   if p.left then
     p.left = window_bound(p, p.left - 1)
     local lo, hi = bucket_rate(p)
-    if lo and p.bfull then  -- a refilling bucket admits the next call once it has room for one
+    if lo and p.bfull then  -- a refilling bucket admits the next call once it has room
       p.bfull = exact(math.max(num(p.bfull) or 0, NOW) + 1.0 / lo)
       local ready = bucket_ready(p, hi)
       if ready > NOW then cool_pool(pool, ready, 'budget spent (RPM)', CAUSE.requests_spent) end
