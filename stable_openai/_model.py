@@ -385,7 +385,7 @@ class Budget:
         if lo < 0 or used <= 0 or reset <= RESET_SLACK:
             return  # not a bucket; or a full budget, or a reset too near: they tell no rate
         if reset > MAX_PERIOD:
-            self.bucket_lo, self.bucket_hi = -1.0, math.inf
+            self._bucket_end()
             return
         if not self.bucket_first:
             self.bucket_first, self.bucket_first_reset = used, reset
@@ -393,7 +393,10 @@ class Budget:
             self.bucket_sure = True
         lo = max(lo, (used - 1) / (reset + RESET_SLACK))
         hi = min(self.bucket_hi, used / (reset - RESET_SLACK))
-        self.bucket_lo, self.bucket_hi = (lo, hi) if lo < hi else (-1.0, math.inf)
+        if lo < hi:
+            self.bucket_lo, self.bucket_hi = lo, hi
+        else:
+            self._bucket_end()
 
     def _bucket_answered(self, order_at: float, unseen: int) -> tuple[float, float] | None:
         """The freshest answer says the bucket is empty at ``order_at`` (its reset, stamped
@@ -418,6 +421,11 @@ class Budget:
         to reach the server than the one whose answer told when the bucket is empty — which
         costs nothing once the pool is spent: the calls still go one a refill."""
         return self.bucket_full - max(cast(int, self.requests_limit) - 2, 0) / bucket[1]
+
+    def _bucket_end(self) -> None:
+        """No bucket to pace by: not one, or not one this pool may pace by (for good, until
+        another limit: ``_bucket_forget``)."""
+        self.bucket_lo, self.bucket_hi = -1.0, math.inf
 
     def _bucket_forget(self) -> None:
         self.bucket_lo, self.bucket_hi, self.bucket_first = 0.0, math.inf, 0
@@ -659,7 +667,7 @@ class Budget:
             # or requests reach the server in more uneven times than the margin allows (see
             # _bucket_ready).  Paced by what it sends, the pool would keep sending into them:
             # it waits for the reset again, for good.
-            self.bucket_lo, self.bucket_hi = -1.0, math.inf
+            self._bucket_end()
         since = self.limited_at
         stale = self.stale > 0 and since is not None and now < since + UNANSWERED_FOR
         if not hinted:  # a backoff from the pace, doubled by each fresh 429 without a success

@@ -799,6 +799,26 @@ def test_a_refilling_buckets_answers_hold_a_spent_pool_until_it_has_room_for_one
         shared.close()
 
 
+def _call_on(
+    manager: KeyManager, key: str, keys: Sequence[str]
+) -> Callable[[int, str], None]:
+    """A call on ``key`` (the other ``keys`` avoided), its request sent: returns what answers
+    it, with ``left`` of 10 requests (full again in 1 s) and the organization named."""
+    context = contextvars.copy_context()
+    others = {manager._ring.find(k) for k in keys if k != key}
+    taken = context.run(take, manager, {s for s in others if s is not None})
+    assert taken.key == key
+    marks = context.run(taken.owner.sending, taken.state, 0.0)
+
+    def answer(left: int, organization: str) -> None:
+        budget = ServerBudget(requests_limit=10, requests_left=left, requests_reset=1.0,
+                              organization=organization)
+        context.run(taken.owner.answered, taken.state, budget, marks)
+        context.run(taken.succeed)
+
+    return answer
+
+
 def test_a_key_that_joins_a_pool_by_its_own_answer_leaves_that_request_answered_there(
     redis_server: RedisServer,
 ) -> None:
@@ -811,29 +831,14 @@ def test_a_key_that_joins_a_pool_by_its_own_answer_leaves_that_request_answered_
     a, b = made_up_keys(2, "joinanswered")
     memory, shared = _on_one_clock([a, b], clock, redis_server)
 
-    def start(manager: KeyManager, key: str) -> Callable[[int], None]:
-        other = manager._ring.find(b if key == a else a)
-        context = contextvars.copy_context()
-        taken = context.run(take, manager, {other} if other is not None else set())
-        assert taken.key == key
-        marks = context.run(taken.owner.sending, taken.state, 0.0)
-
-        def answer(left: int) -> None:
-            budget = ServerBudget(requests_limit=10, requests_left=left, requests_reset=1.0,
-                                  organization="org-x")
-            context.run(taken.owner.answered, taken.state, budget, marks)
-            context.run(taken.succeed)
-
-        return answer
-
     try:
         for manager in (memory, shared):
-            start(manager, b)(9)  # b's pool is org-x
-            in_flight = start(manager, b)
-            start(manager, a)(7)  # a joins org-x by this answer
-            start(manager, b)(2)  # 2 left, less b's call in flight: 1
+            _call_on(manager, b, (a, b))(9, "org-x")  # b's pool is org-x
+            in_flight = _call_on(manager, b, (a, b))
+            _call_on(manager, a, (a, b))(7, "org-x")  # a joins org-x by this answer
+            _call_on(manager, b, (a, b))(2, "org-x")  # 2 left, less b's call in flight: 1
             take(manager).give_back()  # (before: memory cooling, "budget spent (RPM)")
-            in_flight(5)
+            in_flight(5, "org-x")
     finally:
         memory.close()
         shared.close()
@@ -851,30 +856,15 @@ def test_a_key_that_moves_twice_leaves_the_answered_request_in_neither_pool(
     a, b, c = made_up_keys(3, "movetwice")
     memory, shared = _on_one_clock([a, b, c], clock, redis_server)
 
-    def start(manager: KeyManager, key: str) -> Callable[[int, str], None]:
-        context = contextvars.copy_context()
-        others = {manager._ring.find(k) for k in (a, b, c) if k != key}
-        taken = context.run(take, manager, {s for s in others if s is not None})
-        assert taken.key == key
-        marks = context.run(taken.owner.sending, taken.state, 0.0)
-
-        def answer(left: int, organization: str) -> None:
-            budget = ServerBudget(requests_limit=10, requests_left=left, requests_reset=1.0,
-                                  organization=organization)
-            context.run(taken.owner.answered, taken.state, budget, marks)
-            context.run(taken.succeed)
-
-        return answer
-
     try:
         for manager in (memory, shared):
-            start(manager, b)(9, "org-x")
-            start(manager, c)(9, "org-y")
-            a1 = start(manager, a)
-            start(manager, a)(8, "org-x")
-            c1 = start(manager, c)
+            _call_on(manager, b, (a, b, c))(9, "org-x")
+            _call_on(manager, c, (a, b, c))(9, "org-y")
+            a1 = _call_on(manager, a, (a, b, c))
+            _call_on(manager, a, (a, b, c))(8, "org-x")
+            c1 = _call_on(manager, c, (a, b, c))
             a1(7, "org-y")
-            start(manager, c)(2, "org-y")
+            _call_on(manager, c, (a, b, c))(2, "org-y")
             b_state = manager._ring.find(b)
             taken = take(manager, {b_state} if b_state is not None else None)
             assert taken.key in (a, c), manager.backend  # (before: memory cooling org-y)

@@ -422,12 +422,15 @@ local function bucket_forget(p)
   p.blo, p.bhi, p.bfirst, p.bfreset, p.bsure, p.bfull = nil, nil, nil, nil, nil, nil
 end
 
+-- No bucket to pace by (as _model.Budget._bucket_end).
+local function bucket_end(p) p.blo, p.bhi = exact(-1.0), nil end
+
 local function bucket_told(p, left, reset)
   local lo = num(p.blo) or 0
   local used = p.limit and (p.limit - left) or 0
   if lo < 0 or used <= 0 or reset <= RESET_SLACK then return end
   if reset > MAX_PERIOD then  -- (a day's limit: no pool is paced by it)
-    p.blo, p.bhi = exact(-1.0), nil
+    bucket_end(p)
     return
   end
   if not p.bfirst then
@@ -440,7 +443,7 @@ local function bucket_told(p, left, reset)
   if lo < hi then
     p.blo, p.bhi = exact(lo), exact(hi)
   else
-    p.blo, p.bhi = exact(-1.0), nil
+    bucket_end(p)
   end
 end
 
@@ -499,7 +502,7 @@ end
 -- named).  Returns the seconds the pool cools.
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
   if model then pace_model(p, model) end
-  if bucket_rate(p) then p.blo, p.bhi = exact(-1.0), nil end  -- (see _model.Budget.limited)
+  if bucket_rate(p) then bucket_end(p) end  -- (see _model.Budget.limited)
   local since = num(p.lat)
   local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
   if not hinted then  -- a backoff from the pace, doubled by each fresh 429 without a success
