@@ -549,6 +549,8 @@ class KeyManager:
                     verdict if seconds == verdict.seconds else replace(verdict, seconds=seconds),
                     organization,
                 )
+                if model is not None and verdict.rate_limited and verdict.pooled:
+                    self._ring.limited.add(model)  # (see KeyRing.lane_pass)
         outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
         self._backend.report(
             state, outcome, verdict, organization, tokens, lesson=lesson, model=model
@@ -685,12 +687,12 @@ class _Owner:
     def lane_held(self, state: KeyState, model: str) -> float:
         _note_call_model(state, model)
         pool = state.pool
-        if not pool.lanes and not pool.lane_paces:  # (the path of nearly every call: no lock)
-            return 0.0
         manager = self._manager
+        if not pool.lanes and not pool.lane_paces and model not in manager._ring.limited:
+            return 0.0  # (the path of nearly every call: no lock)
         backend = manager._backend
         if backend.shared and backend.available():  # the holds and paces every process shares
-            held = backend.lane_pass(state, model)
+            held = backend.lane_pass(state, model, model in manager._ring.limited)
             if held is not None:
                 return held
         with manager._lock:

@@ -28,7 +28,17 @@ from ._budget import Bucket, ServerBudget
 from ._cause import Cause
 from ._keys import Key, KeyLike, fingerprint, mask, normalize_keys
 from ._limits import Lesson
-from ._model import FREED, MIXED, PACE_GAIN, PER_DAY, SAME_DEADLINE, Budget, Spent
+from ._model import (
+    ALLOWANCE_PROBES,
+    FREED,
+    MIXED,
+    PACE_GAIN,
+    PER_DAY,
+    PROBE_WAIT,
+    SAME_DEADLINE,
+    Budget,
+    Spent,
+)
 from ._policy import Fate, Verdict
 
 __all__ = [
@@ -72,6 +82,7 @@ class Pool(Budget):
     __slots__ = (
         "in_flight",
         "lane_paces",
+        "lane_probes",
         "lanes",
         "learned",
         "members",
@@ -90,6 +101,9 @@ class Pool(Budget):
         # Those models' paces, from their 429s' numbers: [rate, level, stamp] (a bucket of one
         # call, as the pool's own pace in _model.Budget).
         self.lane_paces: dict[str, list[float]] = {}
+        # Calls sent of models that a 429 held in another pool, before this pool learned their
+        # pace here (see KeyRing.lane_pass).
+        self.lane_probes: dict[str, int] = {}
         self.members: list[KeyState] = []
         self.in_flight = 0
         self.request_bucket: Bucket | None = None  # client-side pacing (Key.rpm)
@@ -168,6 +182,10 @@ class KeyRing:
         self._rechecks: list[tuple[float, int, KeyState]] = []
         self._pushes = 0
         self._serial = 0
+        # Models a 429 named, or held in a pool serving several (a 429, or an answer whose
+        # headers show the model's budget spent): in a pool that has not learned its pace,
+        # their calls go one at a time (see lane_pass).
+        self.limited: set[str] = set()
         self.add(keys)
 
     # -- membership -----------------------------------------------------------------------
@@ -514,6 +532,7 @@ class KeyRing:
         until = self.clock() + max(0.0, seconds)
         if until > lanes.get(model, 0.0):
             lanes[model] = until
+        self.limited.add(model)
 
     def lane_held(self, state: KeyState, model: str) -> float:
         """Seconds ``model``'s calls are still held in ``state``'s pool (0: not held)."""
@@ -538,12 +557,22 @@ class KeyRing:
     def lane_pass(self, state: KeyState, model: str) -> float:
         """A call of ``model`` would go on ``state``: the seconds the model is held in its
         pool, or 0 — then the call takes its place in the model's pace there, which holds the
-        next ones."""
+        next ones.  A model a 429 held in another pool and whose pace this pool has not
+        learned yet goes one call per ``PROBE_WAIT`` (``ALLOWANCE_PROBES`` calls at most):
+        its limit here may be as low, and a call at a time meets one 429 to learn it from,
+        not a volley."""
         held = self.lane_held(state, model)
         if held:
             return held
-        pace = state.pool.lane_paces.get(model)
-        if pace is not None:
+        pool = state.pool
+        pace = pool.lane_paces.get(model)
+        if pace is None:
+            if model in self.limited and pool.pace_model != model:
+                probes = pool.lane_probes.get(model, 0)
+                if probes < ALLOWANCE_PROBES:
+                    pool.lane_probes[model] = probes + 1
+                    self.hold_lane(state, model, PROBE_WAIT)
+        else:
             rate, level, stamp = pace
             now = self.clock()
             if now > stamp:

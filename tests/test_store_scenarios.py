@@ -1352,3 +1352,101 @@ def _lockstep(seed: int, redis_server: RedisServer, windows: bool = False) -> No
             context.run(two.abandon)
         memory.close()
         shared.close()
+
+
+def test_a_model_held_in_one_pool_goes_one_call_at_a_time_in_another_until_it_learns_it(
+    redis_server: RedisServer,
+) -> None:
+    """A 429 of gpt-4o in pool one (serving two models): pool two, which has no pace for
+    gpt-4o yet, lets one gpt-4o call go per PROBE_WAIT — its limit may be as low, and a
+    call at a time there meets one 429, not a volley (found by a trace of the two-model
+    benchmark in ``api_key`` mode: four 429s on one key within 6 ms) — and gpt-4o-mini
+    goes unheld; in both stores, and another process sharing the store holds it too."""
+    pytest.importorskip("redis", reason='needs redis-py: pip install "stable-openai[redis]"')
+    from stable_openai.backends import RedisBackend
+
+    clock = FakeClock()
+    a, b = made_up_keys(2, "lanedprobe")
+    spec = [Key(a, pool="one"), Key(b, pool="two")]
+    memory, shared = _on_one_clock(spec, clock, redis_server)
+    namespace = cast(RedisBackend, shared.backend).namespace
+    other = KeyManager.create(spec, clock=clock, backend=RedisBackend(
+        redis_server.url, namespace=namespace, clock=clock, lease_seconds=1e6))
+
+    def on(manager: KeyManager, key: str) -> Lease:
+        state = manager._ring.find(b if key == a else a)
+        taken = take(manager, {state} if state is not None else set())
+        assert taken.key == key
+        return taken
+
+    try:
+        for manager in (memory, shared):
+            for model in ("gpt-4o-mini", "gpt-4o"):
+                taken = on(manager, a)
+                taken.model = model
+                taken.succeed()
+            taken = on(manager, b)
+            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0  # no 429 yet: unheld
+            taken.give_back()
+            taken = on(manager, a)
+            taken.model = "gpt-4o"
+            taken.fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                       rate_limited("30s", model="gpt-4o",
+                                    numbers="Limit 2, Used 2, Requested 1"))
+            taken = on(manager, b)
+            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0  # one goes ...
+            taken.give_back()
+            taken = on(manager, b)
+            held = taken.owner.lane_held(taken.state, "gpt-4o")
+            assert held == pytest.approx(PROBE_WAIT), manager.backend  # ... the next waits
+            assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
+            taken.give_back()
+        seen = on(other, b)  # (its choice brings the hold the shared record has)
+        assert seen.owner.lane_held(seen.state, "gpt-4o") == pytest.approx(PROBE_WAIT)
+        seen.give_back()
+        clock.now += PROBE_WAIT
+        for manager in (memory, shared):
+            taken = on(manager, b)
+            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0, manager.backend
+            taken.give_back()
+    finally:
+        memory.close()
+        shared.close()
+        other.close()
+
+
+def test_a_429_in_a_pool_serving_one_model_makes_the_pools_that_serve_two_probe_it(
+    redis_server: RedisServer,
+) -> None:
+    """Pool one's calls so far asked for gpt-4o only: its 429 of gpt-4o cools its keys (the
+    pool's budget is gpt-4o's) — and pool two, which serves two models and has no pace for
+    gpt-4o, lets one gpt-4o call go per PROBE_WAIT, in both stores (found by a trace of the
+    two-model benchmark: the run's first 429 was in such a pool, and told no other)."""
+    clock = FakeClock()
+    a, b = made_up_keys(2, "singleprobe")
+    memory, shared = _on_one_clock([Key(a, pool="one"), Key(b, pool="two")], clock,
+                                   redis_server)
+
+    def on(manager: KeyManager, key: str, model: str) -> Lease:
+        state = manager._ring.find(b if key == a else a)
+        taken = take(manager, {state} if state is not None else set())
+        assert taken.key == key
+        taken.model = model
+        return taken
+
+    try:
+        for manager in (memory, shared):
+            for key, model in ((a, "gpt-4o"), (b, "gpt-4o-mini"), (b, "gpt-4o")):
+                on(manager, key, model).succeed()
+            on(manager, a, "gpt-4o").fail(
+                dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                rate_limited("30s", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+            assert rows(manager)[masked(a)]["state"] == "cooling"
+            for held in (0.0, PROBE_WAIT):
+                taken = on(manager, b, "gpt-4o")
+                assert taken.owner.lane_held(taken.state, "gpt-4o") == pytest.approx(held), (
+                    manager.backend)
+                taken.give_back()
+    finally:
+        memory.close()
+        shared.close()

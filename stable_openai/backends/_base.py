@@ -146,10 +146,12 @@ class StateBackend(Protocol):
         the call asked for, if known (a 429 of it in a pool serving several holds it there)."""
         return None
 
-    def lane_pass(self, state: KeyState, model: str) -> float | None:
+    def lane_pass(self, state: KeyState, model: str, probe: bool = False) -> float | None:
         """A call of ``model`` would go on ``state``: the seconds the model is held in the
-        key's pool, or 0 — then the call takes its place in the model's pace there
-        (``KeyRing.lane_pass``).  ``None`` when the store failed (or shares nothing)."""
+        key's pool, or 0 — then the call takes its place in the model's pace there, or, with
+        ``probe`` (a 429 held the model in some pool), one call per ``PROBE_WAIT`` until the
+        pool learns its pace (``KeyRing.lane_pass``).  ``None`` when the store failed (or
+        shares nothing)."""
         return None
 
     def pace_lane(

@@ -5,6 +5,10 @@
 --   spend fp lease               a call on the key sends another request: spend its pool's
 --                                budget as a call chosen does; the call (its lease) now stands
 --                                at the request's place there, for its answer
+--   lane fp model probe          a call of the model would go on the key: the seconds the
+--                                model is held in its pool, or 0, and the call takes its
+--                                place in the model's pace there (probe '1': a 429 held the
+--                                model in another pool, see KeyRing.lane_pass)
 --   lanepace fp model rate after join
 --                                an answer of a request for the model showed its requests
 --                                spent: in a pool serving several models, hold the model there
@@ -81,7 +85,17 @@ elseif op == 'lane' then
   local model = ARGV[5]
   local held = lane_held(p, model)
   local lp = held == 0 and p.lpace and p.lpace[model]
-  if lp then
+  if held == 0 and not lp and ARGV[6] == '1' and p.pmodel ~= model then
+    -- A model a 429 held in another pool, whose pace this pool has not learned: one call
+    -- per PROBE, ALLOWANCE_PROBES at most (as KeyRing.lane_pass).
+    local probes = p.lprobe or {}
+    local sent = probes[model] or 0
+    if sent < ALLOWANCE_PROBES then
+      probes[model] = sent + 1
+      p.lprobe = probes
+      hold_lane(p, model, NOW + PROBE)
+    end
+  elseif lp then
     local rate, level, stamp = num(lp.r), num(lp.l), num(lp.s)
     if NOW > stamp then
       level = math.min(1, level + (NOW - stamp) * rate)
