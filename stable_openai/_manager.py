@@ -533,6 +533,8 @@ class KeyManager:
                 organization=organization, lesson=lesson, cooled=verdict.seconds,
                 hinted=verdict.hinted,
             )
+            if model is not None and verdict.rate_limited and verdict.pooled:
+                self._ring.limit_met(model)  # (see KeyRing.lane_pass)
             if (
                 model is not None and verdict.rate_limited and verdict.pooled
                 and state.pool.pace_model == MIXED
@@ -549,8 +551,6 @@ class KeyManager:
                     verdict if seconds == verdict.seconds else replace(verdict, seconds=seconds),
                     organization,
                 )
-                if model is not None and verdict.rate_limited and verdict.pooled:
-                    self._ring.limited.add(model)  # (see KeyRing.lane_pass)
         outcome: Outcome = "rate_limited" if verdict.rate_limited else "failed"
         self._backend.report(
             state, outcome, verdict, organization, tokens, lesson=lesson, model=model
@@ -581,6 +581,7 @@ class KeyManager:
             if budget is not None and self._ring.learn(state, budget, marks, left_at):
                 self._notify()
             if paced is not None and model is not None and state.pool.pace_model == MIXED:
+                self._ring.limit_met(model)
                 self._ring.hold_lane(state, model, paced[1])
                 self._ring.pace_lane(state, model, *paced)
         if paced is not None and model is not None and budget is not None:
@@ -688,15 +689,16 @@ class _Owner:
         _note_call_model(state, model)
         pool = state.pool
         manager = self._manager
-        if not pool.lanes and not pool.lane_paces and model not in manager._ring.limited:
+        ring = manager._ring
+        if not pool.lanes and not pool.lane_paces and not ring.probing(model):
             return 0.0  # (the path of nearly every call: no lock)
         backend = manager._backend
         if backend.shared and backend.available():  # the holds and paces every process shares
-            held = backend.lane_pass(state, model, model in manager._ring.limited)
+            held = backend.lane_pass(state, model, ring.probing(model))
             if held is not None:
                 return held
         with manager._lock:
-            return manager._ring.lane_pass(state, model)
+            return ring.lane_pass(state, model)
 
     def abandoned(self, state: KeyState) -> None:
         _call_model(state)

@@ -42,6 +42,7 @@ __all__ = [
     "PERIOD_SLACK",
     "PER_DAY",
     "PROBE_CALLS",
+    "PROBE_FOR",
     "PROBE_WAIT",
     "RESET_SLACK",
     "SAME_DEADLINE",
@@ -74,6 +75,11 @@ RESET_SLACK = 0.001
 #: ``PROBE_WAIT`` for a 429 to tell where the limit stands — this many at most: a limit far
 #: above that rate meets none, and the pool goes unheld again.
 ALLOWANCE_PROBES = 20
+#: For this long after a 429 named a model, a pool that has not learned that model's limit
+#: sends one call of it per ``PROBE_WAIT`` (``ALLOWANCE_PROBES`` at most: see
+#: ``KeyRing.lane_pass``): keys of one provider often share a limit's size, and a call at a
+#: time meets one 429 where a burst meets a volley.
+PROBE_FOR = 5.0
 #: A server that counts in fixed windows (Azure's RPM, in windows of 1 or 10 s) says, in a 429
 #: that gives no rate, when its window ends.  The next such end, told while the pool spends
 #: the allowance the first gave it, after it was admitted calls there, in the first half of the

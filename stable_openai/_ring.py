@@ -34,6 +34,7 @@ from ._model import (
     MIXED,
     PACE_GAIN,
     PER_DAY,
+    PROBE_FOR,
     PROBE_WAIT,
     SAME_DEADLINE,
     Budget,
@@ -101,8 +102,8 @@ class Pool(Budget):
         # Those models' paces, from their 429s' numbers: [rate, level, stamp] (a bucket of one
         # call, as the pool's own pace in _model.Budget).
         self.lane_paces: dict[str, list[float]] = {}
-        # Calls sent of models that a 429 held in another pool, before this pool learned their
-        # pace here (see KeyRing.lane_pass).
+        # Calls sent of models a 429 named lately, before this pool learned their limit (see
+        # KeyRing.lane_pass).
         self.lane_probes: dict[str, int] = {}
         self.members: list[KeyState] = []
         self.in_flight = 0
@@ -183,9 +184,9 @@ class KeyRing:
         self._pushes = 0
         self._serial = 0
         # Models a 429 named, or held in a pool serving several (a 429, or an answer whose
-        # headers show the model's budget spent): in a pool that has not learned its pace,
-        # their calls go one at a time (see lane_pass).
-        self.limited: set[str] = set()
+        # headers show the model's budget spent), until when: in a pool that has not learned
+        # their limit, their calls go one at a time till then (see lane_pass).
+        self.limited: dict[str, float] = {}
         self.add(keys)
 
     # -- membership -----------------------------------------------------------------------
@@ -532,7 +533,17 @@ class KeyRing:
         until = self.clock() + max(0.0, seconds)
         if until > lanes.get(model, 0.0):
             lanes[model] = until
-        self.limited.add(model)
+
+    def limit_met(self, model: str) -> None:
+        """A 429 named ``model``, or an answer's headers showed its budget spent: for
+        ``PROBE_FOR`` seconds, pools that have not learned its limit probe it
+        (:meth:`lane_pass`)."""
+        self.limited[model] = self.clock() + PROBE_FOR
+
+    def probing(self, model: str) -> bool:
+        """Whether a 429 named ``model`` less than ``PROBE_FOR`` seconds ago."""
+        until = self.limited.get(model)
+        return until is not None and until > self.clock()
 
     def lane_held(self, state: KeyState, model: str) -> float:
         """Seconds ``model``'s calls are still held in ``state``'s pool (0: not held)."""
@@ -557,17 +568,20 @@ class KeyRing:
     def lane_pass(self, state: KeyState, model: str) -> float:
         """A call of ``model`` would go on ``state``: the seconds the model is held in its
         pool, or 0 — then the call takes its place in the model's pace there, which holds the
-        next ones.  A model a 429 held in another pool and whose pace this pool has not
-        learned yet goes one call per ``PROBE_WAIT`` (``ALLOWANCE_PROBES`` calls at most):
-        its limit here may be as low, and a call at a time meets one 429 to learn it from,
-        not a volley."""
+        next ones.  A model a 429 named in the last ``PROBE_FOR`` seconds, whose limit this
+        pool has not learned (no pace for it; or, in a pool serving only that model, no 429
+        nor headers yet), goes one call per ``PROBE_WAIT`` (``ALLOWANCE_PROBES`` calls at
+        most): its limit here may be as low, and a call at a time meets one 429 to learn it
+        from, not a volley."""
         held = self.lane_held(state, model)
         if held:
             return held
         pool = state.pool
         pace = pool.lane_paces.get(model)
         if pace is None:
-            if model in self.limited and pool.pace_model != model:
+            if self.probing(model) and (
+                pool.pace_model != model or (pool.limited_at is None and pool.snapshot < 0)
+            ):
                 probes = pool.lane_probes.get(model, 0)
                 if probes < ALLOWANCE_PROBES:
                     pool.lane_probes[model] = probes + 1

@@ -28,7 +28,7 @@ from stable_openai._budget import ServerBudget
 from stable_openai._cause import Cause
 from stable_openai._errors import StableOpenAIError
 from stable_openai._manager import lease
-from stable_openai._model import ALLOWANCE_PROBES, PROBE_WAIT
+from stable_openai._model import ALLOWANCE_PROBES, PROBE_FOR, PROBE_WAIT
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyRing, KeyState, Where, fingerprint, mask, normalize_keys
 
@@ -1034,30 +1034,43 @@ def test_a_held_models_pace_spends_one_call_a_slot_and_keeps_the_lower_rate(
 def test_a_model_held_in_one_pool_goes_one_call_at_a_time_in_pools_that_have_not_learned_it(
     clock: FakeClock,
 ) -> None:
-    """Once a 429 held gpt-4o in one pool, another pool that has no pace for it yet lets
-    one gpt-4o call go per PROBE_WAIT (its limit there may be as low: a call at a time meets
-    one 429, not a volley), ALLOWANCE_PROBES calls at most; other models, and a pool that
-    learned gpt-4o's pace or serves only gpt-4o, are not held."""
-    a, b, c = keys(3, "probe")
-    ring = KeyRing([a, b, c], clock=clock)
-    first, second, only = (ring.find(key) for key in (a, b, c))
-    assert first is not None and second is not None and only is not None
+    """Once a 429 of gpt-4o held it in one pool, another pool that has not learned gpt-4o's limit
+    (no pace for it; or, serving only gpt-4o, no 429 nor headers yet) lets one gpt-4o call
+    go per PROBE_WAIT (its limit there may be as low: a call at a time meets one 429, not a
+    volley), ALLOWANCE_PROBES calls at most, for PROBE_FOR seconds after the last 429 of
+    gpt-4o; other models, and a pool that learned gpt-4o's limit, are not held."""
+    a, b, c, d = keys(4, "probe")
+    ring = KeyRing([a, b, c, d], clock=clock)
+    first, second, fresh, learned = (ring.find(key) for key in (a, b, c, d))
+    assert first is not None and second is not None
+    assert fresh is not None and learned is not None
     assert ring.lane_pass(second, "gpt-4o") == 0.0  # no 429 anywhere: nothing held
     assert ring.lane_pass(second, "gpt-4o") == 0.0
-    only.pool.admit("gpt-4o")  # a pool whose calls all asked for gpt-4o: paced by its budget
-    ring.hold_lane(first, "gpt-4o", 30.0)
-    assert ring.lane_pass(second, "gpt-4o") == 0.0  # one goes ...
-    assert ring.lane_pass(second, "gpt-4o") == pytest.approx(PROBE_WAIT)  # ... then held
+    fresh.pool.admit("gpt-4o")  # pools whose calls all asked for gpt-4o: paced by their
+    learned.pool.admit("gpt-4o")  # budget, once a 429 (or headers) told it
+    learned.pool.limited(clock(), 0, 2.0, 0.5, model="gpt-4o")
+    ring.limit_met("gpt-4o")  # a 429 of gpt-4o (as KeyManager's _fail tells the ring) ...
+    ring.hold_lane(first, "gpt-4o", 30.0)  # ... held it in the first pool
+    for state in (second, fresh):
+        assert ring.lane_pass(state, "gpt-4o") == 0.0  # one goes ...
+        assert ring.lane_pass(state, "gpt-4o") == pytest.approx(PROBE_WAIT)  # ... then held
     assert ring.lane_pass(second, "gpt-4o-mini") == 0.0
-    assert ring.lane_pass(only, "gpt-4o") == 0.0
-    assert ring.lane_pass(only, "gpt-4o") == 0.0
+    assert ring.lane_pass(learned, "gpt-4o") == 0.0
+    assert ring.lane_pass(learned, "gpt-4o") == 0.0
     for _ in range(ALLOWANCE_PROBES - 1):
         clock.advance(PROBE_WAIT)
         assert ring.lane_pass(second, "gpt-4o") == 0.0
     clock.advance(PROBE_WAIT)
     assert ring.lane_pass(second, "gpt-4o") == 0.0  # its limit is above that: unheld again
     assert ring.lane_pass(second, "gpt-4o") == 0.0
+    clock.advance(PROBE_FOR)  # no 429 of gpt-4o for that long: the others go unheld too
+    assert ring.lane_pass(fresh, "gpt-4o") == 0.0
+    assert ring.lane_pass(fresh, "gpt-4o") == 0.0
+    ring.limit_met("gpt-4o")  # ... until the next
+    assert ring.lane_pass(fresh, "gpt-4o") == 0.0
+    assert ring.lane_pass(fresh, "gpt-4o") == pytest.approx(PROBE_WAIT)
     ring.pace_lane(first, "gpt-4o", 100.0, after=0.0)  # a pool that learned its pace
-    clock.advance(30.0)
+    clock.advance(30.0)  # (once its 429's hold is over)
+    ring.limit_met("gpt-4o")
     assert ring.lane_pass(first, "gpt-4o") == 0.0
     assert ring.lane_pass(first, "gpt-4o") == pytest.approx(0.01)  # is paced by it, no more

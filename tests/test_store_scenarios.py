@@ -35,6 +35,7 @@ from stable_openai._model import (
     PACE_BACKOFF,
     PER_DAY,
     PERIOD_SLACK,
+    PROBE_FOR,
     PROBE_WAIT,
 )
 from stable_openai._policy import Action, Fate, Verdict
@@ -1447,6 +1448,61 @@ def test_a_429_in_a_pool_serving_one_model_makes_the_pools_that_serve_two_probe_
                 assert taken.owner.lane_held(taken.state, "gpt-4o") == pytest.approx(held), (
                     manager.backend)
                 taken.give_back()
+    finally:
+        memory.close()
+        shared.close()
+
+
+def test_pools_serving_one_model_probe_it_after_a_429_until_they_learn_its_limit(
+    redis_server: RedisServer,
+) -> None:
+    """Four pools whose calls asked for gpt-4o-mini only; c's answer told its budget in
+    headers.  A 429 of gpt-4o-mini on a: b, which knows nothing of its limit yet, lets one
+    call go per PROBE_WAIT (found by traces of OpenAI's default and of sliding windows in
+    ``api_key`` mode: 20-25 429s a run, a volley on each key in turn); c is paced by its
+    headers and d by the 429 it met itself, not probed; after PROBE_FOR seconds with no
+    429, b goes unheld too — in both stores."""
+    clock = FakeClock()
+    a, b, c, d = made_up_keys(4, "oneprobe")
+    memory, shared = _on_one_clock(
+        [Key(a, pool="one"), Key(b, pool="two"), Key(c, pool="three"), Key(d, pool="four")],
+        clock, redis_server)
+    mini = "gpt-4o-mini"
+
+    def on(manager: KeyManager, key: str) -> Lease:
+        others = {s for s in (manager._ring.find(k) for k in (a, b, c, d) if k != key) if s}
+        taken = take(manager, others)
+        assert taken.key == key
+        taken.model = mini
+        return taken
+
+    def holds(manager: KeyManager, key: str) -> tuple[float, float]:
+        taken = on(manager, key)
+        twice = (taken.owner.lane_held(taken.state, mini),
+                 taken.owner.lane_held(taken.state, mini))
+        taken.give_back()
+        return twice
+
+    try:
+        for manager in (memory, shared):
+            for key in (a, b, d):
+                on(manager, key).succeed()
+            told = on(manager, c)
+            budget = ServerBudget(requests_limit=10, requests_left=5, requests_reset=1.0)
+            told.owner.answered(told.state, budget, None, mini)
+            told.succeed()
+            on(manager, d).fail(dataclasses.replace(RATE_LIMITED, seconds=1.0),
+                                rate_limited("1s", model=mini))
+        clock.now += 1.0  # (d's cooldown is over)
+        for manager in (memory, shared):
+            on(manager, a).fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                                rate_limited("30s", model=mini))
+            assert holds(manager, b) == (0.0, pytest.approx(PROBE_WAIT)), manager.backend
+            assert holds(manager, c) == (0.0, 0.0), manager.backend
+            assert holds(manager, d) == (0.0, 0.0), manager.backend
+        clock.now += PROBE_FOR
+        for manager in (memory, shared):
+            assert holds(manager, b) == (0.0, 0.0), manager.backend
     finally:
         memory.close()
         shared.close()

@@ -149,8 +149,8 @@ class StateBackend(Protocol):
     def lane_pass(self, state: KeyState, model: str, probe: bool = False) -> float | None:
         """A call of ``model`` would go on ``state``: the seconds the model is held in the
         key's pool, or 0 — then the call takes its place in the model's pace there, or, with
-        ``probe`` (a 429 held the model in some pool), one call per ``PROBE_WAIT`` until the
-        pool learns its pace (``KeyRing.lane_pass``).  ``None`` when the store failed (or
+        ``probe`` (a 429 named the model lately), one call per ``PROBE_WAIT`` until the pool
+        learns its limit (``KeyRing.lane_pass``).  ``None`` when the store failed (or
         shares nothing)."""
         return None
 

@@ -7,8 +7,8 @@
 --                                at the request's place there, for its answer
 --   lane fp model probe          a call of the model would go on the key: the seconds the
 --                                model is held in its pool, or 0, and the call takes its
---                                place in the model's pace there (probe '1': a 429 held the
---                                model in another pool, see KeyRing.lane_pass)
+--                                place in the model's pace there (probe '1': a 429 named the
+--                                model lately, see KeyRing.lane_pass)
 --   lanepace fp model rate after join
 --                                an answer of a request for the model showed its requests
 --                                spent: in a pool serving several models, hold the model there
@@ -85,9 +85,11 @@ elseif op == 'lane' then
   local model = ARGV[5]
   local held = lane_held(p, model)
   local lp = held == 0 and p.lpace and p.lpace[model]
-  if held == 0 and not lp and ARGV[6] == '1' and p.pmodel ~= model then
-    -- A model a 429 held in another pool, whose pace this pool has not learned: one call
-    -- per PROBE, ALLOWANCE_PROBES at most (as KeyRing.lane_pass).
+  if held == 0 and not lp and ARGV[6] == '1'
+      and (p.pmodel ~= model or (not p.lat and (p.snap or -1) < 0)) then
+    -- A model a 429 named lately, whose limit this pool has not learned (no pace for it;
+    -- or, in a pool serving only that model, no 429 nor headers yet): one call per PROBE,
+    -- ALLOWANCE_PROBES at most (as KeyRing.lane_pass).
     local probes = p.lprobe or {}
     local sent = probes[model] or 0
     if sent < ALLOWANCE_PROBES then
