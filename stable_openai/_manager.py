@@ -623,7 +623,7 @@ class KeyManager:
             if first and _call_model(state, keep=True) is not None:
                 _note_call_model(state, model)  # (its model argument was checked already)
             else:
-                held = self._owner.lane_held(state, model)
+                held = self._owner.lane_held(state, model, book=True)
                 if held > _LONGEST_REQUEST_WAIT:
                     held = 0.0
         if first:
@@ -685,20 +685,22 @@ class _Owner:
     ) -> None:
         self._manager._fail(state, verdict, error, _call_model(state) or model)
 
-    def lane_held(self, state: KeyState, model: str) -> float:
+    def lane_held(self, state: KeyState, model: str, book: bool = False) -> float:
         _note_call_model(state, model)
         pool = state.pool
         manager = self._manager
         ring = manager._ring
-        if not pool.lanes and not pool.lane_paces and not ring.probing(model):
-            return 0.0  # (the path of nearly every call: no lock)
+        if not pool.lanes and not pool.lane_paces and not (
+            ring.probing(model) and ring.unlearned(pool, model)
+        ):
+            return 0.0  # (the path of nearly every call: no lock, no round trip to a store)
         backend = manager._backend
         if backend.shared and backend.available():  # the holds and paces every process shares
-            held = backend.lane_pass(state, model, ring.probing(model))
+            held = backend.lane_pass(state, model, ring.probing(model), book)
             if held is not None:
                 return held
         with manager._lock:
-            return ring.lane_pass(state, model)
+            return ring.lane_pass(state, model, book)
 
     def abandoned(self, state: KeyState) -> None:
         _call_model(state)

@@ -529,10 +529,12 @@ class KeyRing:
     def hold_lane(self, state: KeyState, model: str, seconds: float) -> None:
         """``model``'s limit in ``state``'s pool is spent for ``seconds``: hold that model's
         calls there (a later deadline already held is kept), not the pool's keys."""
-        lanes = state.pool.lanes
-        until = self.clock() + max(0.0, seconds)
-        if until > lanes.get(model, 0.0):
-            lanes[model] = until
+        self._hold_lane_until(state.pool, model, self.clock() + max(0.0, seconds))
+
+    @staticmethod
+    def _hold_lane_until(pool: Pool, model: str, until: float) -> None:
+        if until > pool.lanes.get(model, 0.0):
+            pool.lanes[model] = until
 
     def limit_met(self, model: str) -> None:
         """A 429 named ``model``, or an answer's headers showed its budget spent: for
@@ -544,6 +546,15 @@ class KeyRing:
         """Whether a 429 named ``model`` less than ``PROBE_FOR`` seconds ago."""
         until = self.limited.get(model)
         return until is not None and until > self.clock()
+
+    @staticmethod
+    def unlearned(pool: Pool, model: str) -> bool:
+        """Whether ``pool`` has yet to learn ``model``'s limit (when it has no pace for it):
+        it serves several models, or has met no 429 nor answer with headers — and has not
+        spent its probes of it (:meth:`lane_pass`)."""
+        return (
+            pool.pace_model != model or (pool.limited_at is None and pool.snapshot < 0)
+        ) and pool.lane_probes.get(model, 0) < ALLOWANCE_PROBES
 
     def lane_held(self, state: KeyState, model: str) -> float:
         """Seconds ``model``'s calls are still held in ``state``'s pool (0: not held)."""
@@ -565,37 +576,36 @@ class KeyRing:
         rate = rate if known is None else min(rate, known[0])
         paces[model] = [rate, 1.0, self.clock() + after]
 
-    def lane_pass(self, state: KeyState, model: str) -> float:
+    def lane_pass(self, state: KeyState, model: str, book: bool = False) -> float:
         """A call of ``model`` would go on ``state``: the seconds the model is held in its
         pool, or 0 — then the call takes its place in the model's pace there, which holds the
-        next ones.  A model a 429 named in the last ``PROBE_FOR`` seconds, whose limit this
-        pool has not learned (no pace for it; or, in a pool serving only that model, no 429
-        nor headers yet), goes one call per ``PROBE_WAIT`` (``ALLOWANCE_PROBES`` calls at
-        most): its limit here may be as low, and a call at a time meets one 429 to learn it
-        from, not a volley."""
+        next ones.  ``book``: the call goes when the hold ends, whatever it is (a request of a
+        call whose key is chosen): it takes its place then, and the next are held after it.
+
+        A model a 429 named in the last ``PROBE_FOR`` seconds, whose limit this pool has not
+        learned (no pace for it; or, in a pool serving only that model, no 429 nor headers
+        yet), goes one call per ``PROBE_WAIT`` (``ALLOWANCE_PROBES`` calls at most): its
+        limit here may be as low, and a call at a time meets one 429 to learn it from, not a
+        volley."""
         held = self.lane_held(state, model)
-        if held:
+        if held and not book:
             return held
         pool = state.pool
+        at = self.clock() + held  # when the call goes
         pace = pool.lane_paces.get(model)
         if pace is None:
-            if self.probing(model) and (
-                pool.pace_model != model or (pool.limited_at is None and pool.snapshot < 0)
-            ):
-                probes = pool.lane_probes.get(model, 0)
-                if probes < ALLOWANCE_PROBES:
-                    pool.lane_probes[model] = probes + 1
-                    self.hold_lane(state, model, PROBE_WAIT)
+            if self.probing(model) and self.unlearned(pool, model):
+                pool.lane_probes[model] = pool.lane_probes.get(model, 0) + 1
+                self._hold_lane_until(pool, model, at + PROBE_WAIT)
         else:
             rate, level, stamp = pace
-            now = self.clock()
-            if now > stamp:
-                level = min(1.0, level + (now - stamp) * rate)
-                stamp = now
+            if at > stamp:
+                level = min(1.0, level + (at - stamp) * rate)
+                stamp = at
             level -= 1.0
             pace[1], pace[2] = level, stamp
-            self.hold_lane(state, model, (1.0 - level) / rate)
-        return 0.0
+            self._hold_lane_until(pool, model, at + (1.0 - level) / rate)
+        return held
 
     def lane_succeeded(self, state: KeyState, model: str) -> None:
         """A call of ``model`` succeeded on ``state``: its pace there rises a little."""

@@ -1506,3 +1506,135 @@ def test_pools_serving_one_model_probe_it_after_a_429_until_they_learn_its_limit
     finally:
         memory.close()
         shared.close()
+
+
+def test_a_pools_probes_of_a_model_end_after_allowance_probes_in_both_stores(
+    redis_server: RedisServer,
+) -> None:
+    """After a 429 of gpt-4o in pool one, pool two (serving two models, no pace for
+    gpt-4o) is asked 120 times, 15.625 ms apart, whether a gpt-4o call may go: one in four
+    goes (PROBE_WAIT is 50 ms) until ALLOWANCE_PROBES have, then every one — 60 in each
+    store (found by a review: a Redis store that never counted its probes, or let one
+    more through, passed every test)."""
+    clock = FakeClock()
+    a, b = made_up_keys(2, "probecap")
+    spec = [Key(a, pool="one"), Key(b, pool="two")]
+    memory, shared = _on_one_clock(spec, clock, redis_server)
+    passed = {}
+    try:
+        for manager in (memory, shared):
+            one, two = manager._ring.find(a), manager._ring.find(b)
+            assert one is not None and two is not None
+            for key, other, model in ((a, two, "gpt-4o-mini"), (a, two, "gpt-4o"),
+                                      (b, one, "gpt-4o-mini"), (b, one, "gpt-4o")):
+                taken = take(manager, {other})
+                assert taken.key == key
+                taken.model = model
+                taken.succeed()
+            taken = take(manager, {two})
+            taken.model = "gpt-4o"
+            taken.fail(dataclasses.replace(RATE_LIMITED, seconds=2.0),
+                       rate_limited("2s", model="gpt-4o", numbers="no numbers"))
+            passed[manager.backend.shared] = 0
+            for _ in range(120):
+                taken = take(manager, {one})
+                if taken.owner.lane_held(taken.state, "gpt-4o") == 0:
+                    passed[manager.backend.shared] += 1
+                taken.give_back()
+                clock.now += 0.015625  # (a power of two: the same deadlines in both stores)
+            clock.now -= 120 * 0.015625  # (the other store runs the same steps from here)
+    finally:
+        memory.close()
+        shared.close()
+    assert passed == {False: ALLOWANCE_PROBES + 120 - 4 * ALLOWANCE_PROBES,
+                      True: ALLOWANCE_PROBES + 120 - 4 * ALLOWANCE_PROBES}
+
+
+def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process whose calls all ask for gpt-4o: after a 429 of gpt-4o in pool one, a call
+    on pool two — whose headers told its budget — takes the lock-free path: no script runs
+    in Redis (found by a review: every call after a process's first 429 ran one, 0.4 ms
+    each, for good); pool three, which knows nothing of its limit yet, asks the store."""
+    from stable_openai.backends import RedisBackend
+
+    clock = FakeClock()
+    a, b, c = made_up_keys(3, "fastprobe")
+    memory, shared = _on_one_clock(
+        [Key(a, pool="one"), Key(b, pool="two"), Key(c, pool="three")], clock, redis_server)
+    asked: list[str] = []
+    real = RedisBackend.lane_pass
+
+    def counted(self: RedisBackend, state: KeyState, *args: Any) -> Any:
+        asked.append(state.key)
+        return real(self, state, *args)
+
+    monkeypatch.setattr(RedisBackend, "lane_pass", counted)
+    try:
+        manager = shared
+        ring = manager._ring
+        states = {key: ring.find(key) for key in (a, b, c)}
+
+        def on(key: str) -> Lease:
+            taken = take(manager, {s for k, s in states.items() if k != key and s})
+            assert taken.key == key
+            taken.model = "gpt-4o"
+            return taken
+
+        on(a).succeed()
+        on(c).succeed()
+        told = on(b)
+        budget = ServerBudget(requests_limit=10, requests_left=5, requests_reset=1.0)
+        told.owner.answered(told.state, budget, None, "gpt-4o")
+        told.succeed()
+        on(a).fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                   rate_limited("30s", model="gpt-4o"))
+        for key in (b, c):
+            taken = on(key)
+            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0
+            taken.give_back()
+        assert asked == [c]
+    finally:
+        memory.close()
+        shared.close()
+
+
+def test_a_pooled_clients_requests_held_by_a_probe_leave_one_per_probe_wait(
+    redis_server: RedisServer,
+) -> None:
+    """A pooled client's call cannot move to another key once its request is about to
+    leave: held, it waits and goes.  After a 429 of gpt-4o in pool one, eight gpt-4o calls
+    on pool two (serving two models, no pace for gpt-4o), 5 ms apart: each books the next
+    probe's place, so their requests leave PROBE_WAIT apart, in both stores (found by a
+    review: all but the first left together when the hold ended, the volley probing is
+    for)."""
+    clock = FakeClock()
+    a, b = made_up_keys(2, "bookprobe")
+    memory, shared = _on_one_clock([Key(a, pool="one"), Key(b, pool="two")], clock,
+                                   redis_server)
+    try:
+        for manager in (memory, shared):
+            one, two = manager._ring.find(a), manager._ring.find(b)
+            assert one is not None and two is not None
+            for model in ("gpt-4o-mini", "gpt-4o"):
+                taken = take(manager, {one})
+                taken.model = model
+                taken.succeed()
+            taken = take(manager, {two})
+            taken.model = "gpt-4o"
+            taken.fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                       rate_limited("30s", model="gpt-4o"))
+            start, leave = clock.now, []
+            for _ in range(8):
+                context = contextvars.copy_context()
+                taken = context.run(take, manager, {one})
+                wait = context.run(manager._before_sending, taken.state, "gpt-4o")
+                leave.append(clock.now + wait - start)
+                context.run(taken.give_back)
+                clock.now += 0.005
+            assert leave == pytest.approx([n * PROBE_WAIT for n in range(8)]), manager.backend
+            clock.now = start  # (the other store runs the same steps from here)
+    finally:
+        memory.close()
+        shared.close()

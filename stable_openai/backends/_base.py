@@ -146,11 +146,14 @@ class StateBackend(Protocol):
         the call asked for, if known (a 429 of it in a pool serving several holds it there)."""
         return None
 
-    def lane_pass(self, state: KeyState, model: str, probe: bool = False) -> float | None:
+    def lane_pass(
+        self, state: KeyState, model: str, probe: bool = False, book: bool = False
+    ) -> float | None:
         """A call of ``model`` would go on ``state``: the seconds the model is held in the
         key's pool, or 0 — then the call takes its place in the model's pace there, or, with
         ``probe`` (a 429 named the model lately), one call per ``PROBE_WAIT`` until the pool
-        learns its limit (``KeyRing.lane_pass``).  ``None`` when the store failed (or
+        learns its limit; with ``book``, the call goes once the hold ends and takes its place
+        then (``KeyRing.lane_pass``).  ``None`` when the store failed (or
         shares nothing)."""
         return None
 

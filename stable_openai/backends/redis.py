@@ -812,11 +812,15 @@ class RedisBackend:
         if fp is not None and self.available():  # (at once: the call's next request asks)
             self._run(self._control("lanepace", fp, model, _text(rate), _text(after), pool or ""))
 
-    def lane_pass(self, state: KeyState, model: str, probe: bool = False) -> float | None:
+    def lane_pass(
+        self, state: KeyState, model: str, probe: bool = False, book: bool = False
+    ) -> float | None:
         fp = self._fps.get(state)
         if fp is None or not self.available():
             return None
-        reply = self._run(self._control("lane", fp, model, "1" if probe else "0"))
+        reply = self._run(
+            self._control("lane", fp, model, "1" if probe else "0", "1" if book else "0")
+        )
         return None if reply is None else float(reply)
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:

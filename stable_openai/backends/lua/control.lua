@@ -5,10 +5,11 @@
 --   spend fp lease               a call on the key sends another request: spend its pool's
 --                                budget as a call chosen does; the call (its lease) now stands
 --                                at the request's place there, for its answer
---   lane fp model probe          a call of the model would go on the key: the seconds the
+--   lane fp model probe book     a call of the model would go on the key: the seconds the
 --                                model is held in its pool, or 0, and the call takes its
 --                                place in the model's pace there (probe '1': a 429 named the
---                                model lately, see KeyRing.lane_pass)
+--                                model lately; book '1': the call goes when the hold ends,
+--                                see KeyRing.lane_pass)
 --   lanepace fp model rate after join
 --                                an answer of a request for the model showed its requests
 --                                spent: in a pool serving several models, hold the model there
@@ -75,7 +76,8 @@ elseif op == 'spend' then
 elseif op == 'lane' then
   -- A call of model ARGV[5] would go on key ARGV[4]: the seconds the model is held in its
   -- pool; or 0, and the call takes its place in the model's pace there, which holds the
-  -- next ones (as KeyRing.lane_pass).
+  -- next ones; with ARGV[7] '1', the call goes when the hold ends and takes its place then
+  -- (as KeyRing.lane_pass).
   local rec = key_rec(ARGV[4])
   local p = rec and pool_rec(rec.pool)
   if not p then
@@ -84,28 +86,32 @@ elseif op == 'lane' then
   end
   local model = ARGV[5]
   local held = lane_held(p, model)
-  local lp = held == 0 and p.lpace and p.lpace[model]
-  if held == 0 and not lp and ARGV[6] == '1'
-      and (p.pmodel ~= model or (not p.lat and (p.snap or -1) < 0)) then
-    -- A model a 429 named lately, whose limit this pool has not learned (no pace for it;
-    -- or, in a pool serving only that model, no 429 nor headers yet): one call per PROBE,
-    -- ALLOWANCE_PROBES at most (as KeyRing.lane_pass).
-    local probes = p.lprobe or {}
-    local sent = probes[model] or 0
-    if sent < ALLOWANCE_PROBES then
-      probes[model] = sent + 1
+  if held > 0 and ARGV[7] ~= '1' then
+    flush()
+    return string.format('%.17g', held)
+  end
+  local at = NOW + held  -- when the call goes
+  local lp = p.lpace and p.lpace[model]
+  local probes = p.lprobe or {}
+  if not lp then
+    -- A model a 429 named lately (ARGV[6] '1'), whose limit this pool has not learned (no
+    -- pace for it; or, in a pool serving only that model, no 429 nor headers yet): one call
+    -- per PROBE, ALLOWANCE_PROBES at most.
+    if ARGV[6] == '1' and (p.pmodel ~= model or (not p.lat and (p.snap or -1) < 0))
+        and (probes[model] or 0) < ALLOWANCE_PROBES then
+      probes[model] = (probes[model] or 0) + 1
       p.lprobe = probes
-      hold_lane(p, model, NOW + PROBE)
+      hold_lane(p, model, at + PROBE)
     end
-  elseif lp then
+  else
     local rate, level, stamp = num(lp.r), num(lp.l), num(lp.s)
-    if NOW > stamp then
-      level = math.min(1, level + (NOW - stamp) * rate)
-      stamp = NOW
+    if at > stamp then
+      level = math.min(1, level + (at - stamp) * rate)
+      stamp = at
     end
     level = level - 1
     lp.l, lp.s = exact(level), exact(stamp)
-    hold_lane(p, model, NOW + (1 - level) / rate)
+    hold_lane(p, model, at + (1 - level) / rate)
   end
   put('p:' .. rec.pool, p)
   flush()
