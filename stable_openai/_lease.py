@@ -85,10 +85,10 @@ class Owner(KeyReports, Protocol):
         model: str | None = None,
     ) -> None: ...
 
-    def lane_held(self, state: KeyState, model: str, book: bool = False) -> float:
+    def lane_held(self, state: KeyState, model: str, book: float = 0.0) -> float:
         """Seconds ``model``'s calls are held in ``state``'s pool (0: not held — then the
-        call takes its place in the model's pace there, if it has one; with ``book``, the
-        call goes once the hold ends, and takes its place then)."""
+        call takes its place in the model's pace there, if it has one; held at most
+        ``book`` seconds, the call goes once the hold ends, and takes its place then)."""
         ...
 
     def abandoned(self, state: KeyState) -> None: ...

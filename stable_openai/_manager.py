@@ -623,7 +623,7 @@ class KeyManager:
             if first and _call_model(state, keep=True) is not None:
                 _note_call_model(state, model)  # (its model argument was checked already)
             else:
-                held = self._owner.lane_held(state, model, book=True)
+                held = self._owner.lane_held(state, model, book=_LONGEST_REQUEST_WAIT)
                 if held > _LONGEST_REQUEST_WAIT:
                     held = 0.0
         if first:
@@ -685,7 +685,7 @@ class _Owner:
     ) -> None:
         self._manager._fail(state, verdict, error, _call_model(state) or model)
 
-    def lane_held(self, state: KeyState, model: str, book: bool = False) -> float:
+    def lane_held(self, state: KeyState, model: str, book: float = 0.0) -> float:
         _note_call_model(state, model)
         pool = state.pool
         manager = self._manager
@@ -696,8 +696,12 @@ class _Owner:
             return 0.0  # (the path of nearly every call: no lock, no round trip to a store)
         backend = manager._backend
         if backend.shared and backend.available():  # the holds and paces every process shares
-            held = backend.lane_pass(state, model, ring.probing(model), book)
-            if held is not None:
+            reply = backend.lane_pass(state, model, ring.probing(model), book)
+            if reply is not None:
+                held, spent = reply
+                if spent and ring.unlearned(pool, model):
+                    with manager._lock:  # (this process's own count knows only its probes)
+                        ring.probes_spent(pool, model)
                 return held
         with manager._lock:
             return ring.lane_pass(state, model, book)

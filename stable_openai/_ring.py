@@ -532,6 +532,12 @@ class KeyRing:
         self._hold_lane_until(state.pool, model, self.clock() + max(0.0, seconds))
 
     @staticmethod
+    def probes_spent(pool: Pool, model: str) -> None:
+        """A shared store says ``pool`` probes ``model`` no more (its probes are spent, or it
+        learned the model's limit): no need to ask it again (see :meth:`unlearned`)."""
+        pool.lane_probes[model] = ALLOWANCE_PROBES
+
+    @staticmethod
     def _hold_lane_until(pool: Pool, model: str, until: float) -> None:
         if until > pool.lanes.get(model, 0.0):
             pool.lanes[model] = until
@@ -576,11 +582,12 @@ class KeyRing:
         rate = rate if known is None else min(rate, known[0])
         paces[model] = [rate, 1.0, self.clock() + after]
 
-    def lane_pass(self, state: KeyState, model: str, book: bool = False) -> float:
+    def lane_pass(self, state: KeyState, model: str, book: float = 0.0) -> float:
         """A call of ``model`` would go on ``state``: the seconds the model is held in its
         pool, or 0 — then the call takes its place in the model's pace there, which holds the
-        next ones.  ``book``: the call goes when the hold ends, whatever it is (a request of a
-        call whose key is chosen): it takes its place then, and the next are held after it.
+        next ones.  ``book``: the longest the call waits for a hold (a request of a call
+        whose key is chosen): a hold no longer, it takes its place when the hold ends, and
+        the next are held after it; a longer one, it does not wait, and takes no place.
 
         A model a 429 named in the last ``PROBE_FOR`` seconds, whose limit this pool has not
         learned (no pace for it; or, in a pool serving only that model, no 429 nor headers
@@ -588,7 +595,7 @@ class KeyRing:
         limit here may be as low, and a call at a time meets one 429 to learn it from, not a
         volley."""
         held = self.lane_held(state, model)
-        if held and not book:
+        if held and held > book:
             return held
         pool = state.pool
         at = self.clock() + held  # when the call goes

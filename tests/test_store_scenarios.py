@@ -1556,7 +1556,8 @@ def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(
     """A process whose calls all ask for gpt-4o: after a 429 of gpt-4o in pool one, a call
     on pool two — whose headers told its budget — takes the lock-free path: no script runs
     in Redis (found by a review: every call after a process's first 429 ran one, 0.4 ms
-    each, for good); pool three, which knows nothing of its limit yet, asks the store."""
+    each, for good); pool three, which knows nothing of its limit yet, asks the store —
+    until the store says its probes are spent (the process counts only its own)."""
     from stable_openai.backends import RedisBackend
 
     clock = FakeClock()
@@ -1595,6 +1596,12 @@ def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(
             assert taken.owner.lane_held(taken.state, "gpt-4o") == 0
             taken.give_back()
         assert asked == [c]
+        for _ in range(ALLOWANCE_PROBES + 5):  # once the store says c's probes are spent,
+            clock.now += 0.0625  # the process stops asking (steps past PROBE_WAIT, exact)
+            taken = on(c)
+            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0
+            taken.give_back()
+        assert asked == [c] * ALLOWANCE_PROBES
     finally:
         memory.close()
         shared.close()
@@ -1635,6 +1642,135 @@ def test_a_pooled_clients_requests_held_by_a_probe_leave_one_per_probe_wait(
                 clock.now += 0.005
             assert leave == pytest.approx([n * PROBE_WAIT for n in range(8)]), manager.backend
             clock.now = start  # (the other store runs the same steps from here)
+    finally:
+        memory.close()
+        shared.close()
+
+
+def test_a_pool_another_process_taught_its_limit_is_not_probed(
+    redis_server: RedisServer,
+) -> None:
+    """Two processes on one Redis store, keys of gpt-4o-mini only: the first meets a 429
+    in pool four (which so learns its limit); the second, after a 429 of its own in pool
+    one, asks whether a call may go on pool four: its own state knows nothing of four's
+    429, the store does — not probed (found by a review: the store's 'met a 429' rule was
+    untested, each process answering first from its own)."""
+    from stable_openai.backends import RedisBackend
+
+    clock = FakeClock()
+    a, d = made_up_keys(2, "taughtprobe")
+    spec = [Key(a, pool="one"), Key(d, pool="four")]
+    namespace = f"taught-{uuid.uuid4().hex[:12]}"
+    first, second = (
+        KeyManager.create(spec, clock=clock, backend=RedisBackend(
+            redis_server.url, namespace=namespace, clock=clock, lease_seconds=1e6))
+        for _ in range(2))
+
+    def on(manager: KeyManager, key: str) -> Lease:
+        other = manager._ring.find(d if key == a else a)
+        taken = take(manager, {other} if other is not None else set())
+        assert taken.key == key
+        taken.model = "gpt-4o-mini"
+        return taken
+
+    try:
+        for manager in (first, second):
+            for key in (a, d):
+                on(manager, key).succeed()
+        on(first, d).fail(dataclasses.replace(RATE_LIMITED, seconds=1.0),
+                          rate_limited("1s", model="gpt-4o-mini"))
+        clock.now += 1.0
+        on(second, a).fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                           rate_limited("30s", model="gpt-4o-mini"))
+        taken = on(second, d)
+        assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
+        assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
+        taken.give_back()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_pooled_clients_requests_book_a_models_pace_but_not_past_the_longest_wait(
+    redis_server: RedisServer,
+) -> None:
+    """A 429 of gpt-4o (one request per 2 s) in a pool serving two models holds gpt-4o for
+    2 s, then paces it at 0.97 × that rate.  Pooled-client requests of gpt-4o, 5 ms apart:
+    each books the next slot, so they leave a slot apart — until the slot is more than the
+    hook's longest wait (30 s) away: such a request goes at once and books nothing, and the
+    hold stays where the last booking left it, in both stores (found by a review: each
+    booked a slot anyway, and 200 requests held gpt-4o for minutes)."""
+    from stable_openai._manager import _LONGEST_REQUEST_WAIT
+
+    clock = FakeClock()
+    (a,) = made_up_keys(1, "bookpace")
+    memory, shared = _on_one_clock([Key(a, pool="one")], clock, redis_server)
+    slot = 2.0 / PACE_BACKOFF
+    booked = math.floor((_LONGEST_REQUEST_WAIT - 2.0) / slot) + 1  # (5 ms apart: still so)
+    try:
+        for manager in (memory, shared):
+            for model in ("gpt-4o-mini", "gpt-4o"):
+                taken = take(manager)
+                taken.model = model
+                taken.succeed()
+            taken = take(manager)
+            taken.model = "gpt-4o"
+            taken.fail(dataclasses.replace(RATE_LIMITED, seconds=2.0),
+                       rate_limited("2s", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+            start, leave = clock.now, []
+            for _ in range(booked + 3):
+                context = contextvars.copy_context()
+                taken = context.run(take, manager)
+                wait = context.run(manager._before_sending, taken.state, "gpt-4o")
+                leave.append(clock.now + wait - start)
+                context.run(taken.give_back)
+                clock.now += 0.005
+            expected = [2.0 + n * slot for n in range(booked)]
+            expected += [clock.now - start - 0.005 * (3 - n) for n in range(3)]  # at once
+            assert leave == pytest.approx(expected, abs=1e-6), manager.backend
+            taken = take(manager)
+            held = taken.owner.lane_held(taken.state, "gpt-4o")
+            assert held == pytest.approx(2.0 + booked * slot - (clock.now - start), abs=1e-6)
+            taken.give_back()
+            clock.now = start  # (the other store runs the same steps from here)
+    finally:
+        memory.close()
+        shared.close()
+
+
+def test_an_answer_that_shows_a_models_budget_spent_makes_the_other_pools_probe_it(
+    redis_server: RedisServer,
+) -> None:
+    """Two pools serving two models: an answer of gpt-4o in pool one whose headers show no
+    request left of gpt-4o's limit holds gpt-4o there as a 429 would — and, as after a 429,
+    pool two (no pace for gpt-4o) lets one gpt-4o call go per PROBE_WAIT, in both
+    stores."""
+    clock = FakeClock()
+    a, b = made_up_keys(2, "spentprobe")
+    memory, shared = _on_one_clock([Key(a, pool="one"), Key(b, pool="two")], clock,
+                                   redis_server)
+
+    def on(manager: KeyManager, key: str, model: str) -> Lease:
+        other = manager._ring.find(b if key == a else a)
+        taken = take(manager, {other} if other is not None else set())
+        assert taken.key == key
+        taken.model = model
+        return taken
+
+    try:
+        for manager in (memory, shared):
+            for key in (a, b):
+                for model in ("gpt-4o-mini", "gpt-4o"):
+                    on(manager, key, model).succeed()
+            spent = on(manager, a, "gpt-4o")
+            budget = ServerBudget(requests_limit=10, requests_left=0, requests_reset=1.0)
+            spent.owner.answered(spent.state, budget, None, "gpt-4o")
+            spent.succeed()
+            taken = on(manager, b, "gpt-4o")
+            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0
+            assert taken.owner.lane_held(taken.state, "gpt-4o") == pytest.approx(PROBE_WAIT), (
+                manager.backend)
+            taken.give_back()
     finally:
         memory.close()
         shared.close()

@@ -147,14 +147,15 @@ class StateBackend(Protocol):
         return None
 
     def lane_pass(
-        self, state: KeyState, model: str, probe: bool = False, book: bool = False
-    ) -> float | None:
+        self, state: KeyState, model: str, probe: bool = False, book: float = 0.0
+    ) -> tuple[float, bool] | None:
         """A call of ``model`` would go on ``state``: the seconds the model is held in the
         key's pool, or 0 — then the call takes its place in the model's pace there, or, with
         ``probe`` (a 429 named the model lately), one call per ``PROBE_WAIT`` until the pool
-        learns its limit; with ``book``, the call goes once the hold ends and takes its place
-        then (``KeyRing.lane_pass``).  ``None`` when the store failed (or
-        shares nothing)."""
+        learns its limit; held at most ``book`` seconds, the call goes once the hold ends and
+        takes its place then (``KeyRing.lane_pass``).  With whether the pool probes the model
+        no more (it has no pace for it, and learned its limit or spent its probes).  ``None``
+        when the store failed (or shares nothing)."""
         return None
 
     def pace_lane(

@@ -813,15 +813,18 @@ class RedisBackend:
             self._run(self._control("lanepace", fp, model, _text(rate), _text(after), pool or ""))
 
     def lane_pass(
-        self, state: KeyState, model: str, probe: bool = False, book: bool = False
-    ) -> float | None:
+        self, state: KeyState, model: str, probe: bool = False, book: float = 0.0
+    ) -> tuple[float, bool] | None:
         fp = self._fps.get(state)
         if fp is None or not self.available():
             return None
         reply = self._run(
-            self._control("lane", fp, model, "1" if probe else "0", "1" if book else "0")
+            self._control("lane", fp, model, "1" if probe else "0", _text(float(book)))
         )
-        return None if reply is None else float(reply)
+        if reply is None:
+            return None
+        held, spent = reply
+        return float(held), spent == 1
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:
         fp = self._fps.get(state)

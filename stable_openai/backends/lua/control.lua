@@ -8,8 +8,10 @@
 --   lane fp model probe book     a call of the model would go on the key: the seconds the
 --                                model is held in its pool, or 0, and the call takes its
 --                                place in the model's pace there (probe '1': a 429 named the
---                                model lately; book '1': the call goes when the hold ends,
---                                see KeyRing.lane_pass)
+--                                model lately; book: the longest the call waits for a hold,
+--                                to go when it ends, see KeyRing.lane_pass); and 1 when the
+--                                pool probes the model no more (no pace for it, and its limit
+--                                learned or its probes spent), else 0
 --   lanepace fp model rate after join
 --                                an answer of a request for the model showed its requests
 --                                spent: in a pool serving several models, hold the model there
@@ -18,7 +20,7 @@
 --                                answer named, if any, as the call's report will move it)
 --   enable fp...                 make disabled keys ready again
 --   snapshot fp...               the state and counters of each key, as cjson
--- Returns 1 for cooldown/probe/spend/enable/lanepace (0: the key is unknown or, for cooldown,
+-- Returns {held, spent} for lane (above), 1 for cooldown/probe/spend/enable/lanepace (0: the key is unknown or, for cooldown,
 -- disabled; for lanepace, its pool does not serve several models),
 -- or json for snapshot.
 
@@ -76,32 +78,35 @@ elseif op == 'spend' then
 elseif op == 'lane' then
   -- A call of model ARGV[5] would go on key ARGV[4]: the seconds the model is held in its
   -- pool; or 0, and the call takes its place in the model's pace there, which holds the
-  -- next ones; with ARGV[7] '1', the call goes when the hold ends and takes its place then
-  -- (as KeyRing.lane_pass).
+  -- next ones; held at most ARGV[7] seconds, the call goes when the hold ends and takes its
+  -- place then (as KeyRing.lane_pass).
   local rec = key_rec(ARGV[4])
   local p = rec and pool_rec(rec.pool)
   if not p then
     flush()
-    return '0'
+    return {'0', 0}
   end
   local model = ARGV[5]
   local held = lane_held(p, model)
-  if held > 0 and ARGV[7] ~= '1' then
-    flush()
-    return string.format('%.17g', held)
-  end
-  local at = NOW + held  -- when the call goes
   local lp = p.lpace and p.lpace[model]
   local probes = p.lprobe or {}
+  -- Whether the pool has yet to learn the model's limit (no pace for it; and it serves
+  -- several models, or has met no 429 nor headers yet), with probes left (KeyRing.unlearned).
+  local unlearned = not lp and (p.pmodel ~= model or (not p.lat and (p.snap or -1) < 0))
+    and (probes[model] or 0) < ALLOWANCE_PROBES
+  if held > 0 and held > tonumber(ARGV[7]) then
+    flush()
+    return {string.format('%.17g', held), (lp or unlearned) and 0 or 1}
+  end
+  local at = NOW + held  -- when the call goes
   if not lp then
-    -- A model a 429 named lately (ARGV[6] '1'), whose limit this pool has not learned (no
-    -- pace for it; or, in a pool serving only that model, no 429 nor headers yet): one call
-    -- per PROBE, ALLOWANCE_PROBES at most.
-    if ARGV[6] == '1' and (p.pmodel ~= model or (not p.lat and (p.snap or -1) < 0))
-        and (probes[model] or 0) < ALLOWANCE_PROBES then
+    -- A model a 429 named lately (ARGV[6] '1'), whose limit this pool has not learned: one
+    -- call per PROBE, ALLOWANCE_PROBES at most.
+    if ARGV[6] == '1' and unlearned then
       probes[model] = (probes[model] or 0) + 1
       p.lprobe = probes
       hold_lane(p, model, at + PROBE)
+      unlearned = probes[model] < ALLOWANCE_PROBES
     end
   else
     local rate, level, stamp = num(lp.r), num(lp.l), num(lp.s)
@@ -115,7 +120,7 @@ elseif op == 'lane' then
   end
   put('p:' .. rec.pool, p)
   flush()
-  return string.format('%.17g', held)
+  return {string.format('%.17g', held), (lp or unlearned) and 0 or 1}
 elseif op == 'lanepace' then
   -- (As _manager._learn: KeyRing.hold_lane and pace_lane, where the pool is MIXED.)  The
   -- ring moved the key into the pool the answer named (KeyRing.join_pool); the call's report
