@@ -1355,6 +1355,14 @@ def _lockstep(seed: int, redis_server: RedisServer, windows: bool = False) -> No
         shared.close()
 
 
+def _on(manager: KeyManager, key: str, model: str | None = None) -> Lease:
+    """A lease on ``key`` (every other key of ``manager`` avoided), for a call of ``model``."""
+    taken = take(manager, {state for state in manager._ring if state.key != key})
+    assert taken.key == key
+    taken.model = model
+    return taken
+
+
 def test_a_model_held_in_one_pool_goes_one_call_at_a_time_in_another_until_it_learns_it(
     redis_server: RedisServer,
 ) -> None:
@@ -1374,40 +1382,34 @@ def test_a_model_held_in_one_pool_goes_one_call_at_a_time_in_another_until_it_le
     other = KeyManager.create(spec, clock=clock, backend=RedisBackend(
         redis_server.url, namespace=namespace, clock=clock, lease_seconds=1e6))
 
-    def on(manager: KeyManager, key: str) -> Lease:
-        state = manager._ring.find(b if key == a else a)
-        taken = take(manager, {state} if state is not None else set())
-        assert taken.key == key
-        return taken
-
     try:
         for manager in (memory, shared):
             for model in ("gpt-4o-mini", "gpt-4o"):
-                taken = on(manager, a)
+                taken = _on(manager, a)
                 taken.model = model
                 taken.succeed()
-            taken = on(manager, b)
+            taken = _on(manager, b)
             assert taken.owner.lane_held(taken.state, "gpt-4o") == 0  # no 429 yet: unheld
             taken.give_back()
-            taken = on(manager, a)
+            taken = _on(manager, a)
             taken.model = "gpt-4o"
             taken.fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
                        rate_limited("30s", model="gpt-4o",
                                     numbers="Limit 2, Used 2, Requested 1"))
-            taken = on(manager, b)
+            taken = _on(manager, b)
             assert taken.owner.lane_held(taken.state, "gpt-4o") == 0  # one goes ...
             taken.give_back()
-            taken = on(manager, b)
+            taken = _on(manager, b)
             held = taken.owner.lane_held(taken.state, "gpt-4o")
             assert held == pytest.approx(PROBE_WAIT), manager.backend  # ... the next waits
             assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
             taken.give_back()
-        seen = on(other, b)  # (its choice brings the hold the shared record has)
+        seen = _on(other, b)  # (its choice brings the hold the shared record has)
         assert seen.owner.lane_held(seen.state, "gpt-4o") == pytest.approx(PROBE_WAIT)
         seen.give_back()
         clock.now += PROBE_WAIT
         for manager in (memory, shared):
-            taken = on(manager, b)
+            taken = _on(manager, b)
             assert taken.owner.lane_held(taken.state, "gpt-4o") == 0, manager.backend
             taken.give_back()
     finally:
@@ -1428,23 +1430,16 @@ def test_a_429_in_a_pool_serving_one_model_makes_the_pools_that_serve_two_probe_
     memory, shared = _on_one_clock([Key(a, pool="one"), Key(b, pool="two")], clock,
                                    redis_server)
 
-    def on(manager: KeyManager, key: str, model: str) -> Lease:
-        state = manager._ring.find(b if key == a else a)
-        taken = take(manager, {state} if state is not None else set())
-        assert taken.key == key
-        taken.model = model
-        return taken
-
     try:
         for manager in (memory, shared):
             for key, model in ((a, "gpt-4o"), (b, "gpt-4o-mini"), (b, "gpt-4o")):
-                on(manager, key, model).succeed()
-            on(manager, a, "gpt-4o").fail(
+                _on(manager, key, model).succeed()
+            _on(manager, a, "gpt-4o").fail(
                 dataclasses.replace(RATE_LIMITED, seconds=30.0),
                 rate_limited("30s", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
             assert rows(manager)[masked(a)]["state"] == "cooling"
             for held in (0.0, PROBE_WAIT):
-                taken = on(manager, b, "gpt-4o")
+                taken = _on(manager, b, "gpt-4o")
                 assert taken.owner.lane_held(taken.state, "gpt-4o") == pytest.approx(held), (
                     manager.backend)
                 taken.give_back()
@@ -1469,15 +1464,8 @@ def test_pools_serving_one_model_probe_it_after_a_429_until_they_learn_its_limit
         clock, redis_server)
     mini = "gpt-4o-mini"
 
-    def on(manager: KeyManager, key: str) -> Lease:
-        others = {s for s in (manager._ring.find(k) for k in (a, b, c, d) if k != key) if s}
-        taken = take(manager, others)
-        assert taken.key == key
-        taken.model = mini
-        return taken
-
     def holds(manager: KeyManager, key: str) -> tuple[float, float]:
-        taken = on(manager, key)
+        taken = _on(manager, key, mini)
         twice = (taken.owner.lane_held(taken.state, mini),
                  taken.owner.lane_held(taken.state, mini))
         taken.give_back()
@@ -1486,16 +1474,16 @@ def test_pools_serving_one_model_probe_it_after_a_429_until_they_learn_its_limit
     try:
         for manager in (memory, shared):
             for key in (a, b, d):
-                on(manager, key).succeed()
-            told = on(manager, c)
+                _on(manager, key, mini).succeed()
+            told = _on(manager, c, mini)
             budget = ServerBudget(requests_limit=10, requests_left=5, requests_reset=1.0)
             told.owner.answered(told.state, budget, None, mini)
             told.succeed()
-            on(manager, d).fail(dataclasses.replace(RATE_LIMITED, seconds=1.0),
+            _on(manager, d, mini).fail(dataclasses.replace(RATE_LIMITED, seconds=1.0),
                                 rate_limited("1s", model=mini))
         clock.now += 1.0  # (d's cooldown is over)
         for manager in (memory, shared):
-            on(manager, a).fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+            _on(manager, a, mini).fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
                                 rate_limited("30s", model=mini))
             assert holds(manager, b) == (0.0, pytest.approx(PROBE_WAIT)), manager.backend
             assert holds(manager, c) == (0.0, 0.0), manager.backend
@@ -1574,31 +1562,22 @@ def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(
     monkeypatch.setattr(RedisBackend, "lane_pass", counted)
     try:
         manager = shared
-        ring = manager._ring
-        states = {key: ring.find(key) for key in (a, b, c)}
-
-        def on(key: str) -> Lease:
-            taken = take(manager, {s for k, s in states.items() if k != key and s})
-            assert taken.key == key
-            taken.model = "gpt-4o"
-            return taken
-
-        on(a).succeed()
-        on(c).succeed()
-        told = on(b)
+        _on(manager, a, "gpt-4o").succeed()
+        _on(manager, c, "gpt-4o").succeed()
+        told = _on(manager, b, "gpt-4o")
         budget = ServerBudget(requests_limit=10, requests_left=5, requests_reset=1.0)
         told.owner.answered(told.state, budget, None, "gpt-4o")
         told.succeed()
-        on(a).fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+        _on(manager, a, "gpt-4o").fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
                    rate_limited("30s", model="gpt-4o"))
         for key in (b, c):
-            taken = on(key)
+            taken = _on(manager, key, "gpt-4o")
             assert taken.owner.lane_held(taken.state, "gpt-4o") == 0
             taken.give_back()
         assert asked == [c]
         for _ in range(ALLOWANCE_PROBES + 5):  # once the store says c's probes are spent,
             clock.now += 0.0625  # the process stops asking (steps past PROBE_WAIT, exact)
-            taken = on(c)
+            taken = _on(manager, c, "gpt-4o")
             assert taken.owner.lane_held(taken.state, "gpt-4o") == 0
             taken.give_back()
         assert asked == [c] * ALLOWANCE_PROBES
@@ -1666,23 +1645,16 @@ def test_a_pool_another_process_taught_its_limit_is_not_probed(
             redis_server.url, namespace=namespace, clock=clock, lease_seconds=1e6))
         for _ in range(2))
 
-    def on(manager: KeyManager, key: str) -> Lease:
-        other = manager._ring.find(d if key == a else a)
-        taken = take(manager, {other} if other is not None else set())
-        assert taken.key == key
-        taken.model = "gpt-4o-mini"
-        return taken
-
     try:
         for manager in (first, second):
             for key in (a, d):
-                on(manager, key).succeed()
-        on(first, d).fail(dataclasses.replace(RATE_LIMITED, seconds=1.0),
+                _on(manager, key, "gpt-4o-mini").succeed()
+        _on(first, d, "gpt-4o-mini").fail(dataclasses.replace(RATE_LIMITED, seconds=1.0),
                           rate_limited("1s", model="gpt-4o-mini"))
         clock.now += 1.0
-        on(second, a).fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+        _on(second, a, "gpt-4o-mini").fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
                            rate_limited("30s", model="gpt-4o-mini"))
-        taken = on(second, d)
+        taken = _on(second, d, "gpt-4o-mini")
         assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
         assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
         taken.give_back()
@@ -1750,23 +1722,16 @@ def test_an_answer_that_shows_a_models_budget_spent_makes_the_other_pools_probe_
     memory, shared = _on_one_clock([Key(a, pool="one"), Key(b, pool="two")], clock,
                                    redis_server)
 
-    def on(manager: KeyManager, key: str, model: str) -> Lease:
-        other = manager._ring.find(b if key == a else a)
-        taken = take(manager, {other} if other is not None else set())
-        assert taken.key == key
-        taken.model = model
-        return taken
-
     try:
         for manager in (memory, shared):
             for key in (a, b):
                 for model in ("gpt-4o-mini", "gpt-4o"):
-                    on(manager, key, model).succeed()
-            spent = on(manager, a, "gpt-4o")
+                    _on(manager, key, model).succeed()
+            spent = _on(manager, a, "gpt-4o")
             budget = ServerBudget(requests_limit=10, requests_left=0, requests_reset=1.0)
             spent.owner.answered(spent.state, budget, None, "gpt-4o")
             spent.succeed()
-            taken = on(manager, b, "gpt-4o")
+            taken = _on(manager, b, "gpt-4o")
             assert taken.owner.lane_held(taken.state, "gpt-4o") == 0
             assert taken.owner.lane_held(taken.state, "gpt-4o") == pytest.approx(PROBE_WAIT), (
                 manager.backend)
