@@ -273,6 +273,16 @@ def _a_429_of_gpt_4o_in_a_pool_of_two_models(
     in ``delay`` (one request per ``delay``), cooling for ``seconds``."""
     manager = make_manager([Key(key, pool="one")])
     other = make_manager([Key(key, pool="one")])
+    _two_models_then_a_429(manager, seconds, delay, per)
+    return manager, other
+
+
+def _two_models_then_a_429(
+    manager: KeyManager, seconds: float, delay: str, per: str = "min (RPM)"
+) -> None:
+    """On ``manager`` (of one pool): a call of each of two models succeeds, then a gpt-4o
+    call gets a 429 (of a limit ``per``) to try again in ``delay`` (one request per
+    ``delay``), cooling for ``seconds``."""
     for model in ("gpt-4o-mini", "gpt-4o"):
         taken = take(manager)
         taken.model = model
@@ -282,7 +292,6 @@ def _a_429_of_gpt_4o_in_a_pool_of_two_models(
     taken.fail(dataclasses.replace(RATE_LIMITED, seconds=seconds),
                rate_limited(delay, model="gpt-4o", numbers="Limit 2, Used 2, Requested 1",
                             per=per))
-    return manager, other
 
 
 def test_a_429_of_one_of_two_models_holds_it_in_every_process_not_the_keys(
@@ -676,13 +685,13 @@ def test_many_keys_due_at_once_take_their_turn_after_the_ready_ones(
 
 @contextlib.contextmanager
 def _team_of_two(
-    redis_server: RedisServer, tag: str
+    redis_server: RedisServer, tag: str, pools: tuple[str, str] = ("team", "team")
 ) -> Iterator[tuple[FakeClock, tuple[KeyManager, KeyManager], tuple[str, str]]]:
-    """Two keys in one pool, in a memory manager and a Redis manager on one fake clock: the
-    clock, the two managers (closed after), the keys."""
+    """Two keys in ``pools`` (one pool by default), in a memory manager and a Redis manager
+    on one fake clock: the clock, the two managers (closed after), the keys."""
     clock = FakeClock()
     a, b = made_up_keys(2, tag)
-    memory, shared = _on_one_clock([Key(a, pool="team"), Key(b, pool="team")], clock,
+    memory, shared = _on_one_clock([Key(a, pool=pools[0]), Key(b, pool=pools[1])], clock,
                                    redis_server)
     try:
         yield clock, (memory, shared), (a, b)
@@ -1374,48 +1383,45 @@ def test_a_model_held_in_one_pool_goes_one_call_at_a_time_in_another_until_it_le
     pytest.importorskip("redis", reason='needs redis-py: pip install "stable-openai[redis]"')
     from stable_openai.backends import RedisBackend
 
-    clock = FakeClock()
-    a, b = made_up_keys(2, "lanedprobe")
-    spec = [Key(a, pool="one"), Key(b, pool="two")]
-    memory, shared = _on_one_clock(spec, clock, redis_server)
-    namespace = cast(RedisBackend, shared.backend).namespace
-    other = KeyManager.create(spec, clock=clock, backend=RedisBackend(
-        redis_server.url, namespace=namespace, clock=clock, lease_seconds=1e6))
-
-    try:
-        for manager in (memory, shared):
-            for model in ("gpt-4o-mini", "gpt-4o"):
+    with _team_of_two(redis_server, "lanedprobe", ("one", "two")) as (
+        clock, (memory, shared), (a, b)
+    ):
+        spec = [Key(a, pool="one"), Key(b, pool="two")]
+        namespace = cast(RedisBackend, shared.backend).namespace
+        other = KeyManager.create(spec, clock=clock, backend=RedisBackend(
+            redis_server.url, namespace=namespace, clock=clock, lease_seconds=1e6))
+        try:
+            for manager in (memory, shared):
+                for model in ("gpt-4o-mini", "gpt-4o"):
+                    taken = _on(manager, a)
+                    taken.model = model
+                    taken.succeed()
+                taken = _on(manager, b)
+                assert taken.owner.lane_held(taken.state, "gpt-4o") == 0  # no 429 yet: unheld
+                taken.give_back()
                 taken = _on(manager, a)
-                taken.model = model
-                taken.succeed()
-            taken = _on(manager, b)
-            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0  # no 429 yet: unheld
-            taken.give_back()
-            taken = _on(manager, a)
-            taken.model = "gpt-4o"
-            taken.fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
-                       rate_limited("30s", model="gpt-4o",
-                                    numbers="Limit 2, Used 2, Requested 1"))
-            taken = _on(manager, b)
-            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0  # one goes ...
-            taken.give_back()
-            taken = _on(manager, b)
-            held = taken.owner.lane_held(taken.state, "gpt-4o")
-            assert held == pytest.approx(PROBE_WAIT), manager.backend  # ... the next waits
-            assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
-            taken.give_back()
-        seen = _on(other, b)  # (its choice brings the hold the shared record has)
-        assert seen.owner.lane_held(seen.state, "gpt-4o") == pytest.approx(PROBE_WAIT)
-        seen.give_back()
-        clock.now += PROBE_WAIT
-        for manager in (memory, shared):
-            taken = _on(manager, b)
-            assert taken.owner.lane_held(taken.state, "gpt-4o") == 0, manager.backend
-            taken.give_back()
-    finally:
-        memory.close()
-        shared.close()
-        other.close()
+                taken.model = "gpt-4o"
+                taken.fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                           rate_limited("30s", model="gpt-4o",
+                                        numbers="Limit 2, Used 2, Requested 1"))
+                taken = _on(manager, b)
+                assert taken.owner.lane_held(taken.state, "gpt-4o") == 0  # one goes ...
+                taken.give_back()
+                taken = _on(manager, b)
+                held = taken.owner.lane_held(taken.state, "gpt-4o")
+                assert held == pytest.approx(PROBE_WAIT), manager.backend  # ... the next waits
+                assert taken.owner.lane_held(taken.state, "gpt-4o-mini") == 0
+                taken.give_back()
+            seen = _on(other, b)  # (its choice brings the hold the shared record has)
+            assert seen.owner.lane_held(seen.state, "gpt-4o") == pytest.approx(PROBE_WAIT)
+            seen.give_back()
+            clock.now += PROBE_WAIT
+            for manager in (memory, shared):
+                taken = _on(manager, b)
+                assert taken.owner.lane_held(taken.state, "gpt-4o") == 0, manager.backend
+                taken.give_back()
+        finally:
+            other.close()
 
 
 def test_a_429_in_a_pool_serving_one_model_makes_the_pools_that_serve_two_probe_it(
@@ -1425,12 +1431,9 @@ def test_a_429_in_a_pool_serving_one_model_makes_the_pools_that_serve_two_probe_
     pool's budget is gpt-4o's) — and pool two, which serves two models and has no pace for
     gpt-4o, lets one gpt-4o call go per PROBE_WAIT, in both stores (found by a trace of the
     two-model benchmark: the run's first 429 was in such a pool, and told no other)."""
-    clock = FakeClock()
-    a, b = made_up_keys(2, "singleprobe")
-    memory, shared = _on_one_clock([Key(a, pool="one"), Key(b, pool="two")], clock,
-                                   redis_server)
-
-    try:
+    with _team_of_two(redis_server, "singleprobe", ("one", "two")) as (
+        _, (memory, shared), (a, b)
+    ):
         for manager in (memory, shared):
             for key, model in ((a, "gpt-4o"), (b, "gpt-4o-mini"), (b, "gpt-4o")):
                 _on(manager, key, model).succeed()
@@ -1443,9 +1446,6 @@ def test_a_429_in_a_pool_serving_one_model_makes_the_pools_that_serve_two_probe_
                 assert taken.owner.lane_held(taken.state, "gpt-4o") == pytest.approx(held), (
                     manager.backend)
                 taken.give_back()
-    finally:
-        memory.close()
-        shared.close()
 
 
 def test_pools_serving_one_model_probe_it_after_a_429_until_they_learn_its_limit(
@@ -1504,12 +1504,10 @@ def test_a_pools_probes_of_a_model_end_after_allowance_probes_in_both_stores(
     goes (PROBE_WAIT is 50 ms) until ALLOWANCE_PROBES have, then every one — 60 in each
     store (found by a review: a Redis store that never counted its probes, or let one
     more through, passed every test)."""
-    clock = FakeClock()
-    a, b = made_up_keys(2, "probecap")
-    spec = [Key(a, pool="one"), Key(b, pool="two")]
-    memory, shared = _on_one_clock(spec, clock, redis_server)
-    passed = {}
-    try:
+    with _team_of_two(redis_server, "probecap", ("one", "two")) as (
+        clock, (memory, shared), (a, b)
+    ):
+        passed = {}
         for manager in (memory, shared):
             one, two = manager._ring.find(a), manager._ring.find(b)
             assert one is not None and two is not None
@@ -1531,9 +1529,6 @@ def test_a_pools_probes_of_a_model_end_after_allowance_probes_in_both_stores(
                 taken.give_back()
                 clock.now += 0.015625  # (a power of two: the same deadlines in both stores)
             clock.now -= 120 * 0.015625  # (the other store runs the same steps from here)
-    finally:
-        memory.close()
-        shared.close()
     assert passed == {False: ALLOWANCE_PROBES + 120 - 4 * ALLOWANCE_PROBES,
                       True: ALLOWANCE_PROBES + 120 - 4 * ALLOWANCE_PROBES}
 
@@ -1595,11 +1590,9 @@ def test_a_pooled_clients_requests_held_by_a_probe_leave_one_per_probe_wait(
     probe's place, so their requests leave PROBE_WAIT apart, in both stores (found by a
     review: all but the first left together when the hold ended, the volley probing is
     for)."""
-    clock = FakeClock()
-    a, b = made_up_keys(2, "bookprobe")
-    memory, shared = _on_one_clock([Key(a, pool="one"), Key(b, pool="two")], clock,
-                                   redis_server)
-    try:
+    with _team_of_two(redis_server, "bookprobe", ("one", "two")) as (
+        clock, (memory, shared), (a, b)
+    ):
         for manager in (memory, shared):
             one, two = manager._ring.find(a), manager._ring.find(b)
             assert one is not None and two is not None
@@ -1621,9 +1614,6 @@ def test_a_pooled_clients_requests_held_by_a_probe_leave_one_per_probe_wait(
                 clock.now += 0.005
             assert leave == pytest.approx([n * PROBE_WAIT for n in range(8)]), manager.backend
             clock.now = start  # (the other store runs the same steps from here)
-    finally:
-        memory.close()
-        shared.close()
 
 
 def test_a_pool_another_process_taught_its_limit_is_not_probed(
@@ -1681,14 +1671,7 @@ def test_a_pooled_clients_requests_book_a_models_pace_but_not_past_the_longest_w
     booked = math.floor((_LONGEST_REQUEST_WAIT - 2.0) / slot) + 1  # (5 ms apart: still so)
     try:
         for manager in (memory, shared):
-            for model in ("gpt-4o-mini", "gpt-4o"):
-                taken = take(manager)
-                taken.model = model
-                taken.succeed()
-            taken = take(manager)
-            taken.model = "gpt-4o"
-            taken.fail(dataclasses.replace(RATE_LIMITED, seconds=2.0),
-                       rate_limited("2s", model="gpt-4o", numbers="Limit 2, Used 2, Requested 1"))
+            _two_models_then_a_429(manager, 2.0, "2s")
             start, leave = clock.now, []
             for _ in range(booked + 3):
                 context = contextvars.copy_context()
@@ -1717,12 +1700,9 @@ def test_an_answer_that_shows_a_models_budget_spent_makes_the_other_pools_probe_
     request left of gpt-4o's limit holds gpt-4o there as a 429 would — and, as after a 429,
     pool two (no pace for gpt-4o) lets one gpt-4o call go per PROBE_WAIT, in both
     stores."""
-    clock = FakeClock()
-    a, b = made_up_keys(2, "spentprobe")
-    memory, shared = _on_one_clock([Key(a, pool="one"), Key(b, pool="two")], clock,
-                                   redis_server)
-
-    try:
+    with _team_of_two(redis_server, "spentprobe", ("one", "two")) as (
+        _, (memory, shared), (a, b)
+    ):
         for manager in (memory, shared):
             for key in (a, b):
                 for model in ("gpt-4o-mini", "gpt-4o"):
@@ -1736,6 +1716,3 @@ def test_an_answer_that_shows_a_models_budget_spent_makes_the_other_pools_probe_
             assert taken.owner.lane_held(taken.state, "gpt-4o") == pytest.approx(PROBE_WAIT), (
                 manager.backend)
             taken.give_back()
-    finally:
-        memory.close()
-        shared.close()
