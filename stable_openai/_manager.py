@@ -690,13 +690,14 @@ class _Owner:
         pool = state.pool
         manager = self._manager
         ring = manager._ring
+        probing = ring.probing(model)
         if not pool.lanes and not pool.lane_paces and not (
-            ring.probing(model) and ring.unlearned(pool, model)
+            probing and ring.unlearned(pool, model)
         ):
             return 0.0  # (the path of nearly every call: no lock, no round trip to a store)
         backend = manager._backend
         if backend.shared and backend.available():  # the holds and paces every process shares
-            reply = backend.lane_pass(state, model, ring.probing(model), book)
+            reply = backend.lane_pass(state, model, probing, book)
             if reply is not None:
                 held, spent = reply
                 if spent and ring.unlearned(pool, model):

@@ -532,12 +532,6 @@ class KeyRing:
         self._hold_lane_until(state.pool, model, self.clock() + max(0.0, seconds))
 
     @staticmethod
-    def probes_spent(pool: Pool, model: str) -> None:
-        """A shared store says ``pool`` probes ``model`` no more (its probes are spent, or it
-        learned the model's limit): no need to ask it again (see :meth:`unlearned`)."""
-        pool.lane_probes[model] = ALLOWANCE_PROBES
-
-    @staticmethod
     def _hold_lane_until(pool: Pool, model: str, until: float) -> None:
         if until > pool.lanes.get(model, 0.0):
             pool.lanes[model] = until
@@ -561,6 +555,12 @@ class KeyRing:
         return (
             pool.pace_model != model or (pool.limited_at is None and pool.snapshot < 0)
         ) and pool.lane_probes.get(model, 0) < ALLOWANCE_PROBES
+
+    @staticmethod
+    def probes_spent(pool: Pool, model: str) -> None:
+        """A shared store says ``pool`` probes ``model`` no more (its probes are spent, or it
+        learned the model's limit): no need to ask it again (see :meth:`unlearned`)."""
+        pool.lane_probes[model] = ALLOWANCE_PROBES
 
     def lane_held(self, state: KeyState, model: str) -> float:
         """Seconds ``model``'s calls are still held in ``state``'s pool (0: not held)."""
