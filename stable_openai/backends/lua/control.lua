@@ -20,9 +20,9 @@
 --                                answer named, if any, as the call's report will move it)
 --   enable fp...                 make disabled keys ready again
 --   snapshot fp...               the state and counters of each key, as cjson
--- Returns {held, spent} for lane (above), 1 for cooldown/probe/spend/enable/lanepace (0: the key is unknown or, for cooldown,
--- disabled; for lanepace, its pool does not serve several models),
--- or json for snapshot.
+-- Returns {held, spent} for lane (above); 1 for cooldown/probe/spend/enable/lanepace (0: the
+-- key is unknown or, for cooldown, disabled; for lanepace, its pool does not serve several
+-- models); json for snapshot.
 
 local op = ARGV[3]
 forget_lost()
