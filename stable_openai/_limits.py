@@ -118,7 +118,17 @@ class Lesson(NamedTuple):
     """Whether that limit is a per-day one (RPD, TPD)."""
     limit: int | None = None
     """The requests its window admits, when its numbers say when a window ends (``told`` is
-    then ``None``) and name a request limit's size."""
+    then ``None``) and name a request limit's size; or when its headers name it."""
+    reset: float | None = None
+    """The seconds until its headers say the request limit is back in full, when they name it
+    (in a sliding window, when its last admission ages out; "try again in" is its first)."""
+    sliding: bool = False
+    """Whether its numbers are a sliding window's."""
+
+
+def _sliding(limit: int, reset: float, model: str | None) -> Lesson:
+    """A sliding window's 429: ``limit`` admitted, the last aging out in ``reset`` seconds."""
+    return Lesson(True, limit / reset, model, limit=limit, reset=reset, sliding=True)
 
 
 def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
@@ -163,9 +173,11 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
             # A sliding window after a burst: its oldest admission ages out soon, its last
             # much later (a fixed window's reset and wait are both its end): ``Limit`` in
             # at least as long as the last takes.
-            return Lesson(True, budget.requests_limit / budget.requests_reset, limit.model)
+            return _sliding(budget.requests_limit, budget.requests_reset, limit.model)
         if budget.requests_reset > _BUCKET_RESET[1] * bucket:
             # A sliding window, whose last admission (just before this 429) ages out at the
             # reset: ``Limit`` in about that long.
-            return Lesson(True, budget.requests_limit / budget.requests_reset, limit.model)
+            return _sliding(budget.requests_limit, budget.requests_reset, limit.model)
+        return Lesson(True, 1.0 / refill, limit.model, limit=budget.requests_limit,
+                      reset=budget.requests_reset)
     return Lesson(True, 1.0 / refill, limit.model)

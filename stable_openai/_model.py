@@ -46,6 +46,8 @@ __all__ = [
     "PROBE_WAIT",
     "RESET_SLACK",
     "SAME_DEADLINE",
+    "SLIDE_MOST",
+    "SLIDE_SLACK",
     "UNANSWERED_FOR",
     "Budget",
     "Spent",
@@ -94,6 +96,12 @@ MAX_PERIOD = 60.0
 #: that window admitted (but not below half), and each window that spent it all without one
 #: raises it by this much (up to the size a 429 named): a call more about every five windows.
 PERIOD_GAIN = 0.2
+#: A pool that keeps to a sliding window (see ``Budget._slid``) counts each call in it for
+#: the window's length and this share more: the server counts a call from when it arrives, a
+#: moment after it left — a moment that varies from call to call.
+SLIDE_SLACK = 0.05
+#: ... if its window counts this many requests at most (a longer one is paced).
+SLIDE_MOST = 64
 #: A request that left this long ago and got no answer no longer counts as one the server
 #: may not have counted yet: by now it has, or never will.
 UNANSWERED_FOR = 60.0
@@ -208,6 +216,9 @@ class Budget:
         "requests_refilled",
         "requests_reset_at",
         "sent",
+        "slide_opens",
+        "slide_period",
+        "slide_size",
         "snapshot",
         "stale",
         "tokens_left",
@@ -284,6 +295,11 @@ class Budget:
         self.told: float | None = None  # the rate that 429's numbers gave
         self.hintless = 0  # 429s that said no delay since the last success
         self.pace_model: str | None = None  # the model its calls named (MIXED: several)
+        # A server that counts in a sliding window, once a 429 showed one (see _slid): the
+        # window's length, and when each of the requests it counts ages out (its size at most).
+        self.slide_period: float | None = None
+        self.slide_opens: list[float] = []
+        self.slide_size = 0
 
     def window_bound(self, left: float) -> float:
         """``left``, or less: at most what is left of a window that began at a refill."""
@@ -329,6 +345,13 @@ class Budget:
             level -= 1.0
             self.pace_level = level
             spent.append(Spent(now + (1.0 - level) / pace, "paced (429s)", Cause.PACED))
+        if self.slide_period is not None:
+            opens = [at for at in self.slide_opens if at > now]
+            bisect.insort(opens, now + self.slide_period)
+            self.slide_opens = opens
+            if len(opens) >= self.slide_size:  # (the window counts no more than its size)
+                del opens[: len(opens) - self.slide_size]
+                spent.append(Spent(opens[0], "paced (429s)", Cause.PACED))
         period = self.period
         if period is not None:
             if now >= self.period_end:
@@ -598,7 +621,7 @@ class Budget:
                 self.probing = False
                 self.snapshot = mark
                 # (The headers tell its budget now: an allowance or windows from 429s end.)
-                self.allowance = self.period = self.period_told = None
+                self.allowance = self.period = self.period_told = self.slide_period = None
                 self.requests_reset_at = reset_at
                 self.requests_order_at = order_at
                 if self.window_start is not None:
@@ -644,6 +667,8 @@ class Budget:
         hinted: bool = True,
         model: str | None = None,
         limit: int | None = None,
+        reset: float | None = None,
+        sliding: bool = False,
     ) -> float:
         """A call on the pool was rate limited (429) and the pool cools for ``cooled`` seconds
         (``hinted``: the server said so; else that is the longest it backs off for):
@@ -688,6 +713,16 @@ class Budget:
         if stale:
             self._over()  # (after a minute, one of them was never reported: go on)
             return cooled if hinted else self._measured_backoff(cooled)
+        if (
+            reset is not None and limit is not None and limit <= SLIDE_MOST and hinted
+            and (sliding or self.slide_period is not None)
+        ):
+            self._slid(now, cooled, reset, limit)
+            self.limited_at, self.idle, self.stale = now + cooled, 0.0, in_flight
+            self.closing, self.admitted = None, 0  # (no span to measure: no pace)
+            return cooled
+        self.slide_period = None
+        self.slide_opens = []
         # A 429 that gives no rate but says when the server admits again may tell where the
         # server's window ends: once two have, the pool is allowed per window, not paced.
         was = self.period is not None
@@ -732,6 +767,31 @@ class Budget:
         # less often into a server that counts rejected requests).
         self.pace_level, self.pace_stamp = 0.0, now + cooled
         return cooled
+
+    def _slid(self, now: float, wait: float, reset: float, limit: int) -> None:
+        """A sliding window's 429 (or any that gives its numbers, once one did): it counts
+        ``limit`` requests, the first aging out in ``wait`` seconds and the last in ``reset``
+        — when the others do, it does not say, so they are taken to age out with the last.
+        The pool keeps to the window: a call goes when one of the requests it counts has aged
+        out, and counts there for the window's length from when it left: ``reset`` and
+        ``SLIDE_SLACK`` more (the last admission came a moment before the 429), and as much
+        longer as a 429 that met the pool keeping to it says it came early.  Unlike a pace,
+        this keeps the shape of a burst: a window that began with one admits its size again a
+        window later, where a pace spreads it over the window and loses part of it.  (A window
+        over ``SLIDE_MOST`` requests is paced instead: the pool would keep too long a list.)"""
+        last = now + max(wait, reset)
+        if self.slide_period is None:
+            self.slide_period = reset * (1.0 + SLIDE_SLACK)
+            opens = [now + wait] + [last] * (limit - 1)
+        else:  # it came ``wait`` early: so will the others the pool counts, as it counts them
+            self.slide_period = max(reset * (1.0 + SLIDE_SLACK), self.slide_period + wait)
+            opens = [at + wait for at in self.slide_opens if at > now]
+            opens.append(now + wait)
+            opens.sort()
+            del opens[: max(0, len(opens) - limit)]
+            opens[-1] = max(opens[-1], last)
+        self.slide_size, self.slide_opens = limit, opens
+        self.pace = self.allowance = self.period = self.period_told = None
 
     def _measured_backoff(self, cooled: float) -> float:
         """A 429 that named no delay backs off ``cooled`` (one call of the pace the pool had,
@@ -783,7 +843,7 @@ class Budget:
             else:  # two models: not paced from 429s any more (see MIXED), nor from the
                 # headers of answers, each of one model's limit: they are not the pool's
                 self.pace_model, self.pace, self.stale, self.closing = MIXED, None, 0, None
-                self.allowance = self.period = self.period_told = None
+                self.allowance = self.period = self.period_told = self.slide_period = None
                 self.requests_limit = None
                 self.requests_left = None
                 self._bucket_forget()

@@ -405,6 +405,7 @@ class KeyRing:
             or pool.request_bucket is not None
             or pool.pace is not None
             or pool.allowance is not None
+            or pool.slide_period is not None
         ):
             self._spend_request(pool)
 
@@ -459,7 +460,7 @@ class KeyRing:
                 single = pool.pace_model != MIXED
                 cooled = pool.limited(
                     self.clock(), pool.in_flight, lesson.told, cooled, hinted, lesson.model,
-                    lesson.limit,
+                    lesson.limit, lesson.reset, lesson.sliding,
                 )
                 if single and pool.pace_model == MIXED:  # its budget from headers is forgotten
                     self._uncool_budget(pool)

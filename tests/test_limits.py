@@ -115,7 +115,8 @@ def test_a_429s_numbers_pace_its_pool_at_the_rate_they_give() -> None:
     assert pace_of(RPM) == Lesson(True, pytest.approx(1 / 20.0), "gpt-4o-mini")  # 3 a minute
     # The 429's own headers agree: the bucket that refused it is full, empty in a minute.
     full = ServerBudget(requests_limit=3, requests_left=0, requests_reset=60.0)
-    assert pace_of(RPM, full) == Lesson(True, pytest.approx(1 / 20.0), "gpt-4o-mini")
+    assert pace_of(RPM, full) == Lesson(True, pytest.approx(1 / 20.0), "gpt-4o-mini", limit=3,
+                                        reset=60.0)  # (its size and reset: see _model._slid)
 
 
 def test_numbers_that_say_when_a_window_ends_are_no_rate_and_a_sliding_windows_reset_is() -> None:
@@ -131,15 +132,18 @@ def test_numbers_that_say_when_a_window_ends_are_no_rate_and_a_sliding_windows_r
     # (just before this 429), where a bucket would take 10 refills (220 ms): 10 in 936 ms.
     message = message.replace("300ms", "22ms")
     sliding = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.936)
-    assert pace_of(message, sliding) == Lesson(True, pytest.approx(10 / 0.936), "gpt-4o-mini")
+    assert pace_of(message, sliding) == Lesson(True, pytest.approx(10 / 0.936), "gpt-4o-mini",
+                                               limit=10, reset=0.936, sliding=True)
     bucket = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.22)
-    assert pace_of(message, bucket) == Lesson(True, pytest.approx(1 / 0.022), "gpt-4o-mini")
+    assert pace_of(message, bucket) == Lesson(True, pytest.approx(1 / 0.022), "gpt-4o-mini",
+                                              limit=10, reset=0.22)
     # A sliding window after a burst: its oldest admission ages out in 517 ms, which reads
     # as a window's end (a bucket would take 5.17 s to empty); but the last ages out only in
     # 900 ms, where a fixed window's whole limit is back when the request is admitted.
     message = message.replace("22ms", "517ms")
     after_burst = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.9)
-    assert pace_of(message, after_burst) == Lesson(True, pytest.approx(10 / 0.9), "gpt-4o-mini")
+    assert pace_of(message, after_burst) == Lesson(
+        True, pytest.approx(10 / 0.9), "gpt-4o-mini", limit=10, reset=0.9, sliding=True)
     # (A burst admitted within a tenth of a second of itself is one window's end.)
     burst = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.6)
     assert pace_of(message, burst) == Lesson(True, None, "gpt-4o-mini", limit=10)

@@ -23,6 +23,8 @@ from stable_openai._model import (
     PROBE_CALLS,
     PROBE_WAIT,
     RESET_SLACK,
+    SLIDE_MOST,
+    SLIDE_SLACK,
     UNANSWERED_FOR,
     Budget,
     Spent,
@@ -713,3 +715,24 @@ def test_a_pool_serving_two_models_forgets_and_ignores_the_headers_of_one() -> N
     assert started(budget, 1.2, in_flight=2) is None
     budget.probe(keys=2, in_flight=0)
     assert not budget.probing and budget.requests_left is None
+
+
+@pytest.mark.parametrize("size", [3, SLIDE_MOST, SLIDE_MOST + 1])
+def test_a_sliding_windows_429_keeps_the_pool_to_the_window_up_to_slide_most(size: int) -> None:
+    """A sliding window's 429 (``_limits.pace_of``): a window of up to ``SLIDE_MOST`` is kept
+    to, call by call — its first request ages out at the wait, the others are taken to age
+    out with the last; a longer one is paced at its rate, as before (the list would be too
+    long to keep, in memory and in Redis, call after call)."""
+    budget = Budget()
+    budget.limited(0.5, 0, told=size / 1.0, cooled=0.5, limit=size, reset=1.0, sliding=True)
+    if size > SLIDE_MOST:
+        assert budget.slide_period is None
+        assert budget.pace == pytest.approx(PACE_BACKOFF * size)
+        return
+    assert budget.pace is None
+    assert budget.slide_period == pytest.approx(1.0 + SLIDE_SLACK)
+    assert budget.spend_request(1.0, 1) == [Spent(1.5, "paced (429s)", Cause.PACED)]
+    for _ in range(size - 2):  # the first aged out at 1.0, the others at 1.5: they go ...
+        assert budget.spend_request(1.5, 1) == []
+    (spent,) = budget.spend_request(1.5, 1)
+    assert spent.until == pytest.approx(1.0 + 1.0 + SLIDE_SLACK)  # ... until the one of 1.0

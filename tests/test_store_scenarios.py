@@ -37,6 +37,7 @@ from stable_openai._model import (
     PERIOD_SLACK,
     PROBE_FOR,
     PROBE_WAIT,
+    SLIDE_SLACK,
 )
 from stable_openai._policy import Action, Fate, Verdict
 from stable_openai._ring import KeyState
@@ -564,6 +565,11 @@ def test_an_answer_with_budget_left_frees_only_keys_held_for_the_budget(
 #: the whole limit is back in 1 s, where a bucket would take 6 (``_limits.pace_of``).
 WINDOW_HEADERS = {"x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "0",
                   "x-ratelimit-reset-requests": "1s"}
+#: ... a sliding window's after a burst: the first of the 3 it counts ages out in 2 s ("try
+#: again in"), the last in 2.5 s.
+SLIDING_HEADERS = {**WINDOW_HEADERS, "x-ratelimit-reset-requests": "2.5s"}
+#: ... and a refilling bucket's (all 3 refilled in 4 s, at a request every 2 s or so).
+BUCKET_HEADERS = {**WINDOW_HEADERS, "x-ratelimit-reset-requests": "4s"}
 
 
 class FakeClock:
@@ -1047,6 +1053,52 @@ def test_a_pool_that_knows_the_servers_windows_gets_their_size_at_once_in_both_s
                 assert raised.value.retry_after == pytest.approx(ends - window), manager.backend
 
 
+def test_a_pool_keeps_to_a_sliding_window_and_the_shape_of_its_burst_in_both_stores(
+    redis_server: RedisServer,
+) -> None:
+    """A sliding window of 3: a burst of 3 at 0, and a 429 says the first ages out in 2 s,
+    the last in 2.5 s (SLIDING_HEADERS).  The pool keeps to the window: one call at 2, two at
+    2.5 (not one at 2 and the next a pace's 1 / (0.97 × 3 / 2.5) = 0.86 s later: a pace
+    spreads the burst and loses part of each window), each counted for 2.5 × (1 +
+    SLIDE_SLACK) from when it left.  A 429 that says a call came 0.375 s early moves the
+    window: what the pool counts ages out that much later (its last no sooner than the 429's
+    headers say), and the window is longer."""
+    period = 2.5 * (1 + SLIDE_SLACK)
+    with _team_of_two(redis_server, "sliding") as (clock, managers, _):
+        start = clock.now
+        for manager in managers:
+            clock.now = start
+            for _ in range(3):
+                take(manager).succeed()
+            error = rate_limited("2s", organization="org-s", headers=SLIDING_HEADERS)
+            take(manager).fail(dataclasses.replace(RATE_LIMITED, seconds=2.0), error)
+
+            def held(after: float, manager: KeyManager = manager) -> None:
+                with pytest.raises(AllKeysCoolingError) as raised:
+                    take(manager)
+                assert raised.value.retry_after == pytest.approx(after), manager.backend
+                assert raised.value.reasons == {"paced (429s)": 2}, manager.backend
+
+            clock.now = start + 2.0
+            take(manager).succeed()
+            held(0.5)
+            clock.now = start + 2.5
+            for _ in range(2):
+                take(manager).succeed()
+            held(2.0 + period - 2.5)  # (the call that left at 2 ages out first)
+            clock.now = start + 2.0 + period
+            # (Its headers read as a bucket's: once in the window, any 429 with them moves it.)
+            error = rate_limited("2s", organization="org-s", headers=BUCKET_HEADERS)
+            take(manager).fail(dataclasses.replace(RATE_LIMITED, seconds=0.375), error)
+            held(2.5 + period - clock.now + start)  # (held as counted: a later deadline)
+            clock.now = start + 5.25
+            take(manager).succeed()
+            held(2.5 + period + 0.375 - 5.25)  # the two of 2.5 age out 0.375 later
+            clock.now = start + 5.5
+            take(manager).succeed()
+            held(2.0 + period + 4.0 - 5.5)  # the last no sooner than the 429's reset says
+
+
 def test_a_key_held_for_its_old_pools_spent_budget_is_freed_by_its_new_pools_answer(
     redis_server: RedisServer,
 ) -> None:
@@ -1175,7 +1227,19 @@ def test_both_stores_agree_step_by_step_on_a_server_that_counts_in_windows(
     _lockstep(seed, redis_server, windows=True)
 
 
-def _lockstep(seed: int, redis_server: RedisServer, windows: bool = False) -> None:
+@pytest.mark.parametrize("seed", range(20))
+def test_both_stores_agree_step_by_step_on_a_server_that_counts_in_a_sliding_window(
+    seed: int, redis_server: RedisServer,
+) -> None:
+    """The run above, but org-b's 429s with numbers are a sliding window's, or (a third of
+    them) a bucket's: pools keep to the window, count their calls in it, meet 429s there (any
+    with numbers then moves the window) and leave it (a 429 without)."""
+    _lockstep(seed, redis_server, windows=True, sliding=True)
+
+
+def _lockstep(
+    seed: int, redis_server: RedisServer, windows: bool = False, sliding: bool = False,
+) -> None:
     """Random runs of what calls do — take a key (some to avoid; its pool probed, as when its
     pooled client is made; its request of some tokens leaving, and further requests of the
     same call spending the pool's budget), end it with a budget of
@@ -1298,7 +1362,10 @@ def _lockstep(seed: int, redis_server: RedisServer, windows: bool = False) -> No
                             model="gpt-4o-mini" if windows else rng.choice(
                                 ["gpt-4o-mini", "gpt-4o-mini", "gpt-4o"]),
                             # or, from org-b, headers that make them a window's end and size
-                            headers=WINDOW_HEADERS if organization == "org-b" else None)
+                            # (or a sliding window's, or a bucket's)
+                            headers=None if organization != "org-b" else WINDOW_HEADERS
+                            if not sliding else aside.choice(
+                                [SLIDING_HEADERS, SLIDING_HEADERS, BUCKET_HEADERS]))
                     # The model the call asked for, when its driver knows it.
                     one.model = two.model = (
                         None if windows else rng.choice([None, "gpt-4o-mini", "gpt-4o"]))

@@ -76,6 +76,8 @@ from .._model import (
     PROBE_WAIT,
     RESET_SLACK,
     SAME_DEADLINE,
+    SLIDE_MOST,
+    SLIDE_SLACK,
     UNANSWERED_FOR,
 )
 from .._policy import Fate, Verdict
@@ -129,6 +131,8 @@ def _constants() -> str:
         f"local BLIND_FIRST = {BLIND_FIRST!r}\n"
         f"local PERIOD_SLACK = {PERIOD_SLACK!r}\n"
         f"local PERIOD_GAIN = {PERIOD_GAIN!r}\n"
+        f"local SLIDE_SLACK = {SLIDE_SLACK!r}\n"
+        f"local SLIDE_MOST = {SLIDE_MOST!r}\n"
         f"local MAX_PERIOD = {MAX_PERIOD!r}\n"
         f"local KNOWN_PERIODS = {{{', '.join(map(repr, KNOWN_PERIODS))}}}\n"
         f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"
@@ -775,7 +779,8 @@ class RedisBackend:
                  _text(lesson and lesson.told), "1" if verdict is None or verdict.hinted else "0",
                  (lesson and lesson.model) or "", model or "",
                  "1" if lesson and lesson.daily else "",
-                 _text(lesson and lesson.limit), left]
+                 _text(lesson and lesson.limit), left, _text(lesson and lesson.reset),
+                 "1" if lesson and lesson.sliding else ""]
         self._send(lambda: self._report(args))
 
     def _send(self, flow: Callable[[], _Flow[Any]]) -> None:

@@ -357,9 +357,67 @@ local function window_told(p, now, ends, limit)
   return true
 end
 
+-- The sliding window a pool keeps to (_model.Budget._slid): p.spr (its length), p.ssize (its
+-- size), p.sopen (when each request it counts ages out, in order; strings of 17 digits).
+local function slide_opens(p, above, shift)
+  local opens = {}
+  for _, at in ipairs(p.sopen or {}) do
+    at = num(at)
+    if at > above then opens[#opens + 1] = at + shift end
+  end
+  return opens
+end
+
+local function slide_keep(p, opens)
+  local size = p.ssize
+  if #opens > size then
+    local kept = {}
+    for i = #opens - size + 1, #opens do kept[#kept + 1] = opens[i] end
+    opens = kept
+  end
+  local texts = {}
+  for i, at in ipairs(opens) do texts[i] = exact(at) end
+  p.sopen = texts
+  return opens
+end
+
+-- A sliding window's 429, or any that gives its numbers once one did (_model.Budget._slid).
+local function slide_told(p, wait, reset, limit)
+  local last = NOW + math.max(wait, reset)
+  local period, opens = num(p.spr), nil
+  if not period then
+    p.spr = exact(reset * (1.0 + SLIDE_SLACK))
+    opens = {NOW + wait}
+    for i = 2, limit do opens[i] = last end
+  else
+    p.spr = exact(math.max(reset * (1.0 + SLIDE_SLACK), period + wait))
+    opens = slide_opens(p, NOW, wait)
+    opens[#opens + 1] = NOW + wait
+    table.sort(opens)
+  end
+  p.ssize = limit
+  opens = slide_keep(p, opens)
+  if period then
+    opens[#opens] = math.max(opens[#opens], last)
+    p.sopen[#opens] = exact(opens[#opens])
+  end
+  p.pace, p.allow, p.per, p.ptold = nil, nil, nil, nil
+end
+
 -- A call starts on the pool: it takes its place in the pace, which cools the pool until the
 -- next call's.
 local function pace_spend(pool, p)
+  local slide = num(p.spr)
+  if slide then  -- (_model.Budget.spend_request: a sliding window)
+    local opens = slide_opens(p, NOW, 0)
+    opens[#opens + 1] = NOW + slide
+    table.sort(opens)
+    local full = #opens >= p.ssize
+    opens = slide_keep(p, opens)
+    if full then cool_pool(pool, opens[1], 'paced (429s)', CAUSE.paced) end
+    put('p:' .. pool, p)
+    return
+  end
   local rate = num(p.pace)
   if not rate then
     local period = num(p.per)
@@ -475,7 +533,7 @@ local function pace_model(p, model)
       p.pmodel = model
     else  -- two models: not paced from 429s any more, nor from headers of one model
       p.pmodel, p.pace, p.stale, p.closing, p.allow = MIXED, nil, 0, nil, nil
-      p.per, p.ptold = nil, nil
+      p.per, p.ptold, p.spr, p.sopen = nil, nil, nil, nil
       p.limit, p.left, p.reset, p.order, p.snap = nil, nil, nil, nil, nil
       p.wstart, p.wreset = nil, nil
       p.tlimit, p.tleft, p.treset, p.probing = nil, nil, nil, 0
@@ -502,7 +560,7 @@ end
 -- (``hinted``: the server said so; else the longest it backs off for); ``model``: the one it
 -- names (nil if none); ``limit``: its window's size, when it gives no rate (nil if not
 -- named).  Returns the seconds the pool cools.
-local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
+local function pace_limited(p, in_flight, told, cooled, hinted, model, limit, reset, sliding)
   if model then pace_model(p, model) end
   if bucket_rate(p) then bucket_end(p) end  -- (see _model.Budget.limited)
   local since = num(p.lat)
@@ -518,6 +576,12 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit)
     pace_over(p)
     return hinted and cooled or measured_backoff(p, cooled)
   end
+  if reset and limit and limit <= SLIDE_MOST and hinted and (sliding or p.spr) then  -- (_slid)
+    slide_told(p, cooled, reset, limit)
+    p.lat, p.idle, p.stale, p.closing, p.adm = exact(NOW + cooled), exact(0), in_flight, nil, 0
+    return cooled
+  end
+  p.spr, p.sopen = nil, nil
   -- A window's end, from a 429 without a rate: once two told one, allowed per window.
   local was, windows = p.per ~= nil, false
   if not told and hinted and cooled > 0 and cooled <= MAX_PERIOD then

@@ -16,8 +16,10 @@
 -- whose limit it names, or that a successful call asked for ('' if not known), ARGV[28] the
 -- model the call asked for ('' if not known), ARGV[29] '1' when the 429's limit is a per-day
 -- one, ARGV[30] the requests a window admits when the 429 names its size and end but no
--- rate ('' if not), ARGV[31] how many seconds ago the call's last request left ('' when no
--- pooled client's hook saw it leave).
+-- rate, or its headers' request limit ('' if neither), ARGV[31] how many seconds ago the
+-- call's last request left ('' when no pooled client's hook saw it leave), ARGV[32] the
+-- seconds until the 429's headers say that limit is back in full ('' if they do not), ARGV[33]
+-- '1' when its numbers are a sliding window's.
 -- Returns {1} if this report disabled the key, {0} otherwise, {-1} if the key is unknown
 -- here (the server restarted): register, then report again.
 
@@ -124,6 +126,7 @@ if (rleft and rreset) or (tleft and treset) then
       local left = window_bound(p, rleft - unseen)
       p.left, p.reset, p.order, p.snap, p.probing = left, reset, order, mark, 0
       p.allow, p.per, p.ptold = nil, nil, nil  -- (the headers pace it now: _model.Budget.learn)
+      p.spr, p.sopen = nil, nil
       local lo, hi = bucket_answered(p, order, unseen)
       if lo then  -- held until the bucket has room, as the freshest answer says (no longer
         -- than the reset), not until a time calls pushed out (_model.Budget.learn)
@@ -177,7 +180,7 @@ if outcome == 'succeeded' then
   if lp then lp.r = exact(num(lp.r) * (1 + PACE_GAIN)) end
 elseif outcome == 'rate_limited' and ARGV[24] == '1' then
   seconds = pace_limited(p, p.n, tonumber(ARGV[25]), seconds, ARGV[26] ~= '0', model,
-                         tonumber(ARGV[30]))
+                         tonumber(ARGV[30]), tonumber(ARGV[32]), ARGV[33] == '1')
 elseif (p.stale or 0) > 0 then
   pace_over(p)
 end
