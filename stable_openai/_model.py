@@ -769,27 +769,34 @@ class Budget:
         return cooled
 
     def _slid(self, now: float, wait: float, reset: float, limit: int) -> None:
-        """A sliding window's 429 (or any that gives its numbers, once one did): it counts
-        ``limit`` requests, the first aging out in ``wait`` seconds and the last in ``reset``
-        — when the others do, it does not say, so they are taken to age out with the last.
-        The pool keeps to the window: a call goes when one of the requests it counts has aged
-        out, and counts there for the window's length from when it left: ``reset`` and
+        """A sliding window's 429 (or any that gives its numbers, once one did): the window
+        counts ``limit`` requests, the first aging out in ``wait`` seconds and the last in
+        ``reset``.  The pool keeps to it: a call goes when one of the requests it counts has
+        aged out, and counts there for the window's length from when it left — ``reset`` and
         ``SLIDE_SLACK`` more (the last admission came a moment before the 429), and as much
         longer as a 429 that met the pool keeping to it says it came early.  Unlike a pace,
         this keeps the shape of a burst: a window that began with one admits its size again a
         window later, where a pace spreads it over the window and loses part of it.  (A window
-        over ``SLIDE_MOST`` requests is paced instead: the pool would keep too long a list.)"""
-        last = now + max(wait, reset)
+        over ``SLIDE_MOST`` requests is paced instead: the pool would keep too long a list.)
+
+        What the pool counts comes first from its own calls, each that much later (the
+        window did not count the one that met the 429 — the last the pool counted: it left
+        last, or with the one that did); the requests it does not know of age out one at the
+        wait, the others with the last; and no request ages out after the wait sooner, nor
+        the last before the reset."""
+        first, last = now + wait, now + max(wait, reset)
+        opens: list[float] = []
         if self.slide_period is None:
             self.slide_period = reset * (1.0 + SLIDE_SLACK)
-            opens = [now + wait] + [last] * (limit - 1)
         else:  # it came ``wait`` early: so will the others the pool counts, as it counts them
             self.slide_period = max(reset * (1.0 + SLIDE_SLACK), self.slide_period + wait)
-            opens = [at + wait for at in self.slide_opens if at > now]
-            opens.append(now + wait)
-            opens.sort()
-            del opens[: max(0, len(opens) - limit)]
-            opens[-1] = max(opens[-1], last)
+            opens = [at + wait for at in self.slide_opens[:-1] if at > now]
+        missing = limit - len(opens)
+        if missing > 0:
+            opens += [first] + [last] * (missing - 1)
+        opens.sort()
+        del opens[: max(0, len(opens) - limit)]
+        opens[-1] = max(opens[-1], last)
         self.slide_size, self.slide_opens = limit, opens
         self.pace = self.allowance = self.period = self.period_told = None
 

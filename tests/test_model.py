@@ -736,3 +736,17 @@ def test_a_sliding_windows_429_keeps_the_pool_to_the_window_up_to_slide_most(siz
         assert budget.spend_request(1.5, 1) == []
     (spent,) = budget.spend_request(1.5, 1)
     assert spent.until == pytest.approx(1.0 + 1.0 + SLIDE_SLACK)  # ... until the one of 1.0
+
+
+def test_a_429_in_a_sliding_window_the_pool_keeps_to_counts_the_window_as_it_says() -> None:
+    """A window of 3, all aging out at 1.0: one call goes then, and meets a 429 (whatever its
+    numbers read as, once the pool keeps to a window): the oldest of the window's 3 ages out
+    at 1.1, the last at 2.0.  The call that met it is not counted; the window's 3 are — one
+    at 1.1, two at 2.0 (none known to the pool: it is taken to age out with the last) — and
+    the window is longer by the 0.09 s the call came early."""
+    budget = Budget()
+    budget.limited(0.0, 0, told=3.0, cooled=1.0, limit=3, reset=1.0, sliding=True)
+    assert budget.spend_request(1.0, 1) == []
+    budget.limited(1.01, 0, told=33.0, cooled=0.09, limit=3, reset=0.99)
+    assert budget.slide_period == pytest.approx(1.0 + SLIDE_SLACK + 0.09)
+    assert budget.spend_request(1.1, 1) == [Spent(2.0, "paced (429s)", Cause.PACED)]

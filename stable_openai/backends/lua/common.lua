@@ -383,24 +383,27 @@ end
 
 -- A sliding window's 429, or any that gives its numbers once one did (_model.Budget._slid).
 local function slide_told(p, wait, reset, limit)
-  local last = NOW + math.max(wait, reset)
-  local period, opens = num(p.spr), nil
+  local first, last = NOW + wait, NOW + math.max(wait, reset)
+  local period, opens = num(p.spr), {}
   if not period then
     p.spr = exact(reset * (1.0 + SLIDE_SLACK))
-    opens = {NOW + wait}
-    for i = 2, limit do opens[i] = last end
-  else
+  else  -- it came ``wait`` early; the window did not count it (the last the pool counted)
     p.spr = exact(math.max(reset * (1.0 + SLIDE_SLACK), period + wait))
+    local sopen = p.sopen or {}
+    sopen[#sopen] = nil
+    p.sopen = sopen
     opens = slide_opens(p, NOW, wait)
-    opens[#opens + 1] = NOW + wait
-    table.sort(opens)
   end
+  local missing = limit - #opens
+  if missing > 0 then
+    opens[#opens + 1] = first
+    for _ = 2, missing do opens[#opens + 1] = last end
+  end
+  table.sort(opens)
   p.ssize = limit
   opens = slide_keep(p, opens)
-  if period then
-    opens[#opens] = math.max(opens[#opens], last)
-    p.sopen[#opens] = exact(opens[#opens])
-  end
+  opens[#opens] = math.max(opens[#opens], last)
+  p.sopen[#opens] = exact(opens[#opens])
   p.pace, p.allow, p.per, p.ptold = nil, nil, nil, nil
 end
 
