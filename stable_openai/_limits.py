@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from ._budget import ServerBudget
+from ._model import MAX_PERIOD
 from ._policy import try_again_in
 
 __all__ = ["Lesson", "RateLimit", "pace_of", "read_rate_limit"]
@@ -164,7 +165,10 @@ def pace_of(message: str, budget: ServerBudget | None = None) -> Lesson:
     refill = limit.refill if limit.kind == "requests" else None
     if not refill:
         return Lesson(True, None, limit.model)
-    if budget is not None and budget.requests_reset is not None and budget.requests_limit:
+    if (
+        budget is not None and budget.requests_reset is not None and budget.requests_limit
+        and budget.requests_reset <= MAX_PERIOD  # (longer: a day's limit's, not a minute's)
+    ):
         bucket = budget.requests_limit * refill  # the reset of a bucket that refused one
         if budget.requests_reset < _BUCKET_RESET[0] * bucket:
             wait = limit.try_again or 0.0

@@ -216,6 +216,7 @@ class Budget:
         "requests_refilled",
         "requests_reset_at",
         "sent",
+        "slide_least",
         "slide_opens",
         "slide_period",
         "slide_size",
@@ -298,6 +299,7 @@ class Budget:
         # A server that counts in a sliding window, once a 429 showed one (see _slid): the
         # window's length, and when each of the requests it counts ages out (its size at most).
         self.slide_period: float | None = None
+        self.slide_least = 0.0  # the longest the 429s' resets showed it (and SLIDE_SLACK)
         self.slide_opens: list[float] = []
         self.slide_size = 0
 
@@ -675,7 +677,9 @@ class Budget:
         returns how long it cools.  ``in_flight``: the pool's calls still in flight;
         ``told``: the rate the 429's own numbers give (calls a second), if any; ``model``: the
         model whose limit it names, if it names one; ``limit``: the requests its window
-        admits, when it names a window's size and end but no rate.
+        admits, when it names a window's size and end but no rate (or when its headers name
+        it); ``reset``: when its headers say that limit is back in full; ``sliding``: its
+        numbers are a sliding window's, which a pool not paced yet keeps to (:meth:`_slid`).
 
         The pool is paced a little below the rate the server admitted between its previous
         429 and this one (the calls that succeeded, over the time the pool was busy), and
@@ -715,14 +719,14 @@ class Budget:
             return cooled if hinted else self._measured_backoff(cooled)
         if (
             reset is not None and limit is not None and limit <= SLIDE_MOST and hinted
-            and (sliding or self.slide_period is not None)
+            and (self.slide_period is not None or (sliding and self.pace is None))
+            and self._slid(now, cooled, reset, limit)
         ):
-            self._slid(now, cooled, reset, limit)
             self.limited_at, self.idle, self.stale = now + cooled, 0.0, in_flight
             self.closing, self.admitted = None, 0  # (no span to measure: no pace)
             return cooled
-        self.slide_period = None
-        self.slide_opens = []
+        if self.slide_period is not None:  # (the span kept to a window, in bursts, is no pace)
+            self.slide_period, self.slide_opens, since = None, [], None
         # A 429 that gives no rate but says when the server admits again may tell where the
         # server's window ends: once two have, the pool is allowed per window, not paced.
         was = self.period is not None
@@ -768,29 +772,42 @@ class Budget:
         self.pace_level, self.pace_stamp = 0.0, now + cooled
         return cooled
 
-    def _slid(self, now: float, wait: float, reset: float, limit: int) -> None:
+    def _slid(self, now: float, wait: float, reset: float, limit: int) -> bool:
         """A sliding window's 429 (or any that gives its numbers, once one did): the window
         counts ``limit`` requests, the first aging out in ``wait`` seconds and the last in
         ``reset``.  The pool keeps to it: a call goes when one of the requests it counts has
         aged out, and counts there for the window's length from when it left — ``reset`` and
         ``SLIDE_SLACK`` more (the last admission came a moment before the 429), and as much
-        longer as a 429 that met the pool keeping to it says it came early.  Unlike a pace,
-        this keeps the shape of a burst: a window that began with one admits its size again a
-        window later, where a pace spreads it over the window and loses part of it.  (A window
-        over ``SLIDE_MOST`` requests is paced instead: the pool would keep too long a list.)
+        longer as a 429 that met the pool keeping to it says it came early, up to
+        ``SLIDE_SLACK`` more again (429s that others caused would lengthen it for good).
+        Unlike a pace, this keeps the shape of a burst: a window that began with one admits
+        its size again a window later, where a pace spreads it over the window and loses part
+        of it.  (A window over ``SLIDE_MOST`` requests is paced instead: the pool would keep
+        too long a list.)
 
         What the pool counts comes first from its own calls, each that much later (the
         window did not count the one that met the 429 — the last the pool counted: it left
         last, or with the one that did); the requests it does not know of age out one at the
         wait, the others with the last; and no request ages out after the wait sooner, nor
-        the last before the reset."""
+        the last before the reset.  When it does not know of two or more, and fewer than a
+        window's worth of its calls succeeded since the last 429, others share the window
+        unseen: ``False``, the pool is paced instead (``limited``)."""
         first, last = now + wait, now + max(wait, reset)
         opens: list[float] = []
+        least = reset * (1.0 + SLIDE_SLACK)
         if self.slide_period is None:
-            self.slide_period = reset * (1.0 + SLIDE_SLACK)
+            self.slide_least = self.slide_period = least
         else:  # it came ``wait`` early: so will the others the pool counts, as it counts them
-            self.slide_period = max(reset * (1.0 + SLIDE_SLACK), self.slide_period + wait)
             opens = [at + wait for at in self.slide_opens[:-1] if at > now]
+            if len(opens) < limit - 1 and self.admitted < limit:
+                # The window counts more than the pool's calls, and a window's worth of them
+                # did not succeed since the last 429: others share it unseen (processes with
+                # a state of their own, other programs).  A pace measured from what the pool
+                # is admitted takes its share; keeping to the whole window would not (and a
+                # paced pool keeps to no window).
+                return False
+            least = self.slide_least = max(self.slide_least, least)
+            self.slide_period = min(max(least, self.slide_period + wait), least * (1 + SLIDE_SLACK))
         missing = limit - len(opens)
         if missing > 0:
             opens += [first] + [last] * (missing - 1)
@@ -799,6 +816,7 @@ class Budget:
         opens[-1] = max(opens[-1], last)
         self.slide_size, self.slide_opens = limit, opens
         self.pace = self.allowance = self.period = self.period_told = None
+        return True
 
     def _measured_backoff(self, cooled: float) -> float:
         """A 429 that named no delay backs off ``cooled`` (one call of the pace the pool had,

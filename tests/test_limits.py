@@ -5,6 +5,8 @@ are checked against the limits they come from."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from stable_openai._budget import ServerBudget
@@ -147,6 +149,11 @@ def test_numbers_that_say_when_a_window_ends_are_no_rate_and_a_sliding_windows_r
     # (A burst admitted within a tenth of a second of itself is one window's end.)
     burst = ServerBudget(requests_limit=10, requests_left=0, requests_reset=0.6)
     assert pace_of(message, burst) == Lesson(True, None, "gpt-4o-mini", limit=10)
+    # A reset over MAX_PERIOD is a longer limit's (a day's, of the same size): the headers
+    # say nothing of this one — nor a reset that reads as infinite.
+    for reset in (86_400.0, math.inf):
+        day = ServerBudget(requests_limit=10, requests_left=0, requests_reset=reset)
+        assert pace_of(message, day) == Lesson(True, pytest.approx(1 / 0.517), "gpt-4o-mini")
 
 
 def test_a_daily_429_and_a_429_whose_headers_show_budget_left_teach_no_pace() -> None:

@@ -739,14 +739,54 @@ def test_a_sliding_windows_429_keeps_the_pool_to_the_window_up_to_slide_most(siz
 
 
 def test_a_429_in_a_sliding_window_the_pool_keeps_to_counts_the_window_as_it_says() -> None:
-    """A window of 3, all aging out at 1.0: one call goes then, and meets a 429 (whatever its
-    numbers read as, once the pool keeps to a window): the oldest of the window's 3 ages out
-    at 1.1, the last at 2.0.  The call that met it is not counted; the window's 3 are — one
-    at 1.1, two at 2.0 (none known to the pool: it is taken to age out with the last) — and
-    the window is longer by the 0.09 s the call came early."""
+    """A window of 3, all aging out at 1.0: three calls go then, and two at 2.05, the second
+    of which meets a 429 (whatever its numbers read as, once the pool keeps to a window):
+    the oldest of the window's 3 ages out at 2.1, the last at 3.06.  The call that met it is
+    not counted; the two requests the pool does not know of are (one at 2.1, one with the
+    last), and the call of 2.05 that it counts ages out 0.04 s later, the window longer by
+    as much."""
+    budget = Budget()
+    budget.limited(0.0, 0, told=3.0, cooled=1.0, limit=3, reset=1.0, sliding=True)
+    period = 1.0 + SLIDE_SLACK
+    for _ in range(3):
+        budget.spend_request(1.0, 1)
+        budget.admit()
+    budget.spend_request(1.0 + period, 1)
+    budget.admit()
+    budget.spend_request(1.0 + period, 1)
+    budget.limited(2.06, 0, told=3.0, cooled=0.04, limit=3, reset=1.0)
+    assert budget.slide_period == pytest.approx(period + 0.04)
+    assert budget.spend_request(2.1, 1) == [Spent(3.06, "paced (429s)", Cause.PACED)]
+    (spent,) = budget.spend_request(3.06, 1)
+    assert spent.until == pytest.approx(1.0 + 2 * period + 0.04)
+
+
+def test_a_sliding_window_that_counts_others_calls_unseen_paces_the_pool_instead() -> None:
+    """The window's 3 are the pool's one call and two it did not send, and the pool met a 429
+    before a window's worth of its calls succeeded: others share the window unseen (other
+    processes, other programs).  The pool is paced by the 429s' numbers and what it is
+    admitted (``Budget._close``), which takes its share, and keeps to no window again."""
     budget = Budget()
     budget.limited(0.0, 0, told=3.0, cooled=1.0, limit=3, reset=1.0, sliding=True)
     assert budget.spend_request(1.0, 1) == []
-    budget.limited(1.01, 0, told=33.0, cooled=0.09, limit=3, reset=0.99)
-    assert budget.slide_period == pytest.approx(1.0 + SLIDE_SLACK + 0.09)
-    assert budget.spend_request(1.1, 1) == [Spent(2.0, "paced (429s)", Cause.PACED)]
+    budget.limited(1.01, 0, told=3.0, cooled=0.09, limit=3, reset=0.99, sliding=True)
+    assert budget.slide_period is None
+    assert budget.pace == pytest.approx(PACE_BACKOFF * 3.0)
+    budget.limited(3.0, 0, told=3.0, cooled=0.5, limit=3, reset=1.0, sliding=True)
+    assert budget.slide_period is None and budget.pace is not None
+
+
+def test_429s_that_meet_a_pool_keeping_to_a_sliding_window_lengthen_it_a_little_at_most() -> None:
+    """Each 429 that meets the pool in its window says its calls came that much early, and
+    lengthens the window by as much — to ``SLIDE_SLACK`` over the longest a 429's reset
+    showed it, and no further: 429s caused by others (unseen, between its calls) would
+    otherwise lengthen it for good, a little less of the window used each time."""
+    budget = Budget()
+    budget.limited(0.0, 0, told=3.0, cooled=1.0, limit=3, reset=1.0, sliding=True)
+    least = 1.0 + SLIDE_SLACK
+    for n in range(1, 6):
+        for _ in range(3):
+            budget.spend_request(float(n), 1)
+            budget.admit()
+        budget.limited(n + 0.01, 0, told=3.0, cooled=0.5, limit=3, reset=1.0)
+        assert budget.slide_period == pytest.approx(least * (1 + SLIDE_SLACK))

@@ -25,7 +25,8 @@
 --               429s (strings of 17 digits): pace, plevel, pstamp, lat (the last 429), idle,
 --               closing, told; adm, stale, hintless (counts); allow (see pace_spend); the
 --               server's windows, once known: per, ptold, panchor, pend, psize, plimit, padm,
---               plim (see next_window); a refilling bucket's rate, told by answers (see
+--               plim (see next_window); a sliding window kept to: spr, sleast, ssize, sopen
+--               (see slide_told); a refilling bucket's rate, told by answers (see
 --               bucket_told): blo, bhi, bfull, bfreset (strings of 17 digits), bfirst, bsure;
 --               pmodel (the model its calls
 --               and 429s named, MIXED once they named two); lanes {model = until}, the models
@@ -381,18 +382,23 @@ local function slide_keep(p, opens)
   return opens
 end
 
--- A sliding window's 429, or any that gives its numbers once one did (_model.Budget._slid).
+-- A sliding window's 429, or any that gives its numbers once one did (_model.Budget._slid):
+-- whether the pool keeps to the window (not when others share it unseen).
 local function slide_told(p, wait, reset, limit)
   local first, last = NOW + wait, NOW + math.max(wait, reset)
   local period, opens = num(p.spr), {}
+  local least = reset * (1.0 + SLIDE_SLACK)
   if not period then
-    p.spr = exact(reset * (1.0 + SLIDE_SLACK))
+    p.sleast, p.spr = exact(least), exact(least)
   else  -- it came ``wait`` early; the window did not count it (the last the pool counted)
-    p.spr = exact(math.max(reset * (1.0 + SLIDE_SLACK), period + wait))
     local sopen = p.sopen or {}
     sopen[#sopen] = nil
     p.sopen = sopen
     opens = slide_opens(p, NOW, wait)
+    if #opens < limit - 1 and (p.adm or 0) < limit then return false end
+    least = math.max(num(p.sleast), least)
+    p.sleast = exact(least)
+    p.spr = exact(math.min(math.max(least, period + wait), least * (1 + SLIDE_SLACK)))
   end
   local missing = limit - #opens
   if missing > 0 then
@@ -405,6 +411,7 @@ local function slide_told(p, wait, reset, limit)
   opens[#opens] = math.max(opens[#opens], last)
   p.sopen[#opens] = exact(opens[#opens])
   p.pace, p.allow, p.per, p.ptold = nil, nil, nil, nil
+  return true
 end
 
 -- A call starts on the pool: it takes its place in the pace, which cools the pool until the
@@ -561,8 +568,10 @@ end
 -- A call on the pool was rate limited; ``in_flight``: the pool's calls still in flight;
 -- ``told``: the rate the 429's numbers give (nil if none); ``cooled``: the seconds it cools
 -- (``hinted``: the server said so; else the longest it backs off for); ``model``: the one it
--- names (nil if none); ``limit``: its window's size, when it gives no rate (nil if not
--- named).  Returns the seconds the pool cools.
+-- names (nil if none); ``limit``: its window's size, when it gives no rate, or its headers'
+-- request limit (nil if not named); ``reset``: when they say that limit is back in full (nil
+-- if not); ``sliding``: its numbers are a sliding window's.  Returns the seconds the pool
+-- cools.
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit, reset, sliding)
   if model then pace_model(p, model) end
   if bucket_rate(p) then bucket_end(p) end  -- (see _model.Budget.limited)
@@ -579,12 +588,12 @@ local function pace_limited(p, in_flight, told, cooled, hinted, model, limit, re
     pace_over(p)
     return hinted and cooled or measured_backoff(p, cooled)
   end
-  if reset and limit and limit <= SLIDE_MOST and hinted and (sliding or p.spr) then  -- (_slid)
-    slide_told(p, cooled, reset, limit)
+  if reset and limit and limit <= SLIDE_MOST and hinted and (p.spr or (sliding and not p.pace))
+      and slide_told(p, cooled, reset, limit) then
     p.lat, p.idle, p.stale, p.closing, p.adm = exact(NOW + cooled), exact(0), in_flight, nil, 0
-    return cooled
+    return cooled  -- (kept to a sliding window: _model.Budget._slid)
   end
-  p.spr, p.sopen = nil, nil
+  if p.spr then p.spr, p.sopen, since = nil, nil, nil end  -- (bursts in a window: no pace)
   -- A window's end, from a 429 without a rate: once two told one, allowed per window.
   local was, windows = p.per ~= nil, false
   if not told and hinted and cooled > 0 and cooled <= MAX_PERIOD then
