@@ -48,6 +48,7 @@ __all__ = [
     "SAME_DEADLINE",
     "SLIDE_MOST",
     "SLIDE_SLACK",
+    "SLIDE_STRETCH",
     "UNANSWERED_FOR",
     "Budget",
     "Spent",
@@ -100,6 +101,10 @@ PERIOD_GAIN = 0.2
 #: the window's length and this share more: the server counts a call from when it arrives, a
 #: moment after it left — a moment that varies from call to call.
 SLIDE_SLACK = 0.05
+#: ... and takes the window as at most this share longer than the longest a 429's reset
+#: showed it (and SLIDE_SLACK): each 429 that meets the pool in its window lengthens it by
+#: how early its call came — up to this, as 429s that others cause would do so for good ...
+SLIDE_STRETCH = 0.25
 #: ... if its window counts this many requests at most (a longer one is paced).
 SLIDE_MOST = 64
 #: A request that left this long ago and got no answer no longer counts as one the server
@@ -779,13 +784,14 @@ class Budget:
         aged out, and counts there for the window's length from when it left — ``reset`` and
         ``SLIDE_SLACK`` more (the last admission came a moment before the 429), and as much
         longer as a 429 that met the pool keeping to it says it came early, up to
-        ``SLIDE_SLACK`` more again (429s that others caused would lengthen it for good).
+        ``SLIDE_STRETCH`` more (429s that others caused would lengthen it for good).
         Unlike a pace, this keeps the shape of a burst: a window that began with one admits
         its size again a window later, where a pace spreads it over the window and loses part
         of it.  (A window over ``SLIDE_MOST`` requests is paced instead: the pool would keep
         too long a list.)
 
-        What the pool counts comes first from its own calls, each that much later (the
+        What the pool counts comes first from its own calls, each that much later — or as
+        much later as the window grew, if more (a 429 whose reset shows it longer) — (the
         window did not count the one that met the 429 — the last the pool counted: it left
         last, or with the one that did); the requests it does not know of age out one at the
         wait, the others with the last; and no request ages out after the wait sooner, nor
@@ -798,7 +804,11 @@ class Budget:
         if self.slide_period is None:
             self.slide_least = self.slide_period = least
         else:  # it came ``wait`` early: so will the others the pool counts, as it counts them
-            opens = [at + wait for at in self.slide_opens[:-1] if at > now]
+            least = max(self.slide_least, least)
+            period = min(max(least, self.slide_period + wait), least * (1.0 + SLIDE_STRETCH))
+            # (what the pool counts ages out as much later as the window grew, if more)
+            later = max(wait, period - self.slide_period)
+            opens = [at + later for at in self.slide_opens[:-1] if at > now]
             if len(opens) < limit - 1 and self.admitted < limit:
                 # The window counts more than the pool's calls, and a window's worth of them
                 # did not succeed since the last 429: others share it unseen (processes with
@@ -806,8 +816,7 @@ class Budget:
                 # is admitted takes its share; keeping to the whole window would not (and a
                 # paced pool keeps to no window).
                 return False
-            least = self.slide_least = max(self.slide_least, least)
-            self.slide_period = min(max(least, self.slide_period + wait), least * (1 + SLIDE_SLACK))
+            self.slide_least, self.slide_period = least, period
         missing = limit - len(opens)
         if missing > 0:
             opens += [first] + [last] * (missing - 1)

@@ -78,6 +78,7 @@ from .._model import (
     SAME_DEADLINE,
     SLIDE_MOST,
     SLIDE_SLACK,
+    SLIDE_STRETCH,
     UNANSWERED_FOR,
 )
 from .._policy import Fate, Verdict
@@ -133,6 +134,7 @@ def _constants() -> str:
         f"local PERIOD_GAIN = {PERIOD_GAIN!r}\n"
         f"local SLIDE_SLACK = {SLIDE_SLACK!r}\n"
         f"local SLIDE_MOST = {SLIDE_MOST!r}\n"
+        f"local SLIDE_STRETCH = {SLIDE_STRETCH!r}\n"
         f"local MAX_PERIOD = {MAX_PERIOD!r}\n"
         f"local KNOWN_PERIODS = {{{', '.join(map(repr, KNOWN_PERIODS))}}}\n"
         f"local SAME_DEADLINE = {SAME_DEADLINE!r}\n"

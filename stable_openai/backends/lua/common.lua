@@ -391,14 +391,14 @@ local function slide_told(p, wait, reset, limit)
   if not period then
     p.sleast, p.spr = exact(least), exact(least)
   else  -- it came ``wait`` early; the window did not count it (the last the pool counted)
+    least = math.max(num(p.sleast) or 0, least)
+    local longer = math.min(math.max(least, period + wait), least * (1.0 + SLIDE_STRETCH))
     local sopen = p.sopen or {}
     sopen[#sopen] = nil
     p.sopen = sopen
-    opens = slide_opens(p, NOW, wait)
+    opens = slide_opens(p, NOW, math.max(wait, longer - period))
     if #opens < limit - 1 and (p.adm or 0) < limit then return false end
-    least = math.max(num(p.sleast), least)
-    p.sleast = exact(least)
-    p.spr = exact(math.min(math.max(least, period + wait), least * (1 + SLIDE_SLACK)))
+    p.sleast, p.spr = exact(least), exact(longer)
   end
   local missing = limit - #opens
   if missing > 0 then
