@@ -790,14 +790,13 @@ class Budget:
         of it.  (A window over ``SLIDE_MOST`` requests is paced instead: the pool would keep
         too long a list.)
 
-        What the pool counts comes first from its own calls, each that much later — or as
-        much later as the window grew, if more (a 429 whose reset shows it longer) — (the
-        window did not count the one that met the 429 — the last the pool counted: it left
-        last, or with the one that did); the requests it does not know of age out one at the
-        wait, the others with the last; and no request ages out after the wait sooner, nor
-        the last before the reset.  When it does not know of two or more, and fewer than a
-        window's worth of its calls succeeded since the last 429, others share the window
-        unseen: ``False``, the pool is paced instead (``limited``)."""
+        After such a 429, what the window counts is first the pool's own calls but the one
+        that met it (the last the pool counted: it left last, or with the one that did), each
+        aging out as much later as the call came early, or as the window grew if that is
+        more; then the requests the pool does not know of, one aging out at the wait and the
+        others with the last; and the last no sooner than the reset.  When it does not know
+        of two or more, and fewer than a window's worth of its calls succeeded since the last
+        429, others share the window unseen: ``False``, the pool is paced instead."""
         first, last = now + wait, now + max(wait, reset)
         opens: list[float] = []
         least = reset * (1.0 + SLIDE_SLACK)

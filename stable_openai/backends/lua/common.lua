@@ -358,8 +358,9 @@ local function window_told(p, now, ends, limit)
   return true
 end
 
--- The sliding window a pool keeps to (_model.Budget._slid): p.spr (its length), p.ssize (its
--- size), p.sopen (when each request it counts ages out, in order; strings of 17 digits).
+-- The sliding window a pool keeps to (_model.Budget._slid): p.spr (its length), p.sleast (the
+-- longest a 429's reset showed it), p.ssize (its size), p.sopen (when each request it counts
+-- ages out, in order); strings of 17 digits but ssize.
 local function slide_opens(p, above, shift)
   local opens = {}
   for _, at in ipairs(p.sopen or {}) do
