@@ -588,6 +588,19 @@ class KeyManager:
             # (a shared store's pool, where it serves several models)
             self._backend.pace_lane(state, model, *paced, budget.pool)
 
+    def _probe_answered(self, state: KeyState) -> None:
+        """This thread's or task's call on ``state`` is ending: if it was a probe counted
+        out (``KeyRing.lane_pass``), it is back."""
+        probe = _call_probe(state)
+        if probe is None:
+            return
+        model, stamp, shared = probe
+        if shared:
+            self._backend.probe_answered(state, model, stamp)
+        else:
+            with self._lock:
+                self._ring.probe_answered(state.pool, model, stamp)
+
     def _probe(self, state: KeyState) -> None:
         with self._lock:
             self._ring.probe(state)
@@ -663,6 +676,8 @@ class _Owner:
         tokens = _call_tokens(state) if _CALL_TOKENS.get() else 0.0
         if _CALL_MODELS.get():
             model = _call_model(state) or model
+        if _CALL_PROBES.get():
+            manager._probe_answered(state)
         lock = manager._lock
         if not lock.acquire(False):
             _take_contended(lock)
@@ -683,6 +698,7 @@ class _Owner:
         self, state: KeyState, verdict: Verdict, error: BaseException | None,
         model: str | None = None,
     ) -> None:
+        self._manager._probe_answered(state)
         self._manager._fail(state, verdict, error, _call_model(state) or model)
 
     def lane_held(self, state: KeyState, model: str, book: float = 0.0) -> float:
@@ -696,23 +712,35 @@ class _Owner:
         ):
             return 0.0  # (the path of nearly every call: no lock, no round trip to a store)
         backend = manager._backend
+        track = not book  # (a call that asks again; a booked request goes when told)
         if backend.shared and backend.available():  # the holds and paces every process shares
-            reply = backend.lane_pass(state, model, probing, book)
+            reply = backend.lane_pass(state, model, probing, book, track)
             if reply is not None:
-                held, spent = reply
+                held, spent, stamp = reply
                 if spent and ring.unlearned(pool, model):
                     with manager._lock:  # (this process's own count knows only its probes)
                         ring.probes_spent(pool, model)
+                if stamp is not None:
+                    _note_call_probe(state, model, stamp, shared=True)
+                elif held and track:  # (for _model_free_in: when to ask again)
+                    with manager._lock:
+                        ring.hold_lane(state, model, held)
                 return held
+        stamps: list[float] | None = [] if track else None
         with manager._lock:
-            return ring.lane_pass(state, model, book)
+            held = ring.lane_pass(state, model, book, stamps)
+        if stamps:
+            _note_call_probe(state, model, stamps[0], shared=False)
+        return held
 
     def abandoned(self, state: KeyState) -> None:
         _call_model(state)
+        self._manager._probe_answered(state)
         self._manager._abandon(state)
 
     def given_back(self, state: KeyState) -> None:
         _call_model(state)
+        self._manager._probe_answered(state)
         self._manager._give_back(state)
 
     def before_sending(self, state: KeyState, model: str | None = None) -> float:
@@ -773,6 +801,27 @@ def _call_model(state: KeyState, keep: bool = False) -> str | None:
         return None
     if not keep:
         _CALL_MODELS.set({key: value for key, value in calls.items() if key is not state})
+    return calls[state]
+
+
+#: This thread's or task's call on a key, by key, when it is a probe counted out until it comes
+#: back (``KeyRing.lane_pass``): its model, its stamp, and whether the shared store counted
+#: it.  Taken by the call's end.  Never mutated, as above.
+_CALL_PROBES: contextvars.ContextVar[
+    Mapping[KeyState, tuple[str, float, bool]] | None
+] = contextvars.ContextVar("stable_openai_call_probes", default=None)
+
+
+def _note_call_probe(state: KeyState, model: str, stamp: float, shared: bool) -> None:
+    _CALL_PROBES.set({**(_CALL_PROBES.get() or {}), state: (model, stamp, shared)})
+
+
+def _call_probe(state: KeyState) -> tuple[str, float, bool] | None:
+    """This thread's or task's probe on ``state``, if its call is one; forgotten."""
+    calls = _CALL_PROBES.get()
+    if not calls or state not in calls:
+        return None
+    _CALL_PROBES.set({key: value for key, value in calls.items() if key is not state})
     return calls[state]
 
 

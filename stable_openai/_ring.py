@@ -82,6 +82,7 @@ class Pool(Budget):
 
     __slots__ = (
         "in_flight",
+        "lane_out",
         "lane_paces",
         "lane_probes",
         "lanes",
@@ -105,6 +106,9 @@ class Pool(Budget):
         # Calls sent of models a 429 named lately, before this pool learned their limit (see
         # KeyRing.lane_pass).
         self.lane_probes: dict[str, int] = {}
+        # When each of those calls that is still out went (of calls that come back to
+        # KeyRing.probe_answered; forgotten after PROBE_FOR).
+        self.lane_out: dict[str, list[float]] = {}
         self.members: list[KeyState] = []
         self.in_flight = 0
         self.request_bucket: Bucket | None = None  # client-side pacing (Key.rpm)
@@ -583,7 +587,9 @@ class KeyRing:
         rate = rate if known is None else min(rate, known[0])
         paces[model] = [rate, 1.0, self.clock() + after]
 
-    def lane_pass(self, state: KeyState, model: str, book: float = 0.0) -> float:
+    def lane_pass(
+        self, state: KeyState, model: str, book: float = 0.0, probes: list[float] | None = None
+    ) -> float:
         """A call of ``model`` would go on ``state``: the seconds the model is held in its
         pool, or 0 — then the call takes its place in the model's pace there, which holds the
         next ones.  ``book``: the longest the call waits for a hold (a request of a call
@@ -594,7 +600,11 @@ class KeyRing:
         learned (no pace for it; or, in a pool serving only that model, no 429 nor headers
         yet), goes one call per ``PROBE_WAIT`` (``ALLOWANCE_PROBES`` calls at most): its
         limit here may be as low, and a call at a time meets one 429 to learn it from, not a
-        volley."""
+        volley.  A caller that tells when its call comes back (``probes``: the call's stamp
+        is appended, for :meth:`probe_answered`) is also held while as many of these calls
+        are out as have come back, plus one — one at a time at first, then more as they
+        succeed, as TCP's slow start: answers take longer than ``PROBE_WAIT`` on a busy
+        machine, and seconds from a real server."""
         held = self.lane_held(state, model)
         if held and held > book:
             return held
@@ -603,6 +613,11 @@ class KeyRing:
         pace = pool.lane_paces.get(model)
         if pace is None:
             if self.probing(model) and self.unlearned(pool, model):
+                if probes is not None:
+                    if self._probes_full(pool, model):
+                        return PROBE_WAIT  # (asked again then; it takes no place)
+                    pool.lane_out.setdefault(model, []).append(at)
+                    probes.append(at)
                 pool.lane_probes[model] = pool.lane_probes.get(model, 0) + 1
                 self._hold_lane_until(pool, model, at + PROBE_WAIT)
         else:
@@ -614,6 +629,24 @@ class KeyRing:
             pace[1], pace[2] = level, stamp
             self._hold_lane_until(pool, model, at + (1.0 - level) / rate)
         return held
+
+    def _probes_full(self, pool: Pool, model: str) -> bool:
+        """Whether ``pool``'s calls of ``model`` that :meth:`lane_pass` counted out are as
+        many as have come back, plus one (those out over ``PROBE_FOR`` count as back)."""
+        out = pool.lane_out.get(model)
+        if not out:
+            return False
+        since = self.clock() - PROBE_FOR
+        if out[0] <= since:
+            out[:] = [went for went in out if went > since]
+        return 2 * len(out) > pool.lane_probes.get(model, 0)
+
+    def probe_answered(self, pool: Pool, model: str, stamp: float) -> None:
+        """A call of ``model`` that :meth:`lane_pass` counted out in ``pool`` at ``stamp``
+        came back (answered, failed or given up)."""
+        out = pool.lane_out.get(model)
+        if out and stamp in out:
+            out.remove(stamp)
 
     def lane_succeeded(self, state: KeyState, model: str) -> None:
         """A call of ``model`` succeeded on ``state``: its pace there rises a little."""
@@ -633,6 +666,10 @@ class KeyRing:
             if state.where is DISABLED or state in avoid or self.lane_held(state, day):
                 continue
             held = self.lane_held(state, model)
+            if not held and model in state.pool.lane_out and self.probing(model) and (
+                self.unlearned(state.pool, model) and self._probes_full(state.pool, model)
+            ):
+                held = PROBE_WAIT
             if soonest is None or held < soonest:
                 soonest = held
                 if not held:

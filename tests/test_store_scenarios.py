@@ -1639,6 +1639,70 @@ def test_a_pools_probes_of_a_model_end_after_allowance_probes_in_both_stores(
                       True: ALLOWANCE_PROBES + 120 - 4 * ALLOWANCE_PROBES}
 
 
+def test_a_pools_probes_of_a_model_wait_for_those_out_in_both_stores(
+    redis_server: RedisServer,
+) -> None:
+    """After a 429 of gpt-4o in pool one, pool two (no pace for gpt-4o) lets a probe go
+    only while fewer are out than came back, plus one — one at a time, then two once one
+    came back, three once two did (as TCP's slow start); a probe given up counts as back,
+    and one out over PROBE_FOR too; in both stores (found by a trace of the two-model benchmark in
+    ``api_key`` mode: probes PROBE_WAIT apart, whose answers took longer on a busy machine,
+    met two 429s on one key)."""
+    with _team_of_two(redis_server, "probeout", ("one", "two")) as (
+        clock, (memory, shared), (a, b)
+    ):
+        steps: dict[bool, list[float]] = {}
+        soonest: dict[bool, float | None] = {}
+        for manager in (memory, shared):
+            for key, model in ((a, "gpt-4o-mini"), (a, "gpt-4o"), (b, "gpt-4o-mini"),
+                               (b, "gpt-4o")):
+                _on(manager, key, model).succeed()
+            _on(manager, a, "gpt-4o").fail(
+                dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                rate_limited("30s", model="gpt-4o", numbers="no numbers"))
+            held: list[float] = []
+            steps[manager.backend.shared] = held
+            start = clock.now
+
+            def ask(manager: KeyManager = manager, held: list[float] = held, then: float = 0.0625
+                    ) -> tuple[contextvars.Context, Lease]:
+                """A call of gpt-4o on b, in a context of its own (a thread's, a task's),
+                asks whether it may go; ``then`` seconds later (past PROBE_WAIT)."""
+                context = contextvars.copy_context()
+                taken = context.run(_on, manager, b)
+                held.append(round(context.run(taken.owner.lane_held, taken.state, "gpt-4o"), 6))
+                clock.now += then
+                return context, taken
+
+            first = ask()  # goes
+            context, taken = ask(then=0.0)  # held while the first is out ...
+            # ... and a call that every pool holds waits that long to ask again (not 0: the
+            # Redis process's own view learns the hold; found by reading: a spin)
+            soonest[manager.backend.shared] = manager._model_free_in(
+                "gpt-4o", set(), taken.state)[1]
+            clock.now += 0.0625
+            context.run(taken.give_back)
+            first[0].run(first[1].succeed)
+            second = ask()  # one came back: goes ...
+            third = ask()  # ... and another beside it
+            context, taken = ask()  # two out, one back: held
+            context.run(taken.give_back)
+            second[0].run(second[1].give_back)  # (a call given up is back too)
+            ask()  # two back, one out: goes, and stays out ...
+            ask()  # ... and one more: three out, two back
+            context, taken = ask()  # held
+            context.run(taken.give_back)
+            clock.now += PROBE_FOR
+            _on(manager, a, "gpt-4o").fail(  # (gpt-4o still limited)
+                dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                rate_limited("30s", model="gpt-4o", numbers="no numbers"))
+            ask()  # those out over PROBE_FOR count as back: goes
+            third[0].run(third[1].succeed)  # (long after: nothing left to take back)
+            clock.now = start  # (the other store runs the same steps from here)
+    assert steps[False] == steps[True] == [0, PROBE_WAIT, 0, 0, PROBE_WAIT, 0, 0, PROBE_WAIT, 0]
+    assert soonest == {False: pytest.approx(PROBE_WAIT), True: pytest.approx(PROBE_WAIT)}
+
+
 def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

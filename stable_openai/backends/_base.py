@@ -147,15 +147,23 @@ class StateBackend(Protocol):
         return None
 
     def lane_pass(
-        self, state: KeyState, model: str, probe: bool = False, book: float = 0.0
-    ) -> tuple[float, bool] | None:
+        self, state: KeyState, model: str, probe: bool = False, book: float = 0.0,
+        track: bool = False,
+    ) -> tuple[float, bool, float | None] | None:
         """A call of ``model`` would go on ``state``: the seconds the model is held in the
         key's pool, or 0 — then the call takes its place in the model's pace there, or, with
         ``probe`` (a 429 named the model lately), one call per ``PROBE_WAIT`` until the pool
         learns its limit; held at most ``book`` seconds, the call goes once the hold ends and
-        takes its place then (``KeyRing.lane_pass``).  With whether the pool probes the model
-        no more (it has no pace for it, and learned its limit or spent its probes).  ``None``
-        when the store failed (or shares nothing)."""
+        takes its place then (``KeyRing.lane_pass``).  With ``track`` (the caller tells
+        :meth:`probe_answered` when the call comes back) a probe is also held while as many
+        are out as came back, plus one.  With whether the pool probes the model no more (it
+        has no pace for it, and learned its limit or spent its probes), and the stamp of a
+        tracked probe (else ``None``).  ``None`` when the store failed (or shares nothing)."""
+        return None
+
+    def probe_answered(self, state: KeyState, model: str, stamp: float) -> None:
+        """A call of ``model`` that :meth:`lane_pass` counted out as a probe at ``stamp``, in
+        ``state``'s pool, came back (``KeyRing.probe_answered``)."""
         return None
 
     def pace_lane(

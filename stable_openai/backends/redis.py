@@ -73,6 +73,7 @@ from .._model import (
     PERIOD_GAIN,
     PERIOD_SLACK,
     PROBE_CALLS,
+    PROBE_FOR,
     PROBE_WAIT,
     RESET_SLACK,
     SAME_DEADLINE,
@@ -122,6 +123,7 @@ def _constants() -> str:
         f"local NEW_WINDOW = {NEW_WINDOW!r}\n"
         f"local ORDER_SLACK = {ORDER_SLACK!r}\n"
         f"local PROBE = {PROBE_WAIT!r}\n"
+        f"local PROBE_FOR = {PROBE_FOR!r}\n"
         f"local PROBE_CALLS = {PROBE_CALLS!r}\n"
         f"local RESET_SLACK = {RESET_SLACK!r}\n"
         f"local ALLOWANCE_PROBES = {ALLOWANCE_PROBES!r}\n"
@@ -820,18 +822,24 @@ class RedisBackend:
             self._run(self._control("lanepace", fp, model, _text(rate), _text(after), pool or ""))
 
     def lane_pass(
-        self, state: KeyState, model: str, probe: bool = False, book: float = 0.0
-    ) -> tuple[float, bool] | None:
+        self, state: KeyState, model: str, probe: bool = False, book: float = 0.0,
+        track: bool = False,
+    ) -> tuple[float, bool, float | None] | None:
         fp = self._fps.get(state)
         if fp is None or not self.available():
             return None
-        reply = self._run(
-            self._control("lane", fp, model, "1" if probe else "0", _text(float(book)))
-        )
+        reply = self._run(self._control(
+            "lane", fp, model, "1" if probe else "0", _text(float(book)), "1" if track else "0"
+        ))
         if reply is None:
             return None
-        held, spent = reply
-        return float(held), spent == 1
+        held, spent, stamp = reply
+        return float(held), spent == 1, float(stamp) if stamp else None
+
+    def probe_answered(self, state: KeyState, model: str, stamp: float) -> None:
+        fp = self._fps.get(state)
+        if fp is not None and self.available():
+            self._run(self._control("laneback", fp, model, _text(stamp)))
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:
         fp = self._fps.get(state)

@@ -32,7 +32,8 @@
 --               and 429s named, MIXED once they named two); lanes {model = until}, the models
 --               held in a pool that serves several (see hold_lane), lpace their paces,
 --               lprobe {model = calls} the calls sent of a model before its pace was learned
---               (control.lua's lane)
+--               (control.lua's lane), lout {model = {stamp...}} when those of them still out
+--               went (of calls that tell when they come back: laneback)
 --     m:<pool>  the fingerprints of the pool's keys (a JSON array)
 --     seq       a counter: the least-recently-used order
 --   KEYS[2] {N}:load   ZSET "<fp>|<pool>" -> score.  Ready keys score level * 1e11 + seq

@@ -12,6 +12,13 @@
 --                                to go when it ends, see KeyRing.lane_pass); and 1 when the
 --                                pool probes the model no more (no pace for it, and its limit
 --                                learned or its probes spent), else 0
+--   lane fp model probe book track
+--                                as lane; track '1': the caller tells laneback when its call
+--                                comes back, and a probe waits while as many are out as came
+--                                back, plus one; the third value is the stamp of its probe
+--                                ('' if it is none)
+--   laneback fp model stamp      the call that lane counted out as a probe of the model at
+--                                stamp came back
 --   lanepace fp model rate after join
 --                                an answer of a request for the model showed its requests
 --                                spent: in a pool serving several models, hold the model there
@@ -20,7 +27,8 @@
 --                                answer named, if any, as the call's report will move it)
 --   enable fp...                 make disabled keys ready again
 --   snapshot fp...               the state and counters of each key, as cjson
--- Returns {held, spent} for lane (above); 1 for cooldown/probe/spend/enable/lanepace (0: the
+-- Returns {held, spent, stamp} for lane (above); 1 for cooldown/probe/spend/enable/lanepace/
+-- laneback (0: the
 -- key is unknown or, for cooldown, disabled; for lanepace, its pool does not serve several
 -- models); json for snapshot.
 
@@ -84,7 +92,7 @@ elseif op == 'lane' then
   local p = rec and pool_rec(rec.pool)
   if not p then
     flush()
-    return {'0', 0}
+    return {'0', 0, ''}
   end
   local model = ARGV[5]
   local held = lane_held(p, model)
@@ -96,13 +104,33 @@ elseif op == 'lane' then
     and (probes[model] or 0) < ALLOWANCE_PROBES
   if held > 0 and held > tonumber(ARGV[7]) then
     flush()
-    return {string.format('%.17g', held), (lp or unlearned) and 0 or 1}
+    return {string.format('%.17g', held), (lp or unlearned) and 0 or 1, ''}
   end
   local at = NOW + held  -- when the call goes
+  local stamp = ''
   if not lp then
     -- A model a 429 named lately (ARGV[6] '1'), whose limit this pool has not learned: one
-    -- call per PROBE, ALLOWANCE_PROBES at most.
+    -- call per PROBE, ALLOWANCE_PROBES at most; calls that come back (ARGV[8] '1') are
+    -- also held while as many are out as came back, plus one (KeyRing._probes_full).
     if ARGV[6] == '1' and unlearned then
+      if ARGV[8] == '1' then
+        local outs = p.lout or {}
+        local out = {}
+        for _, went in ipairs(outs[model] or {}) do
+          if num(went) > NOW - PROBE_FOR then out[#out + 1] = went end
+        end
+        if 2 * #out > (probes[model] or 0) then
+          outs[model] = out
+          p.lout = outs
+          put('p:' .. rec.pool, p)
+          flush()
+          return {string.format('%.17g', PROBE), 0, ''}
+        end
+        stamp = exact(at)
+        out[#out + 1] = stamp
+        outs[model] = out
+        p.lout = outs
+      end
       probes[model] = (probes[model] or 0) + 1
       p.lprobe = probes
       hold_lane(p, model, at + PROBE)
@@ -120,7 +148,26 @@ elseif op == 'lane' then
   end
   put('p:' .. rec.pool, p)
   flush()
-  return {string.format('%.17g', held), (lp or unlearned) and 0 or 1}
+  return {string.format('%.17g', held), (lp or unlearned) and 0 or 1, stamp}
+elseif op == 'laneback' then
+  -- (As KeyRing.probe_answered.)
+  local rec = key_rec(ARGV[4])
+  local p = rec and pool_rec(rec.pool)
+  local out = p and p.lout and p.lout[ARGV[5]]
+  if not out then
+    flush()
+    return 0
+  end
+  local stamp = tonumber(ARGV[6])
+  for i, went in ipairs(out) do
+    if num(went) == stamp then
+      table.remove(out, i)
+      put('p:' .. rec.pool, p)
+      break
+    end
+  end
+  flush()
+  return 1
 elseif op == 'lanepace' then
   -- (As _manager._learn: KeyRing.hold_lane and pace_lane, where the pool is MIXED.)  The
   -- ring moved the key into the pool the answer named (KeyRing.join_pool); the call's report
