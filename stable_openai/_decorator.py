@@ -360,7 +360,7 @@ def _noting_model(invoke: Invoke, signature: inspect.Signature) -> Invoke:
         model = args[at] if at is not None and len(args) > at else kwargs.get("model", default)
         if isinstance(model, str):
             taken.model = model
-            held = taken.owner.lane_held(taken.state, model)
+            held = taken.owner.lane_held(taken.state, model, lease=taken)
             if held:
                 raise LaneHeld(model, held)
         return invoke(taken, args, kwargs)

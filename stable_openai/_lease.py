@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ._policy import Verdict
     from ._ring import KeyState, Marks
 
-__all__ = ["KeyReports", "LaneHeld", "Lease", "Owner"]
+__all__ = ["KeyReports", "LaneHeld", "Lease", "Owner", "Probe"]
 
 
 class LaneHeld(Exception):
@@ -33,6 +33,20 @@ class LaneHeld(Exception):
         super().__init__(model, seconds)
         self.model = model
         self.seconds = seconds
+
+
+class Probe:
+    """A call counted out as a probe of its model in its key's pool (``KeyRing.lane_pass``):
+    held by its lease, and taken back once when the lease ends, whatever thread or task ends
+    it.  ``stamp`` is the store's own token for it (a number in memory, the shared record's
+    text in Redis: sent back as it came)."""
+
+    __slots__ = ("model", "shared", "stamp")
+
+    def __init__(self, model: str, stamp: float | str, shared: bool) -> None:
+        self.model = model
+        self.stamp = stamp
+        self.shared = shared
 
 
 class KeyReports(Protocol):
@@ -85,10 +99,18 @@ class Owner(KeyReports, Protocol):
         model: str | None = None,
     ) -> None: ...
 
-    def lane_held(self, state: KeyState, model: str, book: float = 0.0) -> float:
+    def lane_held(
+        self, state: KeyState, model: str, book: float = 0.0, lease: Lease | None = None
+    ) -> float:
         """Seconds ``model``'s calls are held in ``state``'s pool (0: not held — then the
         call takes its place in the model's pace there, if it has one; held at most
-        ``book`` seconds, the call goes once the hold ends, and takes its place then)."""
+        ``book`` seconds, the call goes once the hold ends, and takes its place then).  With
+        ``lease`` (the call's, which tells when it ends), a call that goes as a probe of the
+        model is noted on it (``lease.probe``), and other probes wait while it is out."""
+        ...
+
+    def probe_back(self, state: KeyState, probe: Probe) -> None:
+        """A call on ``state`` that went as ``probe`` ended (answered, failed, given up)."""
         ...
 
     def abandoned(self, state: KeyState) -> None: ...
@@ -101,7 +123,7 @@ class Owner(KeyReports, Protocol):
 class Lease:
     """One attempt's key; end it once with :meth:`succeed`, :meth:`fail` or :meth:`abandon`."""
 
-    __slots__ = ("_ended", "deadline", "key", "model", "owner", "state")
+    __slots__ = ("_ended", "deadline", "key", "model", "owner", "probe", "state")
 
     def __init__(self, owner: Owner, state: KeyState) -> None:
         self.owner = owner
@@ -109,6 +131,7 @@ class Lease:
         self.key = state.key
         self.model: str | None = None  # the model the call asks for, when the driver knows
         self.deadline: float | None = None  # when the call's timeout ends (monotonic clock)
+        self.probe: Probe | None = None  # the probe the call is, if it is one (lane_held)
         self._ended = False
 
     def __repr__(self) -> str:
@@ -119,6 +142,8 @@ class Lease:
         """The call got its answer."""
         if not self._ended:
             self._ended = True
+            if self.probe is not None:
+                self._probe_back()
             self.owner.succeeded(self.state, self.model)
 
     def fail(self, verdict: Verdict, error: BaseException | None = None) -> None:
@@ -126,16 +151,27 @@ class Lease:
         key and its pool."""
         if not self._ended:
             self._ended = True
+            if self.probe is not None:
+                self._probe_back()
             self.owner.failed(self.state, verdict, error, self.model)
 
     def abandon(self) -> None:
         """The call stopped without an outcome: cancelled, interrupted, closed early."""
         if not self._ended:
             self._ended = True
+            if self.probe is not None:
+                self._probe_back()
             self.owner.abandoned(self.state)
 
     def give_back(self) -> None:
         """Only the key was wanted (``KeyManager.get_key()``): it was never called."""
         if not self._ended:
             self._ended = True
+            if self.probe is not None:
+                self._probe_back()
             self.owner.given_back(self.state)
+
+    def _probe_back(self) -> None:
+        probe, self.probe = self.probe, None
+        if probe is not None:
+            self.owner.probe_back(self.state, probe)

@@ -26,11 +26,11 @@ from ._budget import ServerBudget, organization_in, read_headers
 from ._clients import aclose_clients, close_clients, close_retired
 from ._errors import AllKeysCoolingError, AllKeysDisabledError, NoKeysError, duration
 from ._keys import Key, KeyLike, mask, normalize_keys, split_keys
-from ._lease import Lease
+from ._lease import Lease, Probe
 from ._limits import Lesson, pace_of
 from ._model import MIXED, PACE_BACKOFF, PER_DAY, model_paced_by
 from ._policy import Fate, Verdict, headers_of
-from ._ring import KeyRing, KeyState, Marks, Where
+from ._ring import KeyRing, KeyState, Marks, Pool, Where
 from ._waiting import Attempt, Turns, wait_turn, wait_turn_async
 from .backends import MemoryBackend, StateBackend, backend_from_url
 from .backends._base import Outcome, Pick, SharedKeyState
@@ -588,18 +588,13 @@ class KeyManager:
             # (a shared store's pool, where it serves several models)
             self._backend.pace_lane(state, model, *paced, budget.pool)
 
-    def _probe_answered(self, state: KeyState) -> None:
-        """This thread's or task's call on ``state`` is ending: if it was a probe counted
-        out (``KeyRing.lane_pass``), it is back."""
-        probe = _call_probe(state)
-        if probe is None:
-            return
-        model, stamp, shared = probe
-        if shared:
-            self._backend.probe_answered(state, model, stamp)
+    def _probe_back(self, state: KeyState, probe: Probe) -> None:
+        """A call on ``state`` that went as ``probe`` ended: the probe is back."""
+        if probe.shared:
+            self._backend.probe_answered(state, probe.model, str(probe.stamp))
         else:
             with self._lock:
-                self._ring.probe_answered(state.pool, model, stamp)
+                self._ring.probe_answered(state.pool, probe.model, float(probe.stamp))
 
     def _probe(self, state: KeyState) -> None:
         with self._lock:
@@ -613,9 +608,10 @@ class KeyManager:
         in ``avoid`` may serve it, and until any key may (``KeyRing.lane_free``: a hold for a
         day never ends for it), until the first cooling key is ready (``None`` where there is
         none), and whether ``state``'s hold is a day's."""
+        mine = _probes_here(model)
         with self._lock:
             ring = self._ring
-            return (ring.lane_free(model, avoid), ring.lane_free(model, frozenset()),
+            return (ring.lane_free(model, avoid, mine), ring.lane_free(model, frozenset(), mine),
                     ring.next_ready_in(), ring.lane_held(state, model + PER_DAY) > 0)
 
     def _before_sending(self, state: KeyState, model: str | None = None) -> float:
@@ -676,8 +672,6 @@ class _Owner:
         tokens = _call_tokens(state) if _CALL_TOKENS.get() else 0.0
         if _CALL_MODELS.get():
             model = _call_model(state) or model
-        if _CALL_PROBES.get():
-            manager._probe_answered(state)
         lock = manager._lock
         if not lock.acquire(False):
             _take_contended(lock)
@@ -698,10 +692,11 @@ class _Owner:
         self, state: KeyState, verdict: Verdict, error: BaseException | None,
         model: str | None = None,
     ) -> None:
-        self._manager._probe_answered(state)
         self._manager._fail(state, verdict, error, _call_model(state) or model)
 
-    def lane_held(self, state: KeyState, model: str, book: float = 0.0) -> float:
+    def lane_held(
+        self, state: KeyState, model: str, book: float = 0.0, lease: Lease | None = None
+    ) -> float:
         _note_call_model(state, model)
         pool = state.pool
         manager = self._manager
@@ -712,7 +707,10 @@ class _Owner:
         ):
             return 0.0  # (the path of nearly every call: no lock, no round trip to a store)
         backend = manager._backend
-        track = not book  # (a call that asks again; a booked request goes when told)
+        # A call that asks again (not a booked request, which goes when told) and tells when
+        # it ends is counted out while it is a probe — unless one out is its own caller's (a
+        # decorated function calling another): waiting for that one would wait for itself.
+        track = lease is not None and not book and pool not in _probes_here(model)
         if backend.shared and backend.available():  # the holds and paces every process shares
             reply = backend.lane_pass(state, model, probing, book, track)
             if reply is not None:
@@ -720,8 +718,8 @@ class _Owner:
                 if spent and ring.unlearned(pool, model):
                     with manager._lock:  # (this process's own count knows only its probes)
                         ring.probes_spent(pool, model)
-                if stamp is not None:
-                    _note_call_probe(state, model, stamp, shared=True)
+                if stamp is not None and lease is not None:
+                    _note_probe(lease, Probe(model, stamp, shared=True))
                 elif held and track:  # (for _model_free_in: when to ask again)
                     with manager._lock:
                         ring.hold_lane(state, model, held)
@@ -729,18 +727,19 @@ class _Owner:
         stamps: list[float] | None = [] if track else None
         with manager._lock:
             held = ring.lane_pass(state, model, book, stamps)
-        if stamps:
-            _note_call_probe(state, model, stamps[0], shared=False)
+        if stamps and lease is not None:
+            _note_probe(lease, Probe(model, stamps[0], shared=False))
         return held
+
+    def probe_back(self, state: KeyState, probe: Probe) -> None:
+        self._manager._probe_back(state, probe)
 
     def abandoned(self, state: KeyState) -> None:
         _call_model(state)
-        self._manager._probe_answered(state)
         self._manager._abandon(state)
 
     def given_back(self, state: KeyState) -> None:
         _call_model(state)
-        self._manager._probe_answered(state)
         self._manager._give_back(state)
 
     def before_sending(self, state: KeyState, model: str | None = None) -> float:
@@ -804,25 +803,22 @@ def _call_model(state: KeyState, keep: bool = False) -> str | None:
     return calls[state]
 
 
-#: This thread's or task's call on a key, by key, when it is a probe counted out until it comes
-#: back (``KeyRing.lane_pass``): its model, its stamp, and whether the shared store counted
-#: it.  Taken by the call's end.  Never mutated, as above.
-_CALL_PROBES: contextvars.ContextVar[
-    Mapping[KeyState, tuple[str, float, bool]] | None
-] = contextvars.ContextVar("stable_openai_call_probes", default=None)
+#: The leases of this thread's or task's calls (and of those it runs in) that went as probes
+#: (``_Owner.lane_held``); those ended have no probe left.  Never mutated, as above.
+_OPEN_PROBES: contextvars.ContextVar[tuple[Lease, ...]] = contextvars.ContextVar(
+    "stable_openai_open_probes", default=())
 
 
-def _note_call_probe(state: KeyState, model: str, stamp: float, shared: bool) -> None:
-    _CALL_PROBES.set({**(_CALL_PROBES.get() or {}), state: (model, stamp, shared)})
+def _note_probe(lease: Lease, probe: Probe) -> None:
+    lease.probe = probe
+    _OPEN_PROBES.set((*(taken for taken in _OPEN_PROBES.get() if taken.probe), lease))
 
 
-def _call_probe(state: KeyState) -> tuple[str, float, bool] | None:
-    """This thread's or task's probe on ``state``, if its call is one; forgotten."""
-    calls = _CALL_PROBES.get()
-    if not calls or state not in calls:
-        return None
-    _CALL_PROBES.set({key: value for key, value in calls.items() if key is not state})
-    return calls[state]
+def _probes_here(model: str) -> list[Pool]:
+    """The pools where a call this thread or task runs in is a probe of ``model``, still
+    out."""
+    return [taken.state.pool for taken in _OPEN_PROBES.get()
+            if taken.probe is not None and taken.probe.model == model]
 
 
 def _call_tokens(state: KeyState) -> float:

@@ -22,7 +22,7 @@ import heapq
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 from ._budget import Bucket, ServerBudget
 from ._cause import Cause
@@ -601,10 +601,11 @@ class KeyRing:
         yet), goes one call per ``PROBE_WAIT`` (``ALLOWANCE_PROBES`` calls at most): its
         limit here may be as low, and a call at a time meets one 429 to learn it from, not a
         volley.  A caller that tells when its call comes back (``probes``: the call's stamp
-        is appended, for :meth:`probe_answered`) is also held while as many of these calls
-        are out as have come back, plus one — one at a time at first, then more as they
-        succeed, as TCP's slow start: answers take longer than ``PROBE_WAIT`` on a busy
-        machine, and seconds from a real server."""
+        is appended, for :meth:`probe_answered`) is also held while more of the pool's probes
+        of the model are out than have come back, counting every probe sent and every end
+        (an answer, a failure, a call given up) as back — one at a time at first, then more
+        as they come back, as TCP's slow start: answers take longer than ``PROBE_WAIT`` on a
+        busy machine, and seconds from a real server."""
         held = self.lane_held(state, model)
         if held and held > book:
             return held
@@ -655,19 +656,23 @@ class KeyRing:
             pace[0] *= 1.0 + PACE_GAIN
 
     def lane_free(
-        self, model: str, avoid: frozenset[KeyState] | set[KeyState]
+        self, model: str, avoid: frozenset[KeyState] | set[KeyState],
+        mine: Collection[Pool] = (),
     ) -> float | None:
         """Seconds until ``model`` may be served by a usable key not in ``avoid`` — 0 when one
         is free for it now; ``None`` when there is no such key (a key whose pool holds the
-        model for a per-day limit is none: no wait short of the server's will help)."""
+        model for a per-day limit is none: no wait short of the server's will help).  The
+        probes out in ``mine`` hold nothing: the caller runs in one of them."""
         soonest: float | None = None
         day = model + PER_DAY
         for state in self._states.values():
             if state.where is DISABLED or state in avoid or self.lane_held(state, day):
                 continue
             held = self.lane_held(state, model)
-            if not held and model in state.pool.lane_out and self.probing(model) and (
-                self.unlearned(state.pool, model) and self._probes_full(state.pool, model)
+            pool = state.pool
+            if not held and model in pool.lane_out and pool not in mine and (
+                model not in pool.lane_paces and self.probing(model) and self.unlearned(pool, model)
+                and self._probes_full(pool, model)
             ):
                 held = PROBE_WAIT
             if soonest is None or held < soonest:

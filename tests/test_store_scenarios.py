@@ -1639,18 +1639,22 @@ def test_a_pools_probes_of_a_model_end_after_allowance_probes_in_both_stores(
                       True: ALLOWANCE_PROBES + 120 - 4 * ALLOWANCE_PROBES}
 
 
+@pytest.mark.parametrize("now", [1000.0, 1.7e9], ids=["early", "a-real-clock"])
 def test_a_pools_probes_of_a_model_wait_for_those_out_in_both_stores(
-    redis_server: RedisServer,
+    redis_server: RedisServer, now: float,
 ) -> None:
     """After a 429 of gpt-4o in pool one, pool two (no pace for gpt-4o) lets a probe go
     only while fewer are out than came back, plus one — one at a time, then two once one
     came back, three once two did (as TCP's slow start); a probe given up counts as back,
     and one out over PROBE_FOR too; in both stores (found by a trace of the two-model benchmark in
     ``api_key`` mode: probes PROBE_WAIT apart, whose answers took longer on a busy machine,
-    met two 429s on one key)."""
+    met two 429s on one key).  Also at a clock as late as Redis's own (found by a review: the
+    stamp sent back was clamped to 1e9, matched no probe out, and each stayed out for
+    PROBE_FOR)."""
     with _team_of_two(redis_server, "probeout", ("one", "two")) as (
         clock, (memory, shared), (a, b)
     ):
+        clock.now = now
         steps: dict[bool, list[float]] = {}
         soonest: dict[bool, float | None] = {}
         for manager in (memory, shared):
@@ -1670,7 +1674,8 @@ def test_a_pools_probes_of_a_model_wait_for_those_out_in_both_stores(
                 asks whether it may go; ``then`` seconds later (past PROBE_WAIT)."""
                 context = contextvars.copy_context()
                 taken = context.run(_on, manager, b)
-                held.append(round(context.run(taken.owner.lane_held, taken.state, "gpt-4o"), 6))
+                held.append(round(context.run(
+                    taken.owner.lane_held, taken.state, "gpt-4o", lease=taken), 6))
                 clock.now += then
                 return context, taken
 
@@ -1701,6 +1706,126 @@ def test_a_pools_probes_of_a_model_wait_for_those_out_in_both_stores(
             clock.now = start  # (the other store runs the same steps from here)
     assert steps[False] == steps[True] == [0, PROBE_WAIT, 0, 0, PROBE_WAIT, 0, 0, PROBE_WAIT, 0]
     assert soonest == {False: pytest.approx(PROBE_WAIT), True: pytest.approx(PROBE_WAIT)}
+
+
+def test_a_probe_is_back_when_its_lease_ends_however_and_a_call_it_runs_is_not_held_by_it(
+    redis_server: RedisServer,
+) -> None:
+    """The probe a call is rides on its lease: whichever way the lease ends — an answer, a
+    failure, a call abandoned, a key given back — and in whatever thread or task, the probe
+    is back, and the next call of the model goes; a call that a probe's own call runs (a
+    decorated function calling another) is not held by that probe, nor counted out, in
+    both stores (found by a review: the stamp was kept per thread or task, so a nested call
+    waited PROBE_FOR for its own caller, and a lease ended elsewhere left its probe out)."""
+    ends: dict[str, Callable[[Lease], None]] = {
+        "succeed": Lease.succeed,
+        "fail": lambda taken: taken.fail(Verdict(
+            Fate.KEEP, Action.RAISE, reason="bad request (400)",
+            cause=Cause.NOT_A_KEY_PROBLEM)),
+        "abandon": Lease.abandon,
+        "give_back": Lease.give_back,
+    }
+    with _team_of_two(redis_server, "probelease", ("one", "two")) as (
+        clock, (memory, shared), (a, b)
+    ):
+        for manager in (memory, shared):
+            for key, model in ((a, "gpt-4o-mini"), (a, "gpt-4o"), (b, "gpt-4o-mini"),
+                               (b, "gpt-4o")):
+                _on(manager, key, model).succeed()
+            _on(manager, a, "gpt-4o").fail(
+                dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                rate_limited("30s", model="gpt-4o", numbers="no numbers"))
+            for name, end in ends.items():  # (a model of its own each: probes from none)
+                model = f"model-{name}"
+                _on(manager, a, model).fail(
+                    dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                    rate_limited("30s", model=model, numbers="no numbers"))
+                context = contextvars.copy_context()
+                taken = context.run(_on, manager, b)
+                assert context.run(taken.owner.lane_held, taken.state, model,
+                                   lease=taken) == 0, (name, manager.backend)
+                assert taken.probe is not None
+                clock.now += 0.0625  # (past PROBE_WAIT)
+                other = contextvars.copy_context()
+                waiting = other.run(_on, manager, b)
+                assert other.run(waiting.owner.lane_held, waiting.state, model,
+                                 lease=waiting) == pytest.approx(PROBE_WAIT)  # one is out
+                end(taken)  # (here, not in the call's own context)
+                assert taken.probe is None
+                assert other.run(waiting.owner.lane_held, waiting.state, model,
+                                 lease=waiting) == 0, (name, manager.backend)  # it is back
+                other.run(waiting.give_back)
+                clock.now += 0.0625
+            context = contextvars.copy_context()
+            outer = context.run(_on, manager, b)
+            assert context.run(outer.owner.lane_held, outer.state, "gpt-4o", lease=outer) == 0
+            clock.now += 0.0625
+            inner = context.run(_on, manager, b)  # (a call the first one runs)
+            assert context.run(inner.owner.lane_held, inner.state, "gpt-4o", lease=inner) == 0
+            assert inner.probe is None, manager.backend  # not counted out
+            context.run(inner.succeed)
+            context.run(outer.succeed)
+            clock.now += 0.0625
+            taken = _on(manager, b)
+            assert taken.owner.lane_held(taken.state, "gpt-4o", lease=taken) == 0
+            taken.give_back()
+            clock.now += 1.0
+
+
+def test_a_decorated_call_that_runs_another_of_its_model_is_not_held_by_its_own_probe(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``@stable`` functions of gpt-4o while only pool two may serve it, unlearned there: a
+    call whose function runs another (the inner waits for the outer's PROBE_WAIT hold, not
+    for the probe it runs in), and a call whose function raises (its probe is back: the
+    next call waits PROBE_WAIT, no more), in both stores; the sleeps are the decorator's own, on the
+    fake clock (found by a review: the inner call waited PROBE_FOR for its own caller)."""
+    from stable_openai import stable
+
+    with _team_of_two(redis_server, "probenest", ("one", "two")) as (
+        clock, (memory, shared), (a, b)
+    ):
+        slept: list[float] = []
+
+        def sleep(seconds: float) -> None:
+            slept.append(seconds)
+            clock.now += seconds
+
+        monkeypatch.setattr("stable_openai._decorator.time.sleep", sleep)
+        for manager in (memory, shared):
+            for key, model in ((a, "gpt-4o-mini"), (a, "gpt-4o"), (b, "gpt-4o-mini"),
+                               (b, "gpt-4o")):
+                _on(manager, key, model).succeed()
+            _on(manager, a, "gpt-4o").fail(  # (and a cools: only b serves)
+                dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                rate_limited("30s", model="gpt-4o", numbers="no numbers"))
+
+            @stable(manager=manager)
+            def inner(model: str, api_key: str) -> str:
+                return api_key
+
+            @stable(manager=manager)
+            def outer(model: str, api_key: str) -> str:
+                return inner(model)
+
+            @stable(manager=manager)
+            def broken(model: str, api_key: str) -> str:
+                raise ValueError("not the key's fault")
+
+            slept.clear()
+            assert outer("gpt-4o") == b
+            assert 0 < sum(slept) < 2 * PROBE_WAIT, (slept, manager.backend)
+            clock.now += 1.0
+            _on(manager, a, "gpt-4.1").fail(  # (a model of its own: probes from none)
+                dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                rate_limited("30s", model="gpt-4.1", numbers="no numbers"))
+            slept.clear()
+            with pytest.raises(ValueError):
+                broken("gpt-4.1")
+            # (another thread's call: none of this one's calls)
+            assert contextvars.Context().run(inner, "gpt-4.1") == b  # after PROBE_WAIT
+            assert sum(slept) == pytest.approx(PROBE_WAIT), (slept, manager.backend)
+            clock.now += 60.0  # (the other store from here)
 
 
 def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(

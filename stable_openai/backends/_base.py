@@ -149,7 +149,7 @@ class StateBackend(Protocol):
     def lane_pass(
         self, state: KeyState, model: str, probe: bool = False, book: float = 0.0,
         track: bool = False,
-    ) -> tuple[float, bool, float | None] | None:
+    ) -> tuple[float, bool, str | None] | None:
         """A call of ``model`` would go on ``state``: the seconds the model is held in the
         key's pool, or 0 — then the call takes its place in the model's pace there, or, with
         ``probe`` (a 429 named the model lately), one call per ``PROBE_WAIT`` until the pool
@@ -157,11 +157,12 @@ class StateBackend(Protocol):
         takes its place then (``KeyRing.lane_pass``).  With ``track`` (the caller tells
         :meth:`probe_answered` when the call comes back) a probe is also held while as many
         are out as came back, plus one.  With whether the pool probes the model no more (it
-        has no pace for it, and learned its limit or spent its probes), and the stamp of a
-        tracked probe (else ``None``).  ``None`` when the store failed (or shares nothing)."""
+        has no pace for it, and learned its limit or spent its probes), and the store's stamp
+        of a tracked probe, as text to send back as it is (else ``None``).  ``None`` when the
+        store failed (or shares nothing)."""
         return None
 
-    def probe_answered(self, state: KeyState, model: str, stamp: float) -> None:
+    def probe_answered(self, state: KeyState, model: str, stamp: str) -> None:
         """A call of ``model`` that :meth:`lane_pass` counted out as a probe at ``stamp``, in
         ``state``'s pool, came back (``KeyRing.probe_answered``)."""
         return None

@@ -824,7 +824,7 @@ class RedisBackend:
     def lane_pass(
         self, state: KeyState, model: str, probe: bool = False, book: float = 0.0,
         track: bool = False,
-    ) -> tuple[float, bool, float | None] | None:
+    ) -> tuple[float, bool, str | None] | None:
         fp = self._fps.get(state)
         if fp is None or not self.available():
             return None
@@ -834,12 +834,14 @@ class RedisBackend:
         if reply is None:
             return None
         held, spent, stamp = reply
-        return float(held), spent == 1, float(stamp) if stamp else None
+        return float(held), spent == 1, str(stamp) if stamp else None
 
-    def probe_answered(self, state: KeyState, model: str, stamp: float) -> None:
+    def probe_answered(self, state: KeyState, model: str, stamp: str) -> None:
+        # (The stamp as the script wrote it: a number here would be clamped by _text, or
+        # rounded, and match no probe out.)
         fp = self._fps.get(state)
         if fp is not None and self.available():
-            self._run(self._control("laneback", fp, model, _text(stamp)))
+            self._send(lambda: self._control("laneback", fp, model, stamp))
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:
         fp = self._fps.get(state)

@@ -158,9 +158,8 @@ elseif op == 'laneback' then
     flush()
     return 0
   end
-  local stamp = tonumber(ARGV[6])
   for i, went in ipairs(out) do
-    if num(went) == stamp then
+    if went == ARGV[6] then  -- (the text lane returned, sent back as it was)
       table.remove(out, i)
       put('p:' .. rec.pool, p)
       break
