@@ -1639,6 +1639,20 @@ def test_a_pools_probes_of_a_model_end_after_allowance_probes_in_both_stores(
                       True: ALLOWANCE_PROBES + 120 - 4 * ALLOWANCE_PROBES}
 
 
+def _a_429_names(manager: KeyManager, key: str, model: str) -> None:
+    """A call of ``model`` on ``key`` meets a 429 that names it, with no numbers."""
+    _on(manager, key, model).fail(dataclasses.replace(RATE_LIMITED, seconds=30.0),
+                                  rate_limited("30s", model=model, numbers="no numbers"))
+
+
+def _both_served_then_a_429(manager: KeyManager, a: str, b: str) -> None:
+    """Keys ``a`` and ``b`` (pools of their own) served gpt-4o-mini and gpt-4o; then a 429 of
+    gpt-4o on ``a``."""
+    for key, model in ((a, "gpt-4o-mini"), (a, "gpt-4o"), (b, "gpt-4o-mini"), (b, "gpt-4o")):
+        _on(manager, key, model).succeed()
+    _a_429_names(manager, a, "gpt-4o")
+
+
 @pytest.mark.parametrize("now", [1000.0, 1.7e9], ids=["early", "a-real-clock"])
 def test_a_pools_probes_of_a_model_wait_for_those_out_in_both_stores(
     redis_server: RedisServer, now: float,
@@ -1658,12 +1672,7 @@ def test_a_pools_probes_of_a_model_wait_for_those_out_in_both_stores(
         steps: dict[bool, list[float]] = {}
         soonest: dict[bool, float | None] = {}
         for manager in (memory, shared):
-            for key, model in ((a, "gpt-4o-mini"), (a, "gpt-4o"), (b, "gpt-4o-mini"),
-                               (b, "gpt-4o")):
-                _on(manager, key, model).succeed()
-            _on(manager, a, "gpt-4o").fail(
-                dataclasses.replace(RATE_LIMITED, seconds=30.0),
-                rate_limited("30s", model="gpt-4o", numbers="no numbers"))
+            _both_served_then_a_429(manager, a, b)
             held: list[float] = []
             steps[manager.backend.shared] = held
             start = clock.now
@@ -1698,9 +1707,7 @@ def test_a_pools_probes_of_a_model_wait_for_those_out_in_both_stores(
             context, taken = ask()  # held
             context.run(taken.give_back)
             clock.now += PROBE_FOR
-            _on(manager, a, "gpt-4o").fail(  # (gpt-4o still limited)
-                dataclasses.replace(RATE_LIMITED, seconds=30.0),
-                rate_limited("30s", model="gpt-4o", numbers="no numbers"))
+            _a_429_names(manager, a, "gpt-4o")  # (gpt-4o still limited)
             ask()  # those out over PROBE_FOR count as back: goes
             third[0].run(third[1].succeed)  # (long after: nothing left to take back)
             clock.now = start  # (the other store runs the same steps from here)
@@ -1729,17 +1736,10 @@ def test_a_probe_is_back_when_its_lease_ends_however_and_a_call_it_runs_is_not_h
         clock, (memory, shared), (a, b)
     ):
         for manager in (memory, shared):
-            for key, model in ((a, "gpt-4o-mini"), (a, "gpt-4o"), (b, "gpt-4o-mini"),
-                               (b, "gpt-4o")):
-                _on(manager, key, model).succeed()
-            _on(manager, a, "gpt-4o").fail(
-                dataclasses.replace(RATE_LIMITED, seconds=30.0),
-                rate_limited("30s", model="gpt-4o", numbers="no numbers"))
+            _both_served_then_a_429(manager, a, b)
             for name, end in ends.items():  # (a model of its own each: probes from none)
                 model = f"model-{name}"
-                _on(manager, a, model).fail(
-                    dataclasses.replace(RATE_LIMITED, seconds=30.0),
-                    rate_limited("30s", model=model, numbers="no numbers"))
+                _a_429_names(manager, a, model)
                 context = contextvars.copy_context()
                 taken = context.run(_on, manager, b)
                 assert context.run(taken.owner.lane_held, taken.state, model,
@@ -1793,12 +1793,7 @@ def test_a_decorated_call_that_runs_another_of_its_model_is_not_held_by_its_own_
 
         monkeypatch.setattr("stable_openai._decorator.time.sleep", sleep)
         for manager in (memory, shared):
-            for key, model in ((a, "gpt-4o-mini"), (a, "gpt-4o"), (b, "gpt-4o-mini"),
-                               (b, "gpt-4o")):
-                _on(manager, key, model).succeed()
-            _on(manager, a, "gpt-4o").fail(  # (and a cools: only b serves)
-                dataclasses.replace(RATE_LIMITED, seconds=30.0),
-                rate_limited("30s", model="gpt-4o", numbers="no numbers"))
+            _both_served_then_a_429(manager, a, b)  # (and a cools: only b serves)
 
             @stable(manager=manager)
             def inner(model: str, api_key: str) -> str:
@@ -1816,9 +1811,7 @@ def test_a_decorated_call_that_runs_another_of_its_model_is_not_held_by_its_own_
             assert outer("gpt-4o") == b
             assert 0 < sum(slept) < 2 * PROBE_WAIT, (slept, manager.backend)
             clock.now += 1.0
-            _on(manager, a, "gpt-4.1").fail(  # (a model of its own: probes from none)
-                dataclasses.replace(RATE_LIMITED, seconds=30.0),
-                rate_limited("30s", model="gpt-4.1", numbers="no numbers"))
+            _a_429_names(manager, a, "gpt-4.1")  # (a model of its own: probes from none)
             slept.clear()
             with pytest.raises(ValueError):
                 broken("gpt-4.1")
