@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from ._budget import ServerBudget
     from ._policy import Verdict
-    from ._ring import KeyState, Marks
+    from ._ring import KeyState, Marks, Pool
 
 __all__ = ["KeyReports", "LaneHeld", "Lease", "Owner", "Probe"]
 
@@ -39,14 +39,16 @@ class Probe:
     """A call counted out as a probe of its model in its key's pool (``KeyRing.lane_pass``):
     held by its lease, and taken back once when the lease ends, whatever thread or task ends
     it.  ``stamp`` is the store's own token for it (a number in memory, the shared record's
-    text in Redis: sent back as it came)."""
+    text in Redis: sent back as it came); ``pool``, where it was counted (the key may move
+    to another pool while its call is out)."""
 
-    __slots__ = ("model", "shared", "stamp")
+    __slots__ = ("model", "pool", "shared", "stamp")
 
-    def __init__(self, model: str, stamp: float | str, shared: bool) -> None:
+    def __init__(self, model: str, stamp: float | str, shared: bool, pool: Pool) -> None:
         self.model = model
         self.stamp = stamp
         self.shared = shared
+        self.pool = pool
 
 
 class KeyReports(Protocol):

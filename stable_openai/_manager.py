@@ -594,7 +594,7 @@ class KeyManager:
             self._backend.probe_answered(state, probe.model, str(probe.stamp))
         else:
             with self._lock:
-                self._ring.probe_answered(state.pool, probe.model, float(probe.stamp))
+                self._ring.probe_answered(probe.pool, probe.model, float(probe.stamp))
 
     def _probe(self, state: KeyState) -> None:
         with self._lock:
@@ -719,7 +719,7 @@ class _Owner:
                     with manager._lock:  # (this process's own count knows only its probes)
                         ring.probes_spent(pool, model)
                 if stamp is not None and lease is not None:
-                    _note_probe(lease, Probe(model, stamp, shared=True))
+                    _note_probe(lease, Probe(model, stamp, True, pool))
                 elif held and track:  # (for _model_free_in: when to ask again)
                     with manager._lock:
                         ring.hold_lane(state, model, held)
@@ -728,7 +728,7 @@ class _Owner:
         with manager._lock:
             held = ring.lane_pass(state, model, book, stamps)
         if stamps and lease is not None:
-            _note_probe(lease, Probe(model, stamps[0], shared=False))
+            _note_probe(lease, Probe(model, stamps[0], False, pool))
         return held
 
     def probe_back(self, state: KeyState, probe: Probe) -> None:
@@ -817,7 +817,7 @@ def _note_probe(lease: Lease, probe: Probe) -> None:
 def _probes_here(model: str) -> list[Pool]:
     """The pools where a call this thread or task runs in is a probe of ``model``, still
     out."""
-    return [taken.state.pool for taken in _OPEN_PROBES.get()
+    return [taken.probe.pool for taken in _OPEN_PROBES.get()
             if taken.probe is not None and taken.probe.model == model]
 
 

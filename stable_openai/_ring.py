@@ -82,6 +82,7 @@ class Pool(Budget):
 
     __slots__ = (
         "in_flight",
+        "lane_back",
         "lane_out",
         "lane_paces",
         "lane_probes",
@@ -109,6 +110,8 @@ class Pool(Budget):
         # When each of those calls that is still out went (of calls that come back to
         # KeyRing.probe_answered; forgotten after PROBE_FOR).
         self.lane_out: dict[str, list[float]] = {}
+        # How many of those came back (or were out over PROBE_FOR).
+        self.lane_back: dict[str, int] = {}
         self.members: list[KeyState] = []
         self.in_flight = 0
         self.request_bucket: Bucket | None = None  # client-side pacing (Key.rpm)
@@ -602,10 +605,10 @@ class KeyRing:
         limit here may be as low, and a call at a time meets one 429 to learn it from, not a
         volley.  A caller that tells when its call comes back (``probes``: the call's stamp
         is appended, for :meth:`probe_answered`) is also held while more of the pool's probes
-        of the model are out than have come back, counting every probe sent and every end
-        (an answer, a failure, a call given up) as back — one at a time at first, then more
-        as they come back, as TCP's slow start: answers take longer than ``PROBE_WAIT`` on a
-        busy machine, and seconds from a real server."""
+        of the model that tell are out than have come back (an answer, a failure, a call
+        given up; or out over ``PROBE_FOR``) — one at a time at first, then more as they come
+        back, as TCP's slow start: answers take longer than ``PROBE_WAIT`` on a busy machine,
+        and seconds from a real server."""
         held = self.lane_held(state, model)
         if held and held > book:
             return held
@@ -632,22 +635,26 @@ class KeyRing:
         return held
 
     def _probes_full(self, pool: Pool, model: str) -> bool:
-        """Whether ``pool``'s calls of ``model`` that :meth:`lane_pass` counted out are as
-        many as have come back, plus one (those out over ``PROBE_FOR`` count as back)."""
+        """Whether more of ``pool``'s calls of ``model`` that :meth:`lane_pass` counted out
+        are out than have come back (those out over ``PROBE_FOR`` count as back)."""
         out = pool.lane_out.get(model)
         if not out:
             return False
         since = self.clock() - PROBE_FOR
         if out[0] <= since:
-            out[:] = [went for went in out if went > since]
-        return 2 * len(out) > pool.lane_probes.get(model, 0)
+            kept = [went for went in out if went > since]
+            pool.lane_back[model] = pool.lane_back.get(model, 0) + len(out) - len(kept)
+            out[:] = kept
+        return len(out) > pool.lane_back.get(model, 0)
 
-    def probe_answered(self, pool: Pool, model: str, stamp: float) -> None:
+    @staticmethod
+    def probe_answered(pool: Pool, model: str, stamp: float) -> None:
         """A call of ``model`` that :meth:`lane_pass` counted out in ``pool`` at ``stamp``
         came back (answered, failed or given up)."""
         out = pool.lane_out.get(model)
         if out and stamp in out:
             out.remove(stamp)
+            pool.lane_back[model] = pool.lane_back.get(model, 0) + 1
 
     def lane_succeeded(self, state: KeyState, model: str) -> None:
         """A call of ``model`` succeeded on ``state``: its pace there rises a little."""

@@ -11,6 +11,7 @@ within a second); only made-up keys.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import dataclasses
@@ -1721,8 +1722,8 @@ def test_a_probe_is_back_when_its_lease_ends_however_and_a_call_it_runs_is_not_h
     """The probe a call is rides on its lease: whichever way the lease ends — an answer, a
     failure, a call abandoned, a key given back — and in whatever thread or task, the probe
     is back, and the next call of the model goes; a call that a probe's own call runs (a
-    decorated function calling another) is not held by that probe, nor counted out, in
-    both stores (found by a review: the stamp was kept per thread or task, so a nested call
+    decorated function calling another) is not held by that probe, nor counted out or
+    back, in both stores (found by a review: the stamp was kept per thread or task, so a nested call
     waited PROBE_FOR for its own caller, and a lease ended elsewhere left its probe out)."""
     ends: dict[str, Callable[[Lease], None]] = {
         "succeed": Lease.succeed,
@@ -1762,13 +1763,18 @@ def test_a_probe_is_back_when_its_lease_ends_however_and_a_call_it_runs_is_not_h
             clock.now += 0.0625
             inner = context.run(_on, manager, b)  # (a call the first one runs)
             assert context.run(inner.owner.lane_held, inner.state, "gpt-4o", lease=inner) == 0
-            assert inner.probe is None, manager.backend  # not counted out
+            assert inner.probe is None, manager.backend  # not counted out ...
+            clock.now += 0.0625
+            apart = contextvars.Context()  # (another thread's call)
+            taken = apart.run(_on, manager, b)
+            assert apart.run(taken.owner.lane_held, taken.state, "gpt-4o", lease=taken) == (
+                pytest.approx(PROBE_WAIT)), manager.backend  # ... nor counted back: held
+            apart.run(taken.give_back)
             context.run(inner.succeed)
             context.run(outer.succeed)
-            clock.now += 0.0625
-            taken = _on(manager, b)
-            assert taken.owner.lane_held(taken.state, "gpt-4o", lease=taken) == 0
-            taken.give_back()
+            taken = apart.run(_on, manager, b)
+            assert apart.run(taken.owner.lane_held, taken.state, "gpt-4o", lease=taken) == 0
+            apart.run(taken.give_back)
             clock.now += 1.0
 
 
@@ -1778,8 +1784,10 @@ def test_a_decorated_call_that_runs_another_of_its_model_is_not_held_by_its_own_
     """``@stable`` functions of gpt-4o while only pool two may serve it, unlearned there: a
     call whose function runs another (the inner waits for the outer's PROBE_WAIT hold, not
     for the probe it runs in), and a call whose function raises (its probe is back: the
-    next call waits PROBE_WAIT, no more), in both stores; the sleeps are the decorator's own, on the
-    fake clock (found by a review: the inner call waited PROBE_FOR for its own caller)."""
+    next call waits PROBE_WAIT, no more — also from a thread that runs an event loop), in both
+    stores; the sleeps are the decorator's own, on the fake clock (found by reviews: the inner
+    call waited PROBE_FOR for its own caller; on a loop, Redis heard the probe was back only
+    after the next call had waited PROBE_FOR)."""
     from stable_openai import stable
 
     with _team_of_two(redis_server, "probenest", ("one", "two")) as (
@@ -1818,7 +1826,55 @@ def test_a_decorated_call_that_runs_another_of_its_model_is_not_held_by_its_own_
             # (another thread's call: none of this one's calls)
             assert contextvars.Context().run(inner, "gpt-4.1") == b  # after PROBE_WAIT
             assert sum(slept) == pytest.approx(PROBE_WAIT), (slept, manager.backend)
+
+            async def in_a_loop(model: str) -> None:  # (as a notebook's cell runs sync calls)
+                with pytest.raises(ValueError):
+                    broken(model)
+                assert contextvars.Context().run(inner, model) == b
+
+            clock.now += 1.0
+            _a_429_names(manager, a, "gpt-4.5")
+            slept.clear()
+            asyncio.run(in_a_loop("gpt-4.5"))  # (the probe is back before the loop runs again)
+            assert sum(slept) == pytest.approx(PROBE_WAIT), (slept, manager.backend)
             clock.now += 60.0  # (the other store from here)
+
+
+def test_a_probe_is_back_in_the_pool_it_was_counted_in_when_its_key_moved_meanwhile() -> None:
+    """A probe counted out in pool org-x, whose key an answer moves into org-x/p before the
+    call ends: the probe comes back to org-x (whose next call goes), and a call it runs is
+    exempt in org-x, not in org-x/p (found by a review: the probe went back to the key's new
+    pool, and org-x held its model until PROBE_FOR)."""
+    from stable_openai._manager import _probes_here
+
+    clock = FakeClock()
+    a, b, c, d = made_up_keys(4, "probemove")
+    manager = KeyManager.create([a, b, c, d], clock=clock)
+    try:
+        states = {state.key: state for state in manager._ring}
+        for key, name in ((b, "org-x"), (c, "org-x"), (d, "org-x/p")):
+            manager._ring.join_pool(states[key], name)
+        for key in (a, b, c, d):
+            for model in ("gpt-4o-mini", "gpt-4o"):
+                _on(manager, key, model).succeed()
+        _a_429_names(manager, a, "gpt-4o")
+        context = contextvars.copy_context()
+        taken = context.run(_on, manager, b)
+        assert context.run(taken.owner.lane_held, taken.state, "gpt-4o", lease=taken) == 0
+        x, moved = states[c].pool, states[d].pool
+        with manager._lock:  # (as an answer naming its project would)
+            manager._ring.join_pool(states[b], "org-x/p")
+        assert states[b].pool is moved
+        assert context.run(_probes_here, "gpt-4o") == [x]
+        clock.now += 0.0625  # (past PROBE_WAIT)
+        waiting = _on(manager, c)
+        assert waiting.owner.lane_held(waiting.state, "gpt-4o", lease=waiting) == pytest.approx(
+            PROBE_WAIT)  # b's probe is out in org-x
+        context.run(taken.succeed)
+        assert waiting.owner.lane_held(waiting.state, "gpt-4o", lease=waiting) == 0
+        waiting.give_back()
+    finally:
+        manager.close()
 
 
 def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(

@@ -155,8 +155,8 @@ class StateBackend(Protocol):
         ``probe`` (a 429 named the model lately), one call per ``PROBE_WAIT`` until the pool
         learns its limit; held at most ``book`` seconds, the call goes once the hold ends and
         takes its place then (``KeyRing.lane_pass``).  With ``track`` (the caller tells
-        :meth:`probe_answered` when the call comes back) a probe is also held while as many
-        are out as came back, plus one.  With whether the pool probes the model no more (it
+        :meth:`probe_answered` when the call comes back) a probe is also held while more
+        are out than came back.  With whether the pool probes the model no more (it
         has no pace for it, and learned its limit or spent its probes), and the store's stamp
         of a tracked probe, as text to send back as it is (else ``None``).  ``None`` when the
         store failed (or shares nothing)."""

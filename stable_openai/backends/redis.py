@@ -837,11 +837,13 @@ class RedisBackend:
         return float(held), spent == 1, str(stamp) if stamp else None
 
     def probe_answered(self, state: KeyState, model: str, stamp: str) -> None:
-        # (The stamp as the script wrote it: a number here would be clamped by _text, or
-        # rounded, and match no probe out.)
+        # The stamp as the script wrote it: a number here would be clamped by _text, or
+        # rounded, and match no probe out.  Sent at once, as lane_pass asks at once: queued
+        # on a loop that a sync call blocks, it would reach Redis after the next call's
+        # lane_pass, which would wait PROBE_FOR for it (found by a review: a Jupyter cell).
         fp = self._fps.get(state)
         if fp is not None and self.available():
-            self._send(lambda: self._control("laneback", fp, model, stamp))
+            self._run(self._control("laneback", fp, model, stamp))
 
     def set_cooldown(self, state: KeyState, seconds: float) -> None:
         fp = self._fps.get(state)

@@ -33,7 +33,8 @@
 --               held in a pool that serves several (see hold_lane), lpace their paces,
 --               lprobe {model = calls} the calls sent of a model before its pace was learned
 --               (control.lua's lane), lout {model = {stamp...}} when those of them still out
---               went (of calls that tell when they come back: laneback)
+--               went (of calls that tell when they come back: laneback), lback {model = n}
+--               how many of those came back (or were out over PROBE_FOR)
 --     m:<pool>  the fingerprints of the pool's keys (a JSON array)
 --     seq       a counter: the least-recently-used order
 --   KEYS[2] {N}:load   ZSET "<fp>|<pool>" -> score.  Ready keys score level * 1e11 + seq

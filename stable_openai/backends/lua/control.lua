@@ -14,8 +14,8 @@
 --                                learned or its probes spent), else 0
 --   lane fp model probe book track
 --                                as lane; track '1': the caller tells laneback when its call
---                                comes back, and a probe waits while as many are out as came
---                                back, plus one; the third value is the stamp of its probe
+--                                comes back, and a probe waits while more are out than came
+--                                back; the third value is the stamp of its probe
 --                                ('' if it is none)
 --   laneback fp model stamp      the call that lane counted out as a probe of the model at
 --                                stamp came back
@@ -111,15 +111,19 @@ elseif op == 'lane' then
   if not lp then
     -- A model a 429 named lately (ARGV[6] '1'), whose limit this pool has not learned: one
     -- call per PROBE, ALLOWANCE_PROBES at most; calls that come back (ARGV[8] '1') are
-    -- also held while as many are out as came back, plus one (KeyRing._probes_full).
+    -- also held while more are out than came back (KeyRing._probes_full).
     if ARGV[6] == '1' and unlearned then
       if ARGV[8] == '1' then
-        local outs = p.lout or {}
-        local out = {}
-        for _, went in ipairs(outs[model] or {}) do
+        local outs, backs = p.lout or {}, p.lback or {}
+        local out, was = {}, outs[model] or {}
+        for _, went in ipairs(was) do
           if num(went) > NOW - PROBE_FOR then out[#out + 1] = went end
         end
-        if 2 * #out > (probes[model] or 0) then
+        if #out < #was then  -- (out over PROBE_FOR: back)
+          backs[model] = (backs[model] or 0) + #was - #out
+          p.lback = backs
+        end
+        if #out > (backs[model] or 0) then
           outs[model] = out
           p.lout = outs
           put('p:' .. rec.pool, p)
@@ -161,6 +165,9 @@ elseif op == 'laneback' then
   for i, went in ipairs(out) do
     if went == ARGV[6] then  -- (the text lane returned, sent back as it was)
       table.remove(out, i)
+      local backs = p.lback or {}
+      backs[ARGV[5]] = (backs[ARGV[5]] or 0) + 1
+      p.lback = backs
       put('p:' .. rec.pool, p)
       break
     end
