@@ -125,7 +125,7 @@ class Owner(KeyReports, Protocol):
 class Lease:
     """One attempt's key; end it once with :meth:`succeed`, :meth:`fail` or :meth:`abandon`."""
 
-    __slots__ = ("_ended", "deadline", "key", "model", "owner", "probe", "state")
+    __slots__ = ("__weakref__", "_ended", "deadline", "key", "model", "owner", "probe", "state")
 
     def __init__(self, owner: Owner, state: KeyState) -> None:
         self.owner = owner

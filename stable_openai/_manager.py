@@ -804,21 +804,35 @@ def _call_model(state: KeyState, keep: bool = False) -> str | None:
 
 
 #: The leases of this thread's or task's calls (and of those it runs in) that went as probes
-#: (``_Owner.lane_held``); those ended have no probe left.  Never mutated, as above.
-_OPEN_PROBES: contextvars.ContextVar[tuple[Lease, ...]] = contextvars.ContextVar(
+#: (``_Owner.lane_held``), weakly: a thread's context outlives its calls, and must not keep
+#: their leases (nor, through them, their manager).  Those ended have no probe left.  Never
+#: mutated, as above.
+_OPEN_PROBES: contextvars.ContextVar[tuple[weakref.ref[Lease], ...]] = contextvars.ContextVar(
     "stable_openai_open_probes", default=())
 
 
 def _note_probe(lease: Lease, probe: Probe) -> None:
     lease.probe = probe
-    _OPEN_PROBES.set((*(taken for taken in _OPEN_PROBES.get() if taken.probe), lease))
+    _OPEN_PROBES.set((*_open_probes(), weakref.ref(lease)))
+
+
+def _open_probes() -> Iterator[weakref.ref[Lease]]:
+    for ref in _OPEN_PROBES.get():
+        taken = ref()
+        if taken is not None and taken.probe is not None:
+            yield ref
 
 
 def _probes_here(model: str) -> list[Pool]:
     """The pools where a call this thread or task runs in is a probe of ``model``, still
     out."""
-    return [taken.probe.pool for taken in _OPEN_PROBES.get()
-            if taken.probe is not None and taken.probe.model == model]
+    pools = []
+    for ref in _OPEN_PROBES.get():
+        taken = ref()
+        probe = None if taken is None else taken.probe
+        if probe is not None and probe.model == model:
+            pools.append(probe.pool)
+    return pools
 
 
 def _call_tokens(state: KeyState) -> float:

@@ -1877,6 +1877,30 @@ def test_a_probe_is_back_in_the_pool_it_was_counted_in_when_its_key_moved_meanwh
         manager.close()
 
 
+def test_a_threads_context_keeps_no_lease_of_its_probes(redis_server: RedisServer) -> None:
+    """A call that went as a probe and ended leaves nothing in its thread's context that
+    keeps its lease (nor, through it, the manager) alive, in both stores (found by a
+    review: the context held every probe's lease until the thread's next probe)."""
+    import gc
+    import weakref
+
+    with _team_of_two(redis_server, "probegone", ("one", "two")) as (
+        clock, (memory, shared), (a, b)
+    ):
+        for manager in (memory, shared):
+            _both_served_then_a_429(manager, a, b)
+            context = contextvars.copy_context()
+            taken = context.run(_on, manager, b)
+            assert context.run(taken.owner.lane_held, taken.state, "gpt-4o", lease=taken) == 0
+            assert taken.probe is not None, manager.backend
+            context.run(taken.succeed)
+            gone = weakref.ref(taken)
+            del taken
+            gc.collect()
+            assert gone() is None, manager.backend
+            clock.now += 60.0  # (the other store from here)
+
+
 def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
