@@ -44,6 +44,8 @@ class _Options:
     callers_client: bool = False
     """The function takes ``api_key`` and ``client``: a ``client`` its caller passes is the
     caller's own (as with stable-openai 0.1.1), and then only ``api_key`` is injected."""
+    model_of: Callable[[tuple[Any, ...], dict[str, Any]], str | None] | None = None
+    """The model a call asks for, from its ``model`` argument (when the function has one)."""
 
 
 class _Call:
@@ -62,10 +64,12 @@ class _Call:
     out_of_time = False  # the last failure was not retried for want of time
 
     def __init__(
-        self, options: _Options, manager: KeyManager, deadline: float | None = None
+        self, options: _Options, manager: KeyManager, deadline: float | None = None,
+        model: str | None = None,
     ) -> None:
         self.options = options
         self.manager = manager
+        self.model = model  # (its calls are spread over keys: see _manager.take_lease)
         # Made at the call's first failure: from here, waiting, backing off and the tries
         # themselves all spend ``max_wait``.
         self.began = time.monotonic()
@@ -81,14 +85,16 @@ class _Call:
 
     def acquire(self) -> Lease:
         """A lease: at once when a key is ready, else waiting in turn (blocking)."""
-        taken = take_lease(self.manager, self.avoid)
+        model = self.model
+        taken = take_lease(self.manager, self.avoid, model)
         if taken is None:
-            taken, _ = lease(self.manager, self.avoid, self.left(), self.last)
+            taken, _ = lease(self.manager, self.avoid, self.left(), self.last, model)
         return self._untried(taken)
 
     async def acquire_async(self) -> Lease:
         """:meth:`acquire` for coroutines."""
-        taken, _ = await lease_async(self.manager, self.avoid, self.left(), self.last)
+        taken, _ = await lease_async(
+            self.manager, self.avoid, self.left(), self.last, self.model)
         return self._untried(taken)
 
     def _untried(self, taken: Lease) -> Lease:
@@ -194,6 +200,13 @@ class _Call:
                     exc.seconds, keys, {f"{exc.model} held (429, per day)": keys}
                 ) from self.last
             wait = exc.seconds if soonest is None else soonest
+        elif again and self.model is not None:
+            # Taken back to this pool while another serves the model: the keys there have
+            # calls of the model in flight, which the choice avoided as much as this one (see
+            # _manager._spread) — take one of them, at once (found by a test: the call waited
+            # for this pool's hold, 30 s, where the other's ended in 50 ms).
+            self.model = None
+            return 0.0
         elif again:  # a pool that serves it has no key ready: wait for one, or this hold
             wait = exc.seconds if ready is None else max(0.001, min(ready, exc.seconds))
         else:
@@ -348,17 +361,31 @@ def _timed_out(options: _Options, call: _Call | None) -> CallTimeoutError:
     return CallTimeoutError(cast(float, options.timeout), None if call is None else call.last)
 
 
+def _model_reader(
+    signature: inspect.Signature,
+) -> Callable[[tuple[Any, ...], dict[str, Any]], str | None]:
+    """What reads the model a call asks for from its ``model`` argument (``None`` if it is
+    no string)."""
+    at = _positional_index(signature, "model")
+    default = signature.parameters["model"].default
+
+    def model_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        model = args[at] if at is not None and len(args) > at else kwargs.get("model", default)
+        return model if isinstance(model, str) else None
+
+    return model_of
+
+
 def _noting_model(invoke: Invoke, signature: inspect.Signature) -> Invoke:
     """``invoke``, which also tells the lease the model the call asks for — its ``model``
     argument, as in the original README's ``completions_with_backoff(model, messages,
     api_key)`` — so that a pool whose calls ask for several models is not paced from one
     model's 429s."""
-    at = _positional_index(signature, "model")
-    default = signature.parameters["model"].default
+    model_of = _model_reader(signature)
 
     def noting_model(taken: Lease, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        model = args[at] if at is not None and len(args) > at else kwargs.get("model", default)
-        if isinstance(model, str):
+        model = model_of(args, kwargs)
+        if model is not None:
             taken.model = model
             held = taken.owner.lane_held(taken.state, model, lease=taken)
             if held:
@@ -415,6 +442,7 @@ def _wrap(
     invoke = _invoker(func, wants_key, wants_client, kind in ("async", "agen"), signature)
     if signature is not None and "model" in signature.parameters:
         invoke = _noting_model(invoke, signature)
+        options = dataclasses.replace(options, model_of=_model_reader(signature))
     if wants_key and wants_client:
         options = dataclasses.replace(options, callers_client=True)
     if kind == "agen":
@@ -466,19 +494,20 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
             return late(*args, **kwargs)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
-        manager, taken = first_lease(options.manager)
+        model = None if options.model_of is None else options.model_of(args, kwargs)
+        manager, taken = first_lease(options.manager, model)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
         while True:
             if taken is None:
-                call = call or _Call(options, manager, deadline)
+                call = call or _Call(options, manager, deadline, model)
                 taken = call.acquire()
             if deadline is not None:
                 taken.deadline = deadline
             try:
                 result = invoke(taken, args, kwargs)
             except Exception as exc:
-                call = call or _Call(options, manager, deadline)
+                call = call or _Call(options, manager, deadline, model)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
@@ -514,12 +543,13 @@ def _wrap_async(
         _require_asyncio(func)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
-        manager, taken = first_lease(options.manager)
+        model = None if options.model_of is None else options.model_of(args, kwargs)
+        manager, taken = first_lease(options.manager, model)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
         while True:
             if taken is None:
-                call = call or _Call(options, manager, deadline)
+                call = call or _Call(options, manager, deadline, model)
                 taken = await call.acquire_async()
             try:
                 if deadline is None:
@@ -531,7 +561,7 @@ def _wrap_async(
                 taken.abandon()
                 raise _timed_out(options, call) from (None if call is None else call.last)
             except Exception as exc:
-                call = call or _Call(options, manager, deadline)
+                call = call or _Call(options, manager, deadline, model)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
@@ -555,12 +585,13 @@ def _wrap_gen(
     def stream_with_key(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
-        manager, taken = first_lease(options.manager)
+        model = None if options.model_of is None else options.model_of(args, kwargs)
+        manager, taken = first_lease(options.manager, model)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
         while True:  # until the first item arrives, a failure is retried on another key
             if taken is None:
-                call = call or _Call(options, manager, deadline)
+                call = call or _Call(options, manager, deadline, model)
                 taken = call.acquire()
             taken.deadline = deadline
             stream: Generator[Any, Any, Any] | None = None
@@ -571,7 +602,7 @@ def _wrap_gen(
                 taken.succeed()
                 return stop.value
             except Exception as exc:
-                call = call or _Call(options, manager, deadline)
+                call = call or _Call(options, manager, deadline, model)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise
@@ -609,12 +640,13 @@ def _wrap_async_gen(
         _require_asyncio(func)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
-        manager, taken = first_lease(options.manager)
+        model = None if options.model_of is None else options.model_of(args, kwargs)
+        manager, taken = first_lease(options.manager, model)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
         while True:
             if taken is None:
-                call = call or _Call(options, manager, deadline)
+                call = call or _Call(options, manager, deadline, model)
                 taken = await call.acquire_async()
             taken.deadline = deadline
             stream: AsyncIterator[Any] | None = None
@@ -633,7 +665,7 @@ def _wrap_async_gen(
                     await _aclose(stream)
                 raise _timed_out(options, call) from (None if call is None else call.last)
             except Exception as exc:
-                call = call or _Call(options, manager, deadline)
+                call = call or _Call(options, manager, deadline, model)
                 delay = call.failed(taken, exc)
                 if delay is None:
                     raise

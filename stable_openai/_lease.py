@@ -115,6 +115,10 @@ class Owner(KeyReports, Protocol):
         """A call on ``state`` that went as ``probe`` ended (answered, failed, given up)."""
         ...
 
+    def spread_back(self, state: KeyState, model: str) -> None:
+        """A call of ``model`` on ``state``, counted in flight by ``take_lease``, ended."""
+        ...
+
     def abandoned(self, state: KeyState) -> None: ...
 
     def given_back(self, state: KeyState) -> None:
@@ -125,7 +129,9 @@ class Owner(KeyReports, Protocol):
 class Lease:
     """One attempt's key; end it once with :meth:`succeed`, :meth:`fail` or :meth:`abandon`."""
 
-    __slots__ = ("__weakref__", "_ended", "deadline", "key", "model", "owner", "probe", "state")
+    __slots__ = (
+        "__weakref__", "_ended", "deadline", "key", "model", "owner", "probe", "spread", "state",
+    )
 
     def __init__(self, owner: Owner, state: KeyState) -> None:
         self.owner = owner
@@ -134,6 +140,7 @@ class Lease:
         self.model: str | None = None  # the model the call asks for, when the driver knows
         self.deadline: float | None = None  # when the call's timeout ends (monotonic clock)
         self.probe: Probe | None = None  # the probe the call is, if it is one (lane_held)
+        self.spread: str | None = None  # the model it is counted in flight of (take_lease)
         self._ended = False
 
     def __repr__(self) -> str:
@@ -146,6 +153,8 @@ class Lease:
             self._ended = True
             if self.probe is not None:
                 self._probe_back()
+            if self.spread is not None:
+                self.owner.spread_back(self.state, self.spread)
             self.owner.succeeded(self.state, self.model)
 
     def fail(self, verdict: Verdict, error: BaseException | None = None) -> None:
@@ -155,6 +164,8 @@ class Lease:
             self._ended = True
             if self.probe is not None:
                 self._probe_back()
+            if self.spread is not None:
+                self.owner.spread_back(self.state, self.spread)
             self.owner.failed(self.state, verdict, error, self.model)
 
     def abandon(self) -> None:
@@ -163,6 +174,8 @@ class Lease:
             self._ended = True
             if self.probe is not None:
                 self._probe_back()
+            if self.spread is not None:
+                self.owner.spread_back(self.state, self.spread)
             self.owner.abandoned(self.state)
 
     def give_back(self) -> None:
@@ -171,6 +184,8 @@ class Lease:
             self._ended = True
             if self.probe is not None:
                 self._probe_back()
+            if self.spread is not None:
+                self.owner.spread_back(self.state, self.spread)
             self.owner.given_back(self.state)
 
     def _probe_back(self) -> None:

@@ -170,6 +170,9 @@ class KeyManager:
     def _new_locks(self) -> None:
         self._lock = threading.Lock()
         self._turns = Turns()
+        # This process's calls in flight of each model that a decorated function's ``model``
+        # argument named, by key (see _spread).
+        self._spread_calls: dict[str, dict[KeyState, int]] = {}
 
     @classmethod
     def reset(cls) -> None:
@@ -734,6 +737,11 @@ class _Owner:
     def probe_back(self, state: KeyState, probe: Probe) -> None:
         self._manager._probe_back(state, probe)
 
+    def spread_back(self, state: KeyState, model: str) -> None:
+        manager = self._manager
+        with manager._lock:
+            _count_spread(manager, state, model, -1)
+
     def abandoned(self, state: KeyState) -> None:
         _call_model(state)
         self._manager._abandon(state)
@@ -844,7 +852,9 @@ def _call_tokens(state: KeyState) -> float:
     return calls[state]
 
 
-def first_lease(manager: KeyManager | None) -> tuple[KeyManager, Lease | None]:
+def first_lease(
+    manager: KeyManager | None, model: str | None = None
+) -> tuple[KeyManager, Lease | None]:
     """The manager of a call — ``manager``, else the singleton (built from the environment
     if there is none yet) — and a lease at once if a key is ready.  Every call starts here;
     only one that must wait or fails goes on to :func:`lease`."""
@@ -852,20 +862,57 @@ def first_lease(manager: KeyManager | None) -> tuple[KeyManager, Lease | None]:
         manager = KeyManager._instance
         if manager is None:
             manager = KeyManager()
-    return manager, take_lease(manager)
+    return manager, take_lease(manager, None, model)
 
 
-def take_lease(manager: KeyManager, avoid: set[KeyState] | None = None) -> Lease | None:
+def take_lease(
+    manager: KeyManager, avoid: set[KeyState] | None = None, model: str | None = None
+) -> Lease | None:
     """A lease on a ready key at once, or ``None`` when the caller must wait (no key is
-    ready, other callers are queued first, or a shared backend chooses)."""
+    ready, other callers are queued first, or a shared backend chooses).  A call of
+    ``model`` prefers a key with no call of that model in flight from this process (see
+    :func:`_spread`)."""
     lock = manager._lock
     if not lock.acquire(False):
         _take_contended(lock)
     try:
-        state = manager._take(avoid)
+        state = manager._take(_spread(manager, avoid, model))
+        if state is not None and model is not None:
+            _count_spread(manager, state, model, 1)
     finally:
         lock.release()
-    return None if state is None else Lease(manager._owner, state)
+    if state is None:
+        return None
+    taken = Lease(manager._owner, state)
+    taken.spread = model
+    return taken
+
+
+def _spread(
+    manager: KeyManager, avoid: set[KeyState] | None, model: str | None
+) -> set[KeyState] | None:
+    """The keys a call of ``model`` would rather not take: ``avoid``, and those with a call
+    of the model in flight from this process — so that a model's calls spread over the
+    keys (a model's limits are per key's project: calls of a small model that crowd onto one
+    key meet its limit there together).  A choice takes an avoided key only when no other is
+    ready (``KeyRing.choose``, the Redis ``choose``): the least loaded.  Lock held."""
+    busy = None if model is None else manager._spread_calls.get(model)
+    if not busy:
+        return avoid
+    return set(busy) if not avoid else avoid | busy.keys()
+
+
+def _count_spread(manager: KeyManager, state: KeyState, model: str, change: int) -> None:
+    """Count a call of ``model`` on ``state`` in flight (``change`` 1) or ended (-1).  Lock
+    held."""
+    calls = manager._spread_calls.setdefault(model, {})
+    left = calls.get(state, 0) + change
+    if left > 0:
+        calls[state] = left
+    else:
+        calls.pop(state, None)
+        if not calls:
+            del manager._spread_calls[model]
 
 
 #: How many times a thread that finds the manager's lock taken yields before it blocks.
@@ -889,21 +936,37 @@ def _take_contended(lock: threading.Lock) -> None:
 
 def lease(
     manager: KeyManager, avoid: set[KeyState] | None, budget: float,
-    last: BaseException | None = None,
+    last: BaseException | None = None, model: str | None = None,
 ) -> tuple[Lease, float]:
     """A lease, waiting up to ``budget`` seconds in turn with the other callers; and the
-    seconds waited.  Raises the library's errors when no key will be ready in time."""
+    seconds waited.  Raises the library's errors when no key will be ready in time.  A call
+    of ``model`` prefers a key with none of its calls in flight (:func:`_spread`)."""
+    if model is not None:
+        with manager._lock:
+            avoid = _spread(manager, avoid, model)
     state, waited = manager._acquire(avoid, budget, last)
-    return Lease(manager._owner, state), waited
+    return _spread_lease(manager, state, model), waited
 
 
 async def lease_async(
     manager: KeyManager, avoid: set[KeyState] | None, budget: float,
-    last: BaseException | None = None,
+    last: BaseException | None = None, model: str | None = None,
 ) -> tuple[Lease, float]:
     """:func:`lease` for coroutines: waits without blocking the event loop."""
+    if model is not None:
+        with manager._lock:
+            avoid = _spread(manager, avoid, model)
     state, waited = await manager._acquire_async(avoid, budget, last)
-    return Lease(manager._owner, state), waited
+    return _spread_lease(manager, state, model), waited
+
+
+def _spread_lease(manager: KeyManager, state: KeyState, model: str | None) -> Lease:
+    taken = Lease(manager._owner, state)
+    if model is not None:
+        with manager._lock:
+            _count_spread(manager, state, model, 1)
+        taken.spread = model
+    return taken
 
 
 class _KeyData(MutableMapping[str, float]):

@@ -1901,6 +1901,72 @@ def test_a_threads_context_keeps_no_lease_of_its_probes(redis_server: RedisServe
             clock.now += 60.0  # (the other store from here)
 
 
+def test_a_models_calls_spread_over_the_keys_in_both_stores(redis_server: RedisServer) -> None:
+    """Calls that name their model prefer a key with none of that model's calls in flight
+    from this process, over a less loaded or less recently used one that has one: a gpt-4o
+    call, three gpt-3.5-turbo calls, then three more gpt-4o calls take four keys, one gpt-4o
+    call each (by load and use alone the second gpt-4o call took the first's key: found by
+    a trace of the two-model benchmark in ``api_key`` mode, where three gpt-4o calls on one
+    key met its limit of two together); when every key has one, the least loaded goes
+    first; and the counts end with the calls, in both stores."""
+    from stable_openai._manager import lease, take_lease
+
+    clock = FakeClock()
+    keys = made_up_keys(4, "spread")
+    memory, shared = _on_one_clock(keys, clock, redis_server)
+    try:
+        for manager in (memory, shared):
+
+            def take_for(model: str, manager: KeyManager = manager) -> Lease:
+                taken = take_lease(manager, None, model)
+                return taken if taken is not None else lease(manager, None, 0.0, None, model)[0]
+
+            first = take_for("gpt-4o")
+            others = [take_for("gpt-3.5-turbo") for _ in range(3)]
+            assert len({taken.key for taken in [first, *others]}) == 4, manager.backend
+            fours = [first] + [take_for("gpt-4o") for _ in range(3)]
+            assert len({taken.key for taken in fours}) == 4, manager.backend
+            for taken in others[:2]:
+                taken.succeed()
+            fifth = take_for("gpt-4o")  # (every key has a gpt-4o call: one least loaded)
+            assert fifth.key != others[2].key, manager.backend  # (it has two calls)
+            for taken in (*fours, others[2], fifth):
+                taken.succeed()
+            assert manager._spread_calls == {}, manager.backend
+    finally:
+        memory.close()
+        shared.close()
+
+
+def test_a_decorated_call_of_a_model_takes_a_key_its_model_is_not_in_flight_on() -> None:
+    """``@stable`` functions with a ``model`` argument: a gpt-4o call runs a gpt-3.5-turbo
+    call on the other key, which runs a gpt-4o call — which takes the key with no gpt-4o
+    call in flight (by use alone it took the first call's key, used longest ago)."""
+    from stable_openai import stable
+
+    a, b = made_up_keys(2, "spreaddec")
+    manager = KeyManager.create([a, b])
+    try:
+        @stable(manager=manager)
+        def inner(model: str, api_key: str) -> str:
+            return api_key
+
+        @stable(manager=manager)
+        def middle(model: str, api_key: str) -> tuple[str, str]:
+            return api_key, inner("gpt-4o")
+
+        @stable(manager=manager)
+        def outer(model: str, api_key: str) -> tuple[str, str, str]:
+            return (api_key, *middle("gpt-3.5-turbo"))
+
+        first, second, third = outer("gpt-4o")
+        assert first != second  # (by load)
+        assert third == second  # (by model)
+        assert manager._spread_calls == {}
+    finally:
+        manager.close()
+
+
 def test_a_pool_that_learned_its_models_limit_asks_no_store_about_probes(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
