@@ -24,6 +24,7 @@ from ._clients import async_client, sync_client
 from ._errors import AllKeysCoolingError, CallTimeoutError
 from ._lease import LaneHeld, Lease
 from ._manager import KeyManager, first_lease, lease, lease_async, take_lease
+from ._model import PROBE_WAIT
 from ._policy import KEY_CAUSES, Action, Policy, classify
 from ._ring import KeyState
 
@@ -62,6 +63,7 @@ class _Call:
     tried: set[KeyState] | None = None  # keys of the pools a request did not suit
     backoffs = 0
     out_of_time = False  # the last failure was not retried for want of time
+    spread_waited = False  # it waited once for its model's calls in flight (_held)
 
     def __init__(
         self, options: _Options, manager: KeyManager, deadline: float | None = None,
@@ -203,10 +205,15 @@ class _Call:
         elif again and self.model is not None:
             # Taken back to this pool while another serves the model: the keys there have
             # calls of the model in flight, which the choice avoided as much as this one (see
-            # _manager._spread) — take one of them, at once (found by a test: the call waited
-            # for this pool's hold, 30 s, where the other's ended in 50 ms).
-            self.model = None
-            return 0.0
+            # _manager._spread).  Wait a moment for one of those calls to end, once; then
+            # take one of those keys (found by a test: the call waited for this pool's hold,
+            # 30 s, where the other's ended in 50 ms; going at once met 429s beside the call
+            # in flight, as before spreading).
+            if self.spread_waited:
+                self.model = None
+                return 0.0
+            self.spread_waited = True
+            wait = min(PROBE_WAIT, exc.seconds)
         elif again:  # a pool that serves it has no key ready: wait for one, or this hold
             wait = exc.seconds if ready is None else max(0.001, min(ready, exc.seconds))
         else:
