@@ -171,7 +171,8 @@ class KeyManager:
         self._lock = threading.Lock()
         self._turns = Turns()
         # This process's calls in flight of each model that a decorated function's ``model``
-        # argument named, by key (see _spread).
+        # argument named, by key (see _spread): made anew after a fork, as the locks are —
+        # the parent's calls are not the child's.
         self._spread_calls: dict[str, dict[KeyState, int]] = {}
 
     @classmethod
