@@ -149,46 +149,34 @@ class Lease:
 
     def succeed(self) -> None:
         """The call got its answer."""
-        if not self._ended:
-            self._ended = True
-            if self.probe is not None:
-                self._probe_back()
-            if self.spread is not None:
-                self.owner.spread_back(self.state, self.spread)
+        if self._end():
             self.owner.succeeded(self.state, self.model)
 
     def fail(self, verdict: Verdict, error: BaseException | None = None) -> None:
         """The call failed; ``verdict`` (``_policy.classify``) says what that means for the
         key and its pool."""
-        if not self._ended:
-            self._ended = True
-            if self.probe is not None:
-                self._probe_back()
-            if self.spread is not None:
-                self.owner.spread_back(self.state, self.spread)
+        if self._end():
             self.owner.failed(self.state, verdict, error, self.model)
 
     def abandon(self) -> None:
         """The call stopped without an outcome: cancelled, interrupted, closed early."""
-        if not self._ended:
-            self._ended = True
-            if self.probe is not None:
-                self._probe_back()
-            if self.spread is not None:
-                self.owner.spread_back(self.state, self.spread)
+        if self._end():
             self.owner.abandoned(self.state)
 
     def give_back(self) -> None:
         """Only the key was wanted (``KeyManager.get_key()``): it was never called."""
-        if not self._ended:
-            self._ended = True
-            if self.probe is not None:
-                self._probe_back()
-            if self.spread is not None:
-                self.owner.spread_back(self.state, self.spread)
+        if self._end():
             self.owner.given_back(self.state)
 
-    def _probe_back(self) -> None:
+    def _end(self) -> bool:
+        """Whether this is the lease's first end; then its probe and its count in flight
+        (if it has them) are given back first."""
+        if self._ended:
+            return False
+        self._ended = True
         probe, self.probe = self.probe, None
         if probe is not None:
             self.owner.probe_back(self.state, probe)
+        if self.spread is not None:
+            self.owner.spread_back(self.state, self.spread)
+        return True
