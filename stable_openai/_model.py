@@ -66,6 +66,10 @@ NEW_WINDOW = 0.1
 #: each request left: the server counts a request when it arrives, and a long one's answer
 #: comes back seconds later.)
 ORDER_SLACK = 0.005
+#: Requests that left less than this apart may have been counted in either order (a
+#: sliding window's resets do not tell): an answer taken in as the freshest, whose request
+#: left this soon after the one before, counts no more left than that one did.
+OVERTAKE = 0.05
 #: How long a pool whose budget is spent waits when it does not know the reset yet: about
 #: the time an answer needs to come back and tell.
 PROBE_WAIT = 0.05
@@ -215,11 +219,15 @@ class Budget:
         "period_size",
         "period_told",
         "probing",
+        "requests_back",
+        "requests_ends",
         "requests_left",
         "requests_limit",
         "requests_order_at",
         "requests_refilled",
         "requests_reset_at",
+        "requests_sent_at",
+        "requests_view",
         "sent",
         "slide_least",
         "slide_opens",
@@ -249,6 +257,15 @@ class Budget:
         # the freshest answer's reset, stamped from when its request left (see ORDER_SLACK)
         self.requests_order_at = 0.0
         self.requests_refilled = 0.0  # the reset already refilled: answers before it are stale
+        self.requests_sent_at = 0.0  # when the freshest answer's request left
+        # and its mark, the requests it showed left, and when those it counted come back
+        self.requests_view: tuple[int, int, list[float]] | None = None
+        # Each answer's reset is when its own request stops counting (see _requests_counted):
+        # when those answered since the last refill do (the latest ``requests_limit``), and,
+        # of them, those the freshest answer counts that do before its reset (each brings one
+        # request of the budget back then).
+        self.requests_ends: list[float] = []
+        self.requests_back: list[float] = []
         # A moving average of the tokens a call's requests cost: each call is counted at that
         # much when it starts (its size is known only when it ends, and not at all to a
         # shared store until then), and corrected by the next answer's headers.
@@ -326,6 +343,16 @@ class Budget:
             self.snapshot = self.hooked
             self.window_start = self.sent - fresh
             self.window_reset = None
+            # (all back: counted no more)
+            self.requests_ends, self.requests_back, self.requests_view = [], [], None
+        back = self.requests_back
+        if back and now >= back[0]:
+            returned = bisect.bisect_right(back, now)
+            del back[:returned]
+            if self.requests_left is not None and self.requests_limit is not None:
+                self.requests_left = self.window_bound(min(
+                    self.requests_left + returned, self.requests_limit - (in_flight - fresh)
+                ))
         reset_at = self.tokens_reset_at
         if reset_at and now >= reset_at and self.tokens_refilled < reset_at:
             self.tokens_refilled = reset_at
@@ -334,6 +361,59 @@ class Budget:
                 if self.tokens_limit is None
                 else self.tokens_limit - (in_flight - fresh) * self.avg_tokens
             )
+
+    def requests_back_at(self, reset_at: float) -> float:
+        """When the pool's request budget, spent, has room for a call again: when enough of
+        the requests the freshest answer counts stop counting (``requests_back``), else at
+        ``reset_at``."""
+        if self.requests_left is None:
+            return reset_at
+        index = math.ceil(-self.requests_left)  # (the ones that bring it up to a call)
+        back = self.requests_back
+        return min(back[index], reset_at) if index < len(back) else reset_at
+
+    def _request_ends(self, end: float) -> None:
+        """An answer says its own request stops counting at ``end`` (its reset: see
+        :meth:`_requests_counted`)."""
+        limit = self.requests_limit
+        if limit is None or limit > SLIDE_MOST:
+            return
+        ends = self.requests_ends
+        bisect.insort(ends, end)
+        if len(ends) > limit:
+            del ends[: len(ends) - limit]
+
+    def _requests_counted(self, left_at: float, reset_at: float, left: int) -> list[float]:
+        """The freshest answer (its request left at ``left_at``) counts ``left`` requests of
+        the limit left, and is back in full at ``reset_at``: when those it counts come back,
+        one at a time, before that.  (``left`` also leaves out the pool's requests that left
+        before it and are still unanswered: it may count them, and their ends are unknown.)
+
+        An answer's reset is when the limit that counted its request is back in full, were
+        nothing admitted after it: a fixed window's end; a sliding window's, a window after
+        the request (its last admission); a refilling bucket's, when it has drained.  So its
+        request stops counting then at the latest, stamped from when the answer came (no
+        earlier than when it was counted).  The freshest answer counts the requests that
+        still counted when it was admitted (those that stop counting after its request left,
+        its limit less what is left less its own at most: the latest of them, when more did —
+        those that stopped a moment before it arrived), each back when it stops counting.  A
+        sliding window thus gives each request back a window after it, not the whole window
+        after the last one: a burst whose calls went out over a part of a window goes out
+        again a window later, not that part later each window.  (Requests others sent are
+        back only at the reset, as before: their ends are unknown.  A window over
+        ``SLIDE_MOST`` requests keeps no list; neither does a bucket whose rate is known,
+        which paces by it, nor one that others spend unseen; and a 429 forgets the list.)"""
+        limit = self.requests_limit
+        if (
+            limit is None or limit > SLIDE_MOST or self.bucket_rate() is not None
+            or (self.bucket_sure and self.bucket_lo < 0)  # (others spend it: see limited)
+        ):
+            return []
+        counted = limit - left - 1
+        if counted <= 0:
+            return []
+        ends = [end for end in self.requests_ends if left_at < end < reset_at]
+        return ends[-counted:]
 
     def spend_request(self, now: float, in_flight: int) -> list[Spent]:
         """A call started (counted in ``sent`` and ``in_flight`` already): it spends one
@@ -393,8 +473,9 @@ class Budget:
                 if ready > now:
                     spent.append(Spent(ready, "budget spent (RPM)", Cause.REQUESTS_SPENT))
             elif self.requests_left <= 0:
-                # Until the server's reset, or until an answer says when that is.
-                reset_at = self.requests_reset_at
+                # Until a request comes back, or the server's reset, or until an answer says
+                # when that is.
+                reset_at = self.requests_back_at(self.requests_reset_at)
                 until = reset_at if reset_at > now else now + PROBE_WAIT
                 spent.append(Spent(until, "budget spent (RPM)", Cause.REQUESTS_SPENT))
         if self.tokens_left is not None:
@@ -604,7 +685,8 @@ class Budget:
         since = now - UNANSWERED_FOR
         if any(left_at <= since for _, left_at in self.outstanding):  # counted, or never
             self.outstanding = [entry for entry in self.outstanding if entry[1] > since]
-        unseen = started - mark + bisect.bisect_left(self.outstanding, (mark,))
+        earlier = bisect.bisect_left(self.outstanding, (mark,))  # left before it, unanswered
+        unseen = started - mark + earlier
         if budget.requests_limit is not None:
             if budget.requests_limit != self.requests_limit:
                 self._bucket_forget()
@@ -620,8 +702,11 @@ class Budget:
             order_at = left_at + min(budget.requests_reset, MAX_RESET)
             known = self.requests_order_at
             self._bucket_told(budget.requests_left, budget.requests_reset)
-            if reset_at <= self.requests_refilled + NEW_WINDOW:
-                pass  # an answer from a window already over and refilled: stale
+            stale = reset_at <= self.requests_refilled + NEW_WINDOW
+            if not stale and budget.requests_reset <= MAX_PERIOD:
+                self._request_ends(reset_at)
+            if stale:
+                pass  # an answer from a window already over and refilled
             elif order_at >= known - ORDER_SLACK and (
                 mark >= snapshot or order_at > known + ORDER_SLACK
             ):  # counted after the freshest answer known
@@ -629,14 +714,42 @@ class Budget:
                 self.snapshot = mark
                 # (The headers tell its budget now: an allowance or windows from 429s end.)
                 self.allowance = self.period = self.period_told = self.slide_period = None
-                self.requests_reset_at = reset_at
+                known_reset, self.requests_reset_at = self.requests_reset_at, reset_at
                 self.requests_order_at = order_at
                 if self.window_start is not None:
                     if self.window_reset is None:
                         self.window_reset = reset_at
                     elif reset_at > self.window_reset + NEW_WINDOW:  # a later window
                         self.window_start = self.window_reset = None
-                self.requests_left = self.window_bound(budget.requests_left - unseen)
+                back = self._requests_counted(
+                    left_at, reset_at, budget.requests_left + earlier
+                )
+                returned = bisect.bisect_right(back, now)  # (back already)
+                left: float = budget.requests_left - unseen + returned
+                view = self.requests_view
+                if (
+                    view is not None and left_at < self.requests_sent_at + OVERTAKE
+                    and reset_at <= known_reset + NEW_WINDOW
+                ):
+                    # The answer before, of the same window, may be of a request counted
+                    # after this one: no more left than it shows now (less the calls since,
+                    # with what came back since), with its own request back at its reset, no
+                    # longer the pool's.
+                    view_mark, view_left, view_back = view
+                    if known_reset < reset_at:
+                        view_back = sorted([*view_back, known_reset])
+                    before = (
+                        view_left - (started - view_mark)
+                        - bisect.bisect_left(self.outstanding, (view_mark,))
+                        + bisect.bisect_right(view_back, now)
+                    )
+                    if before < left:
+                        left, back = before, view_back
+                        returned = bisect.bisect_right(back, now)
+                self.requests_view = (mark, budget.requests_left, back)
+                self.requests_sent_at = left_at
+                self.requests_back = back[returned:]
+                self.requests_left = self.window_bound(left)
                 bucket = self._bucket_answered(order_at, unseen)
                 if bucket is not None:
                     # The freshest answer says when the bucket has room again: the pool holds
@@ -647,7 +760,10 @@ class Budget:
                     if ready > now:
                         decisions.append(Spent(ready, "budget spent (RPM)", Cause.REQUESTS_SPENT))
                 elif self.requests_left <= 0:
-                    decisions.append(Spent(reset_at, "budget spent (RPM)", Cause.REQUESTS_SPENT))
+                    back_at = self.requests_back_at(reset_at)
+                    if back_at < reset_at:  # (keys held until a later time are back sooner)
+                        decisions.append(FREED)
+                    decisions.append(Spent(back_at, "budget spent (RPM)", Cause.REQUESTS_SPENT))
                 else:
                     decisions.append(FREED)
         elif self.probing:  # the server sends no budget headers: nothing to wait for
@@ -708,6 +824,9 @@ class Budget:
             # _bucket_ready).  Paced by what it sends, the pool would keep sending into them:
             # it waits for the reset again, for good.
             self._bucket_end()
+        # The server counted more than the pool knew of: what it counted comes back at the
+        # reset, until answers tell when again (see _requests_counted).
+        self.requests_ends, self.requests_back = [], []
         since = self.limited_at
         stale = self.stale > 0 and since is not None and now < since + UNANSWERED_FOR
         if not hinted:  # a backoff from the pace, doubled by each fresh 429 without a success
@@ -881,7 +1000,8 @@ class Budget:
                 self.requests_left = None
                 self._bucket_forget()
                 self.snapshot = -1
-                self.requests_reset_at = self.requests_order_at = 0.0
+                self.requests_reset_at = self.requests_order_at = self.requests_sent_at = 0.0
+                self.requests_ends, self.requests_back, self.requests_view = [], [], None
                 self.window_start = self.window_reset = None
                 self.tokens_limit = self.tokens_left = None
                 self.tokens_reset_at = 0.0

@@ -125,6 +125,60 @@ def test_a_refilling_buckets_answers_tell_its_rate_and_the_pool_goes_as_it_refil
     assert budget.bucket_rate() is None
 
 
+def test_a_sliding_windows_requests_come_back_each_a_window_after_it_was_answered() -> None:
+    """A sliding window of 10 a second: ten calls, 30 ms apart, each answered 20 ms later
+    (the n-th showing n counted, each reset a second: the window's newest request ages out
+    then).  Spent, the pool holds until the first stops counting — a second after its answer,
+    1.02 — not until the last does (1.29): then one call goes, and holds it until the second
+    does, and so on; a window later the calls keep the spacing of the first ones (before,
+    all ten went at 1.29, and each window lost the first calls' spread).  A 429 forgets
+    when they come back: the pool waits for the reset."""
+    budget = Budget()
+    decided: list[Spent | str] = []
+    for n in range(10):
+        started(budget, 0.03 * n, 1)
+        decided = budget.learn(headers(left=9 - n, reset=1.0), mark=n + 1,
+                               now=0.03 * n + 0.02, left_at=budget.answered(n + 1))
+    assert budget.bucket_rate() is None
+    assert decided == [FREED, Spent(pytest.approx(1.02), "budget spent (RPM)",
+                                    Cause.REQUESTS_SPENT)]
+    holds = []
+    now = 1.02
+    for n in range(10, 15):  # each call goes when the pool is back, and is answered
+        held = started(budget, now, 1)
+        holds.append(cast(Spent, held).until)
+        decided = budget.learn(headers(left=0, reset=1.0), mark=n + 1, now=now + 0.02,
+                               left_at=budget.answered(n + 1))
+        assert decided[-1] == held, n
+        now = held.until
+    assert holds == pytest.approx([1.05, 1.08, 1.11, 1.14, 1.17])
+    budget.limited(now, 0, told=None, cooled=0.5)
+    assert started(budget, now, 1) == Spent(pytest.approx(1.17 - 0.03 + 0.02 + 1.0),
+                                            "budget spent (RPM)", Cause.REQUESTS_SPENT)
+
+
+def test_an_answer_overtaken_on_the_way_shows_no_more_left_than_the_one_before() -> None:
+    """A sliding window of 4: two calls answered (at 0.0 and 0.1), then A leaves at 0.2 and
+    B 5 ms after it; the server counts B first (1 left) and A (0 left), and A's answer comes
+    first.  B's answer, the freshest by the order they left in, shows 1 left: taken as it is,
+    it would let a call go into a full window (a 429).  The pool takes no more left than A's
+    answer shows now — B counted once more, as A did not show it: back when the second call
+    stops counting, one early rather than a call too many."""
+    budget = Budget()
+    for n, at in enumerate((0.0, 0.1)):
+        started(budget, at, 1)
+        budget.learn(headers(left=3 - n, reset=1.0, limit=4), mark=n + 1, now=at + 0.02,
+                     left_at=budget.answered(n + 1))
+    started(budget, 0.2, 1)
+    started(budget, 0.205, 2)
+    a_left, b_left = budget.answered(3), budget.answered(4)
+    budget.learn(headers(left=0, reset=1.0, limit=4), mark=3, now=0.22, left_at=a_left)
+    decided = budget.learn(headers(left=1, reset=1.0, limit=4), mark=4, now=0.23,
+                           left_at=b_left)
+    assert decided == [FREED, Spent(pytest.approx(1.12), "budget spent (RPM)",
+                                    Cause.REQUESTS_SPENT)]
+
+
 def test_a_bucket_holds_no_longer_than_the_reset_and_no_days_reset_is_one() -> None:
     """An answer of a bucket known, shown spent while calls it does not count are in flight,
     holds the pool no longer than its reset (each counts as a whole slowest refill, but the
@@ -184,7 +238,10 @@ def test_answers_of_a_server_that_counts_in_windows_tell_no_bucket(
     limiter: str, resets: list[float]
 ) -> None:
     """A window's reset does not grow with what it counts: answers that counted different
-    numbers allow no common rate, and the spent pool waits for the reset, as before."""
+    numbers allow no common rate.  Spent, a fixed window's pool waits for the reset, as
+    before; a sliding window's, for its first request to stop counting — a second after its
+    answer came, as its reset said — and the next call for the second (see
+    Budget._requests_counted)."""
     budget = Budget()
     _answered_in_turn(budget, resets[:2])  # (counted 1 and 2: resets within the slack)
     assert budget.bucket_rate() is None, limiter
@@ -192,9 +249,10 @@ def test_answers_of_a_server_that_counts_in_windows_tell_no_bucket(
     decided = _answered_in_turn(budget, resets)
     reset_at = 0.009 + 0.005 + resets[-1]  # (the last answer came at 0.014)
     assert budget.bucket_rate() is None, limiter
-    assert decided == [Spent(pytest.approx(reset_at), "budget spent (RPM)",
-                             Cause.REQUESTS_SPENT)]
-    assert started(budget, 0.5, 1) == Spent(pytest.approx(reset_at), "budget spent (RPM)",
+    first, second = (reset_at, reset_at) if limiter == "fixed" else (1.005, 1.006)
+    assert decided[-1] == Spent(pytest.approx(first), "budget spent (RPM)",
+                                Cause.REQUESTS_SPENT)
+    assert started(budget, 0.5, 1) == Spent(pytest.approx(second), "budget spent (RPM)",
                                             Cause.REQUESTS_SPENT)
 
 

@@ -1139,6 +1139,100 @@ def test_a_pool_keeps_to_a_sliding_window_and_the_shape_of_its_burst_in_both_sto
             held(5.25 + 4.0 * (1 + SLIDE_SLACK) - clock.now + start)  # the call of 5.25
 
 
+def _sliding_call(
+    manager: KeyManager, clock: FakeClock, left: int, latency: float = 2**-6
+) -> None:
+    """A call on ``manager``'s one key whose answer, ``latency`` later, shows ``left`` of a
+    sliding window's 4 requests, its newest aging out in a second."""
+    context = contextvars.copy_context()
+    taken = context.run(take, manager)
+    marks = context.run(taken.owner.sending, taken.state, 0.0)
+    clock.now += latency
+    context.run(taken.owner.answered, taken.state, ServerBudget(
+        requests_limit=4, requests_left=left, requests_reset=1.0), marks)
+    context.run(taken.succeed)
+
+
+def test_a_sliding_windows_requests_come_back_one_at_a_time_in_both_stores(
+    redis_server: RedisServer,
+) -> None:
+    """A sliding window of 4 a second: four calls an eighth of a second apart, each answered
+    1/64 s later.  Spent, the pool is back when the first stops counting (a second after its
+    answer), not when the last does; the call that goes then holds it until the second
+    does — in both stores; after a 429, the pool waits for the reset.  And A and B leave
+    1/128 s apart, the server counts B first and A's answer comes first: B's, showing 1
+    left, lets no call go into the full window."""
+    clock = FakeClock()
+    for case in ("in turn", "overtaken"):
+        (a,) = made_up_keys(1, f"slide{case[0]}")
+        memory, shared = _on_one_clock([Key(a, pool="slide")], clock, redis_server)
+        start = clock.now = 1000.0
+        try:
+            for manager in (memory, shared):
+                clock.now = start
+                if case == "in turn":
+                    for n in range(4):
+                        clock.now = start + n / 8
+                        _sliding_call(manager, clock, 3 - n)
+                    with pytest.raises(AllKeysCoolingError) as info:
+                        take(manager)
+                    assert clock.now + info.value.retry_after == pytest.approx(
+                        start + 1 + 2**-6), manager.backend  # (not start + 3/8 + 1 + 2**-6)
+                    clock.now = start + 1 + 2**-6
+                    context = contextvars.copy_context()
+                    taken = context.run(take, manager)
+                    marks = context.run(taken.owner.sending, taken.state, 0.0)
+                    second = start + 1 / 8 + 1 + 2**-6  # (when the second stops counting)
+                    for answer in (True, False):  # when it leaves, and when its answer
+                        with pytest.raises(AllKeysCoolingError) as info:  # shows 0 left
+                            take(manager)
+                        assert clock.now + info.value.retry_after == pytest.approx(
+                            second), manager.backend
+                        if answer:
+                            clock.now += 2**-6
+                            context.run(taken.owner.answered, taken.state, ServerBudget(
+                                requests_limit=4, requests_left=0, requests_reset=1.0), marks)
+                            context.run(taken.succeed)
+                    # A call then meets a 429: when the others come back is forgotten, and
+                    # the pool waits for the reset of the freshest answer.
+                    clock.now = second
+                    context = contextvars.copy_context()
+                    taken = context.run(take, manager)
+                    context.run(taken.owner.sending, taken.state, 0.0)
+                    context.run(taken.fail, dataclasses.replace(RATE_LIMITED, seconds=2**-4),
+                                rate_limited("62ms", organization="org-slide",
+                                             numbers="Limit 4, Used 4, Requested 1"))
+                    clock.now = start + 2 / 8 + 1 + 2**-6
+                    take(manager)
+                    with pytest.raises(AllKeysCoolingError) as info:
+                        take(manager)
+                    assert clock.now + info.value.retry_after == pytest.approx(
+                        start + 1 + 2**-5 + 1), manager.backend  # (not 3 / 8 + 1 + 2**-6)
+                else:
+                    for n in range(2):
+                        clock.now = start + n / 8
+                        _sliding_call(manager, clock, 3 - n)
+                    clock.now = start + 1 / 4
+                    first, second = (contextvars.copy_context() for _ in range(2))
+                    calls = []
+                    for context in (first, second):
+                        taken = context.run(take, manager)
+                        calls.append((taken, context.run(taken.owner.sending, taken.state, 0.0)))
+                        clock.now += 2**-7
+                    for (taken, marks), context, left in zip(calls, (first, second), (0, 1)):
+                        clock.now += 2**-6
+                        context.run(taken.owner.answered, taken.state, ServerBudget(
+                            requests_limit=4, requests_left=left, requests_reset=1.0), marks)
+                        context.run(taken.succeed)
+                    with pytest.raises(AllKeysCoolingError) as info:
+                        take(manager)
+                    assert clock.now + info.value.retry_after == pytest.approx(
+                        start + 1 / 8 + 1 + 2**-6), manager.backend
+        finally:
+            memory.close()
+            shared.close()
+
+
 def test_a_key_held_for_its_old_pools_spent_budget_is_freed_by_its_new_pools_answer(
     redis_server: RedisServer,
 ) -> None:

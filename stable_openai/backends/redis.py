@@ -66,6 +66,7 @@ from .._model import (
     MIXED,
     NEW_WINDOW,
     ORDER_SLACK,
+    OVERTAKE,
     PACE_BACKOFF,
     PACE_DROP,
     PACE_GAIN,
@@ -122,6 +123,7 @@ def _constants() -> str:
         f"local MAX_RESET = {MAX_RESET!r}\n"
         f"local NEW_WINDOW = {NEW_WINDOW!r}\n"
         f"local ORDER_SLACK = {ORDER_SLACK!r}\n"
+        f"local OVERTAKE = {OVERTAKE!r}\n"
         f"local PROBE = {PROBE_WAIT!r}\n"
         f"local PROBE_FOR = {PROBE_FOR!r}\n"
         f"local PROBE_CALLS = {PROBE_CALLS!r}\n"

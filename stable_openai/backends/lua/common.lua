@@ -548,6 +548,7 @@ local function pace_model(p, model)
       p.pmodel, p.pace, p.stale, p.closing, p.allow = MIXED, nil, 0, nil, nil
       p.per, p.ptold, p.spr, p.sopen = nil, nil, nil, nil
       p.limit, p.left, p.reset, p.order, p.snap = nil, nil, nil, nil, nil
+      p.ends, p.back, p.view, p.sentat = nil, nil, nil, nil
       p.wstart, p.wreset = nil, nil
       p.tlimit, p.tleft, p.treset, p.probing = nil, nil, nil, 0
       bucket_forget(p)
@@ -578,6 +579,7 @@ end
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit, reset, sliding)
   if model then pace_model(p, model) end
   if bucket_rate(p) then bucket_end(p) end  -- (see _model.Budget.limited)
+  p.ends, p.back = nil, nil  -- (what the server counted comes back at the reset)
   local since = num(p.lat)
   local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
   if not hinted then  -- a backoff from the pace, doubled by each fresh 429 without a success
@@ -804,14 +806,90 @@ local function forget_lost()
   end
 end
 
+-- At most what is left of a window that began at a refill: its limit, less every call chosen
+-- since (answers may come out of order; this count never does).
+local function window_bound(p, left)
+  if not p.wstart or not p.limit then return left end
+  return math.min(left, p.limit - (p.sent - p.wstart))
+end
+
+-- When each request stops counting, as its answer's reset says (_model.Budget.
+-- _requests_counted): p.ends, of those answered since the last refill (the latest ``limit``);
+-- p.back, of those the freshest answer counts, the ends before its reset, each bringing one
+-- request back; p.view {m, l, b}: the freshest answer's mark, the requests it showed left and
+-- the ends of those it counted; p.sentat: when its request left.  Strings of 17 digits.
+local function nums(list)
+  local out = {}
+  for i, text in ipairs(list or {}) do out[i] = num(text) end
+  return out
+end
+
+local function texts(list, from)
+  local out = {}
+  for i = from or 1, #list do out[#out + 1] = exact(list[i]) end
+  return out
+end
+
+-- How many of the sorted ``list`` are at most ``x``.
+local function upto(list, x)
+  local n = 0
+  while n < #list and list[n + 1] <= x do n = n + 1 end
+  return n
+end
+
+local function request_ends(p, at)
+  local limit = p.limit
+  if not limit or limit > SLIDE_MOST then return end
+  local ends = nums(p.ends)
+  ends[#ends + 1] = at
+  table.sort(ends)
+  p.ends = texts(ends, math.max(1, #ends - limit + 1))
+end
+
+local function requests_counted(p, left_at, reset, left)
+  local limit = p.limit
+  if not limit or limit > SLIDE_MOST or bucket_rate(p)
+      or (p.bsure and (num(p.blo) or 0) < 0) then  -- (others spend it)
+    return {}
+  end
+  local counted = limit - left - 1
+  if counted <= 0 then return {} end
+  local ends = {}
+  for _, at in ipairs(nums(p.ends)) do
+    if left_at < at and at < reset then ends[#ends + 1] = at end
+  end
+  local out = {}
+  for i = math.max(1, #ends - counted + 1), #ends do out[#out + 1] = ends[i] end
+  return out
+end
+
+-- When a spent request budget has room for a call again (_model.Budget.requests_back_at).
+local function back_at(p, reset)
+  if not p.left then return reset end
+  local index = math.ceil(-p.left)
+  local back = p.back or {}
+  if index < #back then return math.min(num(back[index + 1]), reset) end
+  return reset
+end
+
 -- Past the server's reset, a pool's full budget is back, less the calls in flight (as
--- _model.Budget.refresh).  ``fresh``: calls already counted in ``sent`` that belong to the
--- new window.
+-- _model.Budget.refresh); before it, a request each time one the freshest answer counted
+-- stops counting.  ``fresh``: calls already counted in ``sent`` that belong to the new window.
 local function refresh(pool, p, fresh)
   local reset = p.reset or 0
   if reset > 0 and NOW >= reset and (p.refilled or 0) < reset then
     p.refilled, p.snap, p.wstart, p.wreset = reset, p.sent - fresh, p.sent - fresh, nil
     p.left = p.limit and (p.limit - (p.n - fresh)) or nil  -- fresh calls spend theirs after
+    p.ends, p.back, p.view = nil, nil, nil  -- (all back: counted no more)
+    put('p:' .. pool, p)
+  end
+  local back = nums(p.back)
+  if #back > 0 and NOW >= back[1] then
+    local returned = upto(back, NOW)
+    p.back = texts(back, returned + 1)
+    if p.left and p.limit then
+      p.left = window_bound(p, math.min(p.left + returned, p.limit - (p.n - fresh)))
+    end
     put('p:' .. pool, p)
   end
   local treset = p.treset or 0
@@ -820,13 +898,6 @@ local function refresh(pool, p, fresh)
     p.tleft = p.tlimit and (p.tlimit - (p.n - fresh) * (p.avg or 0)) or nil
     put('p:' .. pool, p)
   end
-end
-
--- At most what is left of a window that began at a refill: its limit, less every call chosen
--- since (answers may come out of order; this count never does).
-local function window_bound(p, left)
-  if not p.wstart or not p.limit then return left end
-  return math.min(left, p.limit - (p.sent - p.wstart))
 end
 
 -- An answer shows budget left: members held only for a spent request budget are ready.
@@ -856,8 +927,10 @@ local function spend_request(pool, p)
       p.bfull = exact(math.max(num(p.bfull) or 0, NOW) + 1.0 / lo)
       local ready = bucket_ready(p, hi)
       if ready > NOW then cool_pool(pool, ready, 'budget spent (RPM)', CAUSE.requests_spent) end
-    elseif p.left <= 0 then  -- until the server's reset, or until an answer says when that is
-      cool_pool(pool, reset > NOW and reset or NOW + PROBE, 'budget spent (RPM)',
+    elseif p.left <= 0 then  -- until a request is back, or the server's reset, or until an
+      -- answer says when that is
+      local back = back_at(p, reset)
+      cool_pool(pool, back > NOW and back or NOW + PROBE, 'budget spent (RPM)',
                 CAUSE.requests_spent)
     end
   end

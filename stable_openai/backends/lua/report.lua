@@ -98,12 +98,20 @@ end
 if tlimit then p.tlimit = tlimit end
 if (rleft and rreset) or (tleft and treset) then
   local mark, unseen = p.sent, math.max(0, p.n - 1)
+  local earlier = unseen  -- (those that left before it, unanswered: all, its place unknown)
+  -- those chosen before ``m`` still unanswered (one that left long ago is counted by now, or
+  -- never)
+  local function before(m)
+    local n = 0
+    for _, call in pairs(p.out) do
+      if call.m < m and (call.t or 0) > NOW - UNANSWERED then n = n + 1 end
+    end
+    return n
+  end
   if mark_then and (pool_then == pool or pool_then == p.was) then
     mark = mark_then
-    unseen = p.sent - mark
-    for _, call in pairs(p.out) do  -- (one that left long ago is counted by now, or never)
-      if call.m < mark and (call.t or 0) > NOW - UNANSWERED then unseen = unseen + 1 end
-    end
+    earlier = before(mark)
+    unseen = p.sent - mark + earlier
   end
   local snap = p.snap or -1
   if rleft and rreset then
@@ -111,8 +119,10 @@ if (rleft and rreset) or (tleft and treset) then
     if not left_at or left_at <= NOW - UNANSWERED then left_at = NOW end
     local order, known = left_at + math.min(rreset, MAX_RESET), p.order or 0
     bucket_told(p, rleft, rreset)
-    if reset <= (p.refilled or 0) + NEW_WINDOW then
-      -- an answer from a window already over and refilled: stale
+    local stale = reset <= (p.refilled or 0) + NEW_WINDOW
+    if not stale and rreset <= MAX_PERIOD then request_ends(p, reset) end
+    if stale then
+      -- an answer from a window already over and refilled
     elseif order >= known - ORDER_SLACK and (mark >= snap or order > known + ORDER_SLACK) then
       -- Counted after the freshest answer known (resets compared as stamped from when their
       -- requests left: _model.Budget.learn).  Within the window begun at the last refill, no
@@ -123,7 +133,30 @@ if (rleft and rreset) or (tleft and treset) then
       elseif p.wstart and reset > p.wreset + NEW_WINDOW then
         p.wstart, p.wreset = nil, nil
       end
-      local left = window_bound(p, rleft - unseen)
+      -- Those it counts come back when they stop counting; an answer before it, of the same
+      -- window, whose request left less than OVERTAKE earlier may have been counted after
+      -- it: no more left than it shows now, with its own request back at its reset
+      -- (_model.Budget.learn).
+      local back = requests_counted(p, left_at, reset, rleft + earlier)
+      local returned = upto(back, NOW)
+      local left = rleft - unseen + returned
+      local view, known_reset = p.view, p.reset or 0
+      if view and left_at < (num(p.sentat) or 0) + OVERTAKE
+          and reset <= known_reset + NEW_WINDOW then
+        local view_back = nums(view.b)
+        if known_reset < reset then
+          view_back[#view_back + 1] = known_reset
+          table.sort(view_back)
+        end
+        local was = view.l - (p.sent - view.m) - before(view.m) + upto(view_back, NOW)
+        if was < left then
+          left, back = was, view_back
+          returned = upto(back, NOW)
+        end
+      end
+      p.view = {m = mark, l = rleft, b = texts(back)}
+      p.sentat, p.back = exact(left_at), texts(back, returned + 1)
+      left = window_bound(p, left)
       p.left, p.reset, p.order, p.snap, p.probing = left, reset, order, mark, 0
       p.allow, p.per, p.ptold = nil, nil, nil  -- (the headers pace it now: _model.Budget.learn)
       p.spr, p.sopen = nil, nil
@@ -134,7 +167,9 @@ if (rleft and rreset) or (tleft and treset) then
         uncool_budget(pool)
         if ready > NOW then cool_pool(pool, ready, 'budget spent (RPM)', CAUSE.requests_spent) end
       elseif left <= 0 then
-        cool_pool(pool, reset, 'budget spent (RPM)', CAUSE.requests_spent)
+        local back_then = back_at(p, reset)
+        if back_then < reset then uncool_budget(pool) end  -- (held until later: back sooner)
+        cool_pool(pool, back_then, 'budget spent (RPM)', CAUSE.requests_spent)
       else
         uncool_budget(pool)
       end
