@@ -157,13 +157,18 @@ def test_a_sliding_windows_requests_come_back_each_a_window_after_it_was_answere
                                             "budget spent (RPM)", Cause.REQUESTS_SPENT)
 
 
-def test_an_answer_overtaken_on_the_way_shows_no_more_left_than_the_one_before() -> None:
+@pytest.mark.parametrize("b_answered", [0.23, 0.39])
+def test_an_answer_overtaken_on_the_way_shows_no_more_left_than_the_one_before(
+    b_answered: float,
+) -> None:
     """A sliding window of 4: two calls answered (at 0.0 and 0.1), then A leaves at 0.2 and
     B 5 ms after it; the server counts B first (1 left) and A (0 left), and A's answer comes
-    first.  B's answer, the freshest by the order they left in, shows 1 left: taken as it is,
-    it would let a call go into a full window (a 429).  The pool takes no more left than A's
-    answer shows now — B counted once more, as A did not show it: back when the second call
-    stops counting, one early rather than a call too many."""
+    first — B's 10 ms or 170 ms later (its window told by its reset stamped from when B left,
+    not from when its answer came).  B's answer, the freshest by the order they left in,
+    shows 1 left: taken as it is, it would let a call go into a full window (a 429).  The
+    pool takes no more left than A's answer shows now — which counts B once more, as A did
+    not show it: back when the second call stops counting, a call late rather than one too
+    many."""
     budget = Budget()
     for n, at in enumerate((0.0, 0.1)):
         started(budget, at, 1)
@@ -173,10 +178,57 @@ def test_an_answer_overtaken_on_the_way_shows_no_more_left_than_the_one_before()
     started(budget, 0.205, 2)
     a_left, b_left = budget.answered(3), budget.answered(4)
     budget.learn(headers(left=0, reset=1.0, limit=4), mark=3, now=0.22, left_at=a_left)
-    decided = budget.learn(headers(left=1, reset=1.0, limit=4), mark=4, now=0.23,
+    decided = budget.learn(headers(left=1, reset=1.0, limit=4), mark=4, now=b_answered,
                            left_at=b_left)
     assert decided == [FREED, Spent(pytest.approx(1.12), "budget spent (RPM)",
                                     Cause.REQUESTS_SPENT)]
+
+
+def test_what_the_pool_did_not_see_counted_comes_back_at_the_reset() -> None:
+    """A sliding window of 3: the pool's one call went at 0.0, its answer 0.2 s later (2
+    left); another process's requests arrive at 0.5 and 1.005, unseen.  The pool's next call,
+    at 1.1, shows 0 left: its first call stopped counting at 1.0 — before this one left
+    (by more than OVERTAKE), though its answer's reset, stamped from when that answer came,
+    says 1.2 — so it is not among those counted, and nothing comes back before the reset
+    (taken as counted, it would have let a call go at 1.2 into the full window).  And a call
+    whose request the server counted but whose answer failed (no headers) is not known
+    either: the pool's other requests come back as they stop counting, that one at the
+    reset."""
+    budget = Budget()
+    started(budget, 0.0, 1)
+    budget.learn(headers(left=2, reset=1.0, limit=3), mark=1, now=0.2,
+                 left_at=budget.answered(1))
+    started(budget, 1.1, 1)
+    decided = budget.learn(headers(left=0, reset=1.0, limit=3), mark=2, now=1.12,
+                           left_at=budget.answered(2))
+    assert decided == [Spent(pytest.approx(2.12), "budget spent (RPM)", Cause.REQUESTS_SPENT)]
+    budget = Budget()
+    started(budget, 0.0, 1)
+    budget.learn(headers(left=2, reset=1.0, limit=3), mark=1, now=0.02,
+                 left_at=budget.answered(1))
+    started(budget, 0.5, 1)
+    budget.answered(2)  # a 500 after the server counted it
+    started(budget, 0.6, 1)
+    budget.learn(headers(left=1, reset=1.0, limit=3), mark=3, now=0.62,
+                 left_at=budget.answered(3))
+    started(budget, 1.06, 1)
+    decided = budget.learn(headers(left=0, reset=1.0, limit=3), mark=4, now=1.08,
+                           left_at=budget.answered(4))
+    assert decided == [FREED, Spent(pytest.approx(1.62), "budget spent (RPM)",
+                                    Cause.REQUESTS_SPENT)]
+    assert started(budget, 1.62, 1) == Spent(pytest.approx(2.08), "budget spent (RPM)",
+                                             Cause.REQUESTS_SPENT)
+
+
+def test_a_sliding_window_whose_resets_vary_gives_its_requests_back_too() -> None:
+    """A sliding window's resets that vary by a few milliseconds (the server's clock, its
+    rounding) make its answers look like a bucket's that then disagree: still no bucket, and
+    the spent pool still gets each request back as it stops counting, before the reset."""
+    budget = Budget()
+    decided = _answered_in_turn(budget, [1.0, 0.995] * 5)
+    assert budget.bucket_rate() is None
+    assert decided[-1] == Spent(pytest.approx(0.001 + 0.005 + 0.995), "budget spent (RPM)",
+                                Cause.REQUESTS_SPENT)  # (the reset: 0.009 + 0.005 + 0.995)
 
 
 def test_a_bucket_holds_no_longer_than_the_reset_and_no_days_reset_is_one() -> None:

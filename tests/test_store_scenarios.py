@@ -1161,9 +1161,12 @@ def test_a_sliding_windows_requests_come_back_one_at_a_time_in_both_stores(
     answer), not when the last does; the call that goes then holds it until the second
     does — in both stores; after a 429, the pool waits for the reset.  And A and B leave
     1/128 s apart, the server counts B first and A's answer comes first: B's, showing 1
-    left, lets no call go into the full window."""
+    left, lets no call go into the full window.  And a request that stopped counting well
+    before the next one left (more than OVERTAKE) is not given back, though its answer's
+    reset, stamped from when that slow answer came, is later: others fill the window
+    unseen."""
     clock = FakeClock()
-    for case in ("in turn", "overtaken"):
+    for case in ("in turn", "overtaken", "unseen"):
         (a,) = made_up_keys(1, f"slide{case[0]}")
         memory, shared = _on_one_clock([Key(a, pool="slide")], clock, redis_server)
         start = clock.now = 1000.0
@@ -1208,6 +1211,17 @@ def test_a_sliding_windows_requests_come_back_one_at_a_time_in_both_stores(
                         take(manager)
                     assert clock.now + info.value.retry_after == pytest.approx(
                         start + 1 + 2**-5 + 1), manager.backend  # (not 3 / 8 + 1 + 2**-6)
+                elif case == "unseen":
+                    # Its one call's request stopped counting at start + 1 (its answer came
+                    # 1/8 s later); the next leaves 1/16 s after that and shows 0 left: others
+                    # fill the window unseen, and nothing comes back before its reset.
+                    _sliding_call(manager, clock, 3, latency=2**-3)
+                    clock.now = start + 1 + 2**-4
+                    _sliding_call(manager, clock, 0)
+                    with pytest.raises(AllKeysCoolingError) as info:
+                        take(manager)
+                    assert clock.now + info.value.retry_after == pytest.approx(
+                        start + 1 + 2**-4 + 2**-6 + 1), manager.backend
                 else:
                     for n in range(2):
                         clock.now = start + n / 8

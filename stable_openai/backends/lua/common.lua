@@ -493,6 +493,7 @@ end
 -- <= bhi; blo -1: none, not a bucket; bhi nil: no bound yet).
 local function bucket_forget(p)
   p.blo, p.bhi, p.bfirst, p.bfreset, p.bsure, p.bfull = nil, nil, nil, nil, nil, nil
+  p.bshared = nil
 end
 
 -- No bucket to pace by (as _model.Budget._bucket_end).
@@ -578,8 +579,8 @@ end
 -- cools.
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit, reset, sliding)
   if model then pace_model(p, model) end
-  if bucket_rate(p) then bucket_end(p) end  -- (see _model.Budget.limited)
-  p.ends, p.back = nil, nil  -- (what the server counted comes back at the reset)
+  if bucket_rate(p) then bucket_end(p); p.bshared = 1 end  -- (see _model.Budget.limited)
+  p.ends, p.back, p.view = nil, nil, nil  -- (what the server counted comes back at the reset)
   local since = num(p.lat)
   local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
   if not hinted then  -- a backoff from the pace, doubled by each fresh 429 without a success
@@ -814,10 +815,12 @@ local function window_bound(p, left)
 end
 
 -- When each request stops counting, as its answer's reset says (_model.Budget.
--- _requests_counted): p.ends, of those answered since the last refill (the latest ``limit``);
--- p.back, of those the freshest answer counts, the ends before its reset, each bringing one
--- request back; p.view {m, l, b}: the freshest answer's mark, the requests it showed left and
--- the ends of those it counted; p.sentat: when its request left.  Strings of 17 digits.
+-- _requests_counted): p.ends, of those answered since the last refill (the latest ``limit``),
+-- {at the latest, at the earliest} in order; p.back, of those the freshest answer counts, the
+-- ends before its reset, each bringing one request back; p.view {m, l, b}: the freshest
+-- answer's mark, the requests it showed left and the ends of those it counted; p.sentat: when
+-- its request left; p.bshared: a 429 met the pool paced by its bucket (others spend it).
+-- Strings of 17 digits.
 local function nums(list)
   local out = {}
   for i, text in ipairs(list or {}) do out[i] = num(text) end
@@ -837,26 +840,35 @@ local function upto(list, x)
   return n
 end
 
-local function request_ends(p, at)
+local function request_ends(p, at, order)
   local limit = p.limit
-  if not limit or limit > SLIDE_MOST then return end
-  local ends = nums(p.ends)
-  ends[#ends + 1] = at
-  table.sort(ends)
-  p.ends = texts(ends, math.max(1, #ends - limit + 1))
+  if not limit or limit > SLIDE_MOST or bucket_rate(p) then
+    p.ends = nil  -- (a bucket whose rate is known paces by it)
+    return
+  end
+  local ends = {}
+  for i, pair in ipairs(p.ends or {}) do ends[i] = {num(pair[1]), num(pair[2])} end
+  ends[#ends + 1] = {at, order}
+  table.sort(ends, function(x, y)
+    if x[1] ~= y[1] then return x[1] < y[1] end
+    return x[2] < y[2]
+  end)
+  local kept = {}
+  for i = math.max(1, #ends - limit + 1), #ends do
+    kept[#kept + 1] = {exact(ends[i][1]), exact(ends[i][2])}
+  end
+  p.ends = kept
 end
 
 local function requests_counted(p, left_at, reset, left)
   local limit = p.limit
-  if not limit or limit > SLIDE_MOST or bucket_rate(p)
-      or (p.bsure and (num(p.blo) or 0) < 0) then  -- (others spend it)
-    return {}
-  end
+  if not limit or limit > SLIDE_MOST or bucket_rate(p) or p.bshared then return {} end
   local counted = limit - left - 1
   if counted <= 0 then return {} end
   local ends = {}
-  for _, at in ipairs(nums(p.ends)) do
-    if left_at < at and at < reset then ends[#ends + 1] = at end
+  for _, pair in ipairs(p.ends or {}) do
+    local at, order = num(pair[1]), num(pair[2])
+    if left_at - OVERTAKE < order and at < reset then ends[#ends + 1] = at end
   end
   local out = {}
   for i = math.max(1, #ends - counted + 1), #ends do out[#out + 1] = ends[i] end
@@ -883,8 +895,8 @@ local function refresh(pool, p, fresh)
     p.ends, p.back, p.view = nil, nil, nil  -- (all back: counted no more)
     put('p:' .. pool, p)
   end
-  local back = nums(p.back)
-  if #back > 0 and NOW >= back[1] then
+  if p.back and p.back[1] and NOW >= num(p.back[1]) then
+    local back = nums(p.back)
     local returned = upto(back, NOW)
     p.back = texts(back, returned + 1)
     if p.left and p.limit then

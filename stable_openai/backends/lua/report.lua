@@ -120,7 +120,7 @@ if (rleft and rreset) or (tleft and treset) then
     local order, known = left_at + math.min(rreset, MAX_RESET), p.order or 0
     bucket_told(p, rleft, rreset)
     local stale = reset <= (p.refilled or 0) + NEW_WINDOW
-    if not stale and rreset <= MAX_PERIOD then request_ends(p, reset) end
+    if not stale and rreset <= MAX_PERIOD then request_ends(p, reset, order) end
     if stale then
       -- an answer from a window already over and refilled
     elseif order >= known - ORDER_SLACK and (mark >= snap or order > known + ORDER_SLACK) then
@@ -134,15 +134,14 @@ if (rleft and rreset) or (tleft and treset) then
         p.wstart, p.wreset = nil, nil
       end
       -- Those it counts come back when they stop counting; an answer before it, of the same
-      -- window, whose request left less than OVERTAKE earlier may have been counted after
-      -- it: no more left than it shows now, with its own request back at its reset
-      -- (_model.Budget.learn).
+      -- window (resets stamped from when the requests left), whose request left less than
+      -- OVERTAKE before this one's may have been counted after it: no more left than it
+      -- shows now, with its own request back at its reset (_model.Budget.learn).
       local back = requests_counted(p, left_at, reset, rleft + earlier)
       local returned = upto(back, NOW)
       local left = rleft - unseen + returned
       local view, known_reset = p.view, p.reset or 0
-      if view and left_at < (num(p.sentat) or 0) + OVERTAKE
-          and reset <= known_reset + NEW_WINDOW then
+      if view and left_at < (num(p.sentat) or 0) + OVERTAKE and order <= known + NEW_WINDOW then
         local view_back = nums(view.b)
         if known_reset < reset then
           view_back[#view_back + 1] = known_reset
