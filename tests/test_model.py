@@ -72,6 +72,17 @@ def test_a_spent_budget_with_no_known_reset_waits_for_an_answer() -> None:
     assert decision is not None and decision.until == 5.0 + PROBE_WAIT
 
 
+def _call(
+    budget: Budget, at: float, answered: float, left: int, limit: int = 10
+) -> list[Spent | str]:
+    """A call starts at ``at``; its answer, at ``answered``, shows ``left`` of ``limit``
+    requests, the budget back in full a second later: what the answer decided."""
+    started(budget, at, 1)
+    mark = budget.hooked
+    return budget.learn(headers(left=left, reset=1.0, limit=limit), mark=mark, now=answered,
+                        left_at=budget.answered(mark))
+
+
 def _answered_in_turn(budget: Budget, resets: list[float]) -> list[Spent | str]:
     """A call starts on ``budget`` each millisecond, one per reset, and is answered 5 ms
     later, the n-th showing n of 10 requests counted and the budget back in full in its
@@ -171,9 +182,7 @@ def test_an_answer_overtaken_on_the_way_shows_no_more_left_than_the_one_before(
     many."""
     budget = Budget()
     for n, at in enumerate((0.0, 0.1)):
-        started(budget, at, 1)
-        budget.learn(headers(left=3 - n, reset=1.0, limit=4), mark=n + 1, now=at + 0.02,
-                     left_at=budget.answered(n + 1))
+        _call(budget, at, answered=at + 0.02, left=3 - n, limit=4)
     started(budget, 0.2, 1)
     started(budget, 0.205, 2)
     a_left, b_left = budget.answered(3), budget.answered(4)
@@ -195,25 +204,15 @@ def test_what_the_pool_did_not_see_counted_comes_back_at_the_reset() -> None:
     either: the pool's other requests come back as they stop counting, that one at the
     reset."""
     budget = Budget()
-    started(budget, 0.0, 1)
-    budget.learn(headers(left=2, reset=1.0, limit=3), mark=1, now=0.2,
-                 left_at=budget.answered(1))
-    started(budget, 1.1, 1)
-    decided = budget.learn(headers(left=0, reset=1.0, limit=3), mark=2, now=1.12,
-                           left_at=budget.answered(2))
+    _call(budget, 0.0, answered=0.2, left=2, limit=3)
+    decided = _call(budget, 1.1, answered=1.12, left=0, limit=3)
     assert decided == [Spent(pytest.approx(2.12), "budget spent (RPM)", Cause.REQUESTS_SPENT)]
     budget = Budget()
-    started(budget, 0.0, 1)
-    budget.learn(headers(left=2, reset=1.0, limit=3), mark=1, now=0.02,
-                 left_at=budget.answered(1))
+    _call(budget, 0.0, answered=0.02, left=2, limit=3)
     started(budget, 0.5, 1)
     budget.answered(2)  # a 500 after the server counted it
-    started(budget, 0.6, 1)
-    budget.learn(headers(left=1, reset=1.0, limit=3), mark=3, now=0.62,
-                 left_at=budget.answered(3))
-    started(budget, 1.06, 1)
-    decided = budget.learn(headers(left=0, reset=1.0, limit=3), mark=4, now=1.08,
-                           left_at=budget.answered(4))
+    _call(budget, 0.6, answered=0.62, left=1, limit=3)
+    decided = _call(budget, 1.06, answered=1.08, left=0, limit=3)
     assert decided == [FREED, Spent(pytest.approx(1.62), "budget spent (RPM)",
                                     Cause.REQUESTS_SPENT)]
     assert started(budget, 1.62, 1) == Spent(pytest.approx(2.08), "budget spent (RPM)",
