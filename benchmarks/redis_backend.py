@@ -13,7 +13,8 @@ once shared through Redis, each from full buckets for ``--duration`` seconds:
 - *share*: successful calls that returned within the run ÷ (40/s × (run time + one window)),
   what the server could admit (its buckets start full);
 - *ok/s ÷ limit*: successful calls that returned within the run, per second, over 40/s;
-- *429s/100 ok*: the 429s the simulator sent, per 100 successes;
+- *429s/100 ok*: the 429s the simulator sent, per 100 successes; *after 2 s*: the same, of
+  what the simulator counted after the first 2 s of the run (the steady state);
 - *failed*: calls that raised or did not return the simulator's echo.
 
 Then the cost of the Redis backend itself, in this process against the same Redis, one thread,
@@ -55,6 +56,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -74,6 +76,7 @@ WINDOW = 1.0
 LATENCY = 0.02
 RPM = 10  # per project and window
 KEYS = 4
+STEADY_AFTER = 2.0  # "429s after the first 2 s", as in throughput.py
 PROBE_PROJECT = "probe"
 HERE = Path(__file__).resolve().parent
 
@@ -171,20 +174,30 @@ def run_mode(label: str, sim: Simulator, keys: list[str], probe: str, redis_url:
     time.sleep(max(0.0, start - 0.05 - time.time()))
     sim.reset_limits()  # full buckets, as a fresh server would have
     sim.reset_stats()
+    early: dict[str, int] = {}  # the simulator's totals after the first STEADY_AFTER seconds
+    snapshot = threading.Timer(max(0.0, start + STEADY_AFTER - time.time()),
+                               lambda: early.update(sim.stats()["totals"]))
+    snapshot.start()
     for process in workers:
         assert process.stdin is not None
         process.stdin.write("GO " + json.dumps({"start": start, "deadline": deadline}) + "\n")
         process.stdin.flush()
     results = []
-    for process in workers:
-        assert process.stdout is not None
-        lines = [line for line in process.stdout if line.startswith("RESULT ")]
-        process.wait(30)
-        if not lines:
-            raise SystemExit(f"{label}: a worker gave no result")
-        results.append(json.loads(lines[-1].split(" ", 1)[1]))
+    try:
+        for process in workers:
+            assert process.stdout is not None
+            lines = [line for line in process.stdout if line.startswith("RESULT ")]
+            process.wait(30)
+            if not lines:
+                raise SystemExit(f"{label}: a worker gave no result")
+            results.append(json.loads(lines[-1].split(" ", 1)[1]))
+    finally:
+        snapshot.cancel()
     projects = sim.stats()["projects"]
     limited = sum(projects[f"p{i}"]["rate_limited"] for i in range(KEYS))
+    totals = sim.stats()["totals"]
+    steady_limited = totals.get("rate_limited", 0) - early.get("rate_limited", 0)
+    steady_ok = totals.get("ok", 0) - early.get("ok", 0)
     records = [r for result in results for r in result["records"]]
     ok = [r for r in records if r[0] and r[2] <= args.duration]
     failed = sum(1 for r in records if not r[0])
@@ -196,6 +209,7 @@ def run_mode(label: str, sim: Simulator, keys: list[str], probe: str, redis_url:
         "share": len(ok) / (limit * (args.duration + WINDOW)),
         "ok_per_limit": len(ok) / args.duration / limit,
         "limited_per_100": 100.0 * limited / max(1, len(ok)),
+        "limited_steady_per_100": 100.0 * steady_limited / max(1, steady_ok) if early else math.nan,
         "failed": failed,
         "unfinished": sum(result["unfinished"] for result in results),
         "errors": [result["errors"] for result in results if result["errors"]],
@@ -412,9 +426,9 @@ def main() -> None:
               f"projects, rpm={RPM} per {WINDOW:g}-s window ({KEYS * RPM / WINDOW:g} requests/s "
               f"in all), {LATENCY * 1000:g} ms latency, {args.duration:g} s from full buckets; "
               "share: successes ÷ (limit × (run time + one window))\n")
-        print("| mode | backend | share | ok/s ÷ limit | 429s/100 ok | failed | p50 ms | p99 ms "
-              "| notes |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+        print("| mode | backend | share | ok/s ÷ limit | 429s/100 ok | after 2 s | failed | p50 ms "
+              "| p99 ms | notes |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for row in rows:
         notes = []
         if row["unfinished"]:
@@ -425,6 +439,7 @@ def main() -> None:
             notes.append("Redis was not answering at the end")
         print(f"| {row['mode']} | {row['backend']} | {row['share']:.2f} | "
               f"{row['ok_per_limit']:.2f} | {row['limited_per_100']:.1f} | "
+              f"{row['limited_steady_per_100']:.1f} | "
               f"{row['failed']} | {row['p50_ms']:.0f} | {row['p99_ms']:.0f} | "
               f"{'; '.join(notes)} |")
     print()
