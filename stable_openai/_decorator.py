@@ -48,6 +48,10 @@ class _Options:
     model_of: Callable[[tuple[Any, ...], dict[str, Any]], str | None] | None = None
     """The model a call asks for, from its ``model`` argument (when the function has one)."""
 
+    def model_in(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """The model a call with ``args`` and ``kwargs`` asks for, if known."""
+        return None if self.model_of is None else self.model_of(args, kwargs)
+
 
 class _Call:
     """The state of one decorated call across its attempts: the one retry flow that every
@@ -501,7 +505,7 @@ def _wrap_sync(func: Callable[..., Any], options: _Options, invoke: Invoke) -> C
             return late(*args, **kwargs)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
-        model = None if options.model_of is None else options.model_of(args, kwargs)
+        model = options.model_in(args, kwargs)
         manager, taken = first_lease(options.manager, model)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
@@ -550,7 +554,7 @@ def _wrap_async(
         _require_asyncio(func)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
-        model = None if options.model_of is None else options.model_of(args, kwargs)
+        model = options.model_in(args, kwargs)
         manager, taken = first_lease(options.manager, model)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
@@ -592,7 +596,7 @@ def _wrap_gen(
     def stream_with_key(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
-        model = None if options.model_of is None else options.model_of(args, kwargs)
+        model = options.model_in(args, kwargs)
         manager, taken = first_lease(options.manager, model)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None
@@ -647,7 +651,7 @@ def _wrap_async_gen(
         _require_asyncio(func)
         if "api_key" in kwargs or "client" in kwargs:
             _reject_own_key(kwargs, func, options)
-        model = None if options.model_of is None else options.model_of(args, kwargs)
+        model = options.model_in(args, kwargs)
         manager, taken = first_lease(options.manager, model)
         deadline = None if options.timeout is None else time.monotonic() + options.timeout
         call = None

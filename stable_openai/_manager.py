@@ -822,26 +822,22 @@ _OPEN_PROBES: contextvars.ContextVar[tuple[weakref.ref[Lease], ...]] = contextva
 
 def _note_probe(lease: Lease, probe: Probe) -> None:
     lease.probe = probe
-    _OPEN_PROBES.set((*_open_probes(), weakref.ref(lease)))
+    _OPEN_PROBES.set((*(ref for ref, _ in _open_probes()), weakref.ref(lease)))
 
 
-def _open_probes() -> Iterator[weakref.ref[Lease]]:
+def _open_probes() -> Iterator[tuple[weakref.ref[Lease], Probe]]:
+    """The probes still out of this thread's or task's calls, each with its lease's ref."""
     for ref in _OPEN_PROBES.get():
         taken = ref()
-        if taken is not None and taken.probe is not None:
-            yield ref
+        probe = None if taken is None else taken.probe
+        if probe is not None:
+            yield ref, probe
 
 
 def _probes_here(model: str) -> list[Pool]:
     """The pools where a call this thread or task runs in is a probe of ``model``, still
     out."""
-    pools = []
-    for ref in _OPEN_PROBES.get():
-        taken = ref()
-        probe = None if taken is None else taken.probe
-        if probe is not None and probe.model == model:
-            pools.append(probe.pool)
-    return pools
+    return [probe.pool for _, probe in _open_probes() if probe.model == model]
 
 
 def _call_tokens(state: KeyState) -> float:
@@ -942,10 +938,7 @@ def lease(
     """A lease, waiting up to ``budget`` seconds in turn with the other callers; and the
     seconds waited.  Raises the library's errors when no key will be ready in time.  A call
     of ``model`` prefers a key with none of its calls in flight (:func:`_spread`)."""
-    if model is not None:
-        with manager._lock:
-            avoid = _spread(manager, avoid, model)
-    state, waited = manager._acquire(avoid, budget, last)
+    state, waited = manager._acquire(_spreading(manager, avoid, model), budget, last)
     return _spread_lease(manager, state, model), waited
 
 
@@ -954,11 +947,18 @@ async def lease_async(
     last: BaseException | None = None, model: str | None = None,
 ) -> tuple[Lease, float]:
     """:func:`lease` for coroutines: waits without blocking the event loop."""
-    if model is not None:
-        with manager._lock:
-            avoid = _spread(manager, avoid, model)
-    state, waited = await manager._acquire_async(avoid, budget, last)
+    state, waited = await manager._acquire_async(_spreading(manager, avoid, model), budget, last)
     return _spread_lease(manager, state, model), waited
+
+
+def _spreading(
+    manager: KeyManager, avoid: set[KeyState] | None, model: str | None
+) -> set[KeyState] | None:
+    """:func:`_spread`, taking the manager's lock (for a call of a model only)."""
+    if model is None:
+        return avoid
+    with manager._lock:
+        return _spread(manager, avoid, model)
 
 
 def _spread_lease(manager: KeyManager, state: KeyState, model: str | None) -> Lease:

@@ -349,8 +349,7 @@ class Budget:
             self.snapshot = self.hooked
             self.window_start = self.sent - fresh
             self.window_reset = None
-            # (all back: counted no more)
-            self.requests_ends, self.requests_back, self.requests_view = [], [], None
+            self._forget_returns()  # (all back: counted no more)
         back = self.requests_back
         if back and now >= back[0]:
             returned = bisect.bisect_right(back, now)
@@ -382,14 +381,26 @@ class Budget:
         """An answer says its own request stops counting at ``end`` at the latest, and at
         ``order`` at the earliest (its reset, stamped from when the answer came and from when
         the request left: see :meth:`_requests_counted`)."""
-        limit = self.requests_limit
-        if limit is None or limit > SLIDE_MOST or self.bucket_rate() is not None:
-            self.requests_ends = []  # (a bucket whose rate is known paces by it)
+        if not self._keeps_ends():
+            self.requests_ends = []
             return
+        limit = cast(int, self.requests_limit)
         ends = self.requests_ends
         bisect.insort(ends, (end, order))
         if len(ends) > limit:
             del ends[: len(ends) - limit]
+
+    def _keeps_ends(self) -> bool:
+        """Whether the pool keeps when its requests stop counting: not over ``SLIDE_MOST``
+        requests (too long a list), nor for a bucket whose rate is known (it paces by
+        that)."""
+        limit = self.requests_limit
+        return limit is not None and limit <= SLIDE_MOST and self.bucket_rate() is None
+
+    def _forget_returns(self) -> None:
+        """Forget when requests come back (at a refill, a 429, a pool found to serve two
+        models): until answers tell again, what is counted comes back at the reset."""
+        self.requests_ends, self.requests_back, self.requests_view = [], [], None
 
     def _requests_counted(self, left_at: float, reset_at: float, left: int) -> list[float]:
         """The freshest answer (its request left at ``left_at``) counts ``left`` requests of
@@ -407,25 +418,21 @@ class Budget:
         own request left — or up to ``OVERTAKE`` before: requests take their own time to
         reach the server, and one that arrived later may be counted still — each back when
         it stops counting at the latest; as many as the answer counts besides its own at
-        most, the latest.  (One that stopped counting just before the answer's request
-        arrived may so stand for a request the pool does not know of: with others spending
-        the key unseen, a call may go into a full window, and its 429 forgets the list.
-        Without that margin, on this project's busy 2-core machine, whose requests take 10 to
-        30 ms to reach the simulator, requests it counted were left out: 0.83–0.85 of the
-        limit on sliding windows, not 0.86.)  A sliding window thus gives each request back a window
-        after it, not the whole window after the last one: a burst whose calls went out over
-        a part of a window goes out again a window later, not that part later each window.
-        What the pool does not know of (others' requests, one whose answer failed) comes back
-        at the reset, as before.  (A window over ``SLIDE_MOST`` requests keeps no list;
-        neither does a bucket whose rate is known, which paces by it, nor one that others
-        spend unseen; and a 429 forgets the list.)"""
-        limit = self.requests_limit
-        if (
-            limit is None or limit > SLIDE_MOST or self.bucket_rate() is not None
-            or self.bucket_shared
-        ):
+        most, the latest.  A sliding window thus gives each request back a window after it,
+        not the whole window after the last one: a burst whose calls went out over a part of
+        a window goes out again a window later, not that part later each window.  What the
+        pool does not know of (others' requests, one whose answer failed) comes back at the
+        reset, as before.
+
+        (One that stopped counting just before the answer's request arrived may so stand for
+        a request the pool does not know of: with others spending the key unseen, a call may
+        go into a full window, and its 429 forgets the list.  Without that margin, on this
+        project's busy 2-core machine, whose requests take 10 to 30 ms to reach the
+        simulator, requests it counted were left out: 0.83–0.85 of the limit on sliding
+        windows, not 0.86.)"""
+        if not self._keeps_ends() or self.bucket_shared:  # (others spend it unseen)
             return []
-        counted = limit - left - 1
+        counted = cast(int, self.requests_limit) - left - 1
         if counted <= 0:
             return []
         ends = [
@@ -845,9 +852,7 @@ class Budget:
             # it waits for the reset again, for good.
             self._bucket_end()
             self.bucket_shared = True
-        # The server counted more than the pool knew of: what it counted comes back at the
-        # reset, until answers tell when again (see _requests_counted).
-        self.requests_ends, self.requests_back, self.requests_view = [], [], None
+        self._forget_returns()  # (the server counted more than the pool knew of)
         since = self.limited_at
         stale = self.stale > 0 and since is not None and now < since + UNANSWERED_FOR
         if not hinted:  # a backoff from the pace, doubled by each fresh 429 without a success
@@ -1022,7 +1027,7 @@ class Budget:
                 self._bucket_forget()
                 self.snapshot = -1
                 self.requests_reset_at = self.requests_order_at = self.requests_sent_at = 0.0
-                self.requests_ends, self.requests_back, self.requests_view = [], [], None
+                self._forget_returns()
                 self.window_start = self.window_reset = None
                 self.tokens_limit = self.tokens_left = None
                 self.tokens_reset_at = 0.0

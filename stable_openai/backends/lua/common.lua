@@ -281,6 +281,25 @@ end
 -- must compute the same deadlines.
 local function exact(x) return x and string.format('%.17g', x) or nil end
 local function num(text) return text and tonumber(text) or nil end
+-- Lists of them: as numbers, and back as strings (from the ``from``-th on).
+local function nums(list)
+  local out = {}
+  for i, text in ipairs(list or {}) do out[i] = num(text) end
+  return out
+end
+
+local function texts(list, from)
+  local out = {}
+  for i = from or 1, #list do out[#out + 1] = exact(list[i]) end
+  return out
+end
+
+-- How many of the sorted ``list`` are at most ``x``.
+local function upto(list, x)
+  local n = 0
+  while n < #list and list[n + 1] <= x do n = n + 1 end
+  return n
+end
 
 -- The models held in a pool that serves several (p.lanes, see hold_lane above), and their
 -- paces: p.lpace {model = {r = rate, l = level, s = stamp}}, strings of 17 digits (as
@@ -379,9 +398,7 @@ local function slide_keep(p, opens)
     for i = #opens - size + 1, #opens do kept[#kept + 1] = opens[i] end
     opens = kept
   end
-  local texts = {}
-  for i, at in ipairs(opens) do texts[i] = exact(at) end
-  p.sopen = texts
+  p.sopen = texts(opens)
   return opens
 end
 
@@ -540,6 +557,10 @@ local function bucket_ready(p, hi)
   return num(p.bfull) - math.max(p.limit - 2, 0) / hi
 end
 
+-- Forget when requests come back: at a refill, a 429, a pool found to serve two models
+-- (_model.Budget._forget_returns; the lists are described at request_ends below).
+local function forget_returns(p) p.ends, p.back, p.view = nil, nil, nil end
+
 -- A call or a 429 named ``model``: the pool's first, or it serves two (_model.MIXED).
 local function pace_model(p, model)
   if p.pmodel ~= model and p.pmodel ~= MIXED then
@@ -549,7 +570,8 @@ local function pace_model(p, model)
       p.pmodel, p.pace, p.stale, p.closing, p.allow = MIXED, nil, 0, nil, nil
       p.per, p.ptold, p.spr, p.sopen = nil, nil, nil, nil
       p.limit, p.left, p.reset, p.order, p.snap = nil, nil, nil, nil, nil
-      p.ends, p.back, p.view, p.sentat = nil, nil, nil, nil
+      forget_returns(p)
+      p.sentat = nil
       p.wstart, p.wreset = nil, nil
       p.tlimit, p.tleft, p.treset, p.probing = nil, nil, nil, 0
       bucket_forget(p)
@@ -580,7 +602,7 @@ end
 local function pace_limited(p, in_flight, told, cooled, hinted, model, limit, reset, sliding)
   if model then pace_model(p, model) end
   if bucket_rate(p) then bucket_end(p); p.bshared = 1 end  -- (see _model.Budget.limited)
-  p.ends, p.back, p.view = nil, nil, nil  -- (what the server counted comes back at the reset)
+  forget_returns(p)  -- (the server counted more than the pool knew of)
   local since = num(p.lat)
   local stale = (p.stale or 0) > 0 and since and NOW < since + UNANSWERED
   if not hinted then  -- a backoff from the pace, doubled by each fresh 429 without a success
@@ -820,30 +842,15 @@ end
 -- ends before its reset, each bringing one request back; p.view {m, l, b}: the freshest
 -- answer's mark, the requests it showed left and the ends of those it counted; p.sentat: when
 -- its request left; p.bshared: a 429 met the pool paced by its bucket (others spend it).
--- Strings of 17 digits.
-local function nums(list)
-  local out = {}
-  for i, text in ipairs(list or {}) do out[i] = num(text) end
-  return out
-end
-
-local function texts(list, from)
-  local out = {}
-  for i = from or 1, #list do out[#out + 1] = exact(list[i]) end
-  return out
-end
-
--- How many of the sorted ``list`` are at most ``x``.
-local function upto(list, x)
-  local n = 0
-  while n < #list and list[n + 1] <= x do n = n + 1 end
-  return n
+-- Strings of 17 digits.  Kept only as _model.Budget._keeps_ends says:
+local function keeps_ends(p)
+  return p.limit and p.limit <= SLIDE_MOST and not bucket_rate(p)
 end
 
 local function request_ends(p, at, order)
   local limit = p.limit
-  if not limit or limit > SLIDE_MOST or bucket_rate(p) then
-    p.ends = nil  -- (a bucket whose rate is known paces by it)
+  if not keeps_ends(p) then
+    p.ends = nil
     return
   end
   local ends = {}
@@ -861,9 +868,8 @@ local function request_ends(p, at, order)
 end
 
 local function requests_counted(p, left_at, reset, left)
-  local limit = p.limit
-  if not limit or limit > SLIDE_MOST or bucket_rate(p) or p.bshared then return {} end
-  local counted = limit - left - 1
+  if not keeps_ends(p) or p.bshared then return {} end  -- (others spend it unseen)
+  local counted = p.limit - left - 1
   if counted <= 0 then return {} end
   local ends = {}
   for _, pair in ipairs(p.ends or {}) do
@@ -892,7 +898,7 @@ local function refresh(pool, p, fresh)
   if reset > 0 and NOW >= reset and (p.refilled or 0) < reset then
     p.refilled, p.snap, p.wstart, p.wreset = reset, p.sent - fresh, p.sent - fresh, nil
     p.left = p.limit and (p.limit - (p.n - fresh)) or nil  -- fresh calls spend theirs after
-    p.ends, p.back, p.view = nil, nil, nil  -- (all back: counted no more)
+    forget_returns(p)  -- (all back: counted no more)
     put('p:' .. pool, p)
   end
   if p.back and p.back[1] and NOW >= num(p.back[1]) then
