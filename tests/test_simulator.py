@@ -28,6 +28,7 @@ from stable_openai.simulator import (
     SimKey,
     Simulator,
     SimulatorConfig,
+    _server,
     echo_answer,
 )
 from stable_openai.simulator._state import SimState
@@ -166,9 +167,7 @@ def test_stream_without_usage_and_keep_alive(sim: Simulator) -> None:
 
 def test_async_client_plain_stream_and_concurrency(sim: Simulator) -> None:
     async def scenario() -> tuple[str, str, list[str]]:
-        async with openai.AsyncOpenAI(
-            api_key=KEY_B, base_url=sim.base_url, max_retries=0
-        ) as c:
+        async with openai.AsyncOpenAI(api_key=KEY_B, base_url=sim.base_url, max_retries=0) as c:
             plain = await c.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": "async"}]
             )
@@ -184,9 +183,11 @@ def test_async_client_plain_stream_and_concurrency(sim: Simulator) -> None:
                     for i in range(40)
                 )
             )
-            return plain.choices[0].message.content or "", streamed, [
-                m.choices[0].message.content or "" for m in many
-            ]
+            return (
+                plain.choices[0].message.content or "",
+                streamed,
+                [m.choices[0].message.content or "" for m in many],
+            )
 
     plain, streamed, many = asyncio.run(scenario())
     assert plain == "echo: async"
@@ -356,9 +357,7 @@ def test_keys_of_one_project_share_the_budget() -> None:
 
 def test_tpm_limit_and_request_too_large() -> None:
     # Fixed windows, rejected requests free: each request's cost shows in the counts exactly.
-    cfg = config(
-        projects={"proj-a": ProjectLimits(tpm=100)}, limiter="fixed", count_rejected=False
-    )
+    cfg = config(projects={"proj-a": ProjectLimits(tpm=100)}, limiter="fixed", count_rejected=False)
     with running(cfg) as sim, client(sim) as c:
         with pytest.raises(openai.RateLimitError) as info:
             chat(c, "abcd", max_tokens=200)  # 1 + 200 tokens > the whole TPM
@@ -579,38 +578,55 @@ def test_counters_reconcile_with_what_the_client_saw() -> None:
         assert sim.key_stats(KEY_A1)["ok"] == 0
 
 
-def test_many_concurrent_clients() -> None:
-    clients = 500
-    with running(config(latency=0.3)) as sim:
-        statuses: list[int] = []
+def test_many_concurrent_clients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many clients at once are all answered, and the server holds 100 of them in flight together.
+
+    Concurrency is shown by a gate, not by timing: each request waits inside the server (where
+    its latency would be slept) until ``together`` requests are there at once. A server that
+    handled fewer at a time would break the gate and fail those requests; on a loaded machine
+    the gate just takes longer to fill.
+    """
+    clients, together = 200, 100
+    gate = threading.Barrier(together, timeout=120)
+    admitted = _server._Handler._admitted
+
+    def gathered(handler: _server._Handler, verdict: Any) -> bool:
+        gate.wait()
+        return admitted(handler, verdict)
+
+    monkeypatch.setattr(_server._Handler, "_admitted", gathered)
+    with running(config()) as sim:
+        outcomes: list[int | str] = []
         lock = threading.Lock()
-        start = threading.Barrier(clients, timeout=20)
+        start = threading.Barrier(clients, timeout=120)
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "c"}]})
+        headers = {"Authorization": f"Bearer {KEY_B}", "Content-Type": "application/json"}
 
         def one() -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=20)
-            body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "c"}]})
-            start.wait()
-            connection.request(
-                "POST",
-                "/v1/chat/completions",
-                body,
-                {"Authorization": f"Bearer {KEY_B}", "Content-Type": "application/json"},
-            )
-            response = connection.getresponse()
-            response.read()
-            connection.close()
+            connection = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=120)
+            outcome: int | str
+            try:
+                start.wait()
+                connection.request("POST", "/v1/chat/completions", body, headers)
+                response = connection.getresponse()
+                response.read()
+                outcome = response.status
+            except Exception as exc:  # reported by the assertion below, not lost in a thread
+                outcome = repr(exc)
+            finally:
+                connection.close()
             with lock:
-                statuses.append(response.status)
+                outcomes.append(outcome)
 
         threads = [threading.Thread(target=one) for _ in range(clients)]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
-        assert statuses == [200] * clients
+        assert outcomes == [200] * clients
         totals = sim.stats()["totals"]
         assert totals["ok"] == clients
-        assert totals["max_in_flight"] >= 100
+        assert totals["max_in_flight"] >= together
 
 
 # --------------------------------------------------------------------------- config
@@ -672,9 +688,9 @@ def test_public_names() -> None:
 
     assert package.__all__ == sorted(package.__all__)
     assert set(package.__all__) == {
-            "Faults",
-            "ModelLimits",
-            "ProjectLimits",
+        "Faults",
+        "ModelLimits",
+        "ProjectLimits",
         "SimKey",
         "Simulator",
         "SimulatorConfig",
